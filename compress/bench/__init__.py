@@ -1,0 +1,1 @@
+"""The benchmark harness: the same timing loop for every artifact and backend."""

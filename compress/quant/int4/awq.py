@@ -1,0 +1,264 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, arXiv 2306.00978).
+
+Salient input channels (large mean |x|) are protected by scaling them up before quantization:
+``y = x Wᵀ = (x / s)(W s)ᵀ``. The division by ``s`` is folded into the op that produces ``x``, so
+the float model is unchanged and only the rounding changes. Choices made here (following the
+authors' llm-awq code, ``auto_scale.py`` / ``auto_clip.py``):
+
+- ``s = mean|x|^alpha``, normalised by ``sqrt(max(s) * min(s))``, for ``alpha`` on a grid of
+  ``n_grid`` points ``0, 1/n_grid, ..``, ``(n_grid-1)/n_grid`` (alpha = 0 means s = 1, i.e. plain RTN,
+  so the search can never make the objective worse than RTN).
+- Objective: MSE of the *outputs of the Linears that share the input* (q/k/v together, gate/up
+  together), not of the whole attention / MLP block as llm-awq does -- cheaper, and it keeps each
+  search exact and self-contained. Searches use at most ``max_tokens`` sampled calibration tokens.
+- Folds (Llama decoder layer): ``input_layernorm.weight`` for q/k/v, ``post_attention_layernorm.weight``
+  for gate/up (RMSNorm computes ``weight * x_hat``), ``v_proj`` rows for ``o_proj`` (only when the
+  shapes agree, i.e. no grouped-query attention, as in llm-awq), ``up_proj`` rows for ``down_proj``.
+- Optional clipping search (llm-awq ``auto_clip``): per output row and group, shrink the weight range
+  by ``r`` in ``1, 1-1/n, ..`` down to ``1 - clip_max_shrink`` and keep the r with the least error of that
+  group's partial output; r = 1 is in the grid. Skipped for q_proj/k_proj as in llm-awq (their error
+  is amplified by the softmax, which a Linear-output MSE does not see).
+- Then RTN (default) or GPTQ on the scaled, clipped weights, with scaled inputs for GPTQ's Hessian.
+All scale/clip decisions of a decoder layer are taken on its float weights before any of them is
+quantized (a fold into ``up_proj`` after it was quantized would undo its rounding); layers run in
+sequence, each on the outputs of the already quantized previous layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.errors import StageError
+from compress.quant.int4.gptq import GPTQConfig, HessianAccumulator, gptq_quantize_weight
+from compress.quant.int4.rtn import rtn_quantize
+from compress.quant.int4.sequential import (
+    LinearFilter,
+    Progress,
+    capture_first_layer_inputs,
+    decoder_layers,
+    default_filter,
+    propagate,
+    run_layer,
+)
+from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
+
+
+class AWQConfig(WeightQuantConfig):
+    """AWQ options (adds to bits / group_size / symmetric).
+
+    YAML: ``{method: awq, group_size: 128, n_grid: 20, clip: true}``
+    """
+
+    n_grid: int = Field(20, ge=1, le=200, description="Number of alpha values tried in [0, 1).")
+    clip: bool = Field(True, description="Search a per-group weight clipping ratio after scaling.")
+    clip_grid: int = Field(20, ge=1, description="Clipping ratios step 1/clip_grid.")
+    clip_max_shrink: float = Field(0.5, ge=0.0, lt=1.0, description="Smallest ratio tried is 1 - this.")
+    max_tokens: int = Field(2048, ge=16, description="Calibration tokens sampled for the searches.")
+    quantizer: Literal["rtn", "gptq"] = Field("rtn", description="Quantizer applied to the scaled weights.")
+    seed: int = Field(0, description="Seed of the token sampling.")
+
+
+def _rtn_fake(w: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
+    return rtn_quantize(w, cfg).dequantize()
+
+
+def _sample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if x.shape[0] <= n:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=g)[:n]]
+
+
+@torch.no_grad()
+def awq_search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], config: AWQConfig | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """Best AWQ scale for Linears sharing input ``x`` ``(tokens, in)``.
+
+    Returns ``(s [in], best_mse, rtn_mse)``; ``best_mse <= rtn_mse`` always (alpha = 0 is s = 1).
+    """
+    cfg = config or AWQConfig()
+    x = _sample(x.reshape(-1, x.shape[-1]).float(), cfg.max_tokens, cfg.seed)  # (T, in)
+    W = torch.cat([w.float() for w in weights], dim=0)  # (sum out, in)
+    ref = x @ W.T
+    x_mean = x.abs().mean(dim=0)
+    best = (float("inf"), torch.ones_like(x_mean))
+    rtn_err = float("nan")
+    for k in range(cfg.n_grid):
+        alpha = k / cfg.n_grid
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if alpha == 0:
+            s = torch.ones_like(x_mean)
+        wq = _rtn_fake(W * s, cfg) / s
+        err = float((x @ wq.T - ref).pow(2).mean())
+        if alpha == 0:
+            rtn_err = err
+        if err < best[0]:
+            best = (err, s)
+    return best[1], best[0], rtn_err
+
+
+@torch.no_grad()
+def awq_search_clip(x: torch.Tensor, w: torch.Tensor, config: AWQConfig | None = None) -> torch.Tensor:
+    """Clip ``w`` ``[out, in]`` per (row, group) to the range ratio minimising the group's output MSE."""
+    cfg = config or AWQConfig()
+    x = _sample(x.reshape(-1, x.shape[-1]).float(), min(cfg.max_tokens, 512), cfg.seed)  # (T, in)
+    w = w.float()
+    in_f = w.shape[1]
+    g = in_f if cfg.group_size == -1 else cfg.group_size
+    group_cfg = cfg.model_copy(update={"group_size": -1})
+    out = w.clone()
+    n_ratio = max(1, int(round(cfg.clip_max_shrink * cfg.clip_grid)) + 1)
+    for start in range(0, in_f, g):
+        xg, wg = x[:, start : start + g], w[:, start : start + g]  # (T, g), (out, g)
+        ref = xg @ wg.T  # (T, out)
+        wmax = wg.max(dim=1, keepdim=True).values.clamp(min=0)
+        wmin = wg.min(dim=1, keepdim=True).values.clamp(max=0)
+        best_err = torch.full((wg.shape[0],), float("inf"))
+        best_w = wg
+        for k in range(n_ratio):
+            r = 1.0 - k / cfg.clip_grid
+            cw = torch.maximum(torch.minimum(wg, wmax * r), wmin * r)
+            err = (xg @ _rtn_fake(cw, group_cfg).T - ref).pow(2).mean(dim=0)  # (out,)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_w = torch.where(better.unsqueeze(1), cw, best_w)
+        out[:, start : start + g] = best_w
+    return out
+
+
+def _fold_into_prev(prev: nn.Module, s: torch.Tensor) -> None:
+    """Divide the output channels of ``prev`` (RMSNorm weight or Linear rows) by ``s``."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+        return
+    weight = getattr(prev, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
+        raise StageError(
+            f"cannot fold an AWQ scale into {type(prev).__name__} (needs a weight of shape {tuple(s.shape)})"
+        )
+    if "gemma" in type(prev).__name__.lower():
+        raise StageError("Gemma RMSNorm computes (1 + weight) * x_hat; AWQ folding is not implemented for it")
+    weight.div_(s.to(weight.dtype))
+
+
+def _llama_scale_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """(op producing the input, names of the Linears consuming it) for one Llama decoder layer."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    needed = ("input_layernorm", "post_attention_layernorm")
+    if attn is None or mlp is None or not all(hasattr(layer, n) for n in needed):
+        raise StageError(
+            "AWQ needs a Llama-style decoder layer (self_attn, mlp, input_layernorm, "
+            f"post_attention_layernorm); "
+            f"got {type(layer).__name__}"
+        )
+    groups: list[tuple[nn.Module, list[str]]] = [
+        (layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ]
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        groups.append((attn.v_proj, ["self_attn.o_proj"]))
+    groups.append((layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]))
+    groups.append((mlp.up_proj, ["mlp.down_proj"]))
+    return groups
+
+
+@torch.no_grad()
+def awq_quantize_layer(
+    layer: nn.Module,
+    inputs: Any,
+    keep: LinearFilter,
+    prefix: str,
+    cfg: AWQConfig,
+) -> dict[str, QuantizedWeight]:
+    """AWQ one decoder layer in place (scale search, folds, clipping, quantization)."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    feats: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, inp, _o, n=n: feats[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+        )
+        for n, m in linears.items()
+    ]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    x_of = {n: torch.cat(v, dim=0).float() for n, v in feats.items() if v}  # (tokens, in)
+
+    for prev, names in _llama_scale_groups(layer):
+        names = [n for n in names if n in linears]
+        scored = [n for n in names if keep(prefix + n, linears[n])]
+        if not scored:
+            continue
+        x = x_of[names[0]]
+        s, _, _ = awq_search_scale(x, [linears[n].weight for n in scored], cfg)
+        _fold_into_prev(prev, s)
+        for n in names:
+            linears[n].weight.mul_(s.unsqueeze(0).to(linears[n].weight.dtype))
+        scaled = x / s
+        for n in names:
+            x_of[n] = scaled
+
+    result: dict[str, QuantizedWeight] = {}
+    for n, mod in linears.items():
+        if not keep(prefix + n, mod) or n not in x_of:
+            continue
+        w = mod.weight.detach().float()
+        if cfg.clip and not n.endswith(("q_proj", "k_proj")):
+            w = awq_search_clip(x_of[n], w, cfg)
+        if cfg.quantizer == "gptq":
+            acc = HessianAccumulator(mod.in_features)
+            acc.add(x_of[n])
+            base = cfg.model_dump(include={"bits", "group_size", "symmetric"})
+            qw = gptq_quantize_weight(w, acc.H, GPTQConfig(**base))
+        else:
+            qw = rtn_quantize(w, cfg)
+        mod.weight.copy_(qw.dequantize(mod.weight.dtype))
+        result[prefix + n] = qw
+    return result
+
+
+@torch.no_grad()
+def awq_quantize_model(
+    model: nn.Module,
+    calib_batches: Iterable[Any],
+    *,
+    layers_filter: LinearFilter | None = None,
+    config: AWQConfig | None = None,
+    progress: Progress | None = None,
+) -> dict[str, QuantizedWeight]:
+    """AWQ every selected Linear of a Llama-style ``model`` in place; returns ``{name: QuantizedWeight}``.
+
+    The model keeps the float-equivalent folds (RMSNorm weights / producer rows divided by ``s``)
+    and its quantized Linears hold their dequantized weights, so exporting it afterwards gives the
+    graph the returned QuantizedWeights belong to.
+    """
+    cfg = config or AWQConfig()
+    keep = layers_filter or default_filter
+    layers = decoder_layers(model)
+    if layers is None:
+        raise StageError(
+            "AWQ folds its scales into the op before each Linear and needs a Llama-style decoder "
+            "(model.model.layers); use method gptq or rtn for this model"
+        )
+    batches = list(calib_batches)
+    if not batches:
+        raise StageError("AWQ needs calibration batches; got none")
+    inputs = capture_first_layer_inputs(model, batches)
+    prefix_of = {id(m): n for n, m in model.named_modules()}
+    result: dict[str, QuantizedWeight] = {}
+    for i, layer in enumerate(layers):
+        result.update(awq_quantize_layer(layer, inputs, keep, prefix_of[id(layer)] + ".", cfg))
+        inputs = propagate(layer, inputs)
+        if progress:
+            progress(i + 1, len(layers), f"AWQ decoder layer {i}")
+    return result

@@ -1,0 +1,1 @@
+"""manifest.json -> report.md and plots."""

@@ -1,0 +1,350 @@
+"""The runner: walk the stages with a content-hashed cache, evaluate and benchmark every artifact, check
+the gates, write `manifest.json`, `report.md` and the plot.
+
+Cache key of an artifact = sha256 over canonical JSON of {parent key, stage kind, stage version, stage
+options, hashes of the data the stage reads}. An artifact folder whose manifest carries the same key is
+reused ("cache hit"); anything else is rebuilt in a temporary folder and swapped in when complete, so a
+killed run resumes from the last finished artifact. Evaluations and benchmarks are cached beside their
+artifact the same way (keyed by artifact key + evaluation data / bench settings + machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from compress import __version__
+from compress.adapters.base import Adapter, Evaluation
+from compress.artifact import Artifact, commit_artifact, read_artifact, temp_folder, write_json_atomic
+from compress.config import SOURCE, PipelineConfig, StagePlan
+from compress.errors import CompressError, MissingDependencyError, StageError
+from compress.hashing import sha256_json
+from compress.progress import Reporter
+from compress.registry import registered_adapters
+from compress.stages.base import StageContext
+
+SOURCE_VERSION = 1
+EVAL_FILE, BENCH_FILE = "_evaluation.json", "_bench.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    passed: bool
+    manifest: dict[str, Any]
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+
+def make_adapter(cfg: PipelineConfig, reporter: Reporter, cache_dir: Path) -> Adapter:
+    return registered_adapters()[cfg.family](
+        cfg.model, cfg.data, base_dir=cfg.base_dir, cache_dir=cache_dir, reporter=reporter
+    )
+
+
+class Runner:
+    """Runs one validated pipeline into `runs_dir/<name>/`.
+
+    `force`: names of stages kinds or artifacts to rebuild, or `eval` / `bench` to re-measure.
+    """
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        *,
+        runs_dir: Path = Path("runs"),
+        force: frozenset[str] = frozenset(),
+        reporter: Reporter | None = None,
+        bench: bool = True,
+        evaluate: bool = True,
+    ) -> None:
+        self.cfg, self.force = cfg, force
+        self.reporter = reporter or Reporter()
+        self.run_dir = runs_dir / cfg.name
+        self.cache_dir = runs_dir / ".cache"
+        self.do_bench = bench and cfg.bench.enabled
+        self.do_eval = evaluate
+        self.artifacts: dict[str, Artifact] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+        self.skipped: list[dict[str, str]] = []
+
+    # -- the walk ------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg, log = self.cfg, self.reporter.log
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(self.run_dir)
+        write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
+        log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
+        self.adapter = make_adapter(cfg, self.reporter, self.cache_dir)
+        t0 = time.perf_counter()
+        self.data_hashes = self.adapter.data_hashes()
+        hashes = ", ".join(f"{k} {v[:12]}" for k, v in self.data_hashes.items())
+        log(f"data: {hashes} ({time.perf_counter() - t0:.1f} s)")
+
+        self._source()
+        for plan in cfg.stages:
+            self._stage(plan)
+        if self.do_eval:
+            self._evaluate_all()
+        if self.do_bench:
+            self._bench_all()
+        return self._finish()
+
+    def _source(self) -> None:
+        key = sha256_json(
+            {"family": self.cfg.family, "source": self.adapter.source_fingerprint(), "version": SOURCE_VERSION}
+        )
+        folder = self.run_dir / SOURCE
+        cached = read_artifact(folder)
+        if cached is not None and cached.key == key and SOURCE not in self.force:
+            self.reporter.log(f"[green]cache hit[/]  {SOURCE}")
+            self._record(cached, cached=True, seconds=0.0)
+            return
+        start = time.perf_counter()
+        self.reporter.log(f"[cyan]load[/]       {SOURCE} ({self.cfg.model.source})")
+        model, task_ready = self.adapter.load_source()
+        tmp = temp_folder(folder)
+        file = self.adapter.save_torch(model, tmp)
+        art = Artifact(
+            name=SOURCE,
+            path=folder,
+            file=file,
+            format="torch",
+            precision="fp32",
+            stage=SOURCE,
+            parent=None,
+            key=key,
+            config={"source": self.cfg.model.source},
+            task_ready=task_ready,
+        )
+        self._record(commit_artifact(tmp, folder, art), cached=False, seconds=time.perf_counter() - start)
+
+    def _stage(self, plan: StagePlan) -> None:
+        log = self.reporter.log
+        if plan.input not in self.artifacts:
+            self.skipped.append(
+                {"stage": plan.kind, "artifact": plan.name, "reason": f"its input '{plan.input}' was skipped"}
+            )
+            log(f"[yellow]skip[/]       {plan.name}: its input '{plan.input}' was skipped")
+            return
+        parent = self.artifacts[plan.input]
+        data = {"calibration": self.data_hashes.get("calibration")}
+        if plan.options.needs_train_data:
+            data["train"] = self.data_hashes.get("train")
+        key = sha256_json(
+            {
+                "parent": parent.key,
+                "stage": plan.kind,
+                "version": plan.spec.version,
+                "options": plan.options.cache_fields(),
+                "data": data,
+            }
+        )
+        folder = self.run_dir / plan.name
+        cached = read_artifact(folder)
+        forced = plan.name in self.force or plan.kind in self.force
+        if cached is not None and cached.key == key and not forced:
+            log(f"[green]cache hit[/]  {plan.name} ({plan.kind})")
+            self._record(cached, cached=True, seconds=0.0)
+            return
+        log(f"[cyan]run[/]        {plan.name} ({plan.kind} from {plan.input})")
+        tmp = temp_folder(folder)
+        ctx = StageContext(
+            adapter=self.adapter,
+            outdir=tmp,
+            artifacts=dict(self.artifacts),
+            baseline=self.cfg.baseline if self.cfg.baseline in self.artifacts else None,
+            reporter=self.reporter,
+            threads=self.cfg.threads,
+            seed=self.cfg.seed,
+        )
+        start = time.perf_counter()
+        try:
+            out = plan.spec.run(parent, plan.options, ctx)
+        except MissingDependencyError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not plan.options.optional:
+                raise StageError(f"stage {plan.kind} ({plan.name}): {exc}") from exc
+            self.skipped.append({"stage": plan.kind, "artifact": plan.name, "reason": str(exc)})
+            log(f"[yellow]skip[/]       {plan.name} (optional): {exc}")
+            return
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - start
+        art = Artifact(
+            name=plan.name,
+            path=folder,
+            file=out.file,
+            format=out.format,
+            precision=out.precision,
+            stage=plan.kind,
+            parent=parent.name,
+            key=key,
+            config=plan.options.model_dump(mode="json"),
+            info={**out.info, "stage_seconds": round(seconds, 1)},
+            target=out.target,
+            task_ready=parent.task_ready or plan.kind == "finetune",
+        )
+        self._record(commit_artifact(tmp, folder, art), cached=False, seconds=seconds)
+        log(f"           {plan.name} done in {seconds:.1f} s")
+
+    def _record(self, art: Artifact, *, cached: bool, seconds: float) -> None:
+        self.artifacts[art.name] = art
+        self.records[art.name] = {"artifact": art.to_json(), "cached": cached, "size_bytes": art.size_bytes}
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def _evaluate_all(self) -> None:
+        from compress.backends import open_session
+
+        evals: dict[str, Evaluation] = {}
+        for name, art in self.artifacts.items():
+            if not art.task_ready:
+                self.records[name]["evaluation"] = None
+                continue
+            key = sha256_json({"artifact": art.key, "evaluation": self.data_hashes.get("evaluation")})
+            cache = art.path / EVAL_FILE
+            hit = _read_cached(cache, key) if "eval" not in self.force else None
+            if hit is not None:
+                import numpy as np
+
+                ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"))
+                self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
+            else:
+                session = open_session(art, self.adapter, threads=self.cfg.threads)
+                ev = self.adapter.evaluate(session, self.reporter, name)
+                import numpy as np
+
+                np.save(art.path / "_predictions.npy", ev.predictions)
+                write_json_atomic(cache, {"key": key, "metrics": ev.metrics, "backend": session.backend})
+            evals[name] = ev
+            self.records[name]["evaluation"] = {"metrics": ev.metrics}
+        base = evals.get(self.cfg.baseline)
+        for name, ev in evals.items():
+            record = self.records[name]["evaluation"]
+            if base is not None and name != self.cfg.baseline:
+                record["vs_baseline"] = self.adapter.compare(ev, base)
+            parent = self.artifacts[name].parent
+            if parent in evals:
+                record["vs_parent"] = self.adapter.compare(ev, evals[parent])
+
+    # -- benchmarks ----------------------------------------------------------------------------------
+    def _bench_all(self) -> None:
+        from compress.bench.harness import machine_info
+
+        self.machine = machine_info()
+        bench_cfg = self.cfg.bench.model_dump(mode="json")
+        machine_key = {k: self.machine[k] for k in ("cpu", "cores", "torch", "onnxruntime")}
+        for name, art in self.artifacts.items():
+            key = sha256_json({"artifact": art.key, "bench": bench_cfg, "machine": machine_key})
+            cache = art.path / BENCH_FILE
+            hit = _read_cached(cache, key) if "bench" not in self.force else None
+            if hit is not None:
+                self.reporter.log(f"[green]cache hit[/]  benchmark of {name}")
+                self.records[name]["bench"] = hit["result"]
+                continue
+            with self.reporter.task(
+                f"benchmark {name} (batch {list(self.cfg.bench.batch_sizes)}, {self.cfg.bench.threads} thread(s))",
+                total=None,
+            ):
+                result = _bench_subprocess(self.cfg, art, self.cache_dir)
+            result["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_json_atomic(cache, {"key": key, "result": result})
+            self.records[name]["bench"] = result
+            b1 = result["latency"][0]
+            self.reporter.log(
+                f"           {name}: p50 {b1['p50_ms']:.2f} ms at batch {b1['batch_size']} "
+                f"({result['backend']}), peak RSS {result['peak_rss_mb']:.0f} MB"
+            )
+
+    # -- gates and outputs ---------------------------------------------------------------------------
+    def _finish(self) -> RunResult:
+        from compress.bench.harness import machine_info
+        from compress.metrics.gates import check_gates
+        from compress.report.markdown import write_report
+
+        gates = check_gates(self.cfg, self.records)
+        passed = all(g.passed for g in gates)
+        manifest = {
+            "compress_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "pipeline": {"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
+            "baseline": self.cfg.baseline,
+            "metric_names": list(self.adapter.metric_names),
+            "data": self.data_hashes,
+            "machine": getattr(self, "machine", None) or machine_info(),
+            "bench_settings": self.cfg.bench.model_dump(mode="json"),
+            "artifacts": [self.records[name] for name in self.artifacts],
+            "skipped": self.skipped,
+            "gates": [g.to_json() for g in gates],
+            "passed": passed,
+        }
+        write_json_atomic(self.run_dir / "manifest.json", manifest)
+        write_report(manifest, self.run_dir)
+        for g in gates:
+            mark = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
+            value = "n/a" if g.value is None else f"{g.value:.3g}"
+            self.reporter.log(f"{mark} {g.gate} {g.artifact} vs {g.vs}: {value} ({g.bound}) {g.detail}")
+        verdict = "[green]all gates hold[/]" if passed else "[red]a gate is breached[/]"
+        self.reporter.log(f"{verdict}; report: {self.run_dir / 'report.md'}")
+        return RunResult(self.run_dir, passed, manifest, dict(self.artifacts))
+
+
+def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("key") == key else None
+
+
+def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path) -> dict[str, Any]:
+    job = {
+        "pipeline": str(cfg.file.resolve()),
+        "artifact": str(art.path.resolve()),
+        "cache_dir": str(cache_dir.resolve()),
+    }
+    # The worker must import what this process imports (python:module:function sources, pickled modules).
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(cfg.bench.threads),
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress.bench.worker"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.getcwd(),
+    )
+    if proc.returncode != 0:
+        raise CompressError(f"benchmark of '{art.name}' failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Temporary folders of runs that died (their pid is gone) are removed; finished artifacts stay."""
+    for tmp in run_dir.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,59 @@
+"""What every stage shares: the options base class, the context a stage runs in, and its output."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from compress.adapters.base import Adapter
+    from compress.artifact import Artifact
+    from compress.progress import Reporter
+
+
+class StageOptions(BaseModel):
+    """Keys every stage accepts. Subclasses add their own typed, described options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="name of the artifact this stage makes; default: the stage kind")
+    input: str | None = Field(None, description="artifact this stage starts from; default: the previous stage's")
+    optional: bool = Field(False, description="if the stage cannot run here (e.g. no GPU), skip it with a note")
+
+    #: artifact formats the stage can start from
+    accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
+    #: model families the stage supports
+    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm"})
+    #: the stage needs the pipeline's training data
+    needs_train_data: ClassVar[bool] = False
+
+    def output_format(self, input_format: str) -> str:
+        return input_format
+
+    def cache_fields(self) -> dict[str, Any]:
+        """Options that change the output (naming and wiring keys do not)."""
+        return self.model_dump(mode="json", exclude={"name", "input", "optional"})
+
+
+@dataclass
+class StageContext:
+    adapter: Adapter
+    outdir: Path  # write the new artifact's files here (a temporary folder the runner renames)
+    artifacts: Mapping[str, Artifact]  # every artifact made so far, by name
+    baseline: str | None  # name of the baseline artifact, if already made
+    reporter: Reporter
+    threads: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    file: str  # main file inside outdir
+    format: str
+    precision: str
+    info: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None

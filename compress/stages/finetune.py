@@ -1,0 +1,116 @@
+"""`finetune`: train a (new) classifier head, optionally the whole net, on the task. Its result is the
+baseline and the teacher of later stages.
+
+```yaml
+- finetune: {epochs: 1, lr: 1.0e-3, train: all, batch_size: 64}
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from compress.errors import ConfigError
+from compress.registry import register_stage
+from compress.stages.base import StageContext, StageOptions, StageOutput
+
+
+class FinetuneOptions(StageOptions):
+    """Train on `data.train` with AdamW and a warm-up + cosine learning-rate schedule."""
+
+    families: ClassVar[frozenset[str]] = frozenset({"vision"})
+    needs_train_data: ClassVar[bool] = True
+    epochs: float | None = Field(1.0, gt=0, description="passes over data.train (fractions allowed)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    train: Literal["head", "all"] = Field("all", description="head: only the classifier; all: the whole net")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _budget(self) -> FinetuneOptions:
+        if self.epochs is None and self.steps is None:
+            raise ValueError("set epochs or steps")
+        return self
+
+
+@register_stage("finetune", options=FinetuneOptions)
+def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutput:
+    """Train a classifier head (or the whole net) on the task; the result is the baseline."""
+    import torch
+
+    adapter = ctx.adapter
+    torch.manual_seed(ctx.seed)
+    torch.set_num_threads(ctx.threads)
+    model = adapter.load_torch(artifact)
+    n_train = len(adapter.subset("train"))
+    steps_per_epoch = math.ceil(n_train / options.batch_size)
+    total = options.steps or max(1, round(options.epochs * steps_per_epoch))
+
+    head = _head(model)
+    if options.train == "head":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    warm = int(options.warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warm, total))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+
+    model.train()
+    if options.train == "head":
+        model.eval()  # keep BatchNorm statistics of the frozen body
+        head.train()
+    step, ema, start = 0, None, time.perf_counter()
+    with ctx.reporter.task("finetune", total=total) as task:
+        epoch = 0
+        while step < total:
+            for x, y in adapter.batches("train", options.batch_size, seed=ctx.seed + epoch):
+                loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(y))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+                task.advance(1, info=f"loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e}")
+                if step >= total:
+                    break
+            epoch += 1
+    model.eval()
+    file = adapter.save_torch(model, ctx.outdir)
+    info = {
+        "steps": step,
+        "epochs": round(step / steps_per_epoch, 3),
+        "final_loss_ema": round(ema or 0.0, 5),
+        "train_samples": n_train,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return StageOutput(file=file, format="torch", precision="fp32", info=info)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _head(model):  # -> torch.nn.Module
+    import torch
+
+    last = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            last = module
+    if last is None:
+        raise ConfigError("finetune: the model has no nn.Linear classifier head")
+    return last

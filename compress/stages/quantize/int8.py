@@ -1,0 +1,114 @@
+"""INT8 static Q/DQ on the ONNX side with `onnxruntime.quantization.quantize_static`.
+
+The Q/DQ flavour follows the deployment target, because the two disagree (measured on this CPU with
+MobileNetV2, see README):
+- `onnxruntime-cpu`: uint8 asymmetric activations, int8 symmetric per-channel weights. ONNX Runtime's
+  x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
+- `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
+  explicit-quantization rules. Every artifact for this target is checked against those rules on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.stages.base import StageContext, StageOptions, StageOutput
+
+CALIBRATORS = ("minmax", "entropy", "percentile")
+
+
+class Int8Options(StageOptions):
+    """Calibrated static INT8 (Q/DQ) for an ONNX artifact."""
+
+    accepts: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    precision: Literal["int8"]
+    target: Literal["onnxruntime-cpu", "tensorrt"] = Field("onnxruntime-cpu", description="deployment target")
+    calibrator: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how activation ranges are chosen"
+    )
+    percentile: float = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
+    samples: int = Field(256, gt=0, description="calibration samples drawn from data.calibration")
+    per_channel: bool = Field(True, description="per-channel weight scales")
+    exclude_nodes: tuple[str, ...] = Field((), description="node names kept in float")
+    op_types: tuple[str, ...] | None = Field(
+        None, description="only quantize these op types (default: all ORT supports)"
+    )
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over the adapter's calibration inputs."""
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], total: int, task) -> None:
+        self._batches, self._task = batches, task
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        if batch is not None:
+            self._task.advance(len(next(iter(batch.values()))))
+        return batch
+
+
+def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    tensorrt = options.target == "tensorrt"
+    pre = ctx.outdir / "_preprocessed.onnx"
+    quant_pre_process(str(artifact.main), str(pre), skip_symbolic_shape=False)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[options.calibrator]
+    # TensorRT takes biases in float (it fuses them itself); an INT32 bias DequantizeLinear breaks its rules.
+    extra = {
+        "WeightSymmetric": True,
+        "ActivationSymmetric": tensorrt,
+        "CalibPercentile": options.percentile,
+        "QuantizeBias": not tensorrt,
+    }
+    out = ctx.outdir / "model.onnx"
+    start = time.perf_counter()
+    with ctx.reporter.task(
+        f"calibrate ({options.calibrator}, {options.samples} samples)", total=options.samples
+    ) as task:
+        reader = _Reader(ctx.adapter.calibration_inputs(options.samples, batch_size=8), options.samples, task)
+        CalibrationDataReader.register(_Reader)
+        quantize_static(
+            str(pre),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=options.per_channel,
+            activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            nodes_to_exclude=list(options.exclude_nodes) or None,
+            op_types_to_quantize=list(options.op_types) if options.op_types else None,
+            extra_options=extra,
+        )
+    pre.unlink()
+    info = {
+        "calibration_seconds": round(time.perf_counter() - start, 1),
+        "calibrator": options.calibrator,
+        "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
+        "weights": "int8 symmetric per-channel" if options.per_channel else "int8 symmetric per-tensor",
+    }
+    if tensorrt:
+        from compress.checks.tensorrt import assert_tensorrt_ready
+
+        assert_tensorrt_ready(str(out), source=f"quantize → {artifact.name}")
+        info["tensorrt_rules"] = "passed"
+        ctx.reporter.log("  TensorRT Q/DQ rules: passed")
+    return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=options.target)

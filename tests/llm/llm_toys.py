@@ -1,0 +1,50 @@
+"""Tiny random Llama decoders (tied and untied) and a word-level tokenizer, shared by the LLM tests."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+VOCAB = 1000
+SPECIALS = ["<pad>", "<unk>", "<eos>"]
+
+
+def tiny_llama(tie: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the most common words of pydoc topics (offline, instant)."""
+    from collections import Counter
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Counter(re.findall(r"\w+|[^\w\s]", " ".join(topics[k] for k in sorted(topics)[:20])))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for word, _ in words.most_common(VOCAB - len(SPECIALS)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+
+

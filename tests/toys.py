@@ -1,0 +1,95 @@
+"""Tiny models for tests, one per graph shape, each built in a fraction of a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU, a depthwise conv with a residual Add, global pooling and a Linear head."""
+
+    def __init__(self, num_classes: int = 1000) -> None:  # an "ImageNet" head, replaced for the task
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.dw = nn.Sequential(
+            nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 1, bias=False),
+            nn.BatchNorm2d(32),
+        )
+        self.classifier = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.dw(x))
+        return self.classifier(x.mean(dim=(2, 3)))  # (B, 32) -> (B, classes)
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+class NoisyCNN(TinyCNN):
+    """Adds fresh noise in forward: torch and ONNX Runtime draw different noise, so export parity must fail."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out + torch.randn(out.shape)
+
+
+def noisy_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return NoisyCNN()
+
+
+def pipeline_yaml(
+    tmp: Path,
+    fashion: Path,
+    *,
+    name: str = "toy",
+    source: str = "python:toys:tiny_cnn",
+    stages: str | None = None,
+    gates: str = "top1_drop_max: 5.0",
+    extra: str = "",
+) -> Path:
+    """A small pipeline on real Fashion-MNIST slices at 28 px: trains and evaluates in seconds."""
+    stages = (
+        stages
+        or """
+  - finetune: {steps: 40, lr: 1.0e-2, batch_size: 32}
+  - export: {opset: 17, name: onnx-fp32}
+  - quantize: {precision: int8, calibrator: minmax, samples: 64, name: int8}
+  - quantize: {precision: int8, target: tensorrt, samples: 64, name: int8-trt, input: onnx-fp32}"""
+    )
+    text = f"""name: {name}
+model:
+  family: vision
+  source: {source}
+  num_classes: 10
+  input_size: 28
+data:
+  dataset: {Path(__file__).resolve().parents[1] / "calibration" / "fashion-mnist.yaml"}
+  root: {fashion}
+  train: {{split: train, samples: 960}}
+  calibration: {{split: train, samples: 64}}
+  evaluation: {{split: test, samples: 300}}
+stages:{stages}
+gates:
+  {gates}
+bench: {{batch_sizes: [1, 4], warmup: 2, iterations: 5, threads: 1}}
+{extra}"""
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    return path
