@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the report of a run folder, or the manifest of one artifact folder.",
     )
     ins.add_argument("path", type=Path)
+    ins.add_argument(
+        "--table",
+        choices=("artifacts", "latency", "gates"),
+        help="print only this table of a run's report (markdown, e.g. for a README)",
+    )
     return p
 
 
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list-stages":
             return _list_stages()
         if args.command == "inspect":
-            return _inspect(args.path)
+            return _inspect(args.path, args.table)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -138,7 +143,19 @@ def _type_name(annotation: object) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _inspect(path: Path) -> int:
+def _inspect(path: Path, table: str | None = None) -> int:
+    if table is not None:
+        from compress.report import markdown
+
+        if not (path / "manifest.json").is_file():
+            raise ConfigError(f"{path}: not a run folder (no manifest.json)")
+        manifest = json.loads((path / "manifest.json").read_text())
+        print(
+            {"artifacts": markdown.artifacts_table, "latency": markdown.latency_table, "gates": markdown.gates_table}[
+                table
+            ](manifest)
+        )
+        return EXIT_OK
     if (path / "manifest.json").is_file():
         print(
             (path / "report.md").read_text() if (path / "report.md").is_file() else (path / "manifest.json").read_text()

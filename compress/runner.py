@@ -164,6 +164,7 @@ class Runner:
             reporter=self.reporter,
             threads=self.cfg.threads,
             seed=self.cfg.seed,
+            key=key,
         )
         start = time.perf_counter()
         try:
@@ -202,8 +203,6 @@ class Runner:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
-        from compress.backends import open_session
-
         evals: dict[str, Evaluation] = {}
         for name, art in self.artifacts.items():
             if not art.task_ready:
@@ -218,7 +217,7 @@ class Runner:
                 ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"))
                 self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
             else:
-                session = open_session(art, self.adapter, threads=self.cfg.threads)
+                session = self.adapter.open_session(art, threads=self.cfg.threads)
                 ev = self.adapter.evaluate(session, self.reporter, name)
                 import numpy as np
 
@@ -243,6 +242,8 @@ class Runner:
         bench_cfg = self.cfg.bench.model_dump(mode="json")
         machine_key = {k: self.machine[k] for k in ("cpu", "cores", "torch", "onnxruntime")}
         for name, art in self.artifacts.items():
+            if not art.task_ready:
+                continue  # an untrained head is not a deliverable; its latency equals its fine-tuned child's
             key = sha256_json({"artifact": art.key, "bench": bench_cfg, "machine": machine_key})
             cache = art.path / BENCH_FILE
             hit = _read_cached(cache, key) if "bench" not in self.force else None

@@ -104,3 +104,47 @@ class Adapter(ABC):
     @abstractmethod
     def bench_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
         """Inputs of the given batch size for latency measurement."""
+
+    # -- overridable defaults --------------------------------------------------------------------------
+    def open_session(self, artifact: Artifact, *, threads: int) -> Session:
+        """A session running `artifact` on the backend of its format (torch eager, ONNX Runtime)."""
+        from compress.backends import open_session
+
+        return open_session(artifact, self, threads=threads)
+
+    def check_export(
+        self, model: torch.nn.Module, onnx_path: Path, *, samples: int, atol: float, rtol: float, threads: int
+    ) -> dict[str, Any]:
+        """Compare ONNX Runtime with torch on real inputs; raise StageError beyond atol + rtol·|torch|."""
+        from compress.backends.onnxruntime_backend import OrtSession
+        from compress.backends.torch_backend import TorchSession
+        from compress.errors import StageError
+
+        inputs = self.parity_inputs(samples)
+        ref = TorchSession(model, list(self.io_spec().inputs), threads=threads).run(inputs)
+        got = OrtSession(onnx_path, threads=threads).run(inputs)
+        worst = 0.0
+        for r, g in zip(ref, got, strict=True):
+            diff = np.abs(g - r)
+            worst = max(worst, float(diff.max()))
+            if (diff > atol + rtol * np.abs(r)).any():
+                raise StageError(
+                    f"export parity failed: max |onnx - torch| = {float(diff.max()):.3g} > atol {atol} + "
+                    f"rtol {rtol}·|torch| on {samples} real inputs"
+                )
+        return {"parity_max_abs_diff": worst, "parity_samples": samples}
+
+    def benchmark(
+        self, session: Session, *, batch_sizes: tuple[int, ...], warmup: int, iterations: int
+    ) -> dict[str, Any]:
+        """Latency and throughput at each batch size (random inputs of the right shape)."""
+        from compress.bench.harness import measure
+
+        latency = []
+        for batch in batch_sizes:
+            inputs = self.bench_inputs(batch)
+            lat = measure(
+                lambda inputs=inputs: session.run(inputs), batch_size=batch, warmup=warmup, iterations=iterations
+            )
+            latency.append(lat.to_json())
+        return {"latency": latency}

@@ -11,7 +11,7 @@ Model sources:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -171,6 +171,17 @@ class VisionAdapter(Adapter):
             idx = order[start : start + batch_size]
             yield self.preprocess(data.images[idx]), data.labels[idx]
 
+    def train_batches(self, batch_size: int, *, seed: int = 0) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+        """data.train as map-style batches (inputs float32 (B, C, S, S), labels int64), preprocessed on access.
+
+        Batch `i` is the same on every access (a fixed seeded permutation cut into batches), which is what
+        a resumable training loop that indexes batches by step needs (`compress.distill`).
+        """
+        data = self.subset("train")
+        order = np.random.default_rng(seed).permutation(len(data))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]  # (B,) index each
+        return _TrainBatches(data, self.preprocess, batches)
+
     def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         data = self.subset("calibration")
         n = len(data) if samples is None else min(samples, len(data))
@@ -272,6 +283,22 @@ class VisionAdapter(Adapter):
         m = self.model_cfg
         rng = np.random.default_rng(0)
         return {"input": rng.standard_normal((batch_size, m.channels, m.input_size, m.input_size), dtype=np.float32)}
+
+
+class _TrainBatches(Sequence):
+    """Batches of a labelled subset, preprocessed when indexed (the whole set at 224 px would not fit)."""
+
+    def __init__(self, data: LabelledImages, preprocess: Preprocess, index: list[np.ndarray]) -> None:
+        self._data, self._preprocess, self._index = data, preprocess, index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        import torch
+
+        idx = self._index[i]
+        return torch.from_numpy(self._preprocess(self._data.images[idx])), torch.from_numpy(self._data.labels[idx])
 
 
 def _forward_arg(model: torch.nn.Module) -> str:

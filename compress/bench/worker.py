@@ -12,8 +12,7 @@ from pathlib import Path
 
 def bench_artifact(job: dict) -> dict:
     from compress.artifact import read_artifact
-    from compress.backends import open_session
-    from compress.bench.harness import measure, peak_rss_mb
+    from compress.bench.harness import peak_rss_mb
     from compress.config import load_pipeline
     from compress.progress import Reporter
     from compress.registry import registered_adapters
@@ -26,21 +25,13 @@ def bench_artifact(job: dict) -> dict:
     if artifact is None:
         raise SystemExit(f"{job['artifact']}: not a complete artifact")
     rss_before = peak_rss_mb()
-    session = open_session(artifact, adapter, threads=cfg.bench.threads)
-    results = []
-    for batch in cfg.bench.batch_sizes:
-        inputs = adapter.bench_inputs(batch)
-        lat = measure(
-            lambda inputs=inputs: session.run(inputs),
-            batch_size=batch,
-            warmup=cfg.bench.warmup,
-            iterations=cfg.bench.iterations,
-        )
-        results.append(lat.to_json())
+    session = adapter.open_session(artifact, threads=cfg.bench.threads)
+    b = cfg.bench
+    result = adapter.benchmark(session, batch_sizes=b.batch_sizes, warmup=b.warmup, iterations=b.iterations)
     return {
         "backend": session.backend,
-        "threads": cfg.bench.threads,
-        "latency": results,
+        "threads": b.threads,
+        **result,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_before_session_mb": round(rss_before, 1),
     }

@@ -75,9 +75,7 @@ _MATRIX_OPS = """
 SUPPORTED_OPS: frozenset[str] = frozenset(_MATRIX_OPS.split())
 
 # Default-domain quantized-integer ops that TensorRT does not import, with what to do instead.
-_QOPERATOR_OPS = frozenset(
-    {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
-)
+_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"})
 
 _INT4_TYPES = frozenset({TensorProto.INT4, TensorProto.UINT4})
 # Quantized types TensorRT's Q/DQ layers take: signed INT8, signed INT4, FP8 E4M3, FP4 E2M1.
@@ -128,7 +126,11 @@ def assert_tensorrt_ready(model: onnx.ModelProto | str | os.PathLike[str], *, so
     if not violations:
         return
     what = source or (str(model) if not isinstance(model, onnx.ModelProto) else "the ONNX model")
-    lines = "\n".join(f"  - {v}" for v in violations)
+    shown = 20
+    lines = "\n".join(f"  - {v}" for v in violations[:shown])
+    if len(violations) > shown:
+        rules = sorted({v.rule for v in violations[shown:]})
+        lines += f"\n  ... and {len(violations) - shown} more (rules: {', '.join(rules)})"
     raise StageError(
         f"{what} is not ready for TensorRT: {len(violations)} violation(s) of its ONNX/explicit "
         f"quantization rules:\n{lines}"
@@ -366,8 +368,7 @@ class _Checker:
             label,
             node.op_type,
             "qdq-type",
-            f"{role} is {_type_name(qtype)}; TensorRT Q/DQ accepts INT8, INT4 (weights), "
-            f"FP8 E4M3 and FP4 E2M1{hint}",
+            f"{role} is {_type_name(qtype)}; TensorRT Q/DQ accepts INT8, INT4 (weights), FP8 E4M3 and FP4 E2M1{hint}",
         )
 
     # -- QuantizeLinear
@@ -441,9 +442,7 @@ class _Checker:
                 f"{_type_name(qtype)}; TensorRT supports block quantization for INT4 only",
             )
 
-    def _check_int4_dq(
-        self, node: onnx.NodeProto, label: str, qtype: int, is_weight: bool
-    ) -> Iterator[Violation]:
+    def _check_int4_dq(self, node: onnx.NodeProto, label: str, qtype: int, is_weight: bool) -> Iterator[Violation]:
         problems = []
         if qtype == TensorProto.UINT4:
             problems.append("input is UINT4; TensorRT INT4 is signed (INT4, zero point 0)")
@@ -468,13 +467,9 @@ class _Checker:
                     "a block scale has the weight's rank"
                 )
         consumers = self._final_consumers(node.output[0])
-        bad = sorted(
-            {f"{c.op_type} '{lab}'" for c, _, _, lab in consumers if c.op_type not in ("MatMul", "Gemm")}
-        )
+        bad = sorted({f"{c.op_type} '{lab}'" for c, _, _, lab in consumers if c.op_type not in ("MatMul", "Gemm")})
         if bad:
-            problems.append(
-                f"feeds {', '.join(bad)}; TensorRT INT4 weight-only quantization feeds MatMul/Gemm only"
-            )
+            problems.append(f"feeds {', '.join(bad)}; TensorRT INT4 weight-only quantization feeds MatMul/Gemm only")
         for p in problems:
             yield Violation(label, node.op_type, "int4-blocked-weight-only", p)
 

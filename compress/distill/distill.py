@@ -123,8 +123,7 @@ class _FeatureTaps:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ConfigError(
-                f"distill.features: {which} has no module {missing}; names look like "
-                f"{[n for n in modules if n][:8]}"
+                f"distill.features: {which} has no module {missing}; names look like {[n for n in modules if n][:8]}"
             )
         self.names = list(names)
         self.values: dict[str, torch.Tensor] = {}
@@ -255,9 +254,7 @@ def _run(
             logits = task.forward(teacher, inputs)
             feats = t_taps.take()
         if use_cache is None:  # decide once, from the first batch's size
-            per_batch = logits.numel() * logits.element_size() + sum(
-                f.numel() * f.element_size() for f in feats
-            )
+            per_batch = logits.numel() * logits.element_size() + sum(f.numel() * f.element_size() for f in feats)
             use_cache = per_batch * n <= options.teacher_cache_mb * 2**20
         if use_cache:
             cache[index] = (logits.detach().cpu(), [f.detach().cpu() for f in feats])
@@ -334,14 +331,10 @@ def _run(
             start=torch.zeros((), device=device),
         )
         loss = (
-            options.alpha * options.temperature**2 * kl
-            + (1.0 - options.alpha) * hard
-            + options.feature_weight * feat
+            options.alpha * options.temperature**2 * kl + (1.0 - options.alpha) * hard + options.feature_weight * feat
         )
         if not torch.isfinite(loss):
-            raise StageError(
-                f"distill: the loss became {loss.item()} at step {step}; lower lr ({options.lr})"
-            )
+            raise StageError(f"distill: the loss became {loss.item()} at step {step}; lower lr ({options.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if options.max_grad_norm is not None:
@@ -354,9 +347,7 @@ def _run(
         if options.checkpoint_every and step % options.checkpoint_every == 0:
             checkpoint()
         if progress is not None:
-            progress(
-                DistillProgress(step, total, loss.item(), kl.item(), hard.item(), float(feat.detach()), lr)
-            )
+            progress(DistillProgress(step, total, loss.item(), kl.item(), hard.item(), float(feat.detach()), lr))
     checkpoint()
     return DistillReport(
         steps=step,

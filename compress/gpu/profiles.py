@@ -81,9 +81,7 @@ def _check_range(key: str, value: object) -> DimRange:
     return lo, opt, hi
 
 
-def derive_profile(
-    model: onnx.ModelProto | str | os.PathLike[str], dim_ranges: Mapping[str, Sequence[int]]
-) -> Profile:
+def derive_profile(model: onnx.ModelProto | str | os.PathLike[str], dim_ranges: Mapping[str, Sequence[int]]) -> Profile:
     """One Profile from the model's graph inputs (initializers listed as inputs are skipped).
 
     Raises ConfigError naming the input and dimension when a dynamic dimension has no range, and naming
@@ -146,8 +144,6 @@ def _describe(m: onnx.ModelProto, initializers: set[str]) -> list[str]:
     for vi in m.graph.input:
         if vi.name in initializers or not vi.type.HasField("tensor_type"):
             continue
-        dims = [
-            d.dim_param or (str(d.dim_value) if d.dim_value else "?") for d in vi.type.tensor_type.shape.dim
-        ]
+        dims = [d.dim_param or (str(d.dim_value) if d.dim_value else "?") for d in vi.type.tensor_type.shape.dim]
         parts.append(f"{vi.name}[{', '.join(dims)}]")
     return parts

@@ -202,9 +202,7 @@ def build_engine(
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
     dynamic = [
-        network.get_input(i).name
-        for i in range(network.num_inputs)
-        if any(d < 0 for d in network.get_input(i).shape)
+        network.get_input(i).name for i in range(network.num_inputs) if any(d < 0 for d in network.get_input(i).shape)
     ]
     if dynamic and not profiles:
         raise ConfigError(

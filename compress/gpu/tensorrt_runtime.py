@@ -49,9 +49,7 @@ def match_inputs(expected: list[str], given: Mapping[str, object]) -> None:
     missing = [n for n in expected if n not in given]
     extra = sorted(set(given) - set(expected))
     if missing or extra:
-        raise ConfigError(
-            f"engine inputs are {expected}; missing {missing or 'none'}, unexpected {extra or 'none'}"
-        )
+        raise ConfigError(f"engine inputs are {expected}; missing {missing or 'none'}, unexpected {extra or 'none'}")
 
 
 def torch_dtype_name(trt_dtype_name: str) -> str:
@@ -141,14 +139,10 @@ class TensorRTRunner:
         self.stream.synchronize()
         return {n: buffers[n].cpu().numpy() for n in self.output_names}  # type: ignore[attr-defined]
 
-    def time(
-        self, inputs: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100
-    ) -> TimingResult:
+    def time(self, inputs: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100) -> TimingResult:
         """GPU time per execution, measured with CUDA events recorded on the runner's stream."""
         if warmup < 0 or iterations < 1:
-            raise ConfigError(
-                f"warmup = {warmup}, iterations = {iterations}; need warmup >= 0, iterations >= 1"
-            )
+            raise ConfigError(f"warmup = {warmup}, iterations = {iterations}; need warmup >= 0, iterations >= 1")
         self._bind(inputs)
         torch = self._torch
         for _ in range(warmup):

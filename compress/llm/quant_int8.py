@@ -25,12 +25,14 @@ FP32 at decode.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,6 +44,30 @@ from compress.llm.onnx_export import LOGITS, TWO_GB
 
 Int8Method = Literal["dynamic", "weight_only"]
 DEFAULT_INT8_METHOD: Int8Method = "dynamic"
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantization() -> Iterator[None]:
+    """Keep ORT's quantizers from flooding the log: ``matmul_nbits_quantizer`` calls
+    ``logging.basicConfig(level=INFO)`` at import (configuring the root logger of the whole process)
+    and both quantizers log every node. Root handlers and levels are restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization")
+    previous = {n: logging.getLogger(n).level for n in names}
+    try:
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (runs its basicConfig now)
+
+        root.handlers[:] = handlers
+        root.setLevel(max(level, logging.WARNING))
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for n, lvl in previous.items():
+            logging.getLogger(n).setLevel(lvl)
 
 
 def lm_head_nodes(onnx_path: Path) -> list[str]:
@@ -79,16 +105,17 @@ def quantize_dynamic_int8(
     exclude = [] if include_lm_head else lm_head_nodes(src)
 
     def write(tmp: Path) -> None:
-        quantize_dynamic(
-            str(src),
-            str(tmp),
-            op_types_to_quantize=["MatMul"],
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            use_external_data_format=_weight_bytes(src) > TWO_GB,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        with _quiet_ort_quantization():
+            quantize_dynamic(
+                str(src),
+                str(tmp),
+                op_types_to_quantize=["MatMul"],
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                use_external_data_format=_weight_bytes(src) > TWO_GB,
+                extra_options={"MatMulConstBOnly": True},
+            )
 
     return _write_atomically(Path(dst), write)
 
@@ -104,23 +131,25 @@ def quantize_weight_only_int8(
 ) -> Path:
     """Weight-only INT8 (``MatMulNBits`` bits=8, blocks of ``block_size`` along K)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    with _quiet_ort_quantization():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     if block_size < 16 or block_size & (block_size - 1):
         raise ConfigError(f"block_size must be a power of two >= 16; got {block_size}")
     if accuracy_level not in (None, 0, 1, 2, 3, 4):
         raise ConfigError(f"accuracy_level must be one of None, 0-4; got {accuracy_level}")
     exclude = [] if include_lm_head else lm_head_nodes(src)
     model = onnx.load(str(src))
-    quant = MatMulNBitsQuantizer(
-        model,
-        bits=8,
-        block_size=block_size,
-        is_symmetric=symmetric,
-        accuracy_level=accuracy_level,
-        nodes_to_exclude=exclude,
-    )
-    quant.process()
+    with _quiet_ort_quantization():
+        quant = MatMulNBitsQuantizer(
+            model,
+            bits=8,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=exclude,
+        )
+        quant.process()
 
     def write(tmp: Path) -> None:
         quant.model.save_model_to_file(str(tmp), use_external_data_format=_weight_bytes(src) > TWO_GB)

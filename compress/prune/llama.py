@@ -68,9 +68,7 @@ def _layers(model: nn.Module) -> Sequence[nn.Module]:
         "mlp.down_proj",
     )
     if layers is None or not hasattr(model, "config"):
-        raise ConfigError(
-            f"prune_llama: {type(model).__name__} is not a Llama-style decoder (model.model.layers)"
-        )
+        raise ConfigError(f"prune_llama: {type(model).__name__} is not a Llama-style decoder (model.model.layers)")
     for layer in layers:
         names = dict(layer.named_modules())
         missing = [n for n in needed if not isinstance(names.get(n), nn.Linear)]
@@ -86,9 +84,7 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     if cols is not None:
         weight = weight[:, cols]
     bias = linear.bias
-    new = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias.data if rows is None else bias.data[rows])
@@ -188,9 +184,7 @@ def planned_sizes(config: Any, options: PruneOptions) -> tuple[int, int, int]:
     inter, heads = config.intermediate_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     if heads % kv:
-        raise ConfigError(
-            f"prune_llama: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
-        )
+        raise ConfigError(f"prune_llama: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
     new_inter = inter
     if options.mlp_ratio > 0:
         step = options.round_to

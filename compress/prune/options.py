@@ -86,13 +86,10 @@ class PruneOptions(BaseModel):
     ignored_layers: tuple[str, ...] = Field(
         (),
         description=(
-            "Module-name globs (fnmatch) whose output channels are kept. The model's output layer is "
-            "always kept."
+            "Module-name globs (fnmatch) whose output channels are kept. The model's output layer is always kept."
         ),
     )
-    round_to: int = Field(
-        8, ge=1, description="Kept channel counts are multiples of this (tensor-core friendly)."
-    )
+    round_to: int = Field(8, ge=1, description="Kept channel counts are multiples of this (tensor-core friendly).")
     mlp_ratio: float = Field(
         0.0, ge=0.0, lt=1.0, description="causal-lm: fraction of MLP intermediate channels removed per layer."
     )

@@ -173,9 +173,7 @@ def prune_vision(
     tp = _tp()
     importance = _importance(options)
     if options.importance == "taylor" and not calib_batches:
-        raise ConfigError(
-            "prune.importance = 'taylor' needs calibration batches with labels; none were given"
-        )
+        raise ConfigError("prune.importance = 'taylor' needs calibration batches with labels; none were given")
     loss_fn = loss_fn or nn.functional.cross_entropy
     was_training = model.training
     model.eval()  # tracing and counting must not update BatchNorm statistics
@@ -226,9 +224,7 @@ def prune_vision(
         model.train(was_training)
 
     widths_after = _layer_widths(model)
-    layers = tuple(
-        LayerChannels(name, widths_before[name], widths_after.get(name, 0)) for name in widths_before
-    )
+    layers = tuple(LayerChannels(name, widths_before[name], widths_after.get(name, 0)) for name in widths_before)
     return PruneReport(
         params_before=int(params_before),
         params_after=int(params_after),

@@ -48,6 +48,7 @@ class StageContext:
     reporter: Reporter
     threads: int
     seed: int
+    key: str  # cache key of the artifact being made: names state that must survive a killed run
 
 
 @dataclass(frozen=True)

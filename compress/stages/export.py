@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from pydantic import Field
 
 from compress.errors import StageError
@@ -39,9 +38,6 @@ def export(artifact, options: ExportOptions, ctx: StageContext) -> StageOutput:
     import onnx
     import torch
 
-    from compress.backends.onnxruntime_backend import OrtSession
-    from compress.backends.torch_backend import TorchSession
-
     if options.dynamo and options.opset < 18:
         raise StageError(f"export: dynamo=true needs opset >= 18 (got {options.opset})")
     adapter = ctx.adapter
@@ -53,25 +49,14 @@ def export(artifact, options: ExportOptions, ctx: StageContext) -> StageOutput:
     onnx.checker.check_model(str(path))
     seconds = time.perf_counter() - start
 
-    inputs = adapter.parity_inputs(options.parity_samples)
-    names = list(adapter.io_spec().inputs)
-    ref = TorchSession(model, names, threads=ctx.threads).run(inputs)
-    got = OrtSession(path, threads=ctx.threads).run(inputs)
-    worst = 0.0
-    for r, g in zip(ref, got, strict=True):
-        excess = np.abs(g - r) - (options.atol + options.rtol * np.abs(r))
-        worst = max(worst, float(np.abs(g - r).max()))
-        if (excess > 0).any():
-            raise StageError(
-                f"export parity failed: max |onnx - torch| = {float(np.abs(g - r).max()):.3g} > "
-                f"atol {options.atol} + rtol {options.rtol}·|torch| on {len(r)} real inputs"
-            )
+    parity = adapter.check_export(
+        model, path, samples=options.parity_samples, atol=options.atol, rtol=options.rtol, threads=ctx.threads
+    )
     info = {
         "export_seconds": round(seconds, 2),
-        "parity_max_abs_diff": worst,
-        "parity_samples": options.parity_samples,
+        **parity,
         "opset": options.opset,
         "exporter": "dynamo" if options.dynamo else "torchscript",
     }
-    ctx.reporter.log(f"  parity: max |onnx - torch| = {worst:.2e} on {options.parity_samples} inputs")
+    ctx.reporter.log(f"  parity: max |onnx - torch| = {parity['parity_max_abs_diff']:.2e}")
     return StageOutput(file="model.onnx", format="onnx", precision=artifact.precision, info=info)

@@ -61,6 +61,7 @@ def test_end_to_end_outputs(first_run) -> None:
     assert "| int8 |" in report and "## Gates" in report
     assert (run_dir / "accuracy_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "pipeline.resolved.json").is_file()
+    assert np.load(run_dir / "int8" / "_predictions.npy").shape == (300,)
 
 
 def test_second_run_is_all_cache_hits(first_run, monkeypatch) -> None:
@@ -140,8 +141,7 @@ def test_export_parity_failure_fails_the_stage(tmp_path, fashion_mnist) -> None:
 
 
 def test_int8_keeps_accuracy_of_fp32_onnx(first_run) -> None:
-    _, runs, runner = first_run
-    rec = runner.records
-    assert rec["int8"]["evaluation"]["vs_parent"]["agreement"] >= 90.0
-    preds = np.load(runs / "toy" / "int8" / "_predictions.npy")
-    assert preds.shape == (300,)
+    _, _, runner = first_run
+    # per-channel INT8 of a small CNN: the top-1 class rarely changes (300 images, 90% leaves 30 flips)
+    assert runner.records["int8"]["evaluation"]["vs_parent"]["agreement"] >= 90.0
+    assert runner.records["int8-trt"]["evaluation"]["vs_parent"]["agreement"] >= 90.0

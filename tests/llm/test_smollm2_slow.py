@@ -41,15 +41,17 @@ def test_paris_in_torch_and_ort_and_32_greedy_tokens_identical(smol):
     model, tok, onnx_path = smol
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                             min_new_tokens=32, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
-    assert tok.decode(ref[:1]) == " Paris"
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                            pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert tok.decode(hf[:1]) == " Paris"
+    # Torch greedy with its own KV cache, 32 steps, no stop token (HF generate would stop at <|im_end|>).
+    # Rounding-level logit differences only: 5e-5 / 7e-5 seen on logits of magnitude ~20.
+    report = check_parity(model, onnx_path, ids[0].tolist(), atol=1e-3, steps=32)
+    assert report.torch_tokens[: len(hf)] == hf
     lm = OrtCausalLM(onnx_path, threads=2)
     got = lm.generate([ids[0].tolist()], GenerationOptions(max_new_tokens=32)).tokens[0]
-    assert got == ref
-    # Rounding-level differences only: 5e-5 / 7e-5 seen on logits of magnitude ~20.
-    report = check_parity(model, onnx_path, tok, atol=1e-3, steps=32)
-    assert report.tokens_match
+    assert len(got) == 32 and got == report.torch_tokens
+    assert tok.decode(got[:1]) == " Paris"
 
 
 def test_perplexity_ort_equals_torch_and_int8_close(smol, tmp_path):

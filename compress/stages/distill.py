@@ -1,0 +1,175 @@
+"""`distill`: train the input model (the student) towards a teacher's soft targets on `data.train`.
+
+```yaml
+- distill: {max_steps: 300, lr: 1.0e-3, temperature: 2.0, alpha: 0.7, batch_size: 64}
+- distill: {teacher: finetune, epochs: 1, checkpoint_every: 50}
+```
+The teacher defaults to the model before the nearest `prune` among the student's ancestors (prune ->
+distill recovers what pruning lost, Hinton et al. 2015, arXiv 1503.02531), else the pipeline's baseline.
+The loop is `compress.distill.distill`; its checkpoints live in `<runs>/.cache/distill/<key>/`, outside
+the temporary artifact folder, so a killed run resumes from the last checkpoint on the next `compress run`
+(same cache key, same teacher) and the folder is removed once the artifact is saved.
+
+KL(teacher || student) at T = 1 on the calibration set is reported before and after.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from compress.distill import DistillOptions
+from compress.errors import ConfigError
+from compress.registry import register_stage
+from compress.stages.base import StageContext, StageOptions, StageOutput
+
+TASKS = {"vision": "classification", "causal-lm": "causal-lm"}  # adapter family -> distill task
+
+
+class DistillStageOptions(StageOptions, DistillOptions):
+    """Distil a teacher into the input model (the fields of `compress.distill.DistillOptions`, plus below).
+
+    ```yaml
+    - distill: {teacher: finetune, max_steps: 300, lr: 1.0e-3, alpha: 0.7, batch_size: 64}
+    ```
+    """
+
+    families: ClassVar[frozenset[str]] = frozenset({"vision"})
+    needs_train_data: ClassVar[bool] = True
+    teacher: str | None = Field(
+        None,
+        description="artifact that teaches; default: the input of the nearest earlier prune in the student's "
+        "lineage, else the baseline",
+    )
+    batch_size: int = Field(64, gt=0, description="training batch size")
+    # A stage default unlike the library's 0 (end only): a killed stage should lose at most this many steps.
+    checkpoint_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
+
+    @model_validator(mode="after")
+    def _has_horizon(self) -> DistillStageOptions:
+        # Overrides DistillOptions' check, which raises ConfigError: pydantic would let it escape without the
+        # file:line of the stage; a ValueError becomes a located message.
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("give max_steps or epochs (the cosine schedule needs a horizon)")
+        return self
+
+    @field_validator("task")
+    @classmethod
+    def _classification_only(cls, value: str) -> str:
+        if value != "classification":
+            raise ValueError(
+                f"'{value}' needs the causal-lm adapter, which does not exist yet; allowed: classification"
+            )
+        return value
+
+    def library_options(self) -> DistillOptions:
+        """The options of `compress.distill`, without the stage's own keys."""
+        return DistillOptions.model_validate(self.model_dump(include=set(DistillOptions.model_fields)))
+
+    def cache_fields(self) -> dict:
+        # How often to checkpoint and whether teacher outputs are kept in memory do not change the result.
+        return {k: v for k, v in super().cache_fields().items() if k not in ("checkpoint_every", "teacher_cache_mb")}
+
+
+def find_teacher(artifact, options: DistillStageOptions, ctx: StageContext):  # -> Artifact
+    """The teacher artifact: `options.teacher`, else the input of the nearest prune in the lineage, else baseline."""
+    arts = ctx.artifacts
+    earlier = ", ".join(arts)
+    if options.teacher is not None:
+        if options.teacher not in arts:
+            raise ConfigError(
+                f"distill.teacher = {options.teacher!r}: no earlier artifact of that name; earlier: {earlier}"
+            )
+        teacher = arts[options.teacher]
+    else:
+        teacher, node = None, artifact
+        while node is not None:
+            if node.stage == "prune" and node.parent in arts:
+                teacher = arts[node.parent]
+                break
+            node = arts.get(node.parent) if node.parent else None
+        if teacher is None:
+            if ctx.baseline is None:
+                raise ConfigError(
+                    f"distill: no teacher given, no prune before it and no baseline yet; set teacher (one of {earlier})"
+                )
+            teacher = arts[ctx.baseline]
+    if teacher.format != "torch":
+        raise ConfigError(
+            f"distill.teacher = {teacher.name!r} is a {teacher.format} artifact; a torch artifact is needed"
+        )
+    if teacher.name == artifact.name:
+        raise ConfigError(f"distill: the teacher {teacher.name!r} is the student itself; set teacher")
+    if not teacher.task_ready:
+        raise ConfigError(
+            f"distill.teacher = {teacher.name!r} has an untrained head (task_ready false); add a finetune stage "
+            "before it or name a trained teacher"
+        )
+    return teacher
+
+
+@register_stage("distill", options=DistillStageOptions)
+def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageOutput:
+    """Knowledge distillation from a teacher artifact into the input model, resumable from checkpoints."""
+    import torch
+
+    from compress.distill import distill as run_distill
+    from compress.distill import mean_kl, total_steps
+    from compress.hashing import sha256_json
+
+    adapter = ctx.adapter
+    if TASKS.get(adapter.family) != options.task:
+        raise ConfigError(f"distill: task '{options.task}' does not fit family '{adapter.family}'")
+    if not hasattr(adapter, "train_batches"):
+        raise ConfigError(f"distill: the {adapter.family} adapter cannot give training batches yet")
+    teacher_art = find_teacher(artifact, options, ctx)
+    torch.set_num_threads(ctx.threads)
+    student = adapter.load_torch(artifact)
+    teacher = adapter.load_torch(teacher_art)
+    train = adapter.train_batches(options.batch_size, seed=options.seed)
+    held_out = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in adapter.batches("calibration", 64)]
+    kl_before = mean_kl(student, teacher, held_out, options.task)
+
+    loop = options.library_options()
+    total = total_steps(loop, len(train))
+    # The teacher's key is part of the folder name: an explicit teacher outside the lineage is not in ctx.key.
+    folder = adapter.cache_dir / "distill" / sha256_json({"stage": ctx.key, "teacher": teacher_art.key})[:20]
+    start = time.perf_counter()
+    with ctx.reporter.task(f"distill {teacher_art.name} -> {artifact.name}", total=total) as task:
+        done = 0
+
+        def progress(p) -> None:  # noqa: ANN001 - compress.distill.DistillProgress
+            nonlocal done
+            task.advance(p.step - done, info=f"loss {p.loss:.4f} kl {p.kl:.4f} lr {p.lr:.2e}")
+            done = p.step
+
+        report = run_distill(student, teacher, train, loop, checkpoint_dir=folder, progress=progress)
+    seconds = time.perf_counter() - start
+    kl_after = mean_kl(student, teacher, held_out, options.task)
+    student.eval()
+    file = adapter.save_torch(student, ctx.outdir)
+    shutil.rmtree(folder, ignore_errors=True)  # the artifact now holds the result
+
+    if report.resumed_from:
+        ctx.reporter.log(f"  resumed from the checkpoint at step {report.resumed_from}/{report.total_steps}")
+    ctx.reporter.log(
+        f"  KL(teacher || student) on calibration: {kl_before:.4g} -> {kl_after:.4g} "
+        f"in {report.steps} steps ({report.stopped_by})"
+    )
+    info = {
+        "teacher": teacher_art.name,
+        "kl_before": round(kl_before, 5),
+        "kl_after": round(kl_after, 5),
+        "kl_data": f"calibration ({sum(len(y) for _, y in held_out)} samples, T=1)",
+        "steps": report.steps,
+        "total_steps": report.total_steps,
+        "resumed_from_step": report.resumed_from,
+        "stopped_by": report.stopped_by,
+        "final_loss": round(report.final_loss, 5),
+        "train_batches": len(train),
+        "distill_seconds": round(seconds, 1),
+    }
+    return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
