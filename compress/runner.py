@@ -203,6 +203,8 @@ class Runner:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
+        import numpy as np
+
         evals: dict[str, Evaluation] = {}
         for name, art in self.artifacts.items():
             if not art.task_ready:
@@ -212,17 +214,15 @@ class Runner:
             cache = art.path / EVAL_FILE
             hit = _read_cached(cache, key) if "eval" not in self.force else None
             if hit is not None:
-                import numpy as np
-
-                ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"))
+                ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"), hit.get("outputs", {}))
                 self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
             else:
                 session = self.adapter.open_session(art, threads=self.cfg.threads)
                 ev = self.adapter.evaluate(session, self.reporter, name)
-                import numpy as np
-
                 np.save(art.path / "_predictions.npy", ev.predictions)
-                write_json_atomic(cache, {"key": key, "metrics": ev.metrics, "backend": session.backend})
+                write_json_atomic(
+                    cache, {"key": key, "metrics": ev.metrics, "outputs": ev.outputs, "backend": session.backend}
+                )
             evals[name] = ev
             self.records[name]["evaluation"] = {"metrics": ev.metrics}
         base = evals.get(self.cfg.baseline)
@@ -279,6 +279,7 @@ class Runner:
             "pipeline": {"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
             "baseline": self.cfg.baseline,
             "metric_names": list(self.adapter.metric_names),
+            "comparisons": [{"key": k, "label": label, "sign": sign} for k, label, sign in self.adapter.comparisons],
             "data": self.data_hashes,
             "machine": getattr(self, "machine", None) or machine_info(),
             "bench_settings": self.cfg.bench.model_dump(mode="json"),

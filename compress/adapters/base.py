@@ -25,6 +25,7 @@ class Evaluation:
 
     metrics: dict[str, float]
     predictions: np.ndarray = field(repr=False)  # per-sample (vision) or per-token (LLM) top-1 ids
+    outputs: dict[str, Any] = field(default_factory=dict, repr=False)  # JSON-able extras (e.g. generated ids)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Adapter(ABC):
     metric_names: ClassVar[tuple[str, ...]]
     #: True if a higher primary metric is better
     higher_is_better: ClassVar[bool] = True
+    #: what `compare()` returns, for the report: (key, label, sign applied for display)
+    comparisons: ClassVar[tuple[tuple[str, str, int], ...]]
 
     def __init__(self, model: BaseModel, data: BaseModel, *, base_dir: Path, cache_dir: Path, reporter: Reporter):
         self.model_cfg, self.data_cfg = model, data

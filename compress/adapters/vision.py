@@ -95,6 +95,7 @@ class VisionAdapter(Adapter):
     model_options = VisionModelOptions
     data_options = VisionDataOptions
     metric_names = ("top1", "top5")
+    comparisons = (("top1_drop", "Δtop1 (points)", -1), ("agreement", "top-1 agreement %", 1))
     model_cfg: VisionModelOptions
     data_cfg: VisionDataOptions
 

@@ -81,19 +81,41 @@ def memcpy_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def onnx_weight_bytes(onnx_path: Path) -> int:
-    """Bytes of all initializers (the weights a decode step reads) of an ONNX file."""
+def onnx_weight_bytes(onnx_path: Path, *, decode_only: bool = True) -> int:
+    """Bytes of the initializers of an ONNX file; with ``decode_only`` those a decode step reads in
+    full, i.e. without tables used only as the data of a ``Gather`` (an embedding reads one row per
+    token)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
+    gather_only: set[str] = set()
+    if decode_only:
+        consumers: dict[str, list[tuple[str, int]]] = {}
+        for node in proto.graph.node:
+            for slot, name in enumerate(node.input):
+                consumers.setdefault(name, []).append((node.op_type, slot))
+        gather_only = {n for n, uses in consumers.items() if all(u == ("Gather", 0) for u in uses)}
     total = 0
     for t in proto.graph.initializer:
+        if t.name in gather_only:
+            continue
         if uses_external_data(t):
             total += int(next(e.value for e in t.external_data if e.key == "length"))
         else:
             total += len(t.raw_data) or t.ByteSize()
     return total
+
+
+def torch_weight_bytes(model: Any, *, decode_only: bool = True) -> int:
+    """Bytes of a torch model's distinct parameters; with ``decode_only`` an untied input embedding
+    (read one row per token) is left out."""
+    params = {id(p): p for p in model.parameters()}
+    if decode_only:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if emb is not None and (head is None or head.weight is not emb.weight):
+            params.pop(id(emb.weight), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
 
 
 def file_bytes(path: Path) -> int:
@@ -117,7 +139,7 @@ class LLMBench:
     decode_step_ms: dict[int, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     size_mb: float = 0.0
-    weight_mb: float = 0.0
+    weight_mb: float = 0.0  # weights a decode step reads in full (embedding tables excluded)
     bandwidth_gbs: float = 0.0
     decode_bound_ms: float = 0.0
 
@@ -208,10 +230,10 @@ def bench_onnx(onnx_path: Path, *, threads: int | None = 1, **kwargs: Any) -> LL
 def bench_torch(model: Any, *, threads: int | None = 1, size_bytes: int | None = None,
                 **kwargs: Any) -> LLMBench:
     """Benchmark a transformers causal LM in torch eager (CPU)."""
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    size = torch_weight_bytes(model, decode_only=False) if size_bytes is None else size_bytes
     return bench_decoder(
         TorchDecoder(model, threads=threads), backend="torch", vocab_size=int(model.config.vocab_size),
-        weight_bytes=weights, size_bytes=weights if size_bytes is None else size_bytes, threads=threads,
+        weight_bytes=torch_weight_bytes(model), size_bytes=size, threads=threads,
         **kwargs,
     )
 

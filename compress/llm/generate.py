@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ class KVState:
 
     past: dict[str, Any]
     attention_mask: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def length(self) -> int:

@@ -251,7 +251,8 @@ def _dynamo_shapes(num_layers: int) -> tuple[Any, ...]:
 
     b, s, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     kv = {0: b, 2: p}
-    return ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, *([kv] * (2 * num_layers)))
+    # forward(input_ids, attention_mask, position_ids, *past): the varargs form one nested tuple.
+    return ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple([kv] * (2 * num_layers)))
 
 
 def describe_io(onnx_path: Path) -> dict[str, Any]:

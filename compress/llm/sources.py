@@ -255,6 +255,9 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
         )
     del loaded
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache folder should read like any other
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)

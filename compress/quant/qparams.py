@@ -85,9 +85,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return (quantize_codes(w, scale, zero, bits) - zero) * scale
 
 
-def group_qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def group_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) scale and zero of ``w`` ``[out, in]``: two float32 tensors ``[out, n_groups]``."""
     out_f, in_f = w.shape
     g = effective_group_size(in_f, group_size)

@@ -17,9 +17,10 @@ def _fmt(value: Any, spec: str = ".2f", missing: str = "–") -> str:
 
 
 def artifacts_table(manifest: dict[str, Any]) -> str:
-    """One row per artifact: format, size, metrics, change vs baseline and vs parent, p50 latency."""
-    metric = manifest["metric_names"][0]
+    """One row per artifact: format, size, metrics, changes vs baseline and vs parent, p50 latency."""
+    comparisons = manifest["comparisons"]  # [{key, label, sign}] from the adapter
     batches = manifest.get("bench_settings", {}).get("batch_sizes", [])
+    first = comparisons[0]
     header = [
         "artifact",
         "stage",
@@ -27,9 +28,8 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
         "precision",
         "size MB",
         *manifest["metric_names"],
-        f"Δ{metric} vs baseline",
-        "agreement %",
-        f"Δ{metric} vs parent",
+        *[f"{c['label']} vs baseline" for c in comparisons],
+        f"{first['label']} vs parent",
         *[f"p50 ms b{b}" for b in batches],
         "speedup b1 vs baseline",
     ]
@@ -39,7 +39,6 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
         art, ev = rec["artifact"], rec.get("evaluation") or {}
         metrics, vs_base, vs_parent = ev.get("metrics", {}), ev.get("vs_baseline", {}), ev.get("vs_parent", {})
         p50 = _p50s(rec)
-        drop_key = f"{metric}_drop"
         speed = (base_p50[0] / p50[0]) if p50 and base_p50 and p50[0] else None
         rows.append(
             [
@@ -49,14 +48,20 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
                 art["precision"] + (f" / {art['target']}" if art.get("target") else ""),
                 f"{art['size_bytes'] / 1e6:.2f}",
                 *[_fmt(metrics.get(m)) for m in manifest["metric_names"]],
-                _fmt(-vs_base[drop_key] if drop_key in vs_base else None, "+.2f"),
-                _fmt(vs_base.get("agreement")),
-                _fmt(-vs_parent[drop_key] if drop_key in vs_parent else None, "+.2f"),
+                *[_signed(vs_base, c) for c in comparisons],
+                _signed(vs_parent, first),
                 *[_fmt(v) for v in (p50 or [None] * len(batches))],
                 _fmt(speed, ".2f") + ("×" if speed else ""),
             ]
         )
     return _table(header, rows)
+
+
+def _signed(values: dict[str, float], column: dict[str, Any]) -> str:
+    value = values.get(column["key"])
+    if value is None:
+        return "–"
+    return _fmt(column["sign"] * value, "+.2f" if column["sign"] != 1 else ".2f")
 
 
 def latency_table(manifest: dict[str, Any]) -> str:

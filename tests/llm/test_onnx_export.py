@@ -81,3 +81,15 @@ def test_tied_embedding_stored_once(exported):
     big = [t for t in onnx.load(str(path)).graph.initializer if 1000 in t.dims]
     # Tied: one (64, 1000) matrix serves the Gather and the lm_head; untied: embedding + lm_head.
     assert len(big) == (1 if model.config.tie_word_embeddings else 2)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_parity(tmp_path):
+    """The dynamo exporter (opset 18, ~10 s) gives the same I/O and passes the same parity check."""
+    from llm_toys import tiny_llama
+
+    model = tiny_llama(tie=True)
+    path = export_decoder(model, tmp_path / "dyn.onnx", dynamo=True, opset=18)
+    report = check_parity(model, path, list(range(5, 17)), atol=ATOL, steps=16)
+    assert report.tokens_match
+    assert describe_io(path)["num_layers"] == 2

@@ -64,5 +64,7 @@ def test_perplexity_ort_equals_torch_and_int8_close(smol, tmp_path):
     int8 = OrtCausalLM(quantize_int8(onnx_path, tmp_path / "int8.onnx"), threads=2)
     p_int8 = perplexity(int8.logits, windows).perplexity
     agree = top1_agreement(lm.logits, int8.logits, windows)
-    assert p_int8 < p_torch * 1.05 and agree > 0.85, (p_torch, p_int8, agree)
+    # Default INT8 (weight-only, accuracy level 4) measured 27.22 -> 27.40 and 94 % agreement here;
+    # dynamic W8A8 gave 43.1 and 64 %, which these bounds reject.
+    assert p_int8 < p_torch * 1.02 and agree > 0.9, (p_torch, p_int8, agree)
     assert np.isfinite(p_int8)

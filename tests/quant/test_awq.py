@@ -29,10 +29,7 @@ def test_scale_search_never_worse_than_rtn(group: int, symmetric: bool) -> None:
     s, best, rtn_err = awq_search_scale(x, ws, AWQConfig(group_size=group, symmetric=symmetric))
     w = torch.cat(ws)
     direct = float(
-        (
-            x @ w.T
-            - x @ rtn_quantize(w, WeightQuantConfig(group_size=group, symmetric=symmetric)).dequantize().T
-        )
+        (x @ w.T - x @ rtn_quantize(w, WeightQuantConfig(group_size=group, symmetric=symmetric)).dequantize().T)
         .pow(2)
         .mean()
     )
@@ -84,9 +81,7 @@ def test_awq_model_on_tiny_llama() -> None:
 
 def test_awq_gptq_quantizer_and_refusal() -> None:
     model = make_tiny_llama(0)
-    qws = awq_quantize_model(
-        model, calib_batches(2), config=AWQConfig(group_size=32, quantizer="gptq", clip=False)
-    )
+    qws = awq_quantize_model(model, calib_batches(2), config=AWQConfig(group_size=32, quantizer="gptq", clip=False))
     assert len(qws) == 14
     with pytest.raises(StageError, match="Llama-style"):
         awq_quantize_model(nn.Sequential(nn.Linear(4, 4)), [torch.zeros(1, 4)])

@@ -44,9 +44,7 @@ def test_checkpoint_round_trip_bit_exact(tmp_path: Path, fmt: str) -> None:
         # writing what was read gives the same bytes
         assert all(
             np.array_equal(x, y)
-            for x, y in zip(
-                pack_gptq(b, fmt).__dict__.values(), pack_gptq(qw, fmt).__dict__.values(), strict=True
-            )
+            for x, y in zip(pack_gptq(b, fmt).__dict__.values(), pack_gptq(qw, fmt).__dict__.values(), strict=True)
         )
 
 

@@ -69,9 +69,7 @@ def test_matmulnbits_graph_matches_torch(tiny_llama_onnx, tmp_path: Path, symmet
     assert ops.count("MatMulNBits") == 15 and ops.count("GatherBlockQuantized") == 1
     shapes = {tuple(w.shape) for w in fw.values()} | {tuple(w.shape[::-1]) for w in fw.values()}
     assert not [
-        i.name
-        for i in new.graph.initializer
-        if tuple(i.dims) in shapes and i.data_type != onnx.TensorProto.UINT8
+        i.name for i in new.graph.initializer if tuple(i.dims) in shapes and i.data_type != onnx.TensorProto.UINT8
     ]
     ids = calib_batches(1, seq=16)[0][:1]
     ref = _dequantized_copy(model, qws, emb)(ids).logits.detach().numpy()
@@ -98,8 +96,7 @@ def test_accuracy_level_4_close(tiny_llama_onnx) -> None:
 def test_int4_qdq_graph_for_tensorrt(tiny_llama_onnx) -> None:
     model, path = tiny_llama_onnx
     qws = {
-        n: rtn_quantize(m.weight, WeightQuantConfig(group_size=32, symmetric=True))
-        for n, m in _linears(model).items()
+        n: rtn_quantize(m.weight, WeightQuantConfig(group_size=32, symmetric=True)) for n, m in _linears(model).items()
     }
     new, report = quantize_onnx_weights(onnx.load(path), qws, float_weights_of(model, qws), target="tensorrt")
     assert report.opset_raised_to == 21  # exported at 18, opset import raised (no version_converter)
@@ -115,9 +112,7 @@ def test_int4_qdq_graph_for_tensorrt(tiny_llama_onnx) -> None:
     out = _run(new, ids.numpy(), **{"session.qdq_matmulnbits_accuracy_level": "0"})
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
     with pytest.raises(ConfigError, match="symmetric"):
-        asym = {
-            n: rtn_quantize(m.weight, WeightQuantConfig(group_size=32)) for n, m in _linears(model).items()
-        }
+        asym = {n: rtn_quantize(m.weight, WeightQuantConfig(group_size=32)) for n, m in _linears(model).items()}
         quantize_onnx_weights(onnx.load(path), asym, float_weights_of(model, asym), target="tensorrt")
 
 
@@ -152,9 +147,7 @@ def test_gemm_with_bias_and_old_opset(tmp_path: Path) -> None:
     net = nn.Sequential(nn.Linear(96, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net, (torch.randn(2, 96),), str(tmp_path / "mlp.onnx"), dynamo=False, opset_version=17
-        )
+        torch.onnx.export(net, (torch.randn(2, 96),), str(tmp_path / "mlp.onnx"), dynamo=False, opset_version=17)
     base = onnx.load(tmp_path / "mlp.onnx")
     assert [n.op_type for n in base.graph.node].count("Gemm") == 2
     qws = {
@@ -241,3 +234,19 @@ def test_save_onnx_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     a = torch.randn(2, 96)
     y = sess.run(["Y"], {"A": a.numpy(), "ids": np.array([0, 1, 2], np.int64)})[0]
     np.testing.assert_allclose(y, (a @ w.T).numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_8bit_override_in_ort(symmetric: bool) -> None:
+    """bits 8 (per-layer override, e.g. for the LM head / embedding) runs as MatMulNBits / GBQ bits=8."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 96)
+    cfg = WeightQuantConfig(bits=8, group_size=32, symmetric=symmetric)
+    qw, qe = rtn_quantize(w, cfg), rtn_quantize(w * 2, cfg)
+    new, _ = quantize_onnx_weights(_matmul_graph(w), {"fc": qw}, {"fc": w, "emb": w * 2}, embeddings={"emb": qe})
+    assert {a.i for n in new.graph.node if n.domain == "com.microsoft" for a in n.attribute if a.name == "bits"} == {8}
+    sess = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, ids = torch.randn(2, 96), torch.tensor([0, 15, 3])
+    y, g = sess.run(None, {"A": a.numpy(), "ids": ids.numpy()})
+    np.testing.assert_allclose(y, (a @ qw.dequantize().T).numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(g, qe.dequantize()[ids].numpy(), atol=1e-6, rtol=0)

@@ -43,9 +43,7 @@ def test_nibble_order_low_first() -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_matmul_nbits_round_trip(in_f: int, group: int, symmetric: bool, bits: int) -> None:
     torch.manual_seed(0)
-    qw = rtn_quantize(
-        torch.randn(24, in_f), WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric)
-    )
+    qw = rtn_quantize(torch.randn(24, in_f), WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric))
     t = pack_matmul_nbits(qw)
     nb = -(-in_f // t.block_size)
     assert t.B.shape == (24, nb, t.block_size * bits // 8) and t.B.dtype == np.uint8

@@ -16,10 +16,13 @@ import pytest
 from toys import pipeline_yaml
 
 from compress import registry
+from compress.artifact import Artifact
 from compress.config import load_pipeline
 from compress.errors import ConfigError
 from compress.progress import Reporter, Task
 from compress.runner import Runner
+from compress.stages.base import StageContext
+from compress.stages.distill import DistillStageOptions, find_teacher
 
 PRUNE_DISTILL = """
   - finetune: {steps: 40, lr: 1.0e-2, batch_size: 32}
@@ -63,9 +66,10 @@ def test_distill_lowers_kl_towards_the_unpruned_teacher(chain) -> None:
     # 40 steps at alpha 0.9 must at least halve the KL pruning caused (seen: about 4x); a loop that does not
     # learn leaves it where it was.
     assert info["kl_after"] < info["kl_before"] / 2, info
-    # ... and recover accuracy the pruning cost on the held-out evaluation set (300 images: +-3 points noise).
+    # ... and win back the top-1 pruning cost on the 300 held-out images (seen: finetune 40.0%, prune 32.0%,
+    # distill 44.0%; distillation also trains longer than the 40-step finetune did).
     top1 = {n: chain.records[n]["evaluation"]["metrics"]["top1"] for n in ("finetune", "prune", "distill")}
-    assert top1["distill"] > top1["prune"] - 3.0, top1
+    assert top1["distill"] > top1["prune"], top1
     assert not list((chain.run_dir.parent / ".cache" / "distill").glob("*")), "checkpoints removed after success"
 
 
@@ -98,7 +102,7 @@ class _KillingReporter(Reporter):
 def test_killed_distill_resumes_from_its_checkpoint(tmp_path, fashion_mnist, monkeypatch) -> None:
     stages = """
   - finetune: {steps: 10, lr: 1.0e-2, batch_size: 32}
-  - prune: {importance: l1, target: {channels: 0.3}, round_to: 1}
+  - prune: {importance: taylor, target: {channels: 0.3}, round_to: 1, samples: 64}
   - distill: {max_steps: 12, lr: 3.0e-3, checkpoint_every: 5, batch_size: 32}"""
     pipeline = pipeline_yaml(tmp_path, fashion_mnist, name="resume", stages=stages, gates="{}")
     runs = tmp_path / "runs"
@@ -131,6 +135,38 @@ def test_bad_importance_is_reported_with_file_and_line(tmp_path, fashion_mnist) 
     with pytest.raises(ConfigError) as err:
         load_pipeline(pipeline)
     message = str(err.value)
-    assert re.search(rf"bad\.yaml:{line}: stages\[1\]\.prune\.importance = 'magnitude': .*'bn_scale', 'taylor'", message)
+    assert re.search(
+        rf"bad\.yaml:{line}: stages\[1\]\.prune\.importance = 'magnitude': .*'bn_scale', 'taylor'", message
+    )
     # every problem at once: the distill stage without a horizon is the second
-    assert re.search(r"bad\.yaml:\d+: stages\[2\]\.distill: .*max_steps or epochs", message), message
+    assert re.search(r"bad\.yaml:\d+: stages\[2\]\.distill = .*max_steps or epochs", message), message
+
+
+def _art(name: str, stage: str, parent: str | None, *, fmt: str = "torch", ready: bool = True) -> Artifact:
+    return Artifact(name, Path(name), "model.pt", fmt, "fp32", stage, parent, key=name, task_ready=ready)
+
+
+def _ctx(arts: list[Artifact], baseline: str | None) -> StageContext:
+    return StageContext(None, Path("."), {a.name: a for a in arts}, baseline, Reporter(quiet=True), 1, 0, "key")
+
+
+def test_teacher_is_the_model_before_the_nearest_prune_else_the_baseline() -> None:
+    arts = [
+        _art("source", "source", None, ready=False),
+        _art("finetune", "finetune", "source"),
+        _art("prune", "prune", "finetune"),
+        _art("prune-2", "prune", "prune"),
+        _art("onnx", "export", "finetune", fmt="onnx"),
+    ]
+    ctx = _ctx(arts, "finetune")
+    options = DistillStageOptions(max_steps=1)
+    assert find_teacher(arts[3], options, ctx).name == "prune"  # the nearest prune's input, not the first
+    with pytest.raises(ConfigError, match="is the student itself"):
+        find_teacher(arts[1], options, ctx)
+    assert find_teacher(arts[2], options.model_copy(update={"teacher": "finetune"}), ctx).name == "finetune"
+    with pytest.raises(ConfigError, match="no earlier artifact of that name; earlier: source, finetune"):
+        find_teacher(arts[2], options.model_copy(update={"teacher": "finetun"}), ctx)
+    with pytest.raises(ConfigError, match="is a onnx artifact"):
+        find_teacher(arts[2], options.model_copy(update={"teacher": "onnx"}), ctx)
+    with pytest.raises(ConfigError, match="untrained head"):
+        find_teacher(arts[1], options, _ctx(arts[:2], "source"))

@@ -182,9 +182,7 @@ def awq_quantize_layer(
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     handles = [
-        m.register_forward_hook(
-            lambda _m, inp, _o, n=n: feats[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
-        )
+        m.register_forward_hook(lambda _m, inp, _o, n=n: feats[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
         for n, m in linears.items()
     ]
     try:

@@ -48,9 +48,7 @@ class GPTQConfig(WeightQuantConfig):
     YAML: ``{method: gptq, group_size: 128, act_order: true, static_groups: true, percdamp: 0.01}``
     """
 
-    percdamp: float = Field(
-        0.01, gt=0.0, le=1.0, description="Dampening added to diag(H), as a fraction of its mean."
-    )
+    percdamp: float = Field(0.01, gt=0.0, le=1.0, description="Dampening added to diag(H), as a fraction of its mean.")
     block_size: int = Field(128, ge=1, description="Columns per lazy batch update (paper: 128).")
     act_order: bool = Field(False, description="Quantize columns by decreasing diag(H) (desc_act).")
     static_groups: bool = Field(
@@ -78,9 +76,7 @@ class HessianAccumulator:
         self.H += x.T @ x
 
 
-def gptq_quantize_weight(
-    weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig | None = None
-) -> QuantizedWeight:
+def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig | None = None) -> QuantizedWeight:
     """GPTQ on one weight ``[out, in]`` with Hessian ``H`` ``[in, in]`` (paper Alg. 1 + groups, act-order)."""
     cfg = config or GPTQConfig()
     check_bits_group(cfg.bits, cfg.group_size)
@@ -111,9 +107,7 @@ def gptq_quantize_weight(
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) when H is not PD
-        raise StageError(
-            f"Hessian not positive definite even after dampening {cfg.percdamp}; raise percdamp"
-        ) from e
+        raise StageError(f"Hessian not positive definite even after dampening {cfg.percdamp}; raise percdamp") from e
 
     codes = torch.zeros_like(W)
     scales = torch.zeros(out_f, ngroups)
@@ -174,9 +168,7 @@ def _quantize_with_hooks(
 ) -> dict[str, QuantizedWeight]:
     """Collect Hessians of ``members`` while ``runner()`` runs, then GPTQ each and write back."""
     accs = {name: HessianAccumulator(mod.in_features) for name, mod in members}
-    handles = [
-        mod.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0])) for name, mod in members
-    ]
+    handles = [mod.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0])) for name, mod in members]
     try:
         runner()
     finally:
@@ -240,9 +232,7 @@ def gptq_quantize_model(
             groups = [[m for grp in groups for m in grp]]
         for members in groups:
             result.update(
-                _quantize_with_hooks(
-                    lambda layer=layer, inputs=inputs: run_layer(layer, inputs), members, cfg
-                )
+                _quantize_with_hooks(lambda layer=layer, inputs=inputs: run_layer(layer, inputs), members, cfg)
             )
         inputs = propagate(layer, inputs)
         if progress:

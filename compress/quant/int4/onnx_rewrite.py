@@ -155,9 +155,7 @@ def _matmulnbits_nodes(
     if perm is not None:
         pname = G.add_init(base + "_perm", perm)
         a_perm = G.fresh(base + "_A_perm")
-        nodes.append(
-            helper.make_node("Gather", [a, pname], [a_perm], name=G.fresh(base + "_Gather"), axis=-1)
-        )
+        nodes.append(helper.make_node("Gather", [a, pname], [a_perm], name=G.fresh(base + "_Gather"), axis=-1))
         a = a_perm
     t = pack_matmul_nbits(qw)
     inputs = [a, G.add_init(base + "_B", t.B), G.add_init(base + "_scales", t.scales)]
@@ -167,9 +165,7 @@ def _matmulnbits_nodes(
     if accuracy_level is not None:
         attrs["accuracy_level"] = accuracy_level
     nodes.append(
-        helper.make_node(
-            "MatMulNBits", inputs, [out], name=G.fresh(base + "_MatMulNBits"), domain=MS_DOMAIN, **attrs
-        )
+        helper.make_node("MatMulNBits", inputs, [out], name=G.fresh(base + "_MatMulNBits"), domain=MS_DOMAIN, **attrs)
     )
     return nodes
 
@@ -191,20 +187,19 @@ def _dq_nodes(G: _Graph, qw: QuantizedWeight, base: str) -> tuple[list[onnx.Node
     return [node], out
 
 
-def _gather_block_quantized(
-    G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight, base: str
-) -> list[onnx.NodeProto]:
-    """``Gather(E, ids)`` -> ``com.microsoft.GatherBlockQuantized`` (uint8 data, 4-bit, quantize_axis 1)."""
+def _gather_block_quantized(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight, base: str) -> list[onnx.NodeProto]:
+    """``Gather(E, ids)`` -> ``com.microsoft.GatherBlockQuantized`` (uint8 data, 4 or 8 bits, quantize_axis 1)."""
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    if axis != 0 or qw.bits != 4 or not qw.has_trivial_g_idx():
-        raise ConfigError("GatherBlockQuantized here needs gather axis 0, 4 bits and contiguous groups")
+    if axis != 0 or not qw.has_trivial_g_idx():
+        raise ConfigError("GatherBlockQuantized here needs gather axis 0 and contiguous groups")
+    pack = pack_nibbles if qw.bits == 4 else np.asarray
     vocab, hidden = qw.shape
     bs = matmul_nbits_block_size(hidden, qw.group_size)  # per row: a power of two >= width, one block
-    data = G.add_init(base + "_data", pack_nibbles(qw.qweight.numpy()))  # (vocab, hidden/2)
+    data = G.add_init(base + "_data", pack(qw.qweight.numpy()))  # (vocab, hidden*bits/8)
     scales = G.add_init(base + "_scales", qw.scales.float().numpy())  # (vocab, n_blocks)
     inputs = [data, node.input[1], scales]
     if not qw.symmetric:
-        inputs.append(G.add_init(base + "_zp", pack_nibbles(qw.zeros.numpy())))  # (vocab, ceil(n_blocks/2))
+        inputs.append(G.add_init(base + "_zp", pack(qw.zeros.numpy())))  # (vocab, ceil(n_blocks*bits/8))
     return [
         helper.make_node(
             "GatherBlockQuantized",
@@ -215,7 +210,7 @@ def _gather_block_quantized(
             gather_axis=0,
             quantize_axis=1,
             block_size=bs,
-            bits=4,
+            bits=qw.bits,
         )
     ]
 
@@ -231,12 +226,8 @@ def _dq_gather(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight, base: str) 
     scale = G.add_init(base + "_scale", qw.scales.float().numpy())  # (vocab, n_groups)
     deq = G.fresh(base + "_dq")
     return [
-        helper.make_node(
-            "DequantizeLinear", [x, scale], [deq], name=G.fresh(base + "_DQ"), axis=1, block_size=bs
-        ),
-        helper.make_node(
-            "Gather", [deq, node.input[1]], list(node.output), name=G.fresh(base + "_Gather"), axis=0
-        ),
+        helper.make_node("DequantizeLinear", [x, scale], [deq], name=G.fresh(base + "_DQ"), axis=1, block_size=bs),
+        helper.make_node("Gather", [deq, node.input[1]], list(node.output), name=G.fresh(base + "_Gather"), axis=0),
     ]
 
 
@@ -251,11 +242,7 @@ def _raise_opset_for_int4(model: onnx.ModelProto, report: RewriteReport) -> None
             "(torch.onnx.export(..., opset_version=21))"
         )
     bad = sorted(
-        {
-            n.op_type
-            for n in model.graph.node
-            if n.domain in ("", "ai.onnx") and n.op_type in _CHANGED_AFTER_18
-        }
+        {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _CHANGED_AFTER_18}
     )
     if bad:
         raise ConfigError(f"ops {bad} changed between opset {v} and 21; export the model at opset 21")
@@ -394,9 +381,7 @@ def quantize_onnx_weights(
                         helper.make_node("MatMul", [a, wt], [mm_out], name=G.fresh(base + "_MatMul")),
                     ]
                 if len(node.input) > 2:
-                    nodes.append(
-                        helper.make_node("Add", [mm_out, node.input[2]], [out], name=G.fresh(base + "_bias"))
-                    )
+                    nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=G.fresh(base + "_bias")))
                 new_nodes[i] = nodes
                 hits.append(node.name or node.output[0])
             elif node.op_type != "Transpose":

@@ -162,9 +162,7 @@ def pack_dq_int4(qw: QuantizedWeight) -> BlockedDQTensors:
         signed = (codes_t.astype(np.int16) - 8).astype(np.int8)
         return BlockedDQTensors(pack_nibbles(signed.reshape(-1)), True, scale, None, k, n, bs)
     zp = np.ascontiguousarray(qw.zeros.numpy().T)  # (n_groups, N)
-    return BlockedDQTensors(
-        pack_nibbles(codes_t.reshape(-1)), False, scale, pack_nibbles(zp.reshape(-1)), k, n, bs
-    )
+    return BlockedDQTensors(pack_nibbles(codes_t.reshape(-1)), False, scale, pack_nibbles(zp.reshape(-1)), k, n, bs)
 
 
 def unpack_dq_int4(t: BlockedDQTensors) -> QuantizedWeight:
@@ -237,9 +235,7 @@ def pack_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> GPTQTenso
     return GPTQTensors(qweight, qzeros, scales, g_idx)
 
 
-def unpack_gptq(
-    t: GPTQTensors, group_size: int, symmetric: bool, checkpoint_format: str = "gptq"
-) -> QuantizedWeight:
+def unpack_gptq(t: GPTQTensors, group_size: int, symmetric: bool, checkpoint_format: str = "gptq") -> QuantizedWeight:
     """Read GPTQ tensors back into a QuantizedWeight (scales widened to float32)."""
     if checkpoint_format not in GPTQ_FORMATS:
         raise ConfigError(f"checkpoint_format = {checkpoint_format!r}; allowed: {', '.join(GPTQ_FORMATS)}")

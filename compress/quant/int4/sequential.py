@@ -97,9 +97,7 @@ def propagate(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     return out
 
 
-def layer_linear_groups(
-    layer: nn.Module, keep: LinearFilter, prefix: str
-) -> list[list[tuple[str, nn.Linear]]]:
+def layer_linear_groups(layer: nn.Module, keep: LinearFilter, prefix: str) -> list[list[tuple[str, nn.Linear]]]:
     """Linears of one decoder layer in calibration order: Llama groups first, any others after.
 
     Returns lists of (full name, module); names are ``prefix + local name``.
