@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("path", type=Path)
     ins.add_argument(
         "--table",
-        choices=("artifacts", "latency", "gates"),
+        choices=("artifacts", "latency", "llm", "gates"),
         help="print only this table of a run's report (markdown, e.g. for a README)",
     )
     return p
@@ -151,9 +151,12 @@ def _inspect(path: Path, table: str | None = None) -> int:
             raise ConfigError(f"{path}: not a run folder (no manifest.json)")
         manifest = json.loads((path / "manifest.json").read_text())
         print(
-            {"artifacts": markdown.artifacts_table, "latency": markdown.latency_table, "gates": markdown.gates_table}[
-                table
-            ](manifest)
+            {
+                "artifacts": markdown.artifacts_table,
+                "latency": markdown.latency_table,
+                "llm": markdown.llm_table,
+                "gates": markdown.gates_table,
+            }[table](manifest)
         )
         return EXIT_OK
     if (path / "manifest.json").is_file():

@@ -61,9 +61,10 @@ class Gates(BaseModel):
     top1_drop_max: float | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
     ppl_rise_max: float | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
     speedup_min: tuple[SpeedupGate, ...] = ()
+    decode_speedup_min: tuple[SpeedupGate, ...] = Field((), description="causal-lm: decode tokens/s ratio")
     size_ratio_max: tuple[SizeGate, ...] = ()
 
-    _lists = field_validator("speedup_min", "size_ratio_max", mode="before")(_as_list)
+    _lists = field_validator("speedup_min", "decode_speedup_min", "size_ratio_max", mode="before")(_as_list)
 
 
 class BenchOptions(BaseModel):
@@ -75,6 +76,8 @@ class BenchOptions(BaseModel):
     iterations: int = Field(100, gt=0)
     threads: int = Field(1, gt=0, description="intra-op threads of every backend (same for all, for fairness)")
     enabled: bool = True
+    prompt_lengths: tuple[int, ...] = Field((32, 128, 512), min_length=1, description="causal-lm: prefill lengths")
+    decode_tokens: int = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
 
 
 class PipelineModel(BaseModel):
@@ -209,7 +212,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     baseline = top.baseline or next((p.name for p in plans if p.kind == "finetune"), SOURCE)
     if baseline not in names:
         problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
-    for field in ("speedup_min", "size_ratio_max"):
+    for field in ("speedup_min", "decode_speedup_min", "size_ratio_max"):
         for i, gate in enumerate(getattr(top.gates, field)):
             for attr in ("artifact", "vs"):
                 value = getattr(gate, attr)
@@ -220,7 +223,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
                         value,
                         True,
                     )
-            if field == "speedup_min" and gate.batch_size not in top.bench.batch_sizes:
+            if field != "size_ratio_max" and gate.batch_size not in top.bench.batch_sizes:
                 problems.add(
                     ("gates", field, i, "batch_size"),
                     f"not measured; bench.batch_sizes = {list(top.bench.batch_sizes)}",
@@ -228,6 +231,8 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
                     True,
                 )
     metric_gate = {"vision": "top1_drop_max", "causal-lm": "ppl_rise_max"}.get(family)
+    if family != "causal-lm" and top.gates.decode_speedup_min:
+        problems.add(("gates", "decode_speedup_min"), "applies to causal-lm pipelines only; use speedup_min")
     for gate_key in ("top1_drop_max", "ppl_rise_max"):
         if getattr(top.gates, gate_key) is not None and gate_key != metric_gate:
             problems.add(("gates", gate_key), f"does not apply to family '{family}'; use {metric_gate}")

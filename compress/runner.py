@@ -255,7 +255,7 @@ class Runner:
                 f"benchmark {name} (batch {list(self.cfg.bench.batch_sizes)}, {self.cfg.bench.threads} thread(s))",
                 total=None,
             ):
-                result = _bench_subprocess(self.cfg, art, self.cache_dir)
+                result = _bench_subprocess(self.cfg, art, self.cache_dir, self.machine)
             result["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             write_json_atomic(cache, {"key": key, "result": result})
             self.records[name]["bench"] = result
@@ -278,6 +278,7 @@ class Runner:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "pipeline": {"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
             "baseline": self.cfg.baseline,
+            "notes": self.adapter.notes(),
             "metric_names": list(self.adapter.metric_names),
             "comparisons": [{"key": k, "label": label, "sign": sign} for k, label, sign in self.adapter.comparisons],
             "data": self.data_hashes,
@@ -307,8 +308,9 @@ def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
     return data if data.get("key") == key else None
 
 
-def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path) -> dict[str, Any]:
+def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machine: dict[str, Any]) -> dict[str, Any]:
     job = {
+        "machine": machine,
         "pipeline": str(cfg.file.resolve()),
         "artifact": str(art.path.resolve()),
         "cache_dir": str(cache_dir.resolve()),

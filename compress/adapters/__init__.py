@@ -1,3 +1,3 @@
 """Adapters: everything family-specific. Importing this package registers every adapter."""
 
-from compress.adapters import vision  # noqa: F401
+from compress.adapters import causal_lm, vision  # noqa: F401

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from compress.artifact import Artifact
     from compress.backends import Session
+    from compress.config import BenchOptions
     from compress.progress import Reporter
 
 
@@ -109,6 +110,10 @@ class Adapter(ABC):
         """Inputs of the given batch size for latency measurement."""
 
     # -- overridable defaults --------------------------------------------------------------------------
+    def notes(self) -> list[str]:
+        """Facts about the source that a reader of the numbers must know; shown at the top of the report."""
+        return []
+
     def open_session(self, artifact: Artifact, *, threads: int) -> Session:
         """A session running `artifact` on the backend of its format (torch eager, ONNX Runtime)."""
         from compress.backends import open_session
@@ -137,17 +142,18 @@ class Adapter(ABC):
                 )
         return {"parity_max_abs_diff": worst, "parity_samples": samples}
 
-    def benchmark(
-        self, session: Session, *, batch_sizes: tuple[int, ...], warmup: int, iterations: int
-    ) -> dict[str, Any]:
+    def benchmark(self, session: Session, settings: BenchOptions, machine: dict[str, Any]) -> dict[str, Any]:
         """Latency and throughput at each batch size (random inputs of the right shape)."""
         from compress.bench.harness import measure
 
         latency = []
-        for batch in batch_sizes:
+        for batch in settings.batch_sizes:
             inputs = self.bench_inputs(batch)
             lat = measure(
-                lambda inputs=inputs: session.run(inputs), batch_size=batch, warmup=warmup, iterations=iterations
+                lambda inputs=inputs: session.run(inputs),
+                batch_size=batch,
+                warmup=settings.warmup,
+                iterations=settings.iterations,
             )
             latency.append(lat.to_json())
         return {"latency": latency}

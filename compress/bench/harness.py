@@ -90,6 +90,7 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "os": platform.platform(),
     }
+    info["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(), 2)
     for name in ("torch", "onnxruntime", "onnx"):
         try:
             from importlib.metadata import version
@@ -98,3 +99,18 @@ def machine_info() -> dict[str, object]:
         except Exception:
             info[name] = None
     return info
+
+
+def copy_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth from the best of `repeats` numpy copies of `size_mb` ((read + write) bytes / s).
+
+    Measured once in the runner's process, not in benchmark workers, whose peak RSS it would inflate.
+    """
+    src = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9

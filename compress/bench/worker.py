@@ -27,7 +27,7 @@ def bench_artifact(job: dict) -> dict:
     rss_before = peak_rss_mb()
     session = adapter.open_session(artifact, threads=cfg.bench.threads)
     b = cfg.bench
-    result = adapter.benchmark(session, batch_sizes=b.batch_sizes, warmup=b.warmup, iterations=b.iterations)
+    result = adapter.benchmark(session, b, job["machine"])
     return {
         "backend": session.backend,
         "threads": b.threads,

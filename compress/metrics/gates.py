@@ -44,6 +44,43 @@ def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list
                     f"top-1 {ev['metrics']['top1']:.2f}% vs {records[base]['evaluation']['metrics']['top1']:.2f}%",
                 )
             )
+    if cfg.gates.ppl_rise_max is not None:
+        bound = cfg.gates.ppl_rise_max
+        for name, rec in records.items():
+            ev = rec.get("evaluation")
+            if name == base or not ev or "vs_baseline" not in ev:
+                continue
+            rise = ev["vs_baseline"]["ppl_rise_pct"]
+            detail = f"perplexity {ev['metrics']['ppl']:.3f} vs {records[base]['evaluation']['metrics']['ppl']:.3f}"
+            out.append(GateResult("ppl_rise_max", name, base, rise, f"<= {bound} %", rise <= bound, detail))
+    for gate in cfg.gates.decode_speedup_min:
+        vs = base if gate.vs == "baseline" else gate.vs
+        a, b = _tps(records.get(gate.artifact), gate.batch_size), _tps(records.get(vs), gate.batch_size)
+        if a is None or b is None:
+            out.append(
+                GateResult(
+                    "decode_speedup_min",
+                    gate.artifact,
+                    vs,
+                    None,
+                    f">= {gate.at_least}x",
+                    False,
+                    f"decode speed at batch {gate.batch_size} not measured",
+                )
+            )
+            continue
+        ratio = a / b
+        out.append(
+            GateResult(
+                "decode_speedup_min",
+                gate.artifact,
+                vs,
+                ratio,
+                f">= {gate.at_least}x",
+                ratio >= gate.at_least,
+                f"decode at batch {gate.batch_size}: {a:.1f} vs {b:.1f} tokens/s",
+            )
+        )
     for gate in cfg.gates.speedup_min:
         vs = base if gate.vs == "baseline" else gate.vs
         a, b = _p50(records.get(gate.artifact), gate.batch_size), _p50(records.get(vs), gate.batch_size)
@@ -103,3 +140,11 @@ def _p50(record: dict[str, Any] | None, batch_size: int) -> float | None:
         if lat["batch_size"] == batch_size:
             return lat["p50_ms"]
     return None
+
+
+def _tps(record: dict[str, Any] | None, batch_size: int) -> float | None:
+    llm = ((record or {}).get("bench") or {}).get("llm")
+    if not llm:
+        return None
+    rates = {int(k): v for k, v in llm["decode_tokens_per_s"].items()}  # JSON turns int keys into strings
+    return float(rates[batch_size]) if batch_size in rates else None

@@ -89,6 +89,48 @@ def latency_table(manifest: dict[str, Any]) -> str:
     )
 
 
+def llm_table(manifest: dict[str, Any]) -> str:
+    """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
+    recs = [r for r in manifest["artifacts"] if (r.get("bench") or {}).get("llm")]
+    if not recs:
+        return ""
+    first = recs[0]["bench"]["llm"]
+    lengths = sorted(int(k) for k in first["prefill_ms"])
+    batches = sorted(int(k) for k in first["decode_tokens_per_s"])
+    header = [
+        "artifact",
+        "backend",
+        "weights MB",
+        *[f"prefill {n} ms" for n in lengths],
+        *[f"decode tok/s b{b}" for b in batches],
+        "decode step b1 ms",
+        "bound ms",
+        "of bound",
+        "peak RSS MB",
+    ]
+    rows = []
+    for rec in recs:
+        llm = rec["bench"]["llm"]
+        prefill = {int(k): v for k, v in llm["prefill_ms"].items()}
+        tps = {int(k): v for k, v in llm["decode_tokens_per_s"].items()}
+        step = {int(k): v for k, v in llm["decode_step_ms"].items()}.get(1)
+        share = llm["decode_bound_ms"] / step if step else None
+        rows.append(
+            [
+                rec["artifact"]["name"],
+                rec["bench"]["backend"],
+                _fmt(llm["weight_mb"], ".1f"),
+                *[_fmt(prefill.get(n)) for n in lengths],
+                *[_fmt(tps.get(b), ".1f") for b in batches],
+                _fmt(step),
+                _fmt(llm["decode_bound_ms"]),
+                _fmt(100 * share if share else None, ".0f") + "%",
+                _fmt(rec["bench"]["peak_rss_mb"], ".0f"),
+            ]
+        )
+    return _table(header, rows)
+
+
 def gates_table(manifest: dict[str, Any]) -> str:
     rows = [
         [
@@ -115,6 +157,7 @@ def render(manifest: dict[str, Any]) -> str:
         f"made {m['created']} by compress {m['compress_version']}.",
         "",
     ]
+    out += [f"> **Note.** {note}" for note in m.get("notes", [])] + ([""] if m.get("notes") else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
     failed = [g for g in m["gates"] if not g["passed"]]
     out += ["## Gates", "", gates_table(m), ""]
@@ -122,15 +165,22 @@ def render(manifest: dict[str, Any]) -> str:
         out += ["Breached: " + "; ".join(f"{g['gate']} on `{g['artifact']}` ({g['detail']})" for g in failed), ""]
     if any(rec.get("bench") for rec in m["artifacts"]):
         mach = m["machine"]
+        llm = llm_table(m)
+        bound = (
+            " Bound: the time to read the weights a decode step uses once at the measured memory-copy "
+            f"bandwidth ({mach.get('copy_bandwidth_gbs')} GB/s); 'of bound' is how close a decode step comes to it."
+            if llm
+            else ""
+        )
         out += [
             "## Latency",
             "",
-            latency_table(m),
+            llm or latency_table(m),
             "",
             f"Measured side by side in one run, each artifact in its own process, warm-up "
             f"{m['bench_settings']['warmup']}, {m['bench_settings']['iterations']} iterations. "
             f"CPU: {mach.get('cpu')} ({mach.get('cores')} cores; flags {', '.join(mach.get('cpu_flags', []))}); "
-            f"torch {mach.get('torch')}, onnxruntime {mach.get('onnxruntime')}.",
+            f"torch {mach.get('torch')}, onnxruntime {mach.get('onnxruntime')}.{bound}",
             "",
         ]
         out += ["![accuracy vs latency](accuracy_vs_latency.png)", ""]

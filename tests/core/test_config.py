@@ -102,7 +102,7 @@ def test_family_gate_mismatch_and_unknown_family(tmp_path: Path) -> None:
     msg = _error(tmp_path, GOOD.replace("{top1_drop_max: 1.0}", "{ppl_rise_max: 1.0}"))
     assert "gates.ppl_rise_max: does not apply to family 'vision'; use top1_drop_max" in msg
     msg = _error(tmp_path, GOOD.replace("family: vision", "family: audio"))
-    assert "model.family = 'audio': unknown family; allowed: vision" in msg
+    assert "model.family = 'audio': unknown family; allowed: causal-lm, vision" in msg
 
 
 def test_duplicate_key_and_bad_yaml(tmp_path: Path) -> None:
