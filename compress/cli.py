@@ -3,6 +3,7 @@
     compress run pipelines/mobilenetv2-fashion-int8.yaml     # run, evaluate, benchmark, gate
     compress validate pipelines/mobilenetv2-fashion-int8.yaml
     compress list-stages
+    compress generate runs/smollm2-int8/int8 "The capital of France is"
     compress inspect runs/mobilenetv2-fashion-int8
 
 Exit codes: 0 all gates hold; 1 a gate is breached; 2 the pipeline file or a command line is wrong;
@@ -56,6 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     val.add_argument("pipeline", type=Path)
 
+    gen = sub.add_parser(
+        "generate",
+        help="complete a prompt with a causal-lm artifact (torch folder or ONNX decoder)",
+        description="Generate text from any causal-lm artifact of a run, e.g. "
+        "compress generate runs/smollm2-int8/int8 'The capital of France is'",
+    )
+    gen.add_argument("artifact", type=Path, help="artifact folder (holds artifact.json)")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts (generated as one left-padded batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    gen.add_argument("--top-k", type=int, default=0, help="with --sample; 0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="with --sample; 1.0 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+
     sub.add_parser(
         "list-stages", help="list the stages and their options", description="List every stage and its options."
     )
@@ -86,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.resolved, indent=2))
             print(f"{args.pipeline}: valid ({len(cfg.stages)} stages, baseline '{cfg.baseline}')", file=sys.stderr)
             return EXIT_OK
+        if args.command == "generate":
+            from compress.llm.cli_generate import generate_command
+
+            return generate_command(args)
         if args.command == "list-stages":
             return _list_stages()
         if args.command == "inspect":

@@ -51,7 +51,7 @@ class Gates(BaseModel):
 
     ```yaml
     gates:
-      top1_drop_max: 0.5                                        # points, every evaluated artifact
+      top1_drop_max: 0.5                                        # points, final artifacts (see `metric_gates_on`)
       speedup_min: [{artifact: int8, vs: onnx, at_least: 1.6}]  # p50 latency ratio
       size_ratio_max: {artifact: int8, vs: onnx, at_most: 0.3}
     ```
@@ -60,6 +60,11 @@ class Gates(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     top1_drop_max: float | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
     ppl_rise_max: float | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
+    metric_gates_on: tuple[str, ...] | None = Field(
+        None,
+        description="artifacts top1_drop_max / ppl_rise_max apply to; default: the final artifact of every "
+        "branch (an intermediate, e.g. a pruned model before distillation, is reported but not gated)",
+    )
     speedup_min: tuple[SpeedupGate, ...] = ()
     decode_speedup_min: tuple[SpeedupGate, ...] = Field((), description="causal-lm: decode tokens/s ratio")
     size_ratio_max: tuple[SizeGate, ...] = ()
@@ -123,6 +128,12 @@ class PipelineConfig:
     @property
     def base_dir(self) -> Path:
         return self.file.parent
+
+    @property
+    def final_artifacts(self) -> tuple[str, ...]:
+        """Artifacts no later stage starts from: what each branch of the pipeline delivers."""
+        used = {p.input for p in self.stages}
+        return tuple(p.name for p in self.stages if p.name not in used)
 
 
 class _Problems:
@@ -230,6 +241,14 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
                     gate.batch_size,
                     True,
                 )
+    for i, value in enumerate(top.gates.metric_gates_on or ()):
+        if value not in names:
+            problems.add(
+                ("gates", "metric_gates_on", i),
+                f"no artifact of that name; artifacts: {', '.join(sorted(names))}",
+                value,
+                True,
+            )
     metric_gate = {"vision": "top1_drop_max", "causal-lm": "ppl_rise_max"}.get(family)
     if family != "causal-lm" and top.gates.decode_speedup_min:
         problems.add(("gates", "decode_speedup_min"), "applies to causal-lm pipelines only; use speedup_min")
@@ -328,6 +347,11 @@ def _plan_one(
         return None
     fmt = formats[source]
     if fmt is None:
+        return None
+    plan_problems = options.check_plan({n: f for n, f in formats.items() if f is not None})
+    for key, message in plan_problems:
+        problems.add((*path, kind, key), message, getattr(options, key, None), True)
+    if plan_problems:
         return None
     if fmt not in options.accepts:
         hint = "; add an export stage before it" if "onnx" in options.accepts else ""

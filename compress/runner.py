@@ -145,6 +145,9 @@ class Runner:
                 "version": plan.spec.version,
                 "options": plan.options.cache_fields(),
                 "data": data,
+                "extra": {
+                    name: self.artifacts[name].key for name in plan.options.extra_inputs() if name in self.artifacts
+                },
             }
         )
         folder = self.run_dir / plan.name

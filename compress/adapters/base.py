@@ -46,6 +46,8 @@ class Adapter(ABC):
     metric_names: ClassVar[tuple[str, ...]]
     #: True if a higher primary metric is better
     higher_is_better: ClassVar[bool] = True
+    #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
+    default_int8_method: ClassVar[str] = "static"
     #: what `compare()` returns, for the report: (key, label, sign applied for display)
     comparisons: ClassVar[tuple[tuple[str, str, int], ...]]
 

@@ -136,6 +136,7 @@ class CausalLMAdapter(Adapter):
     data_options = TextDataOptions
     metric_names = ("ppl",)
     higher_is_better = False
+    default_int8_method = "weight-only"
     comparisons = (
         ("ppl_rise_pct", "perplexity rise %", 1),
         ("agreement", "next-token agreement %", 1),
@@ -161,9 +162,9 @@ class CausalLMAdapter(Adapter):
     # -- model ---------------------------------------------------------------------------------------
     @cached_property
     def _loaded(self) -> tuple[Any, Any]:
-        from compress.llm.sources import load_causal_lm
+        from compress.llm.sources import load_causal_lm, quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         self.reporter.log(f"  loading {self.model_cfg.source} (a GGUF is converted once and cached)")
         model, tokenizer = load_causal_lm(
             self.model_cfg.source,
@@ -205,7 +206,9 @@ class CausalLMAdapter(Adapter):
         import torch
         from transformers import AutoModelForCausalLM
 
-        _quiet_transformers()
+        from compress.llm.sources import quiet_transformers
+
+        quiet_transformers()
         return AutoModelForCausalLM.from_pretrained(
             artifact.path, dtype=torch.float32, trust_remote_code=self.model_cfg.trust_remote_code
         ).eval()
@@ -371,14 +374,6 @@ class CausalLMAdapter(Adapter):
             for b in settings.batch_sizes
         ]
         return {"latency": latency, "llm": llm}
-
-
-def _quiet_transformers() -> None:
-    """Our own progress bars and logs say what is loading; transformers' per-file bars only add noise."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 def gguf_weight_types(source: str) -> list[str]:

@@ -27,6 +27,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SCHEMES = ("hf", "gguf", "pkg", "python")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Bump when the GGUF -> safetensors conversion changes, so stale cache folders are not reused.
 _GGUF_CACHE_VERSION = 1
@@ -201,21 +203,24 @@ def _load_hf(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(name)
+    folder = Path(name).expanduser()
     is_local = folder.is_dir()
-    if not is_local and (name.startswith((".", "/", "~")) or os.sep in name and folder.suffix):
-        raise ConfigError(f"model source {source!r}: folder {folder} does not exist")
+    if not is_local and not _HUB_ID.fullmatch(name):
+        raise ConfigError(
+            f"model source {source!r}: folder {folder} does not exist (and {name!r} is not a hub id "
+            "of the form NAME or ORG/NAME)"
+        )
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not is_local:
         kwargs["cache_dir"] = str(cache_dir / "hf")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(folder) if is_local else name, dtype=dtype, **kwargs)
     except OSError as exc:
         where = "folder" if is_local else "hub id (is the hub reachable? a local folder works offline)"
         raise ConfigError(f"model source {source!r}: could not load {where}: {exc}") from exc
     tok = None
     if not is_local or any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(folder) if is_local else name, **kwargs)
     return model.eval(), tok
 
 
@@ -277,3 +282,11 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
 def _tied_keys(model: Any) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied if not isinstance(tied, dict) else tied.keys())
+
+
+def quiet_transformers() -> None:
+    """Our own progress bars and logs say what is loading; transformers' per-file bars only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

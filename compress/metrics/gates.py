@@ -26,11 +26,12 @@ def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list
     """`records[name]` holds an artifact's `evaluation` (with `vs_baseline`), `bench` and `size_bytes`."""
     out: list[GateResult] = []
     base = cfg.baseline
+    gated = set(cfg.gates.metric_gates_on or cfg.final_artifacts)
     if cfg.gates.top1_drop_max is not None:
         bound = cfg.gates.top1_drop_max
         for name, rec in records.items():
             ev = rec.get("evaluation")
-            if name == base or not ev or "vs_baseline" not in ev:
+            if name == base or name not in gated or not ev or "vs_baseline" not in ev:
                 continue
             drop = ev["vs_baseline"]["top1_drop"]
             out.append(
@@ -48,7 +49,7 @@ def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list
         bound = cfg.gates.ppl_rise_max
         for name, rec in records.items():
             ev = rec.get("evaluation")
-            if name == base or not ev or "vs_baseline" not in ev:
+            if name == base or name not in gated or not ev or "vs_baseline" not in ev:
                 continue
             rise = ev["vs_baseline"]["ppl_rise_pct"]
             detail = f"perplexity {ev['metrics']['ppl']:.3f} vs {records[base]['evaluation']['metrics']['ppl']:.3f}"

@@ -34,6 +34,14 @@ class StageOptions(BaseModel):
     def output_format(self, input_format: str) -> str:
         return input_format
 
+    def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
+        """Problems with the artifacts this stage names, given the earlier ones {name: format}: [(key, message)]."""
+        return []
+
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Artifacts besides the input that the output depends on (their keys join the cache key)."""
+        return ()
+
     def cache_fields(self) -> dict[str, Any]:
         """Options that change the output (naming and wiring keys do not)."""
         return self.model_dump(mode="json", exclude={"name", "input", "optional"})

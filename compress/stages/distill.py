@@ -48,6 +48,18 @@ class DistillStageOptions(StageOptions, DistillOptions):
     # A stage default unlike the library's 0 (end only): a killed stage should lose at most this many steps.
     checkpoint_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
 
+    def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
+        if self.teacher is None:
+            return []
+        if self.teacher not in earlier:
+            return [("teacher", f"no earlier artifact of that name; earlier: {', '.join(earlier)}")]
+        if earlier[self.teacher] != "torch":
+            return [("teacher", f"the teacher must be a torch artifact; '{self.teacher}' is {earlier[self.teacher]}")]
+        return []
+
+    def extra_inputs(self) -> tuple[str, ...]:
+        return (self.teacher,) if self.teacher else ()
+
     @model_validator(mode="after")
     def _has_horizon(self) -> DistillStageOptions:
         # Overrides DistillOptions' check, which raises ConfigError: pydantic would let it escape without the
