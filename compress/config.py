@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -83,6 +83,13 @@ class BenchOptions(BaseModel):
     enabled: bool = True
     prompt_lengths: tuple[int, ...] = Field((32, 128, 512), min_length=1, description="causal-lm: prefill lengths")
     decode_tokens: int = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
+    onnx_providers: tuple[Literal["cpu", "cuda", "tensorrt"], ...] = Field(
+        ("cpu",),
+        min_length=1,
+        description="ONNX Runtime execution providers for ONNX artifacts; evaluation and benchmarks use the "
+        "first. cuda / tensorrt need the `gpu` extra (onnxruntime-gpu, never beside onnxruntime) and an NVIDIA "
+        "GPU; the run fails before any work when the first is not available",
+    )
 
 
 class PipelineModel(BaseModel):

@@ -51,7 +51,7 @@ class Reporter:
     """Writes to stderr; `quiet=True` (tests) keeps log lines but drops the bars."""
 
     def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         if not self.console.is_terminal:
             self.console.width = 160  # logs: do not wrap at 80 columns
         self.quiet = quiet

@@ -26,6 +26,7 @@ from compress.adapters.base import Adapter, Evaluation
 from compress.artifact import Artifact, commit_artifact, read_artifact, temp_folder, write_json_atomic
 from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
+from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
 from compress.progress import Reporter
 from compress.registry import registered_adapters
@@ -69,7 +70,7 @@ class Runner:
         self.reporter = reporter or Reporter()
         self.run_dir = runs_dir / cfg.name
         self.cache_dir = runs_dir / ".cache"
-        self.do_bench = bench and cfg.bench.enabled
+        self.do_bench = bench
         self.do_eval = evaluate
         self.artifacts: dict[str, Artifact] = {}
         self.records: dict[str, dict[str, Any]] = {}
@@ -82,6 +83,9 @@ class Runner:
         _remove_stale_temps(self.run_dir)
         write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
+        from compress.backends import require_onnx_providers
+
+        require_onnx_providers(cfg.bench.onnx_providers)  # a missing GPU provider fails before any work
         self.adapter = make_adapter(cfg, self.reporter, self.cache_dir)
         t0 = time.perf_counter()
         self.data_hashes = self.adapter.data_hashes()
@@ -93,8 +97,8 @@ class Runner:
             self._stage(plan)
         if self.do_eval:
             self._evaluate_all()
-        if self.do_bench:
-            self._bench_all()
+        if self.cfg.bench.enabled:
+            self._bench_all(measure=self.do_bench)
         return self._finish()
 
     def _source(self) -> None:
@@ -172,7 +176,7 @@ class Runner:
         start = time.perf_counter()
         try:
             out = plan.spec.run(parent, plan.options, ctx)
-        except MissingDependencyError as exc:
+        except (MissingDependencyError, GpuUnavailableError) as exc:  # not installable / not on this machine
             shutil.rmtree(tmp, ignore_errors=True)
             if not plan.options.optional:
                 raise StageError(f"stage {plan.kind} ({plan.name}): {exc}") from exc
@@ -220,7 +224,9 @@ class Runner:
                 ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"), hit.get("outputs", {}))
                 self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
             else:
-                session = self.adapter.open_session(art, threads=self.cfg.threads)
+                session = self.adapter.open_session(
+                    art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
+                )
                 ev = self.adapter.evaluate(session, self.reporter, name)
                 np.save(art.path / "_predictions.npy", ev.predictions)
                 write_json_atomic(
@@ -238,7 +244,8 @@ class Runner:
                 record["vs_parent"] = self.adapter.compare(ev, evals[parent])
 
     # -- benchmarks ----------------------------------------------------------------------------------
-    def _bench_all(self) -> None:
+    def _bench_all(self, measure: bool) -> None:
+        """Benchmarks of every artifact; with `measure=False` (--no-bench) only cached results are used."""
         from compress.bench.harness import machine_info
 
         self.machine = machine_info()
@@ -253,6 +260,8 @@ class Runner:
             if hit is not None:
                 self.reporter.log(f"[green]cache hit[/]  benchmark of {name}")
                 self.records[name]["bench"] = hit["result"]
+                continue
+            if not measure:
                 continue
             with self.reporter.task(
                 f"benchmark {name} (batch {list(self.cfg.bench.batch_sizes)}, {self.cfg.bench.threads} thread(s))",

@@ -95,20 +95,22 @@ class TorchCausalLM:
         return out.logits.float().numpy()
 
     def continue_greedy(self, prompt: list[int], n: int) -> list[int]:
+        """Plain greedy decoding with the KV cache and no stop tokens, like the ONNX Runtime loop.
+
+        Not `model.generate`: its generation config (e.g. `min_new_tokens`, EOS handling) changes logits,
+        which would make torch and ONNX continuations differ for reasons other than the model.
+        """
         import torch
 
         torch.set_num_threads(self.threads)
-        ids = torch.tensor([prompt], dtype=torch.long)
+        ids, past, out = torch.tensor([prompt], dtype=torch.long), None, []
         with torch.inference_mode():
-            out = self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[0, len(prompt) :].tolist()
+            for _ in range(n):
+                result = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                ids = result.logits[:, -1:].argmax(-1)  # (1, 1)
+                out.append(int(ids))
+        return out
 
 
 class OrtSessionLM:
@@ -116,10 +118,14 @@ class OrtSessionLM:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int) -> None:
+    def __init__(self, path: Path, *, threads: int, session_config: dict[str, str] | None = None) -> None:
         from compress.llm.generate import OrtCausalLM
 
         self.lm = OrtCausalLM(path, threads=threads)
+        if session_config:  # e.g. INT4 Q/DQ for TensorRT evaluated at float compute (see adapters.base)
+            from compress.adapters.base import apply_ort_session_config
+
+            apply_ort_session_config(self.lm, path, session_config, threads=threads)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         return self.lm.logits(input_ids)
@@ -230,12 +236,28 @@ class CausalLMAdapter(Adapter):
         export_decoder(model, path, opset=opset, dynamo=dynamo)
 
     def check_export(
-        self, model: torch.nn.Module, onnx_path: Path, *, samples: int, atol: float, rtol: float, threads: int
+        self,
+        model: torch.nn.Module,
+        onnx_path: Path,
+        *,
+        samples: int,
+        atol: float,
+        rtol: float,
+        threads: int,
+        raise_on_failure: bool = True,
     ) -> dict[str, Any]:
         """Logits at prefill and over `samples` cached decode steps, and identical greedy tokens."""
         from compress.llm.onnx_export import check_parity
 
-        report = check_parity(model, onnx_path, self.tokenizer, atol=atol, steps=samples, threads=threads)
+        report = check_parity(
+            model,
+            onnx_path,
+            self.tokenizer,
+            atol=atol,
+            steps=samples,
+            threads=threads,
+            raise_on_failure=raise_on_failure,
+        )
         return {
             "parity_max_abs_diff": max(report.prefill_max_abs, report.decode_max_abs),
             "parity_decode_steps": samples,
@@ -278,11 +300,15 @@ class CausalLMAdapter(Adapter):
         raise NotImplementedError("causal-lm benchmarks time prefill and decode; see benchmark()")
 
     # -- sessions, evaluation, benchmarks --------------------------------------------------------------
-    def open_session(self, artifact: Artifact, *, threads: int) -> TorchCausalLM | OrtSessionLM:
+    def open_session(self, artifact: Artifact, *, threads: int, onnx_provider: str = "cpu") -> TorchCausalLM | OrtSessionLM:
+        if onnx_provider != "cpu":
+            raise ConfigError(f"bench.onnx_providers: causal-lm ONNX runs on the CPU provider only (got {onnx_provider})")
         if artifact.format == "torch":
             return TorchCausalLM(self.load_torch(artifact), threads=threads)
         if artifact.format == "onnx":
-            return OrtSessionLM(artifact.main, threads=threads)
+            from compress.adapters.base import ort_session_config
+
+            return OrtSessionLM(artifact.main, threads=threads, session_config=ort_session_config(artifact))
         raise ConfigError(f"no causal-lm backend for a {artifact.format} artifact")
 
     def evaluate(self, session: Any, reporter: Reporter, label: str) -> Evaluation:

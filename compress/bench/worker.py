@@ -25,7 +25,7 @@ def bench_artifact(job: dict) -> dict:
     if artifact is None:
         raise SystemExit(f"{job['artifact']}: not a complete artifact")
     rss_before = peak_rss_mb()
-    session = adapter.open_session(artifact, threads=cfg.bench.threads)
+    session = adapter.open_session(artifact, threads=cfg.bench.threads, onnx_provider=cfg.bench.onnx_providers[0])
     b = cfg.bench
     result = adapter.benchmark(session, b, job["machine"])
     return {

@@ -26,7 +26,10 @@ def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list
     """`records[name]` holds an artifact's `evaluation` (with `vs_baseline`), `bench` and `size_bytes`."""
     out: list[GateResult] = []
     base = cfg.baseline
-    gated = set(cfg.gates.metric_gates_on or cfg.final_artifacts)
+    # Default: what each branch delivers among the artifacts that exist (a skipped optional engine leaves its
+    # input as the branch's last artifact).
+    parents = {rec["artifact"]["parent"] for rec in records.values()}
+    gated = set(cfg.gates.metric_gates_on or (name for name in records if name not in parents))
     if cfg.gates.top1_drop_max is not None:
         bound = cfg.gates.top1_drop_max
         for name, rec in records.items():

@@ -42,7 +42,7 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
         speed = (base_p50[0] / p50[0]) if p50 and base_p50 and p50[0] else None
         rows.append(
             [
-                art["name"] + (" (cached)" if rec.get("cached") else ""),
+                art["name"],
                 art["stage"],
                 art["format"],
                 art["precision"] + (f" / {art['target']}" if art.get("target") else ""),

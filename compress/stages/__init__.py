@@ -1,3 +1,3 @@
 """Stages: one file each, registered with `@register_stage`. Importing this package registers them all."""
 
-from compress.stages import distill, export, finetune, prune, quantize  # noqa: F401
+from compress.stages import distill, engine, export, finetune, prune, quantize  # noqa: F401

