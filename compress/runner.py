@@ -323,7 +323,8 @@ def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
 def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machine: dict[str, Any]) -> dict[str, Any]:
     job = {
         "machine": machine,
-        "pipeline": str(cfg.file.resolve()),
+        "resolved": cfg.resolved,
+        "base_dir": str(cfg.base_dir.resolve()),
         "artifact": str(art.path.resolve()),
         "cache_dir": str(cache_dir.resolve()),
     }

@@ -13,20 +13,26 @@ from pathlib import Path
 def bench_artifact(job: dict) -> dict:
     from compress.artifact import read_artifact
     from compress.bench.harness import peak_rss_mb
-    from compress.config import load_pipeline
+    from compress.config import BenchOptions
     from compress.progress import Reporter
     from compress.registry import registered_adapters
 
-    cfg = load_pipeline(job["pipeline"])
-    adapter = registered_adapters()[cfg.family](
-        cfg.model, cfg.data, base_dir=cfg.base_dir, cache_dir=Path(job["cache_dir"]), reporter=Reporter(quiet=True)
+    # The resolved config travels with the job: the pipeline file may have changed since the run started.
+    resolved = job["resolved"]
+    cls = registered_adapters()[resolved["model"]["family"]]
+    adapter = cls(
+        cls.model_options.model_validate(resolved["model"]),
+        cls.data_options.model_validate(resolved["data"]),
+        base_dir=Path(job["base_dir"]),
+        cache_dir=Path(job["cache_dir"]),
+        reporter=Reporter(quiet=True),
     )
+    b = BenchOptions.model_validate(resolved["bench"])
     artifact = read_artifact(Path(job["artifact"]))
     if artifact is None:
         raise SystemExit(f"{job['artifact']}: not a complete artifact")
     rss_before = peak_rss_mb()
-    session = adapter.open_session(artifact, threads=cfg.bench.threads, onnx_provider=cfg.bench.onnx_providers[0])
-    b = cfg.bench
+    session = adapter.open_session(artifact, threads=b.threads, onnx_provider=b.onnx_providers[0])
     result = adapter.benchmark(session, b, job["machine"])
     return {
         "backend": session.backend,
