@@ -1,4 +1,4 @@
-"""Model-source strings shared by adapters: `pkg:DIST/PATH` and `python:module:function`."""
+"""Paths and callables named in pipeline files: `pkg:DIST/PATH`, plain paths, `python:module:function`."""
 
 from __future__ import annotations
 
@@ -11,34 +11,12 @@ from typing import Any
 from compress.errors import ConfigError
 
 
-def resolve_pkg_path(spec: str) -> Path:
-    """`pkg:DISTRIBUTION/relative/path` -> the installed file, found through importlib.metadata.
-
-    The package is not imported (some asset packages fail to import without their own dependencies).
-    """
-    body = spec.removeprefix("pkg:")
-    dist_name, _, rel = body.partition("/")
-    if not dist_name or not rel:
-        raise ConfigError(f"'{spec}': expected pkg:DISTRIBUTION/relative/path")
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"'{spec}': the distribution '{dist_name}' is not installed; pip install {dist_name}"
-        ) from None
-    for file in dist.files or []:
-        if str(file) == rel:
-            return Path(str(file.locate()))
-    root = Path(str(dist.locate_file("")))
-    if (root / rel).exists():
-        return root / rel
-    raise ConfigError(f"'{spec}': '{rel}' is not a file of the installed distribution '{dist_name}' ({root})")
-
-
 def resolve_path(value: str, base_dir: Path) -> Path:
     """A `pkg:` spec, an absolute path, or a path relative to `base_dir` or the working directory."""
     if value.startswith("pkg:"):
-        return resolve_pkg_path(value)
+        from compress.llm.sources import resolve_pkg_path  # one resolver for every pkg: spec
+
+        return resolve_pkg_path(value.removeprefix("pkg:"))
     path = Path(value).expanduser()
     if path.is_absolute():
         return path

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from compress.bench.harness import copy_bandwidth_gbs
 from compress.errors import ConfigError
 
 
@@ -67,18 +68,6 @@ class TorchDecoder:
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
         return out.logits.numpy(), (out.past_key_values, mask)
-
-
-def memcpy_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
-    """Best of ``repeats`` numpy copies of ``size_mb``: (read + write) bytes / s, in GB/s."""
-    src = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best / 1e9
 
 
 def onnx_weight_bytes(onnx_path: Path, *, decode_only: bool = True) -> int:
@@ -179,7 +168,7 @@ def bench_decoder(
 
     TTFT = prefill of the prompt (last-position logits only) + the argmax of the first token. Decode runs
     ``decode_tokens`` greedy steps after a ``decode_context``-token prompt; tokens/s counts every row.
-    ``bandwidth_gbs`` is measured with :func:`memcpy_bandwidth_gbs` when not given.
+    ``bandwidth_gbs`` is measured with :func:`compress.bench.harness.copy_bandwidth_gbs` when not given.
     """
     if not prompt_lengths or min(prompt_lengths) < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"prompt_lengths {prompt_lengths} and batch_sizes {batch_sizes} must be >= 1")
@@ -209,7 +198,7 @@ def bench_decoder(
     res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     res.size_mb = size_bytes / 1e6
     res.weight_mb = weight_bytes / 1e6
-    res.bandwidth_gbs = memcpy_bandwidth_gbs() if bandwidth_gbs is None else bandwidth_gbs
+    res.bandwidth_gbs = copy_bandwidth_gbs() if bandwidth_gbs is None else bandwidth_gbs
     res.decode_bound_ms = weight_bytes / (res.bandwidth_gbs * 1e9) * 1e3
     return res
 

@@ -24,10 +24,11 @@ def test_default_pipeline_real_mobilenetv2(tmp_path: Path, fashion_mnist: Path) 
         evaluation={"split": "test", "samples": 1000},
     )
     spec["stages"][0]["finetune"].update(epochs=1)
-    for stage in spec["stages"][2:]:
-        stage["quantize"]["samples"] = 128
+    for stage in spec["stages"]:
+        if "quantize" in stage:
+            stage["quantize"]["samples"] = 128
     spec["bench"].update(iterations=30, warmup=5)
-    spec["gates"] = {"top1_drop_max": 1.5}  # 1000 test images: one image is 0.1 point
+    spec["gates"] = {"top1_drop_max": 1.5, "metric_gates_on": ["int8"]}  # 1000 test images: one is 0.1 point
     pipeline = tmp_path / "mnv2.yaml"
     pipeline.write_text(yaml.safe_dump(spec))
     assert main(["run", str(pipeline), "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == EXIT_OK
@@ -37,5 +38,6 @@ def test_default_pipeline_real_mobilenetv2(tmp_path: Path, fashion_mnist: Path) 
     assert rec["finetune"]["evaluation"]["metrics"]["top1"] > 70.0
     assert rec["int8"]["evaluation"]["vs_baseline"]["agreement"] > 95.0
     assert rec["int8-trt"]["artifact"]["info"]["tensorrt_rules"] == "passed"
+    assert [s["artifact"] for s in manifest["skipped"]] == ["engine-int8"]  # no TensorRT here: optional, skipped
     # INT8 weights: the file is well under half of the FP32 one
     assert rec["int8"]["size_bytes"] < 0.4 * rec["onnx-fp32"]["size_bytes"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from compress.bench.harness import copy_bandwidth_gbs
 from compress.llm.bench import (
     TorchDecoder,
     bench_onnx,
     bench_torch,
-    memcpy_bandwidth_gbs,
     onnx_weight_bytes,
     torch_weight_bytes,
 )
@@ -29,7 +29,7 @@ def test_torch_decoder_matches_ort_interface(exported):
 def test_bench_figures(exported):
     model, path = exported
     kw = {"prompt_lengths": (8, 16), "batch_sizes": (1, 2), "decode_context": 8, "decode_tokens": 4,
-          "warmup": 1, "iterations": 2, "bandwidth_gbs": memcpy_bandwidth_gbs(size_mb=16, repeats=2)}
+          "warmup": 1, "iterations": 2, "bandwidth_gbs": copy_bandwidth_gbs(size_mb=16, repeats=2)}
     for res in (bench_onnx(path, threads=1, **kw), bench_torch(model, threads=1, **kw)):
         assert set(res.prefill_ms) == {8, 16} and set(res.decode_tokens_per_s) == {1, 2}
         assert all(v > 0 for v in res.prefill_ms.values())
@@ -45,4 +45,4 @@ def test_bench_figures(exported):
 
 
 def test_memcpy_bandwidth_positive():
-    assert 0.1 < memcpy_bandwidth_gbs(size_mb=16, repeats=2) < 10_000
+    assert 0.1 < copy_bandwidth_gbs(size_mb=16, repeats=2) < 10_000
