@@ -1,19 +1,33 @@
-"""Structured pruning: CNNs via torch-pruning (`vision`), Llama-style decoders by our own code (`llama`)."""
+"""Structured pruning: CNNs via torch-pruning (`vision`), Llama-style decoders by our own code (`llama`).
 
-from compress.prune.llama import LlamaPruneReport, planned_sizes, prune_llama
+Only the options load eagerly; the pruning code (and torch) loads on first use, so validating a pipeline
+stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from compress.prune.options import PruneOptions, PruneTarget
-from compress.prune.serialize import load_module, save_module
-from compress.prune.vision import LayerChannels, PruneReport, prune_vision
 
-__all__ = [
-    "LayerChannels",
-    "LlamaPruneReport",
-    "PruneOptions",
-    "PruneReport",
-    "PruneTarget",
-    "load_module",
-    "planned_sizes",
-    "prune_llama",
-    "prune_vision",
-    "save_module",
-]
+_LAZY = {
+    "LayerChannels": "vision",
+    "PruneReport": "vision",
+    "prune_vision": "vision",
+    "LlamaPruneReport": "llama",
+    "planned_sizes": "llama",
+    "prune_llama": "llama",
+    "load_module": "serialize",
+    "save_module": "serialize",
+}
+
+__all__ = ["PruneOptions", "PruneTarget", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"compress.prune.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compress.prune' has no attribute {name!r}")

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.errors import ConfigError
 
+VISION_IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")  # the criteria prune_vision accepts
+
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "wanda"]
 
 

@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError, MissingDependencyError, StageError
-from compress.prune.options import PruneOptions
+from compress.prune.options import VISION_IMPORTANCES, PruneOptions
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 ProgressFn = Callable[[int, int, float], None]  # (step, steps, MACs reduction so far)
-VISION_IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from compress.distill import DistillOptions
+from compress.distill.options import DistillOptions
 from compress.errors import ConfigError
 from compress.registry import register_stage
 from compress.stages.base import StageContext, StageOptions, StageOutput

@@ -24,8 +24,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from compress.errors import ConfigError
-from compress.prune import PruneOptions
-from compress.prune.vision import VISION_IMPORTANCES
+from compress.prune.options import VISION_IMPORTANCES, PruneOptions
 from compress.registry import register_stage
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
