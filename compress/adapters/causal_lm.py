@@ -300,9 +300,13 @@ class CausalLMAdapter(Adapter):
         raise NotImplementedError("causal-lm benchmarks time prefill and decode; see benchmark()")
 
     # -- sessions, evaluation, benchmarks --------------------------------------------------------------
-    def open_session(self, artifact: Artifact, *, threads: int, onnx_provider: str = "cpu") -> TorchCausalLM | OrtSessionLM:
+    def open_session(
+        self, artifact: Artifact, *, threads: int, onnx_provider: str = "cpu"
+    ) -> TorchCausalLM | OrtSessionLM:
         if onnx_provider != "cpu":
-            raise ConfigError(f"bench.onnx_providers: causal-lm ONNX runs on the CPU provider only (got {onnx_provider})")
+            raise ConfigError(
+                f"bench.onnx_providers: causal-lm ONNX runs on the CPU provider only (got {onnx_provider})"
+            )
         if artifact.format == "torch":
             return TorchCausalLM(self.load_torch(artifact), threads=threads)
         if artifact.format == "onnx":

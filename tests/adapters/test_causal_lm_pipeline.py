@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from llm.llm_toys import tiny_llama, tiny_tokenizer
@@ -61,7 +60,9 @@ def test_pipeline_runs_and_reports(llm_run) -> None:
 
 def test_generate_command_reads_tokenizer_from_parents(llm_run, capsys) -> None:
     _, run_dir, _ = llm_run
-    assert main(["generate", str(run_dir / "int8"), "The for statement", "--max-new-tokens", "4", "--threads", "1"]) == 0
+    assert (
+        main(["generate", str(run_dir / "int8"), "The for statement", "--max-new-tokens", "4", "--threads", "1"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("The for statement") and "[int8: onnx int8" in out
 
@@ -69,6 +70,7 @@ def test_generate_command_reads_tokenizer_from_parents(llm_run, capsys) -> None:
 def test_weight_only_int8_cannot_target_tensorrt(llm_run, tmp_path) -> None:
     _, _, pipeline = llm_run
     bad = tmp_path / "bad.yaml"
-    bad.write_text(pipeline.read_text().replace("{precision: int8, name: int8}",
-                                                "{precision: int8, name: int8, target: tensorrt}"))
+    bad.write_text(
+        pipeline.read_text().replace("{precision: int8, name: int8}", "{precision: int8, name: int8, target: tensorrt}")
+    )
     assert main(["run", str(bad), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-bench"]) == EXIT_STAGE
