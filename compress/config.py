@@ -355,7 +355,8 @@ def _plan_one(
     fmt = formats[source]
     if fmt is None:
         return None
-    plan_problems = options.check_plan({n: f for n, f in formats.items() if f is not None})
+    plan_problems = options.check_family(family)
+    plan_problems += options.check_plan({n: f for n, f in formats.items() if f is not None})
     for key, message in plan_problems:
         problems.add((*path, kind, key), message, getattr(options, key, None), True)
     if plan_problems:

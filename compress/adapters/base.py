@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
+
+from compress.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -112,6 +114,15 @@ class Adapter(ABC):
         """Inputs of the given batch size for latency measurement."""
 
     # -- overridable defaults --------------------------------------------------------------------------
+    def train_batches(self, batch_size: int, *, seed: int = 0) -> Sequence[Any]:
+        """data.train as map-style batches in the form `compress.distill` takes for this family; batch `i` is
+        the same on every access (a resumable loop indexes batches by step)."""
+        raise ConfigError(f"the {self.family} adapter cannot give training batches")
+
+    def kl_batches(self) -> list[Any]:
+        """Calibration batches (the `compress.distill` form) on which a distill stage reports the KL."""
+        raise ConfigError(f"the {self.family} adapter cannot give held-out distillation batches")
+
     def notes(self) -> list[str]:
         """Facts about the source that a reader of the numbers must know; shown at the top of the report."""
         return []

@@ -296,6 +296,22 @@ class CausalLMAdapter(Adapter):
     def parity_inputs(self, samples: int) -> dict[str, np.ndarray]:
         return next(self.calibration_inputs(samples, batch_size=samples))
 
+    def train_batches(self, batch_size: int, *, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        """The training windows in a seeded order, `batch_size` full windows per batch (no padding)."""
+        import torch
+
+        train = self.windows["train"]
+        order = np.random.default_rng(seed).permutation(len(train))
+        return [
+            {"input_ids": torch.from_numpy(train[np.sort(order[i : i + batch_size])])}
+            for i in range(0, len(order), batch_size)
+        ]
+
+    def kl_batches(self) -> list[dict[str, torch.Tensor]]:
+        import torch
+
+        return [{"input_ids": torch.from_numpy(b["input_ids"])} for b in self.calibration_inputs(batch_size=4)]
+
     def bench_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
         raise NotImplementedError("causal-lm benchmarks time prefill and decode; see benchmark()")
 

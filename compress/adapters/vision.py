@@ -183,6 +183,11 @@ class VisionAdapter(Adapter):
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]  # (B,) index each
         return _TrainBatches(data, self.preprocess, batches)
 
+    def kl_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        return [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in self.batches("calibration", 64)]
+
     def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         data = self.subset("calibration")
         n = len(data) if samples is None else min(samples, len(data))

@@ -56,8 +56,7 @@ class TorchDecoder:
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
         mask = torch.ones_like(ids) if attention_mask is None else torch.from_numpy(attention_mask)
         with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True,
-                             logits_to_keep=1 if last_only else 0)
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1 if last_only else 0)
         return out.logits.numpy(), (out.past_key_values, mask)
 
     def decode(self, input_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
@@ -176,9 +175,7 @@ def bench_decoder(
     res = LLMBench(backend, threads)
     for n in prompt_lengths:
         ids = rng.integers(0, vocab_size, size=(1, n))
-        res.prefill_ms[n] = _median_ms(
-            lambda ids=ids: decoder.prefill(ids, last_only=True), warmup, iterations
-        )
+        res.prefill_ms[n] = _median_ms(lambda ids=ids: decoder.prefill(ids, last_only=True), warmup, iterations)
         res.ttft_ms[n] = _median_ms(
             lambda ids=ids: int(decoder.prefill(ids, last_only=True)[0][0, -1].argmax()), warmup, iterations
         )
@@ -210,19 +207,26 @@ def bench_onnx(onnx_path: Path, *, threads: int | None = 1, **kwargs: Any) -> LL
 
     lm = OrtCausalLM(Path(onnx_path), threads=threads)
     return bench_decoder(
-        lm, backend="onnxruntime-cpu", vocab_size=int(lm.info["vocab_size"]),
-        weight_bytes=onnx_weight_bytes(Path(onnx_path)), size_bytes=file_bytes(Path(onnx_path)),
-        threads=threads, **kwargs,
+        lm,
+        backend="onnxruntime-cpu",
+        vocab_size=int(lm.info["vocab_size"]),
+        weight_bytes=onnx_weight_bytes(Path(onnx_path)),
+        size_bytes=file_bytes(Path(onnx_path)),
+        threads=threads,
+        **kwargs,
     )
 
 
-def bench_torch(model: Any, *, threads: int | None = 1, size_bytes: int | None = None,
-                **kwargs: Any) -> LLMBench:
+def bench_torch(model: Any, *, threads: int | None = 1, size_bytes: int | None = None, **kwargs: Any) -> LLMBench:
     """Benchmark a transformers causal LM in torch eager (CPU)."""
     size = torch_weight_bytes(model, decode_only=False) if size_bytes is None else size_bytes
     return bench_decoder(
-        TorchDecoder(model, threads=threads), backend="torch", vocab_size=int(model.config.vocab_size),
-        weight_bytes=torch_weight_bytes(model), size_bytes=size, threads=threads,
+        TorchDecoder(model, threads=threads),
+        backend="torch",
+        vocab_size=int(model.config.vocab_size),
+        weight_bytes=torch_weight_bytes(model),
+        size_bytes=size,
+        threads=threads,
         **kwargs,
     )
 
@@ -241,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/compress"))
     args = parser.parse_args(argv)
-    common = {"prompt_lengths": args.prompt_lengths, "batch_sizes": args.batch_sizes,
-              "iterations": args.iterations}
+    common = {"prompt_lengths": args.prompt_lengths, "batch_sizes": args.batch_sizes, "iterations": args.iterations}
     if args.model.endswith(".onnx"):
         res = bench_onnx(Path(args.model), threads=args.threads, **common)
     else:

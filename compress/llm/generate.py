@@ -187,8 +187,8 @@ class OrtCausalLM:
         ids = np.full((batch, width), opts.pad_token_id, dtype=np.int64)  # (B, T) left padded
         mask = np.zeros((batch, width), dtype=np.int64)
         for b, r in enumerate(rows):
-            ids[b, width - len(r):] = r
-            mask[b, width - len(r):] = 1
+            ids[b, width - len(r) :] = r
+            mask[b, width - len(r) :] = 1
         rng = np.random.default_rng(opts.seed)
         out: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * batch
@@ -223,9 +223,7 @@ class OrtCausalLM:
         return GenerationResult(out, reasons, prefill_s, time.perf_counter() - start, steps)
 
 
-def next_tokens(
-    logits: np.ndarray, seen: np.ndarray, opts: GenerationOptions, rng: np.random.Generator
-) -> np.ndarray:
+def next_tokens(logits: np.ndarray, seen: np.ndarray, opts: GenerationOptions, rng: np.random.Generator) -> np.ndarray:
     """Pick one token per row from last-position logits (B, V), in Hugging Face processor order."""
     scores = logits.astype(np.float64)
     if opts.repetition_penalty != 1.0:

@@ -77,9 +77,7 @@ def perplexity(logits_fn: LogitsFn, windows: np.ndarray, *, batch_size: int = 1)
     return PerplexityResult(float(np.exp(mean)), mean, count, len(windows))
 
 
-def top1_agreement(
-    logits_a: LogitsFn, logits_b: LogitsFn, windows: np.ndarray, *, batch_size: int = 1
-) -> float:
+def top1_agreement(logits_a: LogitsFn, logits_b: LogitsFn, windows: np.ndarray, *, batch_size: int = 1) -> float:
     """Share of positions (all positions of all windows) where both models' argmax agree."""
     same, count = 0, 0
     for batch in _batches(windows, batch_size):

@@ -270,8 +270,7 @@ def describe_io(onnx_path: Path) -> dict[str, Any]:
         for v in items:
             t = v.type.tensor_type
             dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            rows.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                         "dims": dims})
+            rows.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "dims": dims})
         return rows
 
     info: dict[str, Any] = {"inputs": values(proto.graph.input), "outputs": values(proto.graph.output)}

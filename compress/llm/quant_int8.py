@@ -111,9 +111,7 @@ def _write_atomically(dst: Path, write: Callable[[Path], None]) -> Path:
     return dst
 
 
-def quantize_dynamic_int8(
-    src: Path, dst: Path, *, per_channel: bool = True, include_lm_head: bool = True
-) -> Path:
+def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, include_lm_head: bool = True) -> Path:
     """W8A8 dynamic quantization of every constant-weight MatMul (``onnxruntime.quantization``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -235,9 +233,7 @@ def measure_decoder(
     return DecoderTiming(decode, prefill, past, prefill_tokens, threads, _weight_bytes(Path(onnx_path)) / 1e6)
 
 
-def compare_int8(
-    src: Path, workdir: Path, *, threads: int = 1, iterations: int = 20
-) -> dict[str, DecoderTiming]:
+def compare_int8(src: Path, workdir: Path, *, threads: int = 1, iterations: int = 20) -> dict[str, DecoderTiming]:
     """Quantize ``src`` with every candidate (with and without the lm_head) and time each plus FP32."""
     results = {"fp32": measure_decoder(src, threads=threads, iterations=iterations)}
     for name, fn in INT8_METHODS.items():

@@ -78,8 +78,7 @@ def resolve_pkg_path(spec: str) -> Path:
         ggufs = [f for f in files if f.endswith(".gguf")]
         if len(ggufs) != 1:
             raise ConfigError(
-                f"model source pkg:{spec}: give the path inside the distribution; model files found: "
-                f"{ggufs or 'none'}"
+                f"model source pkg:{spec}: give the path inside the distribution; model files found: {ggufs or 'none'}"
             )
         rel = ggufs[0]
     is_file = rel in files
@@ -255,9 +254,7 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k not in _tied_keys(fresh)]
     if missing or unexpected:
-        raise ConfigError(
-            f"gguf:{path}: state dict mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise ConfigError(f"gguf:{path}: state dict mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
     del loaded
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     umask = os.umask(0)

@@ -46,9 +46,7 @@ class TextSource(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> TextSource:
         if self.kind == "pydoc" and (self.path or self.field):
-            raise ConfigError(
-                f"text source pydoc takes no path/field; got path={self.path}, field={self.field}"
-            )
+            raise ConfigError(f"text source pydoc takes no path/field; got path={self.path}, field={self.field}")
         if self.kind in ("text", "jsonl") and self.path is None:
             raise ConfigError(f"text source {self.kind} needs a path")
         if self.kind == "jsonl" and not self.field:
@@ -88,9 +86,7 @@ def read_text(source: TextSource) -> str:
     return SEPARATOR.join(parts)
 
 
-def tokenize_windows(
-    text: str, tokenizer: Any, *, window: int, max_windows: int | None = None
-) -> np.ndarray:
+def tokenize_windows(text: str, tokenizer: Any, *, window: int, max_windows: int | None = None) -> np.ndarray:
     """Token ids of ``text`` cut into consecutive windows (N, window) int64; the short tail is dropped.
 
     Special tokens are not added: windows are slices of one stream, so a BOS would only mark the first.
@@ -122,9 +118,7 @@ class WindowSplit:
     calibration_index: tuple[int, ...]
 
 
-def split_windows(
-    windows: np.ndarray, *, evaluation: int, calibration: int, seed: int | None = None
-) -> WindowSplit:
+def split_windows(windows: np.ndarray, *, evaluation: int, calibration: int, seed: int | None = None) -> WindowSplit:
     """Evaluation = the first ``evaluation`` windows; calibration = ``calibration`` windows after them,
     the next ones in order (``seed=None``) or a seeded choice without replacement among the rest."""
     n = len(windows)

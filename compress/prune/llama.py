@@ -35,9 +35,7 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError, StageError
-from compress.prune.options import PruneOptions
-
-LLM_IMPORTANCES = ("l1", "l2", "wanda")
+from compress.prune.options import LLM_IMPORTANCES, PruneOptions
 
 
 @dataclass(frozen=True)

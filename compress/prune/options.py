@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from compress.errors import ConfigError
 
 VISION_IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")  # the criteria prune_vision accepts
+LLM_IMPORTANCES = ("l1", "l2", "wanda")  # the criteria prune_llama accepts
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "wanda"]
 

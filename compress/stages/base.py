@@ -38,6 +38,10 @@ class StageOptions(BaseModel):
         """Problems with the artifacts this stage names, given the earlier ones {name: format}: [(key, message)]."""
         return []
 
+    def check_family(self, family: str) -> list[tuple[str, str]]:
+        """Problems with options that do not fit the pipeline's model family: [(key, message)]."""
+        return []
+
     def extra_inputs(self) -> tuple[str, ...]:
         """Artifacts besides the input that the output depends on (their keys join the cache key)."""
         return ()

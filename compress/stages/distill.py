@@ -3,23 +3,28 @@
 ```yaml
 - distill: {max_steps: 300, lr: 1.0e-3, temperature: 2.0, alpha: 0.7, batch_size: 64}
 - distill: {teacher: finetune, epochs: 1, checkpoint_every: 50}
+- distill: {max_steps: 200, lr: 1.0e-4, alpha: 1.0, batch_size: 4}    # causal-lm: token-level KL
 ```
+The task follows the model family: vision distils class logits (plus the label loss), causal-lm distils
+every next-token distribution over the training windows (`data.train_windows`, which never overlap the
+evaluation windows; the task loss is next-token cross-entropy on the same text).
 The teacher defaults to the model before the nearest `prune` among the student's ancestors (prune ->
 distill recovers what pruning lost, Hinton et al. 2015, arXiv 1503.02531), else the pipeline's baseline.
 The loop is `compress.distill.distill`; its checkpoints live in `<runs>/.cache/distill/<key>/`, outside
 the temporary artifact folder, so a killed run resumes from the last checkpoint on the next `compress run`
 (same cache key, same teacher) and the folder is removed once the artifact is saved.
 
-KL(teacher || student) at T = 1 on the calibration set is reported before and after.
+KL(teacher || student) at T = 1 on the calibration set (images, or every token of the calibration
+windows) is reported before and after.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from compress.distill.options import DistillOptions
 from compress.errors import ConfigError
@@ -37,14 +42,16 @@ class DistillStageOptions(StageOptions, DistillOptions):
     ```
     """
 
-    families: ClassVar[frozenset[str]] = frozenset({"vision"})
     needs_train_data: ClassVar[bool] = True
     teacher: str | None = Field(
         None,
         description="artifact that teaches; default: the input of the nearest earlier prune in the student's "
         "lineage, else the baseline",
     )
-    batch_size: int = Field(64, gt=0, description="training batch size")
+    task: Literal["classification", "causal-lm"] | None = Field(
+        None, description="default: the model family's (vision: classification, causal-lm: causal-lm)"
+    )
+    batch_size: int = Field(64, gt=0, description="training batch size (images, or windows for causal-lm)")
     # A stage default unlike the library's 0 (end only): a killed stage should lose at most this many steps.
     checkpoint_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
 
@@ -68,18 +75,15 @@ class DistillStageOptions(StageOptions, DistillOptions):
             raise ValueError("give max_steps or epochs (the cosine schedule needs a horizon)")
         return self
 
-    @field_validator("task")
-    @classmethod
-    def _classification_only(cls, value: str) -> str:
-        if value != "classification":
-            raise ValueError(
-                f"'{value}' needs the causal-lm adapter, which does not exist yet; allowed: classification"
-            )
-        return value
+    def check_family(self, family: str) -> list[tuple[str, str]]:
+        if self.task is not None and self.task != TASKS[family]:
+            return [("task", f"does not fit family '{family}'; leave it out or set '{TASKS[family]}'")]
+        return []
 
-    def library_options(self) -> DistillOptions:
-        """The options of `compress.distill`, without the stage's own keys."""
-        return DistillOptions.model_validate(self.model_dump(include=set(DistillOptions.model_fields)))
+    def library_options(self, family: str) -> DistillOptions:
+        """The options of `compress.distill` for a model family, without the stage's own keys."""
+        fields = self.model_dump(include=set(DistillOptions.model_fields))
+        return DistillOptions.model_validate({**fields, "task": TASKS[family]})
 
     def cache_fields(self) -> dict:
         # How often to checkpoint and whether teacher outputs are kept in memory do not change the result.
@@ -133,19 +137,15 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
     from compress.hashing import sha256_json
 
     adapter = ctx.adapter
-    if TASKS.get(adapter.family) != options.task:
-        raise ConfigError(f"distill: task '{options.task}' does not fit family '{adapter.family}'")
-    if not hasattr(adapter, "train_batches"):
-        raise ConfigError(f"distill: the {adapter.family} adapter cannot give training batches yet")
+    loop = options.library_options(adapter.family)
     teacher_art = find_teacher(artifact, options, ctx)
     torch.set_num_threads(ctx.threads)
     student = adapter.load_torch(artifact)
     teacher = adapter.load_torch(teacher_art)
     train = adapter.train_batches(options.batch_size, seed=options.seed)
-    held_out = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in adapter.batches("calibration", 64)]
-    kl_before = mean_kl(student, teacher, held_out, options.task)
+    held_out = adapter.kl_batches()
+    kl_before = mean_kl(student, teacher, held_out, loop.task)
 
-    loop = options.library_options()
     total = total_steps(loop, len(train))
     # The teacher's key is part of the folder name: an explicit teacher outside the lineage is not in ctx.key.
     folder = adapter.cache_dir / "distill" / sha256_json({"stage": ctx.key, "teacher": teacher_art.key})[:20]
@@ -160,7 +160,7 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
 
         report = run_distill(student, teacher, train, loop, checkpoint_dir=folder, progress=progress)
     seconds = time.perf_counter() - start
-    kl_after = mean_kl(student, teacher, held_out, options.task)
+    kl_after = mean_kl(student, teacher, held_out, loop.task)
     student.eval()
     file = adapter.save_torch(student, ctx.outdir)
     shutil.rmtree(folder, ignore_errors=True)  # the artifact now holds the result
@@ -175,7 +175,7 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "teacher": teacher_art.name,
         "kl_before": round(kl_before, 5),
         "kl_after": round(kl_after, 5),
-        "kl_data": f"calibration ({sum(len(y) for _, y in held_out)} samples, T=1)",
+        "kl_data": f"calibration ({_rows(held_out)}, T=1)",
         "steps": report.steps,
         "total_steps": report.total_steps,
         "resumed_from_step": report.resumed_from,
@@ -185,3 +185,10 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "distill_seconds": round(seconds, 1),
     }
     return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
+
+
+def _rows(batches: list[Any]) -> str:
+    """What the KL is averaged over: images (vision batches are (inputs, labels)) or tokens (causal-lm)."""
+    if isinstance(batches[0], tuple):
+        return f"{sum(len(labels) for _, labels in batches)} images"
+    return f"{sum(int(b['input_ids'].numel()) for b in batches)} tokens"

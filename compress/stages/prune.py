@@ -1,30 +1,30 @@
-"""`prune`: structured (channel) pruning of a torch model; the narrower model is the next stage's input.
+"""`prune`: structured pruning of a torch model; the narrower model is the next stage's input.
 
 ```yaml
+# vision: channels, to a MACs or channel target
 - prune: {importance: l2, target: {macs: 0.4}, scope: uniform, round_to: 16}
 - prune: {importance: taylor, target: {channels: 0.3}, samples: 128, ignored_layers: ["features.0.*"]}
+# causal-lm (Llama-style): MLP width and attention heads, the same in every layer
+- prune: {importance: wanda, mlp_ratio: 0.3, heads_ratio: 0.34, round_to: 64, samples: 16}
 ```
-The work is done by `compress.prune.prune_vision` (torch-pruning's dependency graph, Fang et al. 2023,
-arXiv 2301.12900); this file wires it to the pipeline: the adapter's model, example input and
-calibration batches in, the adapter's checkpoint format out. Pruning alone costs accuracy; follow it with
+Vision is done by `compress.prune.prune_vision` (torch-pruning's dependency graph, Fang et al. 2023,
+arXiv 2301.12900); Llama-style decoders by `compress.prune.prune_llama` (grouped-query-attention aware,
+our own: see its docstring). This file wires them to the pipeline: the adapter's model, example input and
+calibration data in, the adapter's checkpoint format out. Pruning alone costs accuracy; follow it with
 `distill` (or `finetune`) to recover it. Keep `round_to` at 16 or more when the model is then quantized
 for ONNX Runtime: with widths that are multiples of 8 only, its INT8 kernels ran a 42%-fewer-MACs
 MobileNetV2 no faster than the unpruned one (see pipelines/mobilenetv2-fashion-full.yaml).
-
-Families: vision. Llama-style decoders (`compress.prune.prune_llama`) will join with the causal-lm
-adapter; until then a causal-lm pipeline with a `prune` stage is a config error.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import ClassVar
 
 from pydantic import Field, field_validator
 
 from compress.errors import ConfigError
-from compress.prune.options import VISION_IMPORTANCES, PruneOptions
+from compress.prune.options import LLM_IMPORTANCES, VISION_IMPORTANCES, PruneOptions
 from compress.registry import register_stage
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
@@ -32,16 +32,20 @@ LAYERS_FILE = "_prune_layers.json"  # per-layer widths; "_" files are side files
 
 
 class PruneStageOptions(StageOptions, PruneOptions):
-    """Remove whole channels to a MACs or channel target (the fields of `compress.prune.PruneOptions`).
+    """Remove whole channels or heads (the fields of `compress.prune.PruneOptions`).
 
     ```yaml
-    - prune: {importance: l2, target: {macs: 0.4}, steps: 20, scope: uniform, round_to: 8}
+    - prune: {importance: l2, target: {macs: 0.4}, steps: 20, scope: uniform, round_to: 8}  # vision
+    - prune: {importance: wanda, mlp_ratio: 0.3, heads_ratio: 0.34, round_to: 64}           # causal-lm
     ```
+    Which keys apply depends on the model family; `check_family` reports the others with file and line.
     """
 
-    families: ClassVar[frozenset[str]] = frozenset({"vision"})
     samples: int = Field(
-        128, gt=0, description="taylor importance: labelled calibration samples whose gradients rank channels"
+        128,
+        gt=0,
+        description="taylor (vision): labelled calibration images whose gradients rank channels; "
+        "wanda (causal-lm): calibration windows whose activations weigh the weights (at most data's count)",
     )
     batch_size: int = Field(32, gt=0, description="taylor importance: batch size of the gradient passes")
 
@@ -54,22 +58,31 @@ class PruneStageOptions(StageOptions, PruneOptions):
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("prune.target: ")) from None
 
-    @field_validator("importance")
-    @classmethod
-    def _vision_importance(cls, value: str) -> str:
-        if value not in VISION_IMPORTANCES:
-            raise ValueError(
-                f"'{value}' is for causal-lm models, which this stage does not prune yet; "
-                f"allowed: {', '.join(VISION_IMPORTANCES)}"
+    def check_family(self, family: str) -> list[tuple[str, str]]:
+        if family == "vision":
+            problems = [
+                (k, "applies to causal-lm models; for vision use target")
+                for k in ("mlp_ratio", "heads_ratio")
+                if getattr(self, k)
+            ]
+            if self.importance not in VISION_IMPORTANCES:
+                problems.append(("importance", f"is for causal-lm models; allowed: {', '.join(VISION_IMPORTANCES)}"))
+            return problems
+        problems = []
+        if self.importance not in LLM_IMPORTANCES:
+            problems.append(("importance", f"is for vision models; allowed: {', '.join(LLM_IMPORTANCES)}"))
+        if not (self.mlp_ratio or self.heads_ratio):
+            problems.append(
+                (
+                    "mlp_ratio",
+                    "set mlp_ratio and/or heads_ratio above 0 (causal-lm pruning removes MLP "
+                    "channels and attention heads)",
+                )
             )
-        return value
-
-    @field_validator("mlp_ratio", "heads_ratio")
-    @classmethod
-    def _causal_lm_only(cls, value: float) -> float:
-        if value:
-            raise ValueError("applies to causal-lm models, which this stage does not prune yet; use target")
-        return value
+        for key in ("target", "steps", "scope", "max_layer_ratio", "ignored_layers"):
+            if key in self.model_fields_set:
+                problems.append((key, "applies to vision models; for causal-lm use mlp_ratio / heads_ratio"))
+        return problems
 
     def library_options(self) -> PruneOptions:
         """The options of `compress.prune`, without the stage's own keys."""
@@ -77,25 +90,38 @@ class PruneStageOptions(StageOptions, PruneOptions):
 
     def cache_fields(self) -> dict:
         fields = super().cache_fields()
-        if self.importance != "taylor":  # only taylor reads calibration data
+        if self.importance not in ("taylor", "wanda"):  # only these read calibration data
             fields.pop("samples")
+        if self.importance != "taylor":  # only taylor runs batched gradient passes
             fields.pop("batch_size")
         return fields
 
 
 @register_stage("prune", options=PruneStageOptions)
 def prune(artifact, options: PruneStageOptions, ctx: StageContext) -> StageOutput:
-    """Structured channel pruning with torch-pruning to a MACs or channel target."""
+    """Structured pruning: channels of a vision model (torch-pruning), MLP width and heads of a decoder."""
+    import torch
+
+    torch.manual_seed(ctx.seed)
+    torch.set_num_threads(ctx.threads)
+    model = ctx.adapter.load_torch(artifact)
+    start = time.perf_counter()
+    if ctx.adapter.family == "causal-lm":
+        info = _prune_causal_lm(model, options, ctx)
+    else:
+        info = _prune_vision(model, options, ctx)
+    info["prune_seconds"] = round(time.perf_counter() - start, 1)
+    model.eval()
+    file = ctx.adapter.save_torch(model, ctx.outdir)
+    return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
+
+
+def _prune_vision(model, options: PruneStageOptions, ctx: StageContext) -> dict:  # noqa: ANN001 - nn.Module
     import torch
 
     from compress.prune import prune_vision
 
     adapter = ctx.adapter
-    if adapter.family != "vision":
-        raise ConfigError(f"prune: family '{adapter.family}' is not supported yet; allowed: vision")
-    torch.manual_seed(ctx.seed)
-    torch.set_num_threads(ctx.threads)
-    model = adapter.load_torch(artifact)
     example = tuple(torch.from_numpy(v) for v in adapter.parity_inputs(1).values())
     example_inputs = example[0] if len(example) == 1 else example
     calib = None
@@ -111,22 +137,23 @@ def prune(artifact, options: PruneStageOptions, ctx: StageContext) -> StageOutpu
         f"{lib.target.macs:.0%} of MACs" if lib.target.macs is not None else f"{lib.target.channels:.0%} of channels"
     )
     steps = lib.steps if lib.target.macs is not None else 1
-    start = time.perf_counter()
     with ctx.reporter.task(f"prune {target} ({lib.importance}, {lib.scope})", total=steps) as task:
 
         def progress(step: int, total: int, reduction: float) -> None:
             task.advance(1, info=f"step {step}/{total}: MACs -{reduction:.1%}")
 
         report = prune_vision(model, example_inputs, lib, calib_batches=calib, progress=progress)
-    seconds = time.perf_counter() - start
-    model.eval()
-    file = adapter.save_torch(model, ctx.outdir)
 
     layers = [{"name": lc.name, "before": lc.before, "after": lc.after} for lc in report.layers]
     (ctx.outdir / LAYERS_FILE).write_text(json.dumps(layers, indent=1) + "\n")
     changed = [lc for lc in report.layers if lc.after != lc.before]
     kept = min((lc.after / lc.before for lc in changed), default=1.0)
-    info = {
+    ctx.reporter.log(
+        f"  MACs {report.macs_before / 1e6:.1f}M -> {report.macs_after / 1e6:.1f}M "
+        f"(-{report.macs_reduction:.1%}), params {report.params_before / 1e6:.2f}M -> "
+        f"{report.params_after / 1e6:.2f}M in {report.steps} step(s); per-layer widths in {LAYERS_FILE}"
+    )
+    return {
         "importance": lib.importance,
         "params_before": report.params_before,
         "params_after": report.params_after,
@@ -137,11 +164,55 @@ def prune(artifact, options: PruneStageOptions, ctx: StageContext) -> StageOutpu
         "prune_steps": report.steps,
         "layers_pruned": f"{len(changed)}/{len(report.layers)}",
         "min_layer_kept": round(kept, 3),
-        "prune_seconds": round(seconds, 1),
+    }
+
+
+def _linear_macs(model) -> int:  # noqa: ANN001 - nn.Module
+    """Multiply-accumulates of a decoder's Linear layers per token (attention scores, which grow with the
+    context, are left out; for a short context the Linear layers are nearly all of the work)."""
+    from torch import nn
+
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _prune_causal_lm(model, options: PruneStageOptions, ctx: StageContext) -> dict:  # noqa: ANN001 - nn.Module
+    import torch
+
+    from compress.prune.llama import prune_llama
+
+    lib = options.library_options()
+    calib = None
+    if lib.importance == "wanda":
+        calib = [torch.from_numpy(b["input_ids"]) for b in ctx.adapter.calibration_inputs(options.samples)]
+    macs_before = _linear_macs(model)
+    what = ", ".join(
+        f"{name} -{ratio:.0%}" for name, ratio in (("MLP", lib.mlp_ratio), ("heads", lib.heads_ratio)) if ratio
+    )
+    layers = len(model.model.layers)
+    with ctx.reporter.task(f"prune {what} ({lib.importance})", total=layers) as task:
+        report = prune_llama(model, lib, calib_batches=calib, progress=lambda done, total: task.advance(1))
+    macs_after = _linear_macs(model)
+    sizes = {
+        "intermediate_size": report.intermediate_size,
+        "num_attention_heads": report.num_attention_heads,
+        "num_key_value_heads": report.num_key_value_heads,
     }
     ctx.reporter.log(
-        f"  MACs {report.macs_before / 1e6:.1f}M -> {report.macs_after / 1e6:.1f}M "
-        f"(-{report.macs_reduction:.1%}), params {report.params_before / 1e6:.2f}M -> "
-        f"{report.params_after / 1e6:.2f}M in {report.steps} step(s); per-layer widths in {LAYERS_FILE}"
+        f"  params {report.params_before / 1e6:.2f}M -> {report.params_after / 1e6:.2f}M "
+        f"(-{report.params_reduction:.1%}); "
+        + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sizes.items())
+        + (f"; wanda on {sum(int(c.numel()) for c in calib)} calibration tokens" if calib else "")
     )
-    return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
+    return {
+        "importance": lib.importance,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_reduction": round(report.params_reduction, 4),
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_reduction": round(1 - macs_after / macs_before, 4),
+        "macs_counted": "Linear layers, per token",
+        **{k: f"{a} -> {b}" for k, (a, b) in sizes.items()},
+        "head_unit": lib.head_unit,
+        "layers_pruned": f"{report.layers}/{report.layers}",
+    }
