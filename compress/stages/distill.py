@@ -143,8 +143,8 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
     student = adapter.load_torch(artifact)
     teacher = adapter.load_torch(teacher_art)
     train = adapter.train_batches(options.batch_size, seed=options.seed)
-    held_out = adapter.kl_batches()
-    kl_before = mean_kl(student, teacher, held_out, loop.task)
+    kl_data_batches = adapter.kl_batches()
+    kl_before = mean_kl(student, teacher, kl_data_batches, loop.task)
 
     total = total_steps(loop, len(train))
     # The teacher's key is part of the folder name: an explicit teacher outside the lineage is not in ctx.key.
@@ -160,7 +160,7 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
 
         report = run_distill(student, teacher, train, loop, checkpoint_dir=folder, progress=progress)
     seconds = time.perf_counter() - start
-    kl_after = mean_kl(student, teacher, held_out, loop.task)
+    kl_after = mean_kl(student, teacher, kl_data_batches, loop.task)
     student.eval()
     file = adapter.save_torch(student, ctx.outdir)
     shutil.rmtree(folder, ignore_errors=True)  # the artifact now holds the result
@@ -175,7 +175,7 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "teacher": teacher_art.name,
         "kl_before": round(kl_before, 5),
         "kl_after": round(kl_after, 5),
-        "kl_data": f"calibration ({_rows(held_out)}, T=1)",
+        "kl_data": f"calibration ({_rows(kl_data_batches)}, T=1)",
         "steps": report.steps,
         "total_steps": report.total_steps,
         "resumed_from_step": report.resumed_from,

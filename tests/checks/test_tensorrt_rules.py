@@ -95,9 +95,7 @@ def test_uint8_zero_point_of_zero_is_a_type_violation():
 
 
 def test_activation_per_channel():
-    v = check_tensorrt(
-        qdq_conv_model(act_scale=np.full(4, 0.02, np.float32), act_zp=np.zeros(4, np.int8), act_axis=1)
-    )
+    v = check_tensorrt(qdq_conv_model(act_scale=np.full(4, 0.02, np.float32), act_zp=np.zeros(4, np.int8), act_axis=1))
     assert rules(v) == {"activation-per-tensor"}
     assert nodes(v) == {"q_x", "dq_x"}
 

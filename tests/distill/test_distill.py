@@ -19,9 +19,7 @@ def test_distillation_lowers_kl() -> None:
     torch.manual_seed(1)
     student = MLP(16)
     before = mean_kl(student, teacher, data, "classification")
-    report = distill(
-        student, teacher, data, DistillOptions(max_steps=80, lr=1e-2, temperature=2.0, alpha=0.9)
-    )
+    report = distill(student, teacher, data, DistillOptions(max_steps=80, lr=1e-2, temperature=2.0, alpha=0.9))
     after = mean_kl(student, teacher, data, "classification")
     # 80 AdamW steps on 8 fixed batches: a working loop cuts the KL at least 3x (seen: about 10x);
     # a loop that does not train leaves it where it was.
@@ -55,9 +53,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path) 
 
     resumed = copy.deepcopy(initial)  # a fresh process would rebuild the student from its artifact
     steps: list[int] = []
-    report = distill(
-        resumed, teacher, data, opts, checkpoint_dir=tmp_path, progress=lambda p: steps.append(p.step)
-    )
+    report = distill(resumed, teacher, data, opts, checkpoint_dir=tmp_path, progress=lambda p: steps.append(p.step))
     assert report.resumed_from == 5 and steps == [6, 7, 8, 9, 10]
     # Same batches, same dropout masks, same optimizer state: equal up to float noise (1e-6).
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):

@@ -48,9 +48,7 @@ def test_status_with_a_listed_gpu(fake_nvidia_smi):
 
 
 def test_status_when_driver_lists_nothing(fake_nvidia_smi):
-    fake_nvidia_smi(
-        "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver", returncode=9
-    )
+    fake_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver", returncode=9)
     status = gpu_status()
     assert not status.available and "couldn't communicate" in status.reason
 
@@ -118,9 +116,7 @@ def test_build_argument_errors(conv_onnx, tmp_path, kwargs):
 
 
 def test_plans():
-    assert (
-        tensorrt_build.plan_build("int8").strongly_typed and not tensorrt_build.plan_build("int8").fp16_flag
-    )
+    assert tensorrt_build.plan_build("int8").strongly_typed and not tensorrt_build.plan_build("int8").fp16_flag
     assert tensorrt_build.plan_build("int4").strongly_typed
     fp16 = tensorrt_build.plan_build("fp16")
     assert fp16.fp16_flag and not fp16.strongly_typed
@@ -132,9 +128,7 @@ def test_parser_errors_name_the_node():
     text = tensorrt_build.format_parser_errors(
         "m.onnx",
         [
-            tensorrt_build.ParserErrorInfo(
-                3, "/c1/Conv", "Conv", "ErrorCode.UNSUPPORTED_NODE", "bad weights"
-            ),
+            tensorrt_build.ParserErrorInfo(3, "/c1/Conv", "Conv", "ErrorCode.UNSUPPORTED_NODE", "bad weights"),
             tensorrt_build.ParserErrorInfo(-1, "", "", "ErrorCode.INVALID_GRAPH", "no outputs"),
         ],
     )
@@ -179,9 +173,7 @@ def test_provider_chain_for_tensorrt(tmp_path):
     ]
     opts = chain[0][1]
     assert opts["trt_fp16_enable"] == "True" and opts["trt_int8_enable"] == "False"
-    assert opts["trt_engine_cache_enable"] == "True" and opts["trt_engine_cache_path"] == str(
-        tmp_path / "cache"
-    )
+    assert opts["trt_engine_cache_enable"] == "True" and opts["trt_engine_cache_path"] == str(tmp_path / "cache")
     assert opts["trt_max_workspace_size"] == str(512 * 2**20)
     assert opts["trt_profile_max_shapes"] == "x:8x3x8x8"
 
@@ -205,9 +197,7 @@ def test_session_with_cpu_onnxruntime(conv_onnx, monkeypatch):
 
 
 def test_session_without_gpu(conv_onnx, monkeypatch, no_gpu):
-    monkeypatch.setattr(
-        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(GpuUnavailableError, match="CUDAExecutionProvider"):
         ort_providers.make_gpu_session(conv_onnx, "cuda")
 
@@ -215,9 +205,7 @@ def test_session_without_gpu(conv_onnx, monkeypatch, no_gpu):
 def test_session_fallback_is_an_error(conv_onnx, monkeypatch, fake_nvidia_smi):
     """ONNX Runtime falls back to CPU when the CUDA EP cannot load; that must not pass silently."""
     fake_nvidia_smi("GPU 0: NVIDIA A10G (UUID: GPU-1234)")
-    monkeypatch.setattr(
-        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     real = ort.InferenceSession
 
     def cpu_session(path, sess_options=None, providers=None):

@@ -23,9 +23,7 @@ def test_fp16_engine_matches_onnxruntime_cpu(conv_onnx, tmp_path):
 
     profile = derive_profile(conv_onnx, {"batch": (1, 4, 8)})
     cache = tmp_path / "timing.cache"
-    info = build_engine(
-        conv_onnx, tmp_path / "m.engine", precision="fp16", profiles=[profile], timing_cache_path=cache
-    )
+    info = build_engine(conv_onnx, tmp_path / "m.engine", precision="fp16", profiles=[profile], timing_cache_path=cache)
     assert info.engine_bytes > 0 and cache.stat().st_size > 0 and info.compute_capability != "unknown"
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     ref = ort.InferenceSession(str(conv_onnx), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

@@ -22,14 +22,22 @@ def test_torch_decoder_matches_ort_interface(exported):
     o_logits, o_state = OrtCausalLM(path).prefill(ids)
     np.testing.assert_allclose(t_logits, o_logits, atol=1e-4)  # FP32 rounding only
     step = np.array([[9]])
-    np.testing.assert_allclose(TorchDecoder(model).decode(step, t_state)[0],
-                               OrtCausalLM(path).decode(step, o_state)[0], atol=1e-4)
+    np.testing.assert_allclose(
+        TorchDecoder(model).decode(step, t_state)[0], OrtCausalLM(path).decode(step, o_state)[0], atol=1e-4
+    )
 
 
 def test_bench_figures(exported):
     model, path = exported
-    kw = {"prompt_lengths": (8, 16), "batch_sizes": (1, 2), "decode_context": 8, "decode_tokens": 4,
-          "warmup": 1, "iterations": 2, "bandwidth_gbs": copy_bandwidth_gbs(size_mb=16, repeats=2)}
+    kw = {
+        "prompt_lengths": (8, 16),
+        "batch_sizes": (1, 2),
+        "decode_context": 8,
+        "decode_tokens": 4,
+        "warmup": 1,
+        "iterations": 2,
+        "bandwidth_gbs": copy_bandwidth_gbs(size_mb=16, repeats=2),
+    }
     for res in (bench_onnx(path, threads=1, **kw), bench_torch(model, threads=1, **kw)):
         assert set(res.prefill_ms) == {8, 16} and set(res.decode_tokens_per_s) == {1, 2}
         assert all(v > 0 for v in res.prefill_ms.values())

@@ -19,10 +19,11 @@ def lm(untied_onnx):
 def test_greedy_equals_hf_generate(untied_onnx, lm):
     model, _ = untied_onnx
     with torch.no_grad():
-        ref = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=16, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
+        ref = model.generate(
+            torch.tensor([PROMPTS[0]]), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
     got = lm.generate([PROMPTS[0]], GenerationOptions(max_new_tokens=16)).tokens[0]
-    assert got == ref[0, len(PROMPTS[0]):].tolist()
+    assert got == ref[0, len(PROMPTS[0]) :].tolist()
 
 
 def test_left_padded_batch_equals_one_by_one(lm):
@@ -39,8 +40,9 @@ def test_io_binding_and_numpy_paths_agree(untied_onnx, lm):
 
 def test_top_k_1_sampling_equals_greedy(lm):
     greedy = lm.generate(PROMPTS, GenerationOptions(max_new_tokens=10)).tokens
-    sampled = lm.generate(PROMPTS, GenerationOptions(max_new_tokens=10, do_sample=True, top_k=1,
-                                                     temperature=0.7, seed=3)).tokens
+    sampled = lm.generate(
+        PROMPTS, GenerationOptions(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7, seed=3)
+    ).tokens
     assert sampled == greedy
 
 
@@ -58,6 +60,7 @@ def test_repetition_penalty_changes_output_deterministically(lm):
     pen = GenerationOptions(max_new_tokens=16, repetition_penalty=3.0)
     first, second = lm.generate(PROMPTS, pen).tokens, lm.generate(PROMPTS, pen).tokens
     assert first == second and first != base
+
     # The untied toy model repeats under greedy; a strong penalty must reduce repeats.
     def repeats(rows):
         return sum(len(r) - len(set(r)) for r in rows)

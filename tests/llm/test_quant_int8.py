@@ -24,7 +24,8 @@ def _ops(path) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("method", "head"), [("dynamic", True), ("weight_only", True), ("dynamic", False)],
+    ("method", "head"),
+    [("dynamic", True), ("weight_only", True), ("dynamic", False)],
     ids=["dynamic", "weight_only", "dynamic-no-lm-head"],
 )
 def test_int8_runs_and_stays_close(exported, tmp_path, method, head):

@@ -41,8 +41,9 @@ def test_paris_in_torch_and_ort_and_32_greedy_tokens_identical(smol):
     model, tok, onnx_path = smol
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                            pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        hf = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id
+        )[0, ids.shape[1] :].tolist()
     assert tok.decode(hf[:1]) == " Paris"
     # Torch greedy with its own KV cache, 32 steps, no stop token (HF generate would stop at <|im_end|>).
     # Rounding-level logit differences only: 5e-5 / 7e-5 seen on logits of magnitude ~20.

@@ -58,8 +58,10 @@ def test_split_never_overlaps(seed):
     if seed is None:
         assert split.calibration_index == tuple(range(10, 30))
     else:
-        assert split.calibration_index == split_windows(windows, evaluation=10, calibration=20,
-                                                        seed=seed).calibration_index
+        assert (
+            split.calibration_index
+            == split_windows(windows, evaluation=10, calibration=20, seed=seed).calibration_index
+        )
     with pytest.raises(ConfigError, match="only 40 available"):
         split_windows(windows, evaluation=30, calibration=11)
 

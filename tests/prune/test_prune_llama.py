@@ -165,9 +165,7 @@ def test_planned_sizes_round_and_never_empty() -> None:
 
 
 def test_pruned_model_exports_to_onnx_with_kv_cache(tmp_path) -> None:
-    onnx_export = pytest.importorskip(
-        "compress.llm.onnx_export", reason="the LLM ONNX exporter is not present"
-    )
+    onnx_export = pytest.importorskip("compress.llm.onnx_export", reason="the LLM ONNX exporter is not present")
     model = _tiny_llama()
     prune_llama(model, PruneOptions(mlp_ratio=0.5, heads_ratio=0.5))
     path = onnx_export.export_decoder(model, tmp_path / "pruned.onnx")

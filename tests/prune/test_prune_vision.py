@@ -105,9 +105,7 @@ def test_magnitude_importance_keeps_largest_norms(importance: str, expected: lis
 def test_bn_scale_keeps_largest_abs_gamma() -> None:
     torch.manual_seed(0)
     net = TwoConvNet().eval()
-    gamma = torch.tensor(
-        [0.1, -3.0, 0.2, 2.5, -0.05, 0.3, 4.0, 0.01, -2.0, 0.02, 1.5, 0.03, -1.2, 0.04, 1.1, 0.0]
-    )
+    gamma = torch.tensor([0.1, -3.0, 0.2, 2.5, -0.05, 0.3, 4.0, 0.01, -2.0, 0.02, 1.5, 0.03, -1.2, 0.04, 1.1, 0.0])
     original = net.conv1.weight.data.clone()
     with torch.no_grad():
         net.bn.weight.copy_(gamma)

@@ -10,6 +10,7 @@ import json
 import re
 
 import pytest
+import torch
 from llm.llm_toys import tiny_llama, tiny_tokenizer
 
 from compress.cli import EXIT_OK, main
@@ -29,7 +30,7 @@ def _pipeline(tmp, stages: str, name: str = "tinyfull"):
     model_dir = tmp / "model"
     if not model_dir.exists():
         model = tiny_llama(tie=True)
-        with __import__("torch").no_grad():
+        with torch.no_grad():
             model.model.norm.weight.mul_(4.0)  # a random-init model is near-uniform; give it opinions
         model.save_pretrained(model_dir)
         tiny_tokenizer().save_pretrained(model_dir)
@@ -101,6 +102,6 @@ def test_options_of_the_other_family_are_located_errors(tmp_path, family_stages,
     line = 1 + next(i for i, text in enumerate(pipeline.read_text().splitlines()) if text == family_stages)
     with pytest.raises(ConfigError) as err:
         load_pipeline(pipeline)
-    assert re.search(rf"bad\.yaml:{line}: stages\[0\]\.{re.escape(key)}.*{re.escape(message)}", str(err.value)), (
-        str(err.value)
+    assert re.search(rf"bad\.yaml:{line}: stages\[0\]\.{re.escape(key)}.*{re.escape(message)}", str(err.value)), str(
+        err.value
     )
