@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -44,3 +45,26 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_pipeline(tmp: Path, name: str, stages: str, *, data: str, gates: str = "{}", sharpen: float = 1.0) -> Path:
+    """Save a tiny tied Llama in `tmp/model` (once) and write a pipeline `tmp/<name>.yaml` that loads it.
+
+    `sharpen` scales the final norm: a random-init model is near-uniform, a sharper one has opinions that a
+    pruned student can lose and win back. `data` and `gates` are YAML flow mappings, `stages` a block list.
+    """
+    model_dir = tmp / "model"
+    if not model_dir.exists():
+        model = tiny_llama(tie=True)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(sharpen)
+        model.save_pretrained(model_dir)
+        tiny_tokenizer().save_pretrained(model_dir)
+    path = tmp / f"{name}.yaml"
+    path.write_text(f"""name: {name}
+model: {{family: causal-lm, source: "hf:{model_dir}"}}
+data: {data}
+stages:{stages}
+gates: {gates}
+""")
+    return path

@@ -10,8 +10,7 @@ import json
 import re
 
 import pytest
-import torch
-from llm.llm_toys import tiny_llama, tiny_tokenizer
+from llm.llm_toys import tiny_pipeline
 
 from compress.cli import EXIT_OK, main
 from compress.config import load_pipeline
@@ -27,22 +26,9 @@ STAGES = """
 
 
 def _pipeline(tmp, stages: str, name: str = "tinyfull"):
-    model_dir = tmp / "model"
-    if not model_dir.exists():
-        model = tiny_llama(tie=True)
-        with torch.no_grad():
-            model.model.norm.weight.mul_(4.0)  # a random-init model is near-uniform; give it opinions
-        model.save_pretrained(model_dir)
-        tiny_tokenizer().save_pretrained(model_dir)
-    pipeline = tmp / f"{name}.yaml"
-    pipeline.write_text(f"""name: {name}
-model: {{family: causal-lm, source: "hf:{model_dir}"}}
-data: {{window: 32, evaluation_windows: 4, calibration_windows: 4, train_windows: 12, generation_tokens: 4,
-       prompts: ["The for statement"]}}
-stages:{stages}
-gates: {{}}
-""")
-    return pipeline
+    data = """{window: 32, evaluation_windows: 4, calibration_windows: 4, train_windows: 12, generation_tokens: 4,
+       prompts: ["The for statement"]}"""
+    return tiny_pipeline(tmp, name, stages, data=data, sharpen=4.0)
 
 
 @pytest.fixture(scope="module")

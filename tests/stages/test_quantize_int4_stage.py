@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from llm.llm_toys import tiny_llama, tiny_tokenizer
+from llm.llm_toys import tiny_llama, tiny_pipeline
 from onnx import numpy_helper
 from toys import pipeline_yaml
 
@@ -39,19 +39,9 @@ STAGES = """
 
 
 def _llm_pipeline(tmp: Path, stages: str, name: str = "tiny4") -> Path:
-    model_dir = tmp / "model"
-    if not model_dir.exists():
-        tiny_llama(tie=True).save_pretrained(model_dir)
-        tiny_tokenizer().save_pretrained(model_dir)
-    path = tmp / f"{name}.yaml"
-    path.write_text(f"""name: {name}
-model: {{family: causal-lm, source: "hf:{model_dir}"}}
-data: {{window: 64, evaluation_windows: 4, calibration_windows: 4, generation_tokens: 8,
-       prompts: ["The for statement", "def"]}}
-stages:{stages}
-gates: {{ppl_rise_max: 50}}
-""")
-    return path
+    data = """{window: 64, evaluation_windows: 4, calibration_windows: 4, generation_tokens: 8,
+       prompts: ["The for statement", "def"]}"""
+    return tiny_pipeline(tmp, name, stages, data=data, gates="{ppl_rise_max: 50}")
 
 
 @pytest.fixture(scope="module")
