@@ -42,6 +42,19 @@ class SizeGate(BaseModel):
     at_most: float = Field(gt=0)
 
 
+class RecoveryGate(BaseModel):
+    """`artifact` must win back at least `at_least` of the quality `lost_by` lost against the baseline.
+
+    Quality is top-1 (vision) or perplexity (causal-lm): recovery = (q(artifact) - q(lost_by)) /
+    (q(baseline) - q(lost_by)), with perplexity's sign flipped. E.g. a distillation after pruning.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    artifact: str
+    lost_by: str
+    at_least: float = Field(gt=0, description="fraction of the loss won back: 0.5 is half")
+
+
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, dict) else value
 
@@ -54,6 +67,7 @@ class Gates(BaseModel):
       top1_drop_max: 0.5                                        # points, final artifacts (see `metric_gates_on`)
       speedup_min: [{artifact: int8, vs: onnx, at_least: 1.6}]  # p50 latency ratio
       size_ratio_max: {artifact: int8, vs: onnx, at_most: 0.3}
+      recovery_min: {artifact: distill, lost_by: prune, at_least: 0.5}  # distillation wins back half
     ```
     """
 
@@ -68,8 +82,11 @@ class Gates(BaseModel):
     speedup_min: tuple[SpeedupGate, ...] = ()
     decode_speedup_min: tuple[SpeedupGate, ...] = Field((), description="causal-lm: decode tokens/s ratio")
     size_ratio_max: tuple[SizeGate, ...] = ()
+    recovery_min: tuple[RecoveryGate, ...] = Field((), description="quality won back after a lossy stage")
 
-    _lists = field_validator("speedup_min", "decode_speedup_min", "size_ratio_max", mode="before")(_as_list)
+    _lists = field_validator("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min", mode="before")(
+        _as_list
+    )
 
 
 class BenchOptions(BaseModel):
@@ -230,9 +247,9 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     baseline = top.baseline or next((p.name for p in plans if p.kind == "finetune"), SOURCE)
     if baseline not in names:
         problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
-    for field in ("speedup_min", "decode_speedup_min", "size_ratio_max"):
+    for field in ("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min"):
         for i, gate in enumerate(getattr(top.gates, field)):
-            for attr in ("artifact", "vs"):
+            for attr in ("artifact", "lost_by") if field == "recovery_min" else ("artifact", "vs"):
                 value = getattr(gate, attr)
                 if value != "baseline" and value not in names:
                     problems.add(
@@ -241,7 +258,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
                         value,
                         True,
                     )
-            if field != "size_ratio_max" and gate.batch_size not in top.bench.batch_sizes:
+            if field in ("speedup_min", "decode_speedup_min") and gate.batch_size not in top.bench.batch_sizes:
                 problems.add(
                     ("gates", field, i, "batch_size"),
                     f"not measured; bench.batch_sizes = {list(top.bench.batch_sizes)}",

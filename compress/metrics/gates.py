@@ -133,7 +133,28 @@ def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list
                 f"{a / 1e6:.2f} MB vs {b / 1e6:.2f} MB",
             )
         )
+    for gate in cfg.gates.recovery_min:
+        out.append(_recovery(gate.artifact, gate.lost_by, gate.at_least, base, records))
     return out
+
+
+def _recovery(name: str, lost_by: str, at_least: float, base: str, records: dict[str, dict[str, Any]]) -> GateResult:
+    """Fraction of the quality `lost_by` lost vs `base` that `name` wins back (top-1, or perplexity's drop)."""
+    bound = f">= {at_least:g}"
+    evals = {k: (records.get(k) or {}).get("evaluation") for k in (name, lost_by, base)}
+    missing = [k for k, ev in evals.items() if not ev or not ev.get("metrics")]
+    if missing:
+        return GateResult("recovery_min", name, lost_by, None, bound, False, f"not evaluated: {', '.join(missing)}")
+    metric = "top1" if "top1" in evals[base]["metrics"] else "ppl"
+    sign = 1.0 if metric == "top1" else -1.0  # higher top-1 is better, lower perplexity is
+    q = {k: sign * ev["metrics"][metric] for k, ev in evals.items()}
+    lost = q[base] - q[lost_by]
+    detail = f"{metric}: {base} {evals[base]['metrics'][metric]:.2f}, {lost_by} {evals[lost_by]['metrics'][metric]:.2f}"
+    detail += f", {name} {evals[name]['metrics'][metric]:.2f}"
+    if lost <= 0:
+        return GateResult("recovery_min", name, lost_by, None, bound, True, detail + f" ({lost_by} lost nothing)")
+    recovered = (q[name] - q[lost_by]) / lost
+    return GateResult("recovery_min", name, lost_by, recovered, bound, recovered >= at_least, detail)
 
 
 def _p50(record: dict[str, Any] | None, batch_size: int) -> float | None:

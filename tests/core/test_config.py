@@ -110,3 +110,11 @@ def test_duplicate_key_and_bad_yaml(tmp_path: Path) -> None:
     assert "not valid YAML" in _error(tmp_path, "name: [\n")
     with pytest.raises(ConfigError, match="no such file"):
         load_pipeline(tmp_path / "missing.yaml")
+
+
+def test_recovery_gate_names_are_checked(tmp_path: Path) -> None:
+    text = GOOD.replace("{top1_drop_max: 1.0}", "{recovery_min: {artifact: quantize, lost_by: pruned, at_least: 0.5}}")
+    msg = _error(tmp_path, text)
+    assert "gates.recovery_min[0].lost_by = 'pruned': no artifact of that name" in msg
+    ok = GOOD.replace("{top1_drop_max: 1.0}", "{recovery_min: {artifact: quantize, lost_by: export, at_least: 0.5}}")
+    assert load_pipeline(_write(tmp_path, ok)).gates.recovery_min[0].at_least == 0.5

@@ -28,7 +28,8 @@ STAGES = """
 def _pipeline(tmp, stages: str, name: str = "tinyfull"):
     data = """{window: 32, evaluation_windows: 4, calibration_windows: 4, train_windows: 12, generation_tokens: 4,
        prompts: ["The for statement"]}"""
-    return tiny_pipeline(tmp, name, stages, data=data, sharpen=4.0)
+    gates = "{recovery_min: {artifact: distill, lost_by: prune, at_least: 0.5}}"
+    return tiny_pipeline(tmp, name, stages, data=data, gates=gates, sharpen=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_pruned_llama_keeps_gqa_shapes_and_reloads(full_run) -> None:
 
 
 def test_distill_lowers_token_kl_and_perplexity_gap(full_run) -> None:
-    _, rec, _ = full_run
+    _, rec, run_dir = full_run
     info = rec["distill"]["artifact"]["info"]
     assert info["teacher"] == "source"  # the input of the prune stage
     assert info["kl_data"].endswith("tokens, T=1)"), info["kl_data"]
@@ -64,6 +65,10 @@ def test_distill_lowers_token_kl_and_perplexity_gap(full_run) -> None:
     assert info["kl_after"] < info["kl_before"] / 2, info
     # the student still evaluates (perplexity on the evaluation windows) after training in place
     assert rec["distill"]["evaluation"]["metrics"]["ppl"] > 1
+    # and wins back at least half of the perplexity pruning cost (the pipeline's recovery_min gate)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    gate = next(g for g in manifest["gates"] if g["gate"] == "recovery_min")
+    assert gate["passed"] and gate["value"] >= 0.5, gate
 
 
 def test_distilled_llama_exports_with_kv_cache_and_quantizes(full_run) -> None:

@@ -1,0 +1,32 @@
+"""The recovery gate: the share of a lossy stage's quality loss that a later artifact wins back."""
+
+from __future__ import annotations
+
+import pytest
+
+from compress.metrics.gates import _recovery
+
+
+def _records(metric: str, **values: float) -> dict:
+    return {name: {"evaluation": {"metrics": {metric: v}}} for name, v in values.items()}
+
+
+def test_perplexity_recovery_is_the_share_of_the_rise_won_back() -> None:
+    # pruning took perplexity 15 -> 115; distillation back to 55: (115 - 55) / (115 - 15) = 0.6
+    g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=55.0))
+    assert g.value == pytest.approx(0.6) and g.passed
+    g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=70.0))
+    assert g.value == pytest.approx(0.45) and not g.passed
+    assert "ppl: source 15.00, prune 115.00, distill 70.00" in g.detail
+
+
+def test_top1_recovery_and_edge_cases() -> None:
+    g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=70.0, distill=88.0))
+    assert g.value == pytest.approx(0.9) and g.passed
+    # nothing lost: nothing to win back, the gate holds and says why
+    g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=90.5, distill=89.0))
+    assert g.passed and g.value is None and "lost nothing" in g.detail
+    # an artifact that was not evaluated fails the gate by name
+    records = _records("top1", finetune=90.0, prune=70.0)
+    g = _recovery("distill", "prune", 0.5, "finetune", records)
+    assert not g.passed and "not evaluated: distill" in g.detail
