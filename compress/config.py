@@ -76,8 +76,8 @@ class Gates(BaseModel):
     ppl_rise_max: float | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
     metric_gates_on: tuple[str, ...] | None = Field(
         None,
-        description="artifacts top1_drop_max / ppl_rise_max apply to; default: the final artifact of every "
-        "branch (an intermediate, e.g. a pruned model before distillation, is reported but not gated)",
+        description="artifacts top1_drop_max / ppl_rise_max apply to ([] : none); default: the final artifact "
+        "of every branch (an intermediate, e.g. a pruned model before distillation, is reported but not gated)",
     )
     speedup_min: tuple[SpeedupGate, ...] = ()
     decode_speedup_min: tuple[SpeedupGate, ...] = Field((), description="causal-lm: decode tokens/s ratio")

@@ -29,7 +29,8 @@ def check_gates(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> list
     # Default: what each branch delivers among the artifacts that exist (a skipped optional engine leaves its
     # input as the branch's last artifact).
     parents = {rec["artifact"]["parent"] for rec in records.values()}
-    gated = set(cfg.gates.metric_gates_on or (name for name in records if name not in parents))
+    on = cfg.gates.metric_gates_on  # [] gates nothing; unset (None) gates every branch's end
+    gated = set(on if on is not None else (name for name in records if name not in parents))
     if cfg.gates.top1_drop_max is not None:
         bound = cfg.gates.top1_drop_max
         for name, rec in records.items():

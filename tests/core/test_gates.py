@@ -30,3 +30,22 @@ def test_top1_recovery_and_edge_cases() -> None:
     records = _records("top1", finetune=90.0, prune=70.0)
     g = _recovery("distill", "prune", 0.5, "finetune", records)
     assert not g.passed and "not evaluated: distill" in g.detail
+
+
+def test_metric_gates_on_empty_gates_nothing_and_unset_gates_branch_ends() -> None:
+    from types import SimpleNamespace
+
+    from compress.config import Gates
+    from compress.metrics.gates import check_gates
+
+    def rec(parent, top1):
+        return {
+            "artifact": {"parent": parent},
+            "evaluation": {"metrics": {"top1": top1}, "vs_baseline": {"top1_drop": 90.0 - top1}},
+        }
+
+    records = {"finetune": rec("source", 90.0), "prune": rec("finetune", 10.0), "distill": rec("prune", 89.5)}
+    unset = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0))
+    assert [(g.artifact, g.passed) for g in check_gates(unset, records)] == [("distill", True)]  # prune: intermediate
+    none = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0, metric_gates_on=[]))
+    assert check_gates(none, records) == []
