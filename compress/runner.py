@@ -24,12 +24,16 @@ from typing import Any
 from compress import __version__
 from compress.adapters.base import Adapter, Evaluation
 from compress.artifact import Artifact, commit_artifact, read_artifact, temp_folder, write_json_atomic
+from compress.backends import require_onnx_providers
+from compress.bench.harness import machine_info
 from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
+from compress.metrics.gates import check_gates
 from compress.progress import Reporter
 from compress.registry import registered_adapters
+from compress.report.markdown import write_report
 from compress.stages.base import StageContext
 
 SOURCE_VERSION = 1
@@ -83,7 +87,6 @@ class Runner:
         _remove_stale_temps(self.run_dir)
         write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
-        from compress.backends import require_onnx_providers
 
         require_onnx_providers(cfg.bench.onnx_providers)  # a missing GPU provider fails before any work
         self.adapter = make_adapter(cfg, self.reporter, self.cache_dir)
@@ -246,7 +249,6 @@ class Runner:
     # -- benchmarks ----------------------------------------------------------------------------------
     def _bench_all(self, measure: bool) -> None:
         """Benchmarks of every artifact; with `measure=False` (--no-bench) only cached results are used."""
-        from compress.bench.harness import machine_info
 
         self.machine = machine_info()
         bench_cfg = self.cfg.bench.model_dump(mode="json")
@@ -279,9 +281,6 @@ class Runner:
 
     # -- gates and outputs ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
-        from compress.bench.harness import machine_info
-        from compress.metrics.gates import check_gates
-        from compress.report.markdown import write_report
 
         gates = check_gates(self.cfg, self.records)
         passed = all(g.passed for g in gates)
