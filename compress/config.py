@@ -251,7 +251,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         for i, gate in enumerate(getattr(top.gates, field)):
             for attr in ("artifact", "lost_by") if field == "recovery_min" else ("artifact", "vs"):
                 value = getattr(gate, attr)
-                if value != "baseline" and value not in names:
+                if value not in names and not (attr == "vs" and value == "baseline"):  # only `vs` may say baseline
                     problems.add(
                         ("gates", field, i, attr),
                         f"no artifact of that name; artifacts: {', '.join(sorted(names))}",

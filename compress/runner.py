@@ -87,7 +87,6 @@ class Runner:
         _remove_stale_temps(self.run_dir)
         write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
-
         require_onnx_providers(cfg.bench.onnx_providers)  # a missing GPU provider fails before any work
         self.adapter = make_adapter(cfg, self.reporter, self.cache_dir)
         t0 = time.perf_counter()
@@ -249,7 +248,6 @@ class Runner:
     # -- benchmarks ----------------------------------------------------------------------------------
     def _bench_all(self, measure: bool) -> None:
         """Benchmarks of every artifact; with `measure=False` (--no-bench) only cached results are used."""
-
         self.machine = machine_info()
         bench_cfg = self.cfg.bench.model_dump(mode="json")
         machine_key = {k: self.machine[k] for k in ("cpu", "cores", "torch", "onnxruntime")}
@@ -281,7 +279,6 @@ class Runner:
 
     # -- gates and outputs ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
-
         gates = check_gates(self.cfg, self.records)
         passed = all(g.passed for g in gates)
         manifest = {

@@ -93,3 +93,17 @@ bench: {{batch_sizes: [1, 4], warmup: 2, iterations: 5, threads: 1}}
     path = tmp / f"{name}.yaml"
     path.write_text(text)
     return path
+
+
+def run_quietly(pipeline: Path, runs_dir: Path, *flags: str) -> tuple[int, dict, dict[str, dict]]:
+    """`compress run PIPELINE --runs-dir RUNS --quiet FLAGS`: exit code, manifest, records by artifact name."""
+    import json
+
+    import yaml
+
+    from compress.cli import main
+
+    code = main(["run", str(pipeline), "--runs-dir", str(runs_dir), "--quiet", *flags])
+    name = yaml.safe_load(pipeline.read_text())["name"]
+    manifest = json.loads((runs_dir / name / "manifest.json").read_text())
+    return code, manifest, {r["artifact"]["name"]: r for r in manifest["artifacts"]}

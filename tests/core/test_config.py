@@ -116,5 +116,9 @@ def test_recovery_gate_names_are_checked(tmp_path: Path) -> None:
     text = GOOD.replace("{top1_drop_max: 1.0}", "{recovery_min: {artifact: quantize, lost_by: pruned, at_least: 0.5}}")
     msg = _error(tmp_path, text)
     assert "gates.recovery_min[0].lost_by = 'pruned': no artifact of that name" in msg
+    # 'baseline' stands for the baseline only in `vs`; a recovery from the baseline is no artifact's loss
+    gate = "{recovery_min: {artifact: quantize, lost_by: baseline, at_least: 0.5}}"
+    text = GOOD.replace("{top1_drop_max: 1.0}", gate)
+    assert "gates.recovery_min[0].lost_by = 'baseline': no artifact of that name" in _error(tmp_path, text)
     ok = GOOD.replace("{top1_drop_max: 1.0}", "{recovery_min: {artifact: quantize, lost_by: export, at_least: 0.5}}")
     assert load_pipeline(_write(tmp_path, ok)).gates.recovery_min[0].at_least == 0.5

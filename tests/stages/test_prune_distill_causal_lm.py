@@ -11,8 +11,9 @@ import re
 
 import pytest
 from llm.llm_toys import tiny_pipeline
+from toys import run_quietly
 
-from compress.cli import EXIT_OK, main
+from compress.cli import EXIT_OK
 from compress.config import load_pipeline
 from compress.errors import ConfigError
 
@@ -35,14 +36,12 @@ def _pipeline(tmp, stages: str, name: str = "tinyfull"):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llm-full")
-    pipeline = _pipeline(tmp, STAGES)
-    code = main(["run", str(pipeline), "--runs-dir", str(tmp / "runs"), "--quiet", "--no-bench"])
-    manifest = json.loads((tmp / "runs" / "tinyfull" / "manifest.json").read_text())
-    return code, {r["artifact"]["name"]: r for r in manifest["artifacts"]}, tmp / "runs" / "tinyfull"
+    code, manifest, records = run_quietly(_pipeline(tmp, STAGES), tmp / "runs", "--no-bench")
+    return code, records, manifest, tmp / "runs" / "tinyfull"
 
 
 def test_pruned_llama_keeps_gqa_shapes_and_reloads(full_run) -> None:
-    code, rec, run_dir = full_run
+    code, rec, _, run_dir = full_run
     assert code == EXIT_OK
     info = rec["prune"]["artifact"]["info"]
     # tiny_llama: 4 query heads in 2 KV groups, MLP 128 wide; half of each goes, KV heads stay.
@@ -57,7 +56,7 @@ def test_pruned_llama_keeps_gqa_shapes_and_reloads(full_run) -> None:
 
 
 def test_distill_lowers_token_kl_and_perplexity_gap(full_run) -> None:
-    _, rec, run_dir = full_run
+    _, rec, manifest, _ = full_run
     info = rec["distill"]["artifact"]["info"]
     assert info["teacher"] == "source"  # the input of the prune stage
     assert info["kl_data"].endswith("tokens, T=1)"), info["kl_data"]
@@ -66,13 +65,12 @@ def test_distill_lowers_token_kl_and_perplexity_gap(full_run) -> None:
     # the student still evaluates (perplexity on the evaluation windows) after training in place
     assert rec["distill"]["evaluation"]["metrics"]["ppl"] > 1
     # and wins back at least half of the perplexity pruning cost (the pipeline's recovery_min gate)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
     gate = next(g for g in manifest["gates"] if g["gate"] == "recovery_min")
     assert gate["passed"] and gate["value"] >= 0.5, gate
 
 
 def test_distilled_llama_exports_with_kv_cache_and_quantizes(full_run) -> None:
-    _, rec, _ = full_run
+    _, rec, _, _ = full_run
     export = rec["onnx-distilled"]["artifact"]["info"]
     assert export["parity_max_abs_diff"] < 1e-4 and export["parity_greedy_tokens_match"]
     assert rec["int4"]["artifact"]["precision"] == "int4"

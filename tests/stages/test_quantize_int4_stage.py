@@ -13,7 +13,7 @@ import pytest
 import torch
 from llm.llm_toys import tiny_llama, tiny_pipeline
 from onnx import numpy_helper
-from toys import pipeline_yaml
+from toys import pipeline_yaml, run_quietly
 
 from compress.adapters.causal_lm import TorchCausalLM
 from compress.artifact import read_artifact
@@ -48,9 +48,8 @@ def _llm_pipeline(tmp: Path, stages: str, name: str = "tiny4") -> Path:
 def llm_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("int4")
     pipeline = _llm_pipeline(tmp, STAGES)
-    code = main(["run", str(pipeline), "--runs-dir", str(tmp / "runs"), "--quiet", "--no-bench"])
-    manifest = json.loads((tmp / "runs" / "tiny4" / "manifest.json").read_text())
-    return code, {r["artifact"]["name"]: r for r in manifest["artifacts"]}, pipeline, tmp
+    code, _, records = run_quietly(pipeline, tmp / "runs", "--no-bench")
+    return code, records, pipeline, tmp
 
 
 def _ops(path: Path) -> set[str]:
