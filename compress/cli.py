@@ -6,8 +6,15 @@
     compress generate runs/smollm2-int8/int8 "The capital of France is"
     compress inspect runs/mobilenetv2-fashion-int8
 
-Exit codes: 0 all gates hold; 1 a gate is breached; 2 the pipeline file or a command line is wrong;
-3 a stage or benchmark failed.
+Exit codes (one meaning each; README "Exit codes"):
+    0  every gate was checked and holds
+    1  a gate is breached (the report names the artifact and what it lost)
+    2  the pipeline file, an input it names, or the command line is wrong
+    3  a stage or benchmark failed (e.g. export parity)
+    4  incomplete: a configured gate could not be checked (--no-eval, a skipped artifact, a missing metric)
+    5  internal error (a bug in compress): one paragraph here, the traceback in the run's log or with --debug
+    6  the run folder is locked by another `compress run`
+  130  interrupted (Ctrl-C); every finished artifact is intact
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 from compress.errors import CompressError, ConfigError
 
 EXIT_OK, EXIT_GATE, EXIT_CONFIG, EXIT_STAGE = 0, 1, 2, 3
+EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_INTERRUPTED = 4, 5, 6, 130
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,3 +24,7 @@ class MissingDependencyError(CompressError):
 
 class StageError(CompressError):
     """A stage ran but its result is not acceptable (e.g. export parity failed)."""
+
+
+class RunLockedError(CompressError):
+    """Another `compress run` holds the run folder's lock (exit code 6)."""
