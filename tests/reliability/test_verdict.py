@@ -213,3 +213,41 @@ def test_failure_after_the_gates_keeps_the_verdict(toy, monkeypatch, capsys) -> 
     assert "PASS — all gates hold; report.md not written (see the warning above)" in err
     assert (toy.dir / "report.md").read_text().startswith("# v: run in progress — no verdict")
     assert _manifest(toy.dir)["verdict"] == "PASS"
+
+
+# -- an internal invariant is a bug (exit 5), not a bad pipeline file (exit 2) --------------------------
+def test_quant_invariants_raise_internal_errors() -> None:
+    import torch
+
+    from compress.errors import CompressError
+    from compress.quant.int4.packing import pack_matmul_nbits
+    from compress.quant.int4.rtn import rtn_quantize
+    from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
+
+    qw = rtn_quantize(torch.randn(8, 32), WeightQuantConfig(group_size=32))
+    overflow = dataclasses.replace(qw, zeros=torch.full_like(qw.zeros, 16))  # 16 does not fit in 4 bits
+    with pytest.raises(ValueError, match="zero point 16 does not fit in 4 bits") as err:
+        pack_matmul_nbits(overflow)
+    assert not isinstance(err.value, CompressError)
+    with pytest.raises(ValueError, match="do not match qweight"):
+        QuantizedWeight(qw.qweight, qw.scales[:, :0], qw.zeros, 32, 4)  # (8, 0) scales for one group of 32
+
+
+def test_inconsistent_gptq_checkpoint_is_a_config_error_naming_the_folder(tmp_path) -> None:
+    """A checkpoint folder is user input: tensors that contradict each other get a ConfigError naming it."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from compress.errors import ConfigError
+    from compress.quant.int4.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
+    from compress.quant.int4.rtn import rtn_quantize
+    from compress.quant.int4.weight import WeightQuantConfig
+
+    qw = rtn_quantize(torch.randn(16, 64), WeightQuantConfig(group_size=32, symmetric=True))
+    write_gptq_checkpoint(tmp_path, {"fc": qw}, checkpoint_format="gptq_v2")
+    [file] = tmp_path.glob("*.safetensors")
+    tensors = load_file(str(file))
+    tensors["fc.scales"] = tensors["fc.scales"][:1]  # one group of scales where the weight has two
+    save_file(tensors, str(file))
+    with pytest.raises(ConfigError, match=f"{tmp_path}: fc: scales"):
+        read_gptq_checkpoint(tmp_path)
