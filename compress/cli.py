@@ -152,8 +152,8 @@ def _internal_error(exc: Exception, runner: Runner | None, *, debug: bool) -> st
     import traceback
 
     during = f" during {runner.step}" if runner else ""
-    if runner and runner.journal.log_path.is_file():
-        where = f"The full traceback is in {runner.journal.log_path}."
+    if runner and runner.journal.traceback_in:
+        where = f"The full traceback is in {runner.journal.traceback_in}."
     else:
         where = "Run again with --debug for the full traceback."
     tb = "".join(traceback.format_exception(exc)) if debug else ""

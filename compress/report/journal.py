@@ -30,6 +30,7 @@ class RunJournal:
         self.log_path = run_dir / LOG_FILE
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._log: TextIO | None = None
+        self.traceback_in: Path | None = None  # run.log once a crash's traceback is written there
 
     def start(self) -> None:
         self._log = self.log_path.open("a", encoding="utf-8")
@@ -50,6 +51,7 @@ class RunJournal:
             self._log.write(f"----- {state} during {step} -----\n")
             self._log.write("".join(traceback.format_exception(exc)))
             self._log.flush()
+            self.traceback_in = self.log_path
             self._withdraw(state, step=step, error=error)
         except OSError:
             pass  # a full disk must not hide the error being reported
