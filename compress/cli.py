@@ -23,8 +23,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compress.errors import CompressError, ConfigError
+
+if TYPE_CHECKING:
+    from compress.runner import Runner
 
 EXIT_OK, EXIT_GATE, EXIT_CONFIG, EXIT_STAGE = 0, 1, 2, 3
 EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_INTERRUPTED = 4, 5, 6, 130
@@ -34,9 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compress",
         description="Staged model compression: prune, distill, quantize, export, benchmark and gate.",
-        epilog="Exit codes: 0 all gates hold, 1 a gate is breached, 2 bad pipeline file or arguments, "
-        "3 a stage failed.",
+        epilog="Exit codes: 0 every gate checked and holds, 1 a gate is breached, 2 bad pipeline file or arguments, "
+        "3 a stage failed, 4 incomplete (a gate could not be checked), 5 internal error (a bug), "
+        "6 run folder locked, 130 interrupted.",
     )
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -54,8 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="rebuild a stage (by kind or artifact name), or re-measure: 'eval', 'bench'; repeatable",
     )
-    run.add_argument("--no-bench", action="store_true", help="skip benchmarks (speed gates then fail as not measured)")
-    run.add_argument("--no-eval", action="store_true", help="skip evaluation (accuracy gates are then not checked)")
+    run.add_argument(
+        "--no-bench", action="store_true", help="skip benchmarks (speed gates without a cached result: not checked)"
+    )
+    run.add_argument(
+        "--no-eval", action="store_true", help="skip evaluation (accuracy gates: not checked, the run is incomplete)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     val = sub.add_parser(
@@ -102,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.runner = None  # set by `_run`: where a failure happened and where its traceback went
     try:
         if args.command == "run":
             return _run(args)
@@ -126,7 +137,30 @@ def main(argv: list[str] | None = None) -> int:
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STAGE
+    except KeyboardInterrupt:
+        kept = f"; finished artifacts are kept in {args.runner.run_dir}" if args.runner else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        print(_internal_error(exc, args.runner, debug=args.debug), file=sys.stderr)
+        return EXIT_INTERNAL
     return EXIT_CONFIG
+
+
+def _internal_error(exc: Exception, runner: Runner | None, *, debug: bool) -> str:
+    """One paragraph for a bug: what failed, during what, where the traceback is (printed too with --debug)."""
+    import traceback
+
+    during = f" during {runner.step}" if runner else ""
+    if runner and runner.journal.traceback_in:
+        where = f"The full traceback is in {runner.journal.traceback_in}."
+    else:
+        where = "Run again with --debug for the full traceback."
+    tb = "".join(traceback.format_exception(exc)) if debug else ""
+    return (
+        f"{tb}internal error{during}: {type(exc).__name__}: {exc}. {where} "
+        "This is a bug in compress; please report it with the log."
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     from compress.runner import Runner
 
     cfg = load_pipeline(args.pipeline)
-    runner = Runner(
+    args.runner = runner = Runner(
         cfg,
         runs_dir=args.runs_dir,
         force=frozenset(args.force),
@@ -143,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         bench=not args.no_bench,
         evaluate=not args.no_eval,
     )
-    return EXIT_OK if runner.run().passed else EXIT_GATE
+    return {"PASS": EXIT_OK, "FAIL": EXIT_GATE, "INCOMPLETE": EXIT_INCOMPLETE}[runner.run().verdict]
 
 
 def _list_stages() -> int:

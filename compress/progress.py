@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -55,9 +56,16 @@ class Reporter:
         if not self.console.is_terminal:
             self.console.width = 160  # logs: do not wrap at 80 columns
         self.quiet = quiet
+        self.file: Console | None = None
+
+    def log_to(self, file: TextIO | None) -> None:
+        """Also write every log line, as plain text, to `file` (the run's `run.log`); None stops it."""
+        self.file = None if file is None else Console(file=file, no_color=True, highlight=False, width=160)
 
     def log(self, message: str) -> None:
         self.console.print(message)
+        if self.file is not None:
+            self.file.print(message, soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: float | None) -> Iterator[Task]:

@@ -30,10 +30,11 @@ from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
-from compress.metrics.gates import check_gates
+from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
 from compress.progress import Reporter
 from compress.registry import registered_adapters
-from compress.report.markdown import write_report
+from compress.report.journal import RunJournal
+from compress.report.markdown import verdict_title, write_report
 from compress.stages.base import StageContext
 
 SOURCE_VERSION = 1
@@ -43,9 +44,13 @@ EVAL_FILE, BENCH_FILE = "_evaluation.json", "_bench.json"
 @dataclass
 class RunResult:
     run_dir: Path
-    passed: bool
+    verdict: Verdict  # PASS only when every configured gate was checked and holds
     manifest: dict[str, Any]
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
 
 
 def make_adapter(cfg: PipelineConfig, reporter: Reporter, cache_dir: Path) -> Adapter:
@@ -79,12 +84,25 @@ class Runner:
         self.artifacts: dict[str, Artifact] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.skipped: list[dict[str, str]] = []
+        self.step = "preparing the run"  # what the run is doing, for the message when it fails
+        self.journal = RunJournal(self.run_dir, cfg.name, cfg.file, self.reporter)
 
     # -- the walk ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """Walk, measure, gate. A crash or Ctrl-C leaves report.md saying where it failed, never a verdict."""
+        try:
+            return self._walk()
+        except BaseException as exc:
+            self.journal.failed(exc, self.step)
+            raise
+        finally:
+            self.journal.close()
+
+    def _walk(self) -> RunResult:
         cfg, log = self.cfg, self.reporter.log
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.run_dir)
+        self.journal.start()  # from here on report.md and manifest.json hold no verdict until _finish
         write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
         require_onnx_providers(cfg.bench.onnx_providers)  # a missing GPU provider fails before any work
@@ -115,6 +133,7 @@ class Runner:
             return
         start = time.perf_counter()
         self.reporter.log(f"[cyan]load[/]       {SOURCE} ({self.cfg.model.source})")
+        self.step = f"loading the source ({self.cfg.model.source})"
         model, task_ready = self.adapter.load_source()
         tmp = temp_folder(folder)
         file = self.adapter.save_torch(model, tmp)
@@ -164,6 +183,7 @@ class Runner:
             self._record(cached, cached=True, seconds=0.0)
             return
         log(f"[cyan]run[/]        {plan.name} ({plan.kind} from {plan.input})")
+        self.step = f"stage {plan.kind} ({plan.name})"
         tmp = temp_folder(folder)
         ctx = StageContext(
             adapter=self.adapter,
@@ -226,6 +246,7 @@ class Runner:
                 ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"), hit.get("outputs", {}))
                 self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
             else:
+                self.step = f"evaluation of {name}"
                 session = self.adapter.open_session(
                     art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
                 )
@@ -263,6 +284,7 @@ class Runner:
                 continue
             if not measure:
                 continue
+            self.step = f"benchmark of {name}"
             with self.reporter.task(
                 f"benchmark {name} (batch {list(self.cfg.bench.batch_sizes)}, {self.cfg.bench.threads} thread(s))",
                 total=None,
@@ -279,8 +301,14 @@ class Runner:
 
     # -- gates and outputs ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
-        gates = check_gates(self.cfg, self.records)
-        passed = all(g.passed for g in gates)
+        self.step = "checking the gates"
+        coverage = Coverage(
+            skipped={s["artifact"]: s["reason"] for s in self.skipped},
+            evaluation_off=None if self.do_eval else "--no-eval",
+            bench_off="bench.enabled: false" if not self.cfg.bench.enabled else None if self.do_bench else "--no-bench",
+        )
+        gates = check_gates(self.cfg, self.records, coverage)
+        outcome = verdict(gates)
         manifest = {
             "compress_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -295,17 +323,35 @@ class Runner:
             "artifacts": [self.records[name] for name in self.artifacts],
             "skipped": self.skipped,
             "gates": [g.to_json() for g in gates],
-            "passed": passed,
+            "verdict": outcome,
+            "passed": outcome == "PASS",
+            "run": {"state": "finished", "step": None, "error": None},
         }
-        write_json_atomic(self.run_dir / "manifest.json", manifest)
-        write_report(manifest, self.run_dir)
+        self.step = "writing the report"  # a failure from here on leaves the verdict as it is
+        problems = self._write_outputs(manifest)
+        marks = {"pass": "[green]PASS[/]", "fail": "[red]FAIL[/]", "not-checked": "[yellow]NOT CHECKED[/]"}
         for g in gates:
-            mark = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
             value = "n/a" if g.value is None else f"{g.value:.3g}"
-            self.reporter.log(f"{mark} {g.gate} {g.artifact} vs {g.vs}: {value} ({g.bound}) {g.detail}")
-        verdict = "[green]all gates hold[/]" if passed else "[red]a gate is breached[/]"
-        self.reporter.log(f"{verdict}; report: {self.run_dir / 'report.md'}")
-        return RunResult(self.run_dir, passed, manifest, dict(self.artifacts))
+            self.reporter.log(f"{marks[g.status]} {g.gate} {g.artifact} vs {g.vs}: {value} ({g.bound}) {g.detail}")
+        colour = {"PASS": "green", "FAIL": "red", "INCOMPLETE": "yellow"}[outcome]
+        title = verdict_title(outcome, sum(g.status == "not-checked" for g in gates))
+        report = self.run_dir / "report.md"
+        written = not problems.keys() & {report, self.run_dir / "manifest.json"}
+        where = f"report: {report}" if written else "report.md not written (see the warning above)"
+        self.reporter.log(f"[{colour}]{title}[/]; {where}")
+        return RunResult(self.run_dir, outcome, manifest, dict(self.artifacts))
+
+    def _write_outputs(self, manifest: dict[str, Any]) -> dict[Path, str]:
+        """manifest.json, the plot and report.md; what failed becomes a warning, since the verdict stands."""
+        path = self.run_dir / "manifest.json"
+        try:
+            write_json_atomic(path, manifest)
+            problems = write_report(manifest, self.run_dir)
+        except OSError as exc:
+            problems = {path: f"{type(exc).__name__}: {exc}"}
+        for file, why in problems.items():
+            self.reporter.log(f"[yellow]warning[/]: could not write {file}: {why}; the verdict below stands")
+        return problems
 
 
 def _read_cached(path: Path, key: str) -> dict[str, Any] | None:

@@ -80,7 +80,7 @@ def open_session(
     backend = backend or DEFAULT_BACKEND.get(artifact.format)
     if artifact.format not in FORMATS.get(backend or "", ()):
         allowed = [b for b, formats in FORMATS.items() if artifact.format in formats]
-        raise ConfigError(f"no backend '{backend}' for a {artifact.format} artifact; allowed: {', '.join(allowed)}")
+        raise ValueError(f"no backend '{backend}' for a {artifact.format} artifact; allowed: {', '.join(allowed)}")
     if backend == "torch":
         from compress.backends.torch_backend import TorchSession
 
@@ -91,7 +91,7 @@ def open_session(
 
             return OrtSession(artifact.main, threads=threads)
         if onnx_provider not in ONNX_PROVIDERS:
-            raise ConfigError(f"onnx_provider = {onnx_provider!r}; allowed: {', '.join(ONNX_PROVIDERS)}")
+            raise ValueError(f"onnx_provider = {onnx_provider!r}; allowed: {', '.join(ONNX_PROVIDERS)}")
         from compress.backends.onnxruntime_gpu_backend import OrtGpuSession
 
         return OrtGpuSession(

@@ -158,7 +158,7 @@ class OrtCausalLM:
         """Run the prompt with an empty cache; returns logits (B, T, V) (or (B, 1, V)) and the cache."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim != 2:
-            raise ConfigError(f"input_ids must be (batch, sequence); got shape {ids.shape}")
+            raise ValueError(f"input_ids must be (batch, sequence); got shape {ids.shape}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         state = self.empty_state(mask)
         state.attention_mask = mask

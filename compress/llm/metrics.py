@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compress.errors import ConfigError
-
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 GenerateFn = Callable[[list[int], int], list[int]]
 
@@ -39,9 +37,9 @@ def torch_logits_fn(model: object) -> LogitsFn:
 def _batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     windows = np.asarray(windows, dtype=np.int64)
     if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ConfigError(f"windows must be (N, T) with T >= 2 tokens; got shape {windows.shape}")
+        raise ValueError(f"windows must be (N, T) with T >= 2 tokens; got shape {windows.shape}")
     if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
@@ -69,7 +67,7 @@ def perplexity(logits_fn: LogitsFn, windows: np.ndarray, *, batch_size: int = 1)
     for batch in _batches(windows, batch_size):
         logits = np.asarray(logits_fn(batch))
         if logits.shape[:2] != batch.shape:
-            raise ConfigError(f"logits_fn returned shape {logits.shape} for input {batch.shape}")
+            raise ValueError(f"logits_fn returned shape {logits.shape} for input {batch.shape}")
         nll = _token_nll(logits, batch)
         total += float(nll.sum())
         count += nll.size

@@ -22,19 +22,15 @@ import math
 
 import torch
 
-from compress.errors import ConfigError
-
 ALLOWED_BITS = (4, 8)
 
 
 def check_bits_group(bits: int, group_size: int) -> None:
-    """Raise ConfigError unless ``bits`` and ``group_size`` are supported."""
+    """Raise ValueError unless ``bits`` and ``group_size`` are supported (pydantic validators report it by key)."""
     if bits not in ALLOWED_BITS:
-        raise ConfigError(f"bits = {bits}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+        raise ValueError(f"bits = {bits}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
     if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
-        raise ConfigError(
-            f"group_size = {group_size}; allowed: -1 (per row) or a power of two >= 16 (e.g. 32, 64, 128)"
-        )
+        raise ValueError(f"group_size = {group_size}; allowed: -1 (per row) or a power of two >= 16 (e.g. 32, 64, 128)")
 
 
 def n_groups(in_features: int, group_size: int) -> int:

@@ -133,10 +133,25 @@ def llm_table(manifest: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+STATUS_LABELS = {"pass": "PASS", "fail": "**FAIL**", "not-checked": "not checked"}
+TITLES = {"PASS": "PASS — all gates hold", "FAIL": "FAIL — a gate is breached"}
+UNFINISHED = {"running": "run in progress", "failed": "run failed", "interrupted": "run interrupted"}
+
+
+def gate_status(gate: dict[str, Any]) -> str:
+    """pass | fail | not-checked; manifests written before gates had a status only say `passed`."""
+    return gate.get("status") or ("pass" if gate["passed"] else "fail")
+
+
+def run_verdict(manifest: dict[str, Any]) -> str | None:
+    """PASS | FAIL | INCOMPLETE, or None for a run in progress or one that crashed."""
+    return manifest["verdict"] if "verdict" in manifest else ("PASS" if manifest["passed"] else "FAIL")
+
+
 def gates_table(manifest: dict[str, Any]) -> str:
     rows = [
         [
-            ("PASS" if g["passed"] else "**FAIL**"),
+            STATUS_LABELS[gate_status(g)],
             g["gate"],
             g["artifact"],
             g["vs"],
@@ -146,14 +161,60 @@ def gates_table(manifest: dict[str, Any]) -> str:
         ]
         for g in manifest["gates"]
     ]
-    return _table(["", "gate", "artifact", "vs", "value", "bound", "detail"], rows) if rows else "_no gates_"
+    return _table(["status", "gate", "artifact", "vs", "value", "bound", "detail"], rows) if rows else "_no gates_"
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def verdict_title(verdict: str, unchecked: int) -> str:
+    return TITLES.get(verdict) or f"INCOMPLETE — {_plural(unchecked, 'gate')} not checked"
+
+
+def _gate_notes(manifest: dict[str, Any], verdict: str) -> list[str]:
+    """What was breached, and what could not be checked with the reason."""
+    failed = [g for g in manifest["gates"] if gate_status(g) == "fail"]
+    unchecked = [g for g in manifest["gates"] if gate_status(g) == "not-checked"]
+    out = []
+    if failed:
+        out += ["Breached: " + "; ".join(f"{g['gate']} on `{g['artifact']}` ({g['detail']})" for g in failed), ""]
+    if unchecked:
+        head = "INCOMPLETE" if verdict == "INCOMPLETE" else "Also"
+        out += [f"{head}: {_plural(len(unchecked), 'gate')} not checked (a gate not checked is not a pass):", ""]
+        out += [f"- {g['gate']} on `{g['artifact']}`: {g['detail']}" for g in unchecked] + [""]
+    return out
+
+
+def render_unfinished(
+    name: str, pipeline_file: str, started: str, state: str, *, step: str | None = None, error: str | None = None
+) -> str:
+    """report.md of a run that has no verdict: still running, failed or interrupted."""
+    out = [f"# {name}: {UNFINISHED[state]} — no verdict", ""]
+    if state == "running":
+        out.append(
+            f"A run of `{pipeline_file}` started {started} and has not finished; no gate has been checked yet and "
+            "the report of any earlier run is withdrawn. If this stays, the run was killed: see `run.log`."
+        )
+    elif state == "interrupted":
+        out.append(
+            f"The run of `{pipeline_file}` started {started} was interrupted (Ctrl-C) during {step}. No gate was "
+            "checked. Finished artifacts are kept; the next run resumes from them."
+        )
+    else:
+        out.append(
+            f"The run of `{pipeline_file}` started {started} failed during {step}: `{error}`. No gate was checked. "
+            "Artifacts finished before the failure are kept; the traceback is in `run.log`."
+        )
+    return "\n".join(out) + "\n"
 
 
 def render(manifest: dict[str, Any]) -> str:
     m = manifest
-    verdict = "PASS — all gates hold" if m["passed"] else "FAIL — a gate is breached"
+    verdict = run_verdict(m)
+    unchecked = sum(gate_status(g) == "not-checked" for g in m["gates"])
     out = [
-        f"# {m['pipeline']['name']}: {verdict}",
+        f"# {m['pipeline']['name']}: {verdict_title(verdict, unchecked)}",
         "",
         f"Pipeline `{m['pipeline']['file']}`, family `{m['pipeline']['family']}`, baseline `{m['baseline']}`; "
         f"made {m['created']} by compress {m['compress_version']}.",
@@ -161,10 +222,7 @@ def render(manifest: dict[str, Any]) -> str:
     ]
     out += [f"> **Note.** {note}" for note in m.get("notes", [])] + ([""] if m.get("notes") else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
-    failed = [g for g in m["gates"] if not g["passed"]]
-    out += ["## Gates", "", gates_table(m), ""]
-    if failed:
-        out += ["Breached: " + "; ".join(f"{g['gate']} on `{g['artifact']}` ({g['detail']})" for g in failed), ""]
+    out += ["## Gates", "", gates_table(m), ""] + _gate_notes(m, verdict)
     if any(rec.get("bench") for rec in m["artifacts"]):
         mach = m["machine"]
         llm = llm_table(m)
@@ -198,14 +256,29 @@ def render(manifest: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_report(manifest: dict[str, Any], run_dir: Path) -> None:
+def write_report(manifest: dict[str, Any], run_dir: Path) -> dict[Path, str]:
+    """Write the plot and report.md; return each file that could not be written, with why."""
     from compress.report.plots import plot_accuracy_vs_latency
 
+    problems = {}
+    outputs = [(run_dir / "report.md", lambda path: write_text_atomic(path, render(manifest)))]
     if any(rec.get("bench") for rec in manifest["artifacts"]):
-        plot_accuracy_vs_latency(manifest, run_dir / "accuracy_vs_latency.png")
-    tmp = run_dir / ".report.md.tmp"
-    tmp.write_text(render(manifest))
-    tmp.replace(run_dir / "report.md")
+        outputs.insert(0, (run_dir / "accuracy_vs_latency.png", lambda path: plot_accuracy_vs_latency(manifest, path)))
+    for path, write in outputs:
+        try:
+            write(path)
+        except Exception as exc:  # neither a full disk nor a bug in plotting or rendering may flip a verdict
+            problems[path] = f"{type(exc).__name__}: {exc}"
+    return problems
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _find(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:

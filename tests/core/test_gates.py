@@ -1,4 +1,5 @@
-"""The recovery gate: the share of a lossy stage's quality loss that a later artifact wins back."""
+"""Gates: the recovery gate (the share of a lossy stage's quality loss that a later artifact wins back),
+which artifacts the metric gates apply to, and the verdict over pass / fail / not-checked."""
 
 from __future__ import annotations
 
@@ -14,22 +15,22 @@ def _records(metric: str, **values: float) -> dict:
 def test_perplexity_recovery_is_the_share_of_the_rise_won_back() -> None:
     # pruning took perplexity 15 -> 115; distillation back to 55: (115 - 55) / (115 - 15) = 0.6
     g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=55.0))
-    assert g.value == pytest.approx(0.6) and g.passed
+    assert g.value == pytest.approx(0.6) and g.status == "pass"
     g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=70.0))
-    assert g.value == pytest.approx(0.45) and not g.passed
+    assert g.value == pytest.approx(0.45) and g.status == "fail"
     assert "ppl: source 15.00, prune 115.00, distill 70.00" in g.detail
 
 
 def test_top1_recovery_and_edge_cases() -> None:
     g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=70.0, distill=88.0))
-    assert g.value == pytest.approx(0.9) and g.passed
+    assert g.value == pytest.approx(0.9) and g.status == "pass"
     # nothing lost: nothing to win back, the gate holds and says why
     g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=90.5, distill=89.0))
-    assert g.passed and g.value is None and "lost nothing" in g.detail
-    # an artifact that was not evaluated fails the gate by name
-    records = _records("top1", finetune=90.0, prune=70.0)
+    assert g.status == "pass" and g.value is None and "lost nothing" in g.detail
+    # an artifact without an evaluation: the gate is not checked (never a pass), and says which one
+    records = {**_records("top1", finetune=90.0, prune=70.0), "distill": {"evaluation": None}}
     g = _recovery("distill", "prune", 0.5, "finetune", records)
-    assert not g.passed and "not evaluated: distill" in g.detail
+    assert g.status == "not-checked" and not g.passed and "'distill' is not evaluated" in g.detail
 
 
 def test_metric_gates_on_empty_gates_nothing_and_unset_gates_branch_ends() -> None:
@@ -46,6 +47,19 @@ def test_metric_gates_on_empty_gates_nothing_and_unset_gates_branch_ends() -> No
 
     records = {"finetune": rec("source", 90.0), "prune": rec("finetune", 10.0), "distill": rec("prune", 89.5)}
     unset = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0))
-    assert [(g.artifact, g.passed) for g in check_gates(unset, records)] == [("distill", True)]  # prune: intermediate
+    assert [(g.artifact, g.status) for g in check_gates(unset, records)] == [("distill", "pass")]  # prune: intermediate
     none = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0, metric_gates_on=[]))
     assert check_gates(none, records) == []
+
+
+def test_verdict_is_pass_only_when_every_gate_was_checked_and_holds() -> None:
+    from compress.metrics.gates import GateResult, verdict
+
+    def g(status: str) -> GateResult:
+        return GateResult("speedup_min", "int8", "onnx", None, ">= 1x", status, "")
+
+    assert verdict([]) == "PASS"
+    assert verdict([g("pass"), g("pass")]) == "PASS"
+    assert verdict([g("pass"), g("not-checked")]) == "INCOMPLETE"
+    assert verdict([g("not-checked"), g("fail"), g("pass")]) == "FAIL"  # a breach outranks what was not checked
+    assert g("not-checked").to_json()["passed"] is False

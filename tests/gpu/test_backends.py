@@ -61,7 +61,7 @@ def test_engine_artifact_opens_the_tensorrt_backend(tmp_path) -> None:
     art = _artifact(tmp_path, "engine", "model.engine")
     with pytest.raises(MissingDependencyError, match=r"pip install 'compress\[tensorrt\]'"):
         open_session(art, types.SimpleNamespace(cache_dir=tmp_path), threads=1)
-    with pytest.raises(ConfigError, match="no backend 'torch' for a engine artifact; allowed: tensorrt"):
+    with pytest.raises(ValueError, match="no backend 'torch' for a engine artifact; allowed: tensorrt"):
         open_session(art, types.SimpleNamespace(cache_dir=tmp_path), threads=1, backend="torch")
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compress.errors import ConfigError
 from compress.quant.int4.rtn import rtn_quantize
 from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
 from compress.quant.qparams import column_groups
@@ -55,7 +54,7 @@ def test_config_rejects_unsupported_values() -> None:
 
 
 def test_quantized_weight_checks_shapes() -> None:
-    with pytest.raises(ConfigError, match="scales"):
+    with pytest.raises(ValueError, match="scales"):
         QuantizedWeight(
             torch.zeros(4, 64, dtype=torch.uint8),
             torch.ones(4, 3),

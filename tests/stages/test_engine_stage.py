@@ -14,7 +14,7 @@ import pytest
 from toys import pipeline_yaml
 
 from compress.adapters.base import IOSpec
-from compress.cli import EXIT_GATE, EXIT_OK, EXIT_STAGE, main
+from compress.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_STAGE, main
 from compress.config import load_pipeline
 from compress.errors import ConfigError
 from compress.gpu import availability
@@ -77,13 +77,14 @@ def test_gates_naming_a_skipped_engine_say_so(optional_run, fashion_mnist) -> No
         "  size_ratio_max: {artifact: engine, vs: int8-trt, at_most: 2.0}"
     )
     pipeline = _pipeline(tmp, fashion_mnist, optional=True, gates=gates)
-    # a gate on an artifact that does not exist cannot hold: the run says so and exits 1
-    assert _run(pipeline, tmp / "runs") == EXIT_GATE
+    # a gate on an artifact that does not exist cannot be checked: the run is incomplete (exit 4), not a pass
+    assert _run(pipeline, tmp / "runs") == EXIT_INCOMPLETE
     manifest = json.loads((tmp / "runs" / "trt" / "manifest.json").read_text())
+    assert manifest["verdict"] == "INCOMPLETE" and manifest["passed"] is False
     by_gate = {g["gate"]: g for g in manifest["gates"]}
-    assert by_gate["speedup_min"]["value"] is None and "not measured" in by_gate["speedup_min"]["detail"]
-    assert "artifact skipped" in by_gate["speedup_min"]["detail"]
-    assert by_gate["size_ratio_max"]["value"] is None and by_gate["size_ratio_max"]["detail"] == "artifact missing"
+    for gate in ("speedup_min", "size_ratio_max"):
+        assert by_gate[gate]["status"] == "not-checked" and by_gate[gate]["value"] is None
+        assert "'engine' was skipped" in by_gate[gate]["detail"] and HINT in by_gate[gate]["detail"]
 
 
 @pytest.mark.skipif(TRT.available, reason="this machine has TensorRT and a GPU: the engine is built")
@@ -92,7 +93,6 @@ def test_required_engine_fails_with_the_hint_and_nothing_after_it_runs(
 ) -> None:
     tmp, _ = optional_run
     run_dir = tmp / "runs" / "trt"
-    manifest_before = (run_dir / "manifest.json").stat().st_mtime_ns
     after_walk = []
     monkeypatch.setattr(Runner, "_evaluate_all", lambda self: after_walk.append("evaluate"))
     monkeypatch.setattr(Runner, "_bench_all", lambda self: after_walk.append("bench"))
@@ -100,9 +100,11 @@ def test_required_engine_fails_with_the_hint_and_nothing_after_it_runs(
     assert main(["run", str(pipeline), "--runs-dir", str(tmp / "runs"), "--quiet"]) == EXIT_STAGE
     err = capsys.readouterr().err
     assert "stage engine (engine)" in err and HINT in err
-    # the stage after the engine, evaluation, benchmarks and the manifest never happen
+    # the stage after the engine, evaluation, benchmarks and the gates never happen; no verdict is left behind
     assert not (run_dir / "late").exists() and after_walk == []
-    assert (run_dir / "manifest.json").stat().st_mtime_ns == manifest_before
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["verdict"] is None and manifest["gates"] == [] and manifest["run"]["state"] == "failed"
+    assert "run failed — no verdict" in (run_dir / "report.md").read_text()
     assert not (run_dir / "engine").exists() and not list(run_dir.glob(".*tmp*"))
 
 

@@ -99,7 +99,10 @@ def read_gptq_checkpoint(folder: str | Path) -> tuple[dict[str, QuantizedWeight]
             scales=tensors[f"{name}.scales"].astype(np.float16),
             g_idx=g_idx.astype(np.int32),
         )
-        out[name] = unpack_gptq(t, cfg.group_size, cfg.sym, cfg.checkpoint_format)
+        try:
+            out[name] = unpack_gptq(t, cfg.group_size, cfg.sym, cfg.checkpoint_format)
+        except ValueError as exc:  # tensors that disagree with each other or with quantize_config.json
+            raise ConfigError(f"{folder}: {name}: {exc}") from None
     return out, cfg
 
 
@@ -116,11 +119,11 @@ def write_gptq_checkpoint(
     ``other_tensors`` (norms, embeddings, ...) are stored beside them unchanged.
     """
     if not quantized:
-        raise ConfigError("no quantized weight to write")
+        raise ValueError("no quantized weight to write")
     first = next(iter(quantized.values()))
     for name, qw in quantized.items():
         if (qw.bits, qw.group_size, qw.symmetric) != (first.bits, first.group_size, first.symmetric):
-            raise ConfigError(
+            raise ValueError(
                 f"{name}: bits/group_size/symmetric = {(qw.bits, qw.group_size, qw.symmetric)} differ from "
                 f"{(first.bits, first.group_size, first.symmetric)}; a GPTQ folder holds one setting"
             )

@@ -104,7 +104,7 @@ def _permute_for_g_idx(qw: QuantizedWeight) -> tuple[QuantizedWeight, np.ndarray
     sorted_groups = qw.g_idx.long()[perm]
     g = qw.group_size
     if not torch.equal(sorted_groups, torch.arange(qw.shape[1]) // g):
-        raise ConfigError("g_idx groups are not of equal size group_size; cannot lay them out in blocks")
+        raise ValueError("g_idx groups are not of equal size group_size; cannot lay them out in blocks")
     permuted = QuantizedWeight(
         qweight=qw.qweight[:, perm].contiguous(),
         scales=qw.scales,
@@ -173,10 +173,10 @@ def _matmulnbits_nodes(
 def _dq_nodes(G: _Graph, qw: QuantizedWeight, base: str) -> tuple[list[onnx.NodeProto], str]:
     """DequantizeLinear producing ``Wᵀ [K, N]`` from blocked INT4; returns (nodes, output name)."""
     if not qw.symmetric:
-        raise ConfigError("target tensorrt needs symmetric INT4 weights (symmetric: true); got asymmetric")
+        raise ValueError("target tensorrt needs symmetric INT4 weights (symmetric: true); got asymmetric")
     qw, perm = _permute_for_g_idx(qw)
     if perm is not None:
-        raise ConfigError("target tensorrt needs contiguous groups: use act_order with static_groups")
+        raise ValueError("target tensorrt needs contiguous groups: use act_order with static_groups")
     t = pack_dq_int4(qw)
     x = G.add_packed4(base + "_w_int4", t.data, [t.K, t.N], signed=True)
     s = G.add_init(base + "_w_scale", t.scale)
@@ -191,7 +191,7 @@ def _gather_block_quantized(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight
     """``Gather(E, ids)`` -> ``com.microsoft.GatherBlockQuantized`` (uint8 data, 4 or 8 bits, quantize_axis 1)."""
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
     if axis != 0 or not qw.has_trivial_g_idx():
-        raise ConfigError("GatherBlockQuantized here needs gather axis 0 and contiguous groups")
+        raise ValueError("GatherBlockQuantized here needs gather axis 0 and contiguous groups")
     pack = pack_nibbles if qw.bits == 4 else np.asarray
     vocab, hidden = qw.shape
     bs = matmul_nbits_block_size(hidden, qw.group_size)  # per row: a power of two >= width, one block
@@ -218,7 +218,7 @@ def _gather_block_quantized(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight
 def _dq_gather(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight, base: str) -> list[onnx.NodeProto]:
     """``Gather(E, ids)`` -> ``Gather(DequantizeLinear(E_int4, axis=1, block_size), ids)`` (standard ONNX)."""
     if not qw.symmetric or qw.bits != 4 or not qw.has_trivial_g_idx():
-        raise ConfigError("target tensorrt embeddings need symmetric 4-bit weights with contiguous groups")
+        raise ValueError("target tensorrt embeddings need symmetric 4-bit weights with contiguous groups")
     vocab, hidden = qw.shape
     bs = hidden if qw.group_size == -1 else qw.group_size
     signed = (qw.qweight.numpy().astype(np.int16) - 8).astype(np.int8)  # (vocab, hidden) in [-8, 7]
@@ -300,13 +300,13 @@ def quantize_onnx_weights(
     report; with ``strict`` any Linear not found raises StageError listing them.
     """
     if target not in ("onnxruntime", "tensorrt"):
-        raise ConfigError(f"target = {target!r}; allowed: onnxruntime, tensorrt")
+        raise ValueError(f"target = {target!r}; allowed: onnxruntime, tensorrt")
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"accuracy_level = {accuracy_level}; allowed: 0, 1, 2, 3, 4")
+        raise ValueError(f"accuracy_level = {accuracy_level}; allowed: 0, 1, 2, 3, 4")
     embeddings = embeddings or {}
     missing = [n for n in [*quantized, *embeddings] if n not in float_weights]
     if missing:
-        raise ConfigError(f"no float weight given for {missing}")
+        raise ValueError(f"no float weight given for {missing}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     report = RewriteReport()
     if target == "tensorrt":
@@ -325,7 +325,7 @@ def quantize_onnx_weights(
     for lname, qw in quantized.items():
         w = float_weights[lname]
         if tuple(w.shape) != qw.shape:
-            raise ConfigError(f"{lname}: float weight {tuple(w.shape)} vs quantized {qw.shape}")
+            raise ValueError(f"{lname}: float weight {tuple(w.shape)} vs quantized {qw.shape}")
         base = lname.replace(".", "_")
         hits: list[str] = []
         reasons: list[str] = []

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compress.errors import ConfigError
 from compress.quant.int4.weight import QuantizedWeight
 from compress.quant.qparams import column_groups, n_groups
 
@@ -54,7 +53,7 @@ def unpack_nibbles(packed: np.ndarray, length: int) -> np.ndarray:
 
 def _require_contiguous_groups(qw: QuantizedWeight, fmt: str) -> None:
     if not qw.has_trivial_g_idx():
-        raise ConfigError(
+        raise ValueError(
             f"{fmt} needs contiguous groups but this weight has an act-order g_idx; quantize with "
             "static_groups=True (or desc_act off), or let onnx_rewrite permute the input columns"
         )
@@ -88,7 +87,7 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> MatMulNBitsTensors:
     bs = matmul_nbits_block_size(k, qw.group_size)
     nb = -(-k // bs)
     if qw.n_groups != nb:
-        raise ConfigError(f"{qw.n_groups} groups but MatMulNBits expects {nb} blocks of {bs} for K={k}")
+        raise ValueError(f"{qw.n_groups} groups but MatMulNBits expects {nb} blocks of {bs} for K={k}")
     codes = np.zeros((n, nb * bs), np.uint8)
     codes[:, :k] = qw.qweight.numpy()
     codes = codes.reshape(n, nb, bs)  # (N, n_blocks, block_size)
@@ -96,7 +95,7 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> MatMulNBitsTensors:
     scales = qw.scales.float().numpy().reshape(-1).astype(np.float32)  # (N * n_blocks,)
     zeros = qw.zeros.numpy().astype(np.uint8)  # (N, n_blocks)
     if int(zeros.max()) >= 2**qw.bits:
-        raise ConfigError(f"zero point {int(zeros.max())} does not fit in {qw.bits} bits")
+        raise ValueError(f"zero point {int(zeros.max())} does not fit in {qw.bits} bits")
     if qw.symmetric and np.all(zeros == 2 ** (qw.bits - 1)):
         zp = None
     elif qw.bits == 4:
@@ -151,14 +150,14 @@ def pack_dq_int4(qw: QuantizedWeight) -> BlockedDQTensors:
     """
     _require_contiguous_groups(qw, "DequantizeLinear INT4")
     if qw.bits != 4:
-        raise ConfigError(f"bits = {qw.bits}; blocked DequantizeLinear here supports 4 bits only")
+        raise ValueError(f"bits = {qw.bits}; blocked DequantizeLinear here supports 4 bits only")
     n, k = qw.shape
     bs = k if qw.group_size == -1 else qw.group_size
     codes_t = qw.qweight.numpy().T  # (K, N)
     scale = np.ascontiguousarray(qw.scales.float().numpy().T.astype(np.float32))  # (n_groups, N)
     if qw.symmetric:
         if not np.all(qw.zeros.numpy() == 8):
-            raise ConfigError("a symmetric weight must have zero point 8 everywhere")
+            raise ValueError("a symmetric weight must have zero point 8 everywhere")
         signed = (codes_t.astype(np.int16) - 8).astype(np.int8)
         return BlockedDQTensors(pack_nibbles(signed.reshape(-1)), True, scale, None, k, n, bs)
     zp = np.ascontiguousarray(qw.zeros.numpy().T)  # (n_groups, N)
@@ -214,16 +213,16 @@ class GPTQTensors:
 def pack_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> GPTQTensors:
     """Pack ``qw`` (4 bits) into GPTQ checkpoint tensors; scales are rounded to fp16 (the format's type)."""
     if checkpoint_format not in GPTQ_FORMATS:
-        raise ConfigError(f"checkpoint_format = {checkpoint_format!r}; allowed: {', '.join(GPTQ_FORMATS)}")
+        raise ValueError(f"checkpoint_format = {checkpoint_format!r}; allowed: {', '.join(GPTQ_FORMATS)}")
     if qw.bits != 4:
-        raise ConfigError(f"bits = {qw.bits}; GPTQ checkpoints are written for 4 bits only here")
+        raise ValueError(f"bits = {qw.bits}; GPTQ checkpoints are written for 4 bits only here")
     n, k = qw.shape
     if k % 8 or n % 8:
-        raise ConfigError(f"GPTQ packing needs in and out features divisible by 8, got [{n}, {k}]")
+        raise ValueError(f"GPTQ packing needs in and out features divisible by 8, got [{n}, {k}]")
     zeros = qw.zeros.numpy().astype(np.int16)  # (N, n_groups)
     if checkpoint_format == "gptq":
         if np.any(zeros == 0):
-            raise ConfigError(
+            raise ValueError(
                 "a zero point of 0 cannot be stored in checkpoint_format 'gptq' (v1 stores zero-1 and "
                 "loaders add 1 back); write checkpoint_format 'gptq_v2' instead"
             )
@@ -238,7 +237,7 @@ def pack_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> GPTQTenso
 def unpack_gptq(t: GPTQTensors, group_size: int, symmetric: bool, checkpoint_format: str = "gptq") -> QuantizedWeight:
     """Read GPTQ tensors back into a QuantizedWeight (scales widened to float32)."""
     if checkpoint_format not in GPTQ_FORMATS:
-        raise ConfigError(f"checkpoint_format = {checkpoint_format!r}; allowed: {', '.join(GPTQ_FORMATS)}")
+        raise ValueError(f"checkpoint_format = {checkpoint_format!r}; allowed: {', '.join(GPTQ_FORMATS)}")
     codes = _unpack_int32_rows(t.qweight).T  # (N, K)
     n, k = codes.shape
     zeros = _unpack_int32_rows(np.ascontiguousarray(t.qzeros.T)).T.astype(np.int16)  # (n_groups, N)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compress.errors import ConfigError
 from compress.quant.qparams import ALLOWED_BITS, check_bits_group, column_groups, n_groups
 
 
@@ -37,10 +36,7 @@ class WeightQuantConfig(BaseModel):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        try:
-            check_bits_group(4, v)
-        except ConfigError as e:
-            raise ValueError(str(e)) from e
+        check_bits_group(4, v)
         return v
 
 
@@ -67,14 +63,14 @@ class QuantizedWeight:
         out_f, in_f = self.qweight.shape
         ng = n_groups(in_f, self.group_size) if self.g_idx is None else int(self.g_idx.max()) + 1
         if self.qweight.dtype != torch.uint8:
-            raise ConfigError(f"qweight dtype = {self.qweight.dtype}; allowed: torch.uint8")
+            raise ValueError(f"qweight dtype = {self.qweight.dtype}; allowed: torch.uint8")
         if tuple(self.scales.shape) != (out_f, ng) or tuple(self.zeros.shape) != (out_f, ng):
-            raise ConfigError(
+            raise ValueError(
                 f"scales {tuple(self.scales.shape)} / zeros {tuple(self.zeros.shape)} do not match "
                 f"qweight {tuple(self.qweight.shape)} with group_size {self.group_size} ({ng} groups)"
             )
         if self.g_idx is not None and tuple(self.g_idx.shape) != (in_f,):
-            raise ConfigError(f"g_idx shape {tuple(self.g_idx.shape)}; expected ({in_f},)")
+            raise ValueError(f"g_idx shape {tuple(self.g_idx.shape)}; expected ({in_f},)")
 
     @property
     def shape(self) -> tuple[int, int]:

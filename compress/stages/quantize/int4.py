@@ -343,6 +343,11 @@ def _load_checkpoint(model: Any, options: Int4Options, ctx: StageContext) -> dic
     qws, cfg = read_gptq_checkpoint(folder)
     if options.target == "tensorrt" and not cfg.sym:
         raise ConfigError(f"{folder}: an asymmetric GPTQ checkpoint (sym: false) cannot target tensorrt")
+    if options.target == "tensorrt" and not all(qw.has_trivial_g_idx() for qw in qws.values()):
+        raise ConfigError(
+            f"{folder}: an act-order GPTQ checkpoint (desc_act without static groups) cannot target tensorrt; "
+            "use target: onnxruntime-cpu"
+        )
     modules = dict(model.named_modules())
     for name, qw in qws.items():
         mod = modules.get(name)
