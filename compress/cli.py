@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from compress.errors import CompressError, ConfigError
+from compress.errors import CompressError, ConfigError, RunLockedError
 
 EXIT_OK, EXIT_GATE, EXIT_CONFIG, EXIT_STAGE = 0, 1, 2, 3
 EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_INTERRUPTED = 4, 5, 6, 130
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-bench", action="store_true", help="skip benchmarks (speed gates then fail as not measured)")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation (accuracy gates are then not checked)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--wait", action="store_true", help="if another run holds the run folder's lock, wait for it (else exit 6)"
+    )
 
     val = sub.add_parser(
         "validate",
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STAGE
@@ -142,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         reporter=Reporter(quiet=args.quiet),
         bench=not args.no_bench,
         evaluate=not args.no_eval,
+        wait=args.wait,
     )
     return EXIT_OK if runner.run().passed else EXIT_GATE
 

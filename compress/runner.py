@@ -8,7 +8,7 @@ anything else is rebuilt in a temporary folder and swapped in when complete, so 
 the last finished artifact. Chaining on the parent's content means a rebuilt parent with new bytes
 rebuilds its children, a bit-identical one keeps them. Evaluations and benchmarks are cached beside their
 artifact the same way (keyed by artifact key and content + evaluation data / bench settings + machine),
-written atomically and checksummed.
+written atomically and checksummed. The run folder is locked for the whole run (`compress/lock.py`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_file, sha256_json
+from compress.lock import run_lock
 from compress.metrics.gates import check_gates
 from compress.progress import Reporter
 from compress.registry import registered_adapters
@@ -72,6 +73,7 @@ class Runner:
     """Runs one validated pipeline into `runs_dir/<name>/`.
 
     `force`: names of stages kinds or artifacts to rebuild, or `eval` / `bench` to re-measure.
+    `wait`: when another run holds the run folder's lock, wait for it instead of raising RunLockedError.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Runner:
         reporter: Reporter | None = None,
         bench: bool = True,
         evaluate: bool = True,
+        wait: bool = False,
     ) -> None:
         self.cfg, self.force = cfg, force
         self.reporter = reporter or Reporter()
@@ -90,12 +93,18 @@ class Runner:
         self.cache_dir = runs_dir / ".cache"
         self.do_bench = bench
         self.do_eval = evaluate
+        self.wait = wait
         self.artifacts: dict[str, Artifact] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.skipped: list[dict[str, str]] = []
 
     # -- the walk ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir, wait=self.wait, say=lambda text: self.reporter.log(escape(text))):
+            return self._run_locked()
+
+    def _run_locked(self) -> RunResult:
         cfg, log = self.cfg, self.reporter.log
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.run_dir)
