@@ -110,8 +110,8 @@ def verify_files(art: Artifact, cache_dir: Path | None = None) -> str | None:
         path = art.path / rel
         if not path.is_file():
             return f"{where}/{rel}: missing"
-        if path.stat().st_size != size:
-            return f"{where}/{rel}: size {path.stat().st_size} != recorded {size}"
+        if (actual := path.stat().st_size) != size:
+            return f"{where}/{rel}: size {actual} != recorded {size}"
     extra = sorted(set(model_files(art.path)) - set(recorded))
     if extra:
         return f"{where}/{extra[0]}: not one of the files recorded at commit"

@@ -106,7 +106,6 @@ class Runner:
 
     def _run_locked(self) -> RunResult:
         cfg, log = self.cfg, self.reporter.log
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.run_dir)
         write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
