@@ -1,7 +1,9 @@
 """Artifact: a model at one point of the pipeline, stored as a folder with an `artifact.json` manifest.
 
 Folders are written under a temporary name and renamed when complete (`commit_artifact`), so a killed
-run never leaves a half-written artifact that a later run would trust.
+run never leaves a half-written artifact that a later run would trust. The manifest records the size and
+sha256 of every model file; `verify_files` checks them before a cached artifact is reused, so a truncated,
+overwritten, deleted or added file is found and the artifact rebuilt instead of trusted.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from compress.atomic import write_json_atomic
+from compress.hashing import cached_sha256, sha256_file, sha256_json
+
 Format = Literal["torch", "onnx", "engine"]
 MANIFEST = "artifact.json"
+EVAL_FILE, BENCH_FILE, PREDICTIONS_FILE = "_evaluation.json", "_bench.json", "_predictions.npy"
+RUNNER_FILES = frozenset({MANIFEST, EVAL_FILE, BENCH_FILE, PREDICTIONS_FILE})  # not model files: own integrity
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,18 @@ class Artifact:
     task_ready: bool = True  # False for a source model whose new head is still untrained
     size_bytes: int = 0
     created: str = ""
+    files: dict[str, dict[str, Any]] | None = None  # relative path -> {size, sha256} of every model file
 
     @property
     def main(self) -> Path:
         return self.path / self.file
+
+    @property
+    def content_digest(self) -> str:
+        """sha256 over the recorded file hashes: children chain on it, so new bytes invalidate them."""
+        if self.files is None:
+            raise ValueError(f"artifact {self.name} has no recorded files (not committed by this version)")
+        return sha256_json(self.files)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -58,17 +73,68 @@ def folder_size(path: Path) -> int:
     )
 
 
+def model_files(folder: Path) -> list[str]:
+    """Paths (relative, sorted) of the files an artifact consists of: all but the runner's and temporaries."""
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and str(p.relative_to(folder)) not in RUNNER_FILES and not _is_temp(p.name)
+    )
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def record_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every model file in `folder` (streamed: a multi-GB file is never held in memory)."""
+    return {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in model_files(folder)
+    }
+
+
+def verify_files(art: Artifact, cache_dir: Path | None = None) -> str | None:
+    """None when the folder holds exactly the recorded files, bytes unchanged; else what differs, in words.
+
+    Sizes and the file list are checked first (no file is read), then the sha256 of each file;
+    `cache_dir` remembers digests by (path, size, mtime_ns, inode), see `hashing.cached_sha256`.
+    """
+    where = art.path.name
+    if not isinstance(art.files, dict) or not art.files:
+        return f"{where}: its manifest has no file list (written by an older compress)"
+    try:
+        recorded = {str(rel): (int(want["size"]), str(want["sha256"])) for rel, want in art.files.items()}
+    except (TypeError, KeyError, ValueError):
+        return f"{where}: its manifest's file list is unreadable"
+    for rel, (size, _) in recorded.items():
+        path = art.path / rel
+        if not path.is_file():
+            return f"{where}/{rel}: missing"
+        if (actual := path.stat().st_size) != size:
+            return f"{where}/{rel}: size {actual} != recorded {size}"
+    extra = sorted(set(model_files(art.path)) - set(recorded))
+    if extra:
+        return f"{where}/{extra[0]}: not one of the files recorded at commit"
+    for rel, (_, sha) in recorded.items():
+        digest = cached_sha256(art.path / rel, cache_dir)
+        if digest != sha:
+            return f"{where}/{rel}: sha256 {digest[:12]}... != recorded {sha[:12]}..."
+    return None
+
+
+def load_manifest(folder: Path) -> Artifact | None:
+    """The artifact `folder`'s manifest describes (its files unchecked), or None when there is none readable."""
+    try:
+        art = Artifact.from_json(json.loads((folder / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return Artifact.from_json({**art.to_json(), "path": str(folder)})
+
+
 def read_artifact(folder: Path) -> Artifact | None:
     """The artifact stored in `folder`, or None when the folder is missing or incomplete."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        art = Artifact.from_json(json.loads(manifest.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return None
-    art = Artifact.from_json({**art.to_json(), "path": str(folder)})
-    return art if art.main.exists() else None
+    art = load_manifest(folder)
+    return art if art is not None and art.main.exists() else None
 
 
 def temp_folder(final: Path) -> Path:
@@ -86,6 +152,7 @@ def commit_artifact(tmp: Path, final: Path, art: Artifact) -> Artifact:
             **art.to_json(),
             "path": str(final),
             "size_bytes": folder_size(tmp),
+            "files": record_files(tmp),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     )
@@ -98,9 +165,3 @@ def commit_artifact(tmp: Path, final: Path, art: Artifact) -> Artifact:
     else:
         tmp.rename(final)
     return art
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compress.errors import CompressError, ConfigError
+from compress.errors import CompressError, ConfigError, RunLockedError
 
 if TYPE_CHECKING:
     from compress.runner import Runner
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-eval", action="store_true", help="skip evaluation (accuracy gates: not checked, the run is incomplete)"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--wait", action="store_true", help="if another run holds the run folder's lock, wait for it (else exit 6)"
+    )
 
     val = sub.add_parser(
         "validate",
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STAGE
@@ -176,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         reporter=Reporter(quiet=args.quiet),
         bench=not args.no_bench,
         evaluate=not args.no_eval,
+        wait=args.wait,
     )
     return {"PASS": EXIT_OK, "FAIL": EXIT_GATE, "INCOMPLETE": EXIT_INCOMPLETE}[runner.run().verdict]
 

@@ -1,11 +1,14 @@
 """The runner: walk the stages with a content-hashed cache, evaluate and benchmark every artifact, check
 the gates, write `manifest.json`, `report.md` and the plot.
 
-Cache key of an artifact = sha256 over canonical JSON of {parent key, stage kind, stage version, stage
-options, hashes of the data the stage reads}. An artifact folder whose manifest carries the same key is
-reused ("cache hit"); anything else is rebuilt in a temporary folder and swapped in when complete, so a
-killed run resumes from the last finished artifact. Evaluations and benchmarks are cached beside their
-artifact the same way (keyed by artifact key + evaluation data / bench settings + machine).
+Cache key of an artifact = sha256 over canonical JSON of {parent key, parent content digest, stage kind,
+stage version, stage options, hashes of the data the stage reads}. An artifact folder whose manifest
+carries the same key and whose files still have their recorded sizes and sha256 is reused ("cache hit");
+anything else is rebuilt in a temporary folder and swapped in when complete, so a killed run resumes from
+the last finished artifact. Chaining on the parent's content means a rebuilt parent with new bytes
+rebuilds its children, a bit-identical one keeps them. Evaluations and benchmarks are cached beside their
+artifact the same way (keyed by artifact key and content + evaluation data / bench settings + machine),
+written atomically and checksummed. The run folder is locked for the whole run (`compress/lock.py`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from compress import __version__
 from compress.adapters.base import Adapter, Evaluation
-from compress.artifact import Artifact, commit_artifact, read_artifact, temp_folder, write_json_atomic
+from compress.artifact import (
+    BENCH_FILE,
+    EVAL_FILE,
+    PREDICTIONS_FILE,
+    Artifact,
+    commit_artifact,
+    load_manifest,
+    temp_folder,
+    verify_files,
+)
+from compress.atomic import atomic_path, write_json_atomic
 from compress.backends import require_onnx_providers
 from compress.bench.harness import machine_info
 from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.gpu.availability import GpuUnavailableError
-from compress.hashing import sha256_json
+from compress.hashing import sha256_file, sha256_json
+from compress.lock import run_lock
 from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
 from compress.progress import Reporter
 from compress.registry import registered_adapters
@@ -38,7 +54,6 @@ from compress.report.markdown import verdict_title, write_report
 from compress.stages.base import StageContext
 
 SOURCE_VERSION = 1
-EVAL_FILE, BENCH_FILE = "_evaluation.json", "_bench.json"
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Runner:
     """Runs one validated pipeline into `runs_dir/<name>/`.
 
     `force`: names of stages kinds or artifacts to rebuild, or `eval` / `bench` to re-measure.
+    `wait`: when another run holds the run folder's lock, wait for it instead of raising RunLockedError.
     """
 
     def __init__(
@@ -74,6 +90,7 @@ class Runner:
         reporter: Reporter | None = None,
         bench: bool = True,
         evaluate: bool = True,
+        wait: bool = False,
     ) -> None:
         self.cfg, self.force = cfg, force
         self.reporter = reporter or Reporter()
@@ -81,6 +98,7 @@ class Runner:
         self.cache_dir = runs_dir / ".cache"
         self.do_bench = bench
         self.do_eval = evaluate
+        self.wait = wait
         self.artifacts: dict[str, Artifact] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.skipped: list[dict[str, str]] = []
@@ -99,8 +117,12 @@ class Runner:
             self.journal.close()
 
     def _walk(self) -> RunResult:
-        cfg, log = self.cfg, self.reporter.log
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir, wait=self.wait, say=lambda text: self.reporter.log(escape(text))):
+            return self._run_locked()
+
+    def _run_locked(self) -> RunResult:
+        cfg, log = self.cfg, self.reporter.log
         _remove_stale_temps(self.run_dir)
         self.journal.start()  # from here on report.md and manifest.json hold no verdict until _finish
         write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
@@ -126,8 +148,8 @@ class Runner:
             {"family": self.cfg.family, "source": self.adapter.source_fingerprint(), "version": SOURCE_VERSION}
         )
         folder = self.run_dir / SOURCE
-        cached = read_artifact(folder)
-        if cached is not None and cached.key == key and SOURCE not in self.force:
+        cached = self._reusable(folder, key, forced=SOURCE in self.force)
+        if cached is not None:
             self.reporter.log(f"[green]cache hit[/]  {SOURCE}")
             self._record(cached, cached=True, seconds=0.0)
             return
@@ -166,19 +188,21 @@ class Runner:
         key = sha256_json(
             {
                 "parent": parent.key,
+                "parent_content": parent.content_digest,
                 "stage": plan.kind,
                 "version": plan.spec.version,
                 "options": plan.options.cache_fields(),
                 "data": data,
                 "extra": {
-                    name: self.artifacts[name].key for name in plan.options.extra_inputs() if name in self.artifacts
+                    name: [self.artifacts[name].key, self.artifacts[name].content_digest]
+                    for name in plan.options.extra_inputs()
+                    if name in self.artifacts
                 },
             }
         )
         folder = self.run_dir / plan.name
-        cached = read_artifact(folder)
-        forced = plan.name in self.force or plan.kind in self.force
-        if cached is not None and cached.key == key and not forced:
+        cached = self._reusable(folder, key, forced=plan.name in self.force or plan.kind in self.force)
+        if cached is not None:
             log(f"[green]cache hit[/]  {plan.name} ({plan.kind})")
             self._record(cached, cached=True, seconds=0.0)
             return
@@ -226,24 +250,33 @@ class Runner:
         self._record(commit_artifact(tmp, folder, art), cached=False, seconds=seconds)
         log(f"           {plan.name} done in {seconds:.1f} s")
 
+    def _reusable(self, folder: Path, key: str, *, forced: bool) -> Artifact | None:
+        """The artifact in `folder` if its key matches and its files are intact; a damaged one is named."""
+        cached = load_manifest(folder)
+        if forced or cached is None or cached.key != key:
+            return None
+        problem = verify_files(cached, self.cache_dir)
+        if problem is not None:
+            self.reporter.log(f"[yellow]damaged[/]    {escape(problem)}: rebuilding")
+            return None
+        return cached
+
     def _record(self, art: Artifact, *, cached: bool, seconds: float) -> None:
         self.artifacts[art.name] = art
         self.records[art.name] = {"artifact": art.to_json(), "cached": cached, "size_bytes": art.size_bytes}
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
-        import numpy as np
-
         evals: dict[str, Evaluation] = {}
         for name, art in self.artifacts.items():
             if not art.task_ready:
                 self.records[name]["evaluation"] = None
                 continue
-            key = sha256_json({"artifact": art.key, "evaluation": self.data_hashes.get("evaluation")})
-            cache = art.path / EVAL_FILE
-            hit = _read_cached(cache, key) if "eval" not in self.force else None
-            if hit is not None:
-                ev = Evaluation(hit["metrics"], np.load(art.path / "_predictions.npy"), hit.get("outputs", {}))
+            key = sha256_json(
+                {"artifact": art.key, "content": art.content_digest, "evaluation": self.data_hashes.get("evaluation")}
+            )
+            ev = self._cached_evaluation(art, key) if "eval" not in self.force else None
+            if ev is not None:
                 self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
             else:
                 self.step = f"evaluation of {name}"
@@ -251,9 +284,16 @@ class Runner:
                     art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
                 )
                 ev = self.adapter.evaluate(session, self.reporter, name)
-                np.save(art.path / "_predictions.npy", ev.predictions)
-                write_json_atomic(
-                    cache, {"key": key, "metrics": ev.metrics, "outputs": ev.outputs, "backend": session.backend}
+                predictions_sha256 = _save_predictions(art.path / PREDICTIONS_FILE, ev.predictions)
+                _write_cached(
+                    art.path / EVAL_FILE,
+                    key,
+                    {
+                        "metrics": ev.metrics,
+                        "outputs": ev.outputs,
+                        "backend": session.backend,
+                        "predictions_sha256": predictions_sha256,
+                    },
                 )
             evals[name] = ev
             self.records[name]["evaluation"] = {"metrics": ev.metrics}
@@ -266,6 +306,17 @@ class Runner:
             if parent in evals:
                 record["vs_parent"] = self.adapter.compare(ev, evals[parent])
 
+    def _cached_evaluation(self, art: Artifact, key: str) -> Evaluation | None:
+        """The cached evaluation of `art`, or None (re-evaluate) when it is missing, stale or damaged."""
+        hit = _read_cached(art.path / EVAL_FILE, key)
+        if hit is None:
+            return None
+        predictions = _load_predictions(art.path / PREDICTIONS_FILE, hit.get("predictions_sha256"))
+        if predictions is None:
+            self.reporter.log(f"[yellow]damaged[/]    {art.name}/{PREDICTIONS_FILE}: re-evaluating")
+            return None
+        return Evaluation(hit["metrics"], predictions, hit.get("outputs", {}))
+
     # -- benchmarks ----------------------------------------------------------------------------------
     def _bench_all(self, measure: bool) -> None:
         """Benchmarks of every artifact; with `measure=False` (--no-bench) only cached results are used."""
@@ -275,7 +326,9 @@ class Runner:
         for name, art in self.artifacts.items():
             if not art.task_ready:
                 continue  # an untrained head is not a deliverable; its latency equals its fine-tuned child's
-            key = sha256_json({"artifact": art.key, "bench": bench_cfg, "machine": machine_key})
+            key = sha256_json(
+                {"artifact": art.key, "content": art.content_digest, "bench": bench_cfg, "machine": machine_key}
+            )
             cache = art.path / BENCH_FILE
             hit = _read_cached(cache, key) if "bench" not in self.force else None
             if hit is not None:
@@ -291,7 +344,7 @@ class Runner:
             ):
                 result = _bench_subprocess(self.cfg, art, self.cache_dir, self.machine)
             result["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write_json_atomic(cache, {"key": key, "result": result})
+            _write_cached(cache, key, {"result": result})
             self.records[name]["bench"] = result
             b1 = result["latency"][0]
             self.reporter.log(
@@ -354,12 +407,43 @@ class Runner:
         return problems
 
 
+def _write_cached(path: Path, key: str, payload: dict[str, Any]) -> None:
+    """Write a cache file for `key` atomically, with a checksum of its payload."""
+    payload = json.loads(json.dumps(payload, default=str))  # checksum what a reader will see
+    write_json_atomic(path, {"key": key, "sha256": sha256_json(payload), **payload})
+
+
 def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
+    """The payload `_write_cached` wrote for `key`; None when missing, stale, unreadable or altered."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    return data if data.get("key") == key else None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    payload = {k: v for k, v in data.items() if k not in ("key", "sha256")}
+    return payload if data.get("sha256") == sha256_json(payload) else None
+
+
+def _save_predictions(path: Path, predictions: Any) -> str:
+    """np.save under a temporary name, renamed when complete; returns the file's sha256."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, predictions, allow_pickle=False)
+    return sha256_file(path)
+
+
+def _load_predictions(path: Path, sha256: str | None) -> Any:
+    """The saved predictions when the file is there and matches `sha256`, else None."""
+    import numpy as np
+
+    try:
+        if sha256 is None or sha256_file(path) != sha256:
+            return None
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
 
 
 def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machine: dict[str, Any]) -> dict[str, Any]:
@@ -390,11 +474,16 @@ def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machi
 
 
 def _remove_stale_temps(run_dir: Path) -> None:
-    """Temporary folders of runs that died (their pid is gone) are removed; finished artifacts stay."""
-    for tmp in run_dir.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    """Leftovers of runs that died (their pid is gone) are removed; finished artifacts stay.
+
+    `.NAME.tmp-PID` folders and files (in the run folder and in artifact folders) and `.NAME.old-PID`
+    folders (the previous artifact, when a run died while `commit_artifact` swapped it out).
+    """
+    for pattern in (".*.tmp-*", ".*.old-*", "*/.*.tmp-*"):
+        for path in list(run_dir.glob(pattern)):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -188,7 +188,8 @@ class CausalLMAdapter(Adapter):
     def source_fingerprint(self) -> dict[str, Any]:
         from compress.llm.sources import source_fingerprint
 
-        return {"source": self.model_cfg.source, "fingerprint": source_fingerprint(self.model_cfg.source)}
+        fingerprint = source_fingerprint(self.model_cfg.source, cache_dir=self.cache_dir)
+        return {"source": self.model_cfg.source, "fingerprint": fingerprint}
 
     def load_source(self) -> tuple[torch.nn.Module, bool]:
         return self._loaded[0], True

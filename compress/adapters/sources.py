@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,17 @@ def import_callable(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ConfigError(f"'{spec}': module '{module_name}' has no callable '{attr}'")
     return fn
+
+
+def module_file(spec: str) -> Path | None:
+    """The source file of a `python:module:function` spec's module, found without importing it (None if none).
+
+    Cache keys hash it, so an edited factory rebuilds its source; modules it imports are not followed.
+    """
+    module_name = spec.removeprefix("python:").partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = Path(found.origin) if found is not None and found.origin else None
+    return origin if origin is not None and origin.is_file() else None

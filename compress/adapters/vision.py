@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.adapters.base import Adapter, Evaluation, IOSpec
-from compress.adapters.sources import import_callable, resolve_path
+from compress.adapters.sources import import_callable, module_file, resolve_path
 from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
 from compress.hashing import file_fingerprint
@@ -203,11 +203,14 @@ class VisionAdapter(Adapter):
 
     # -- models --------------------------------------------------------------------------------------
     def source_fingerprint(self) -> dict[str, Any]:
+        """The whole content of the weights file and of a `python:` factory's module (digests cached by stat)."""
         m = self.model_cfg
-        weights = None
+        weights = module = None
         if m.weights:
-            weights = file_fingerprint(resolve_path(m.weights, self.base_dir))
-        return {"source": m.source, "weights": weights, "num_classes": m.num_classes}
+            weights = file_fingerprint(resolve_path(m.weights, self.base_dir), self.cache_dir)
+        if m.source.startswith("python:") and (path := module_file(m.source)) is not None:
+            module = file_fingerprint(path, self.cache_dir)
+        return {"source": m.source, "weights": weights, "module": module, "num_classes": m.num_classes}
 
     def load_source(self) -> tuple[torch.nn.Module, bool]:
         import torch

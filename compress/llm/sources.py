@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import ConfigError, MissingDependencyError
+from compress.hashing import file_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -112,12 +113,12 @@ def _stat_key(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def source_fingerprint(source: str) -> str:
-    """A cheap, stable sha256 identifying the model a source points at (for cache keys).
+def source_fingerprint(source: str, cache_dir: Path | None = None) -> str:
+    """A stable sha256 identifying the model a source points at (for cache keys), without loading it.
 
-    Local files are keyed by absolute path, size and mtime (not their content: hashing a multi-GB file
-    on every run is what this avoids); folders by ``config.json`` content plus the stat of weight files;
-    hub ids and python factories by their name (and the factory module file's stat).
+    Local files are keyed by their whole content (a GGUF file; a folder's weight, config and tokenizer
+    files; a python factory's module file), the digests cached under ``cache_dir`` by path, size, mtime
+    and inode (see ``hashing.cached_sha256`` for what that cannot see); hub ids by their name.
     """
     scheme, rest = parse_source(source)
     key: dict[str, Any] = {"scheme": scheme, "value": rest}
@@ -130,24 +131,18 @@ def source_fingerprint(source: str) -> str:
         scheme, rest = _local_target(scheme, rest)
     if scheme == "gguf":
         path = Path(rest)
-        key["file"] = _stat_key(path) if path.is_file() else None
+        key["file"] = file_fingerprint(path, cache_dir) if path.is_file() else None
     elif scheme == "hf" and Path(rest).is_dir():
-        folder = Path(rest)
-        cfg = folder / "config.json"
-        key["config"] = cfg.read_text() if cfg.is_file() else None
-        key["files"] = sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.iterdir()
-            if p.suffix in (".safetensors", ".bin", ".json", ".model")
-        )
+        key["files"] = [
+            file_fingerprint(p, cache_dir)
+            for p in sorted(Path(rest).iterdir())
+            if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model", ".txt", ".py", ".tiktoken")
+        ]
     elif scheme == "python":
-        module = rest.partition(":")[0]
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.origin and Path(spec.origin).is_file():
-            key["module"] = _stat_key(Path(spec.origin))
+        from compress.adapters.sources import module_file  # one finder for python: specs (imports adapters)
+
+        module = module_file(rest)
+        key["module"] = file_fingerprint(module, cache_dir) if module is not None else None
     blob = json.dumps(key, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
