@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from compress.errors import ConfigError
 from compress.registry import StageSpec, registered_adapters, registered_stages
+from compress.schema import Count, PositiveCount, Real, Seed, Threads
 from compress.stages.base import StageOptions
 from compress.yamlsrc import KeyPath, Located, format_path, load_yaml
 
@@ -29,8 +30,8 @@ class SpeedupGate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str
     vs: str = Field("baseline", description="artifact to compare with; 'baseline' is the pipeline's baseline")
-    at_least: float = Field(gt=0)
-    batch_size: int = Field(1, gt=0)
+    at_least: Real = Field(gt=0)
+    batch_size: Count = Field(1, gt=0)
 
 
 class SizeGate(BaseModel):
@@ -39,7 +40,7 @@ class SizeGate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str
     vs: str = "baseline"
-    at_most: float = Field(gt=0)
+    at_most: Real = Field(gt=0)
 
 
 class RecoveryGate(BaseModel):
@@ -52,7 +53,7 @@ class RecoveryGate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str
     lost_by: str
-    at_least: float = Field(gt=0, description="fraction of the loss won back: 0.5 is half")
+    at_least: Real = Field(gt=0, description="fraction of the loss won back: 0.5 is half")
 
 
 def _as_list(value: Any) -> Any:
@@ -72,8 +73,8 @@ class Gates(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    top1_drop_max: float | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
-    ppl_rise_max: float | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
+    top1_drop_max: Real | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
+    ppl_rise_max: Real | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
     metric_gates_on: tuple[str, ...] | None = Field(
         None,
         description="artifacts top1_drop_max / ppl_rise_max apply to ([] : none); default: the final artifact "
@@ -93,13 +94,15 @@ class BenchOptions(BaseModel):
     """How every artifact is timed. Each artifact is measured in its own process (peak RSS is per artifact)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1, description="latency is measured at each")
-    warmup: int = Field(10, ge=0)
-    iterations: int = Field(100, gt=0)
-    threads: int = Field(1, gt=0, description="intra-op threads of every backend (same for all, for fairness)")
+    batch_sizes: tuple[PositiveCount, ...] = Field((1, 8), min_length=1, description="latency is measured at each")
+    warmup: Count = Field(10, ge=0)
+    iterations: Count = Field(100, gt=0)
+    threads: Threads = Field(1, description="intra-op threads of every backend (same for all, for fairness)")
     enabled: bool = True
-    prompt_lengths: tuple[int, ...] = Field((32, 128, 512), min_length=1, description="causal-lm: prefill lengths")
-    decode_tokens: int = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
+    prompt_lengths: tuple[PositiveCount, ...] = Field(
+        (32, 128, 512), min_length=1, description="causal-lm: prefill lengths"
+    )
+    decode_tokens: Count = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
     onnx_providers: tuple[Literal["cpu", "cuda", "tensorrt"], ...] = Field(
         ("cpu",),
         min_length=1,
@@ -118,8 +121,8 @@ class PipelineModel(BaseModel):
     gates: Gates = Gates()
     bench: BenchOptions = BenchOptions()
     baseline: str | None = Field(None, description="artifact the gates compare with; default: finetune's, else source")
-    seed: int = 0
-    threads: int | None = Field(None, gt=0, description="threads for training/evaluation; default: all cores")
+    seed: Seed = 0
+    threads: Threads | None = Field(None, description="threads for training/evaluation; default: all cores")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from compress.adapters.base import Adapter, Evaluation, IOSpec
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
 from compress.registry import register_adapter
+from compress.schema import Count
 
 if TYPE_CHECKING:
     import torch
@@ -69,13 +70,13 @@ class TextDataOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     text: TextSource = Field(TextSource(kind="pydoc"), description="pydoc topics, a text file or JSONL")
-    window: int = Field(512, ge=8, description="tokens per window")
-    evaluation_windows: int = Field(8, gt=0)
-    calibration_windows: int = Field(16, gt=0)
-    train_windows: int | None = Field(None, gt=0, description="windows for distillation; default: all left")
+    window: Count = Field(512, ge=8, description="tokens per window")
+    evaluation_windows: Count = Field(8, gt=0)
+    calibration_windows: Count = Field(16, gt=0)
+    train_windows: Count | None = Field(None, gt=0, description="windows for distillation; default: all left")
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, description="prompts whose greedy continuations are compared")
-    generation_tokens: int = Field(32, ge=1, description="greedy tokens generated per prompt")
-    batch_size: int = Field(1, gt=0, description="windows per forward during evaluation")
+    generation_tokens: Count = Field(32, ge=1, description="greedy tokens generated per prompt")
+    batch_size: Count = Field(1, gt=0, description="windows per forward during evaluation")
 
 
 class TorchCausalLM:

@@ -25,6 +25,7 @@ from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
 from compress.hashing import file_fingerprint
 from compress.registry import register_adapter
+from compress.schema import Count, Real, Seed
 
 if TYPE_CHECKING:
     import torch
@@ -55,17 +56,17 @@ class VisionModelOptions(BaseModel):
     family: Literal["vision"] = "vision"
     source: str = Field(description="builtin:NAME | python:module:function | torchvision:NAME | timm:NAME")
     weights: str | None = Field(None, description="state dict file (path or pkg:DIST/PATH); omit for random init")
-    num_classes: int | None = Field(None, gt=0, description="replace the classifier head for this many classes")
-    input_size: int = Field(224, ge=16, le=1024, description="square input side in pixels")
+    num_classes: Count | None = Field(None, gt=0, description="replace the classifier head for this many classes")
+    input_size: Count = Field(224, ge=16, le=1024, description="square input side in pixels")
     channels: Literal[1, 3] = 3
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[Real, ...] = IMAGENET_MEAN
+    std: tuple[Real, ...] = IMAGENET_STD
 
 
 class SetRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     split: str = Field(description="split of the dataset definition")
-    samples: int | None = Field(None, gt=0, description="how many; default all that are available")
+    samples: Count | None = Field(None, gt=0, description="how many; default all that are available")
 
 
 class VisionDataOptions(BaseModel):
@@ -86,8 +87,8 @@ class VisionDataOptions(BaseModel):
     train: SetRef | None = Field(None, description="training set (finetune, distill)")
     calibration: SetRef
     evaluation: SetRef
-    seed: int = Field(0, description="seed of the permutation that draws the subsets")
-    batch_size: int = Field(64, gt=0, description="batch size of evaluation")
+    seed: Seed = Field(0, description="seed of the permutation that draws the subsets")
+    batch_size: Count = Field(64, gt=0, description="batch size of evaluation")
 
 
 @register_adapter("vision")

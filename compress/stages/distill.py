@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from compress.distill.options import DistillOptions
 from compress.errors import ConfigError
 from compress.registry import register_stage
+from compress.schema import Count
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 TASKS = {"vision": "classification", "causal-lm": "causal-lm"}  # adapter family -> distill task
@@ -51,9 +52,9 @@ class DistillStageOptions(StageOptions, DistillOptions):
     task: Literal["classification", "causal-lm"] | None = Field(
         None, description="default: the model family's (vision: classification, causal-lm: causal-lm)"
     )
-    batch_size: int = Field(64, gt=0, description="training batch size (images, or windows for causal-lm)")
+    batch_size: Count = Field(64, gt=0, description="training batch size (images, or windows for causal-lm)")
     # A stage default unlike the library's 0 (end only): a killed stage should lose at most this many steps.
-    checkpoint_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
+    checkpoint_every: Count = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
         if self.teacher is None:
