@@ -220,6 +220,8 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     problems = _Problems(located)
     if not isinstance(located.data, dict):
         raise ConfigError(f"{file}: expected a mapping with name, model, data, stages")
+    _refuse_empty_values(located, problems)
+    problems.raise_if_any()
     try:
         top = PipelineModel.model_validate(located.data)
     except ValidationError as exc:
@@ -313,6 +315,18 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         threads=top.threads or os.cpu_count() or 1,
         resolved=resolved,
     )
+
+
+def _refuse_empty_values(located: Located, problems: _Problems) -> None:
+    """`gates:` with nothing after it is a slip, not a choice: only a stage's options may be left empty."""
+    for path in sorted(located.empty, key=lambda p: located.line(p) or 0):
+        if len(path) == 3 and path[0] == "stages":
+            continue  # `- export:` runs the stage with its defaults
+        top = PipelineModel.model_fields.get(str(path[0])) if len(path) == 1 else None
+        if top is not None and top.is_required():
+            problems.add(path, "required, but the value is empty")
+        else:
+            problems.add(path, "the value is empty; write one (null where none is allowed), or remove the key")
 
 
 def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[StagePlan]:
