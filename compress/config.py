@@ -151,6 +151,7 @@ class PipelineConfig:
     seed: int
     threads: int
     resolved: dict[str, Any]  # the whole file after validation, defaults filled in
+    warnings: tuple[str, ...] = ()  # shown by `validate` and `run`; they do not stop a run
 
     @property
     def base_dir(self) -> Path:
@@ -314,7 +315,21 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         seed=top.seed,
         threads=top.threads or os.cpu_count() or 1,
         resolved=resolved,
+        warnings=tuple(_thread_warnings(located, top)),
     )
+
+
+def _thread_warnings(located: Located, top: PipelineModel) -> list[str]:
+    """More threads than cores is allowed (a shared machine, a later move) but slows everything down."""
+    cores = os.cpu_count() or 1
+    out = []
+    for path, value in ((("threads",), top.threads), (("bench", "threads"), top.bench.threads)):
+        if value is not None and value > cores:
+            out.append(
+                f"{located.where(path)}: {format_path(path)} = {value} is above this machine's {cores} cores; "
+                "timings and training will be slower than with fewer threads"
+            )
+    return out
 
 
 def _refuse_empty_values(located: Located, problems: _Problems) -> None:
