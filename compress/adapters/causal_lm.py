@@ -154,17 +154,31 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import SCHEMES, parse_source, resolve_pkg_path
+        from compress.llm.sources import SCHEMES, _local_target, gguf_header_problem, parse_source
 
+        problems = self._text_problems()
         try:
-            scheme, rest = parse_source(self.model_cfg.source)
-            if scheme == "pkg":
-                resolve_pkg_path(rest)
-            elif scheme == "gguf" and not Path(rest).expanduser().is_file():
-                return [(("model", "source"), f"'{rest}': no such GGUF file")]
+            scheme, rest = _local_target(*parse_source(self.model_cfg.source))
+            if scheme == "gguf":
+                path = Path(rest).expanduser()
+                if not path.is_file():
+                    return [(("model", "source"), f"'{rest}': no such GGUF file"), *problems]
+                problem = gguf_header_problem(path)
+                if problem:
+                    problems.append((("model", "source"), problem))
+            elif scheme == "python":
+                from compress.adapters.sources import import_callable
+
+                import_callable(self.model_cfg.source)
         except ConfigError as exc:
-            return [(("model", "source"), f"{exc} (schemes: {', '.join(SCHEMES)})")]
-        return []
+            return [(("model", "source"), f"{exc} (schemes: {', '.join(SCHEMES)})"), *problems]
+        return problems
+
+    def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        path = self.data_cfg.text.path  # read relative to the working directory, as `read_text` does
+        if path is None or path.is_file():
+            return []
+        return [(("data", "text", "path"), f"'{path}': no such file (relative paths start at {Path.cwd()})")]
 
     # -- model ---------------------------------------------------------------------------------------
     @cached_property

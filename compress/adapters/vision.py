@@ -11,6 +11,7 @@ Model sources:
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -110,17 +111,61 @@ class VisionAdapter(Adapter):
             problems.append(
                 (("model", "source"), f"unknown built-in model '{name}'; allowed: {', '.join(BUILTIN_MODELS)}")
             )
+        elif scheme == "python":
+            try:
+                import_callable(self.model_cfg.source)  # the user's own module, named in their pipeline
+            except ConfigError as exc:
+                problems.append((("model", "source"), str(exc)))
         if self.model_cfg.weights:
             try:
                 path = resolve_path(self.model_cfg.weights, self.base_dir)
                 if not path.is_file():
                     problems.append((("model", "weights"), f"'{self.model_cfg.weights}': no such file ({path})"))
+                elif problem := _weights_problem(path):
+                    problems.append((("model", "weights"), problem))
             except ConfigError as exc:
                 problems.append((("model", "weights"), str(exc)))
         definition = resolve_path(self.data_cfg.dataset, self.base_dir)
         if not definition.is_file():
             problems.append((("data", "dataset"), f"'{self.data_cfg.dataset}': no such dataset definition"))
+        else:
+            problems += self._dataset_problems(definition)
         return problems
+
+    def _dataset_problems(self, file: Path) -> list[tuple[tuple[str | int, ...], str]]:
+        """The definition parses, every split named exists, and its files are where the root says."""
+        from compress.data.datasets import DatasetDefinition, IdxFiles, dataset_root
+        from compress.yamlsrc import load_yaml
+
+        try:
+            definition = DatasetDefinition.model_validate(load_yaml(file).data)
+        except ConfigError as exc:
+            return [(("data", "dataset"), str(exc))]
+        except ValueError as exc:  # pydantic's ValidationError
+            return [(("data", "dataset"), f"{file}: invalid dataset definition: {exc}".replace("\n", " "))]
+        root = dataset_root(definition, self.data_cfg.root)
+        where = ("data", "root") if self.data_cfg.root else ("data", "dataset")
+        hint = f"; {definition.install_hint}" if definition.install_hint else ""
+        if not root.is_dir():
+            return [(where, f"dataset root {root} does not exist{hint}")]
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for role in ("train", "calibration", "evaluation"):
+            ref = getattr(self.data_cfg, role)
+            if ref is None:
+                continue
+            entry = definition.splits.get(ref.split)
+            if entry is None:
+                allowed = ", ".join(definition.splits)
+                problems.append((("data", role, "split"), f"'{ref.split}': not a split of {file}; allowed: {allowed}"))
+                continue
+            if definition.format == "idx":
+                files = (entry.images, entry.labels) if isinstance(entry, IdxFiles) else ()
+            else:
+                files = (entry if isinstance(entry, str) else ref.split,)
+            for name in files:
+                if not (root / name).exists():
+                    problems.append((where, f"{root / name} (split '{ref.split}') does not exist{hint}"))
+        return list(dict.fromkeys(problems))
 
     # -- data ----------------------------------------------------------------------------------------
     @cached_property
@@ -216,7 +261,11 @@ class VisionAdapter(Adapter):
         model = _build(self.model_cfg.source)
         if self.model_cfg.weights:
             path = resolve_path(self.model_cfg.weights, self.base_dir)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
+                size = path.stat().st_size
+                raise ConfigError(f"{path}: not a valid PyTorch weights file ({size} bytes read; {exc})") from None
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -306,6 +355,21 @@ class _TrainBatches(Sequence):
 
         idx = self._index[i]
         return torch.from_numpy(self._preprocess(self._data.images[idx])), torch.from_numpy(self._data.labels[idx])
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why `path` cannot be a torch.save file, from its first bytes and its zip directory; None if it may be."""
+    import zipfile
+
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        if zipfile.is_zipfile(path):
+            return None
+        return f"{path}: not a valid PyTorch weights file (a zip archive without its directory; truncated?)"
+    if head[:1] == b"\x80":  # the legacy (pre-1.6) pickle format
+        return None
+    return f"{path}: not a valid PyTorch weights file (starts with {head!r}; expected a torch.save zip archive)"
 
 
 def _forward_arg(model: torch.nn.Module) -> str:
