@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from compress.errors import ConfigError
 from compress.registry import StageSpec, registered_adapters, registered_stages
 from compress.schema import Count, PositiveCount, Real, Seed, Threads
-from compress.stages.base import StageOptions
+from compress.stages.base import Ancestor, StageOptions
 from compress.yamlsrc import KeyPath, Located, format_path, load_yaml
 
 SOURCE = "source"  # name of the artifact the model source becomes
@@ -253,6 +253,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     baseline = top.baseline or next((p.name for p in plans if p.kind == "finetune"), SOURCE)
     if baseline not in names:
         problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
+    _check_lineages(plans, baseline, problems)
     for field in ("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min"):
         for i, gate in enumerate(getattr(top.gates, field)):
             for attr in ("artifact", "lost_by") if field == "recovery_min" else ("artifact", "vs"):
@@ -342,6 +343,21 @@ def _refuse_empty_values(located: Located, problems: _Problems) -> None:
             problems.add(path, "required, but the value is empty")
         else:
             problems.add(path, "the value is empty; write one (null where none is allowed), or remove the key")
+
+
+def _check_lineages(plans: list[StagePlan], baseline: str, problems: _Problems) -> None:
+    """What each stage can only see in its input's ancestry (e.g. distill's default teacher)."""
+    by_name = {p.name: p for p in plans}
+    earlier = {SOURCE: "torch"}
+    for plan in plans:
+        lineage, name = [], plan.input
+        while name in by_name:
+            lineage.append(Ancestor(name, by_name[name].kind, by_name[name].output_format))
+            name = by_name[name].input
+        lineage.append(Ancestor(SOURCE, SOURCE, "torch"))
+        for key, message in plan.options.check_lineage(tuple(lineage), baseline, dict(earlier)):
+            problems.add(("stages", plan.index, plan.kind, key), message)
+        earlier[plan.name] = plan.output_format
 
 
 def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[StagePlan]:

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -270,7 +271,7 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, EOFError) as exc:  # what the gguf reader raises on a cut or corrupt file
+    except (ValueError, EOFError, struct.error) as exc:  # what the gguf reader raises on a cut or corrupt file
         size = path.stat().st_size
         raise ConfigError(f"{path}: not a valid GGUF file ({size} bytes read; {exc}); is it truncated?") from None
     config = loaded.config

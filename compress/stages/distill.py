@@ -30,7 +30,7 @@ from compress.distill.options import DistillOptions
 from compress.errors import ConfigError
 from compress.registry import register_stage
 from compress.schema import Count
-from compress.stages.base import StageContext, StageOptions, StageOutput
+from compress.stages.base import Ancestor, StageContext, StageOptions, StageOutput
 
 TASKS = {"vision": "classification", "causal-lm": "causal-lm"}  # adapter family -> distill task
 
@@ -63,6 +63,25 @@ class DistillStageOptions(StageOptions, DistillOptions):
             return [("teacher", f"no earlier artifact of that name; earlier: {', '.join(earlier)}")]
         if earlier[self.teacher] != "torch":
             return [("teacher", f"the teacher must be a torch artifact; '{self.teacher}' is {earlier[self.teacher]}")]
+        return []
+
+    def check_lineage(
+        self, lineage: tuple[Ancestor, ...], baseline: str, earlier: dict[str, str]
+    ) -> list[tuple[str, str]]:
+        """The default teacher (see `find_teacher`) must exist before this stage and be a torch model."""
+        if self.teacher is not None:
+            return []
+        after_prune = [lineage[i + 1] for i, a in enumerate(lineage[:-1]) if a.kind == "prune"]
+        if after_prune:
+            teacher, why = after_prune[0].name, "the input of the nearest prune"
+        elif baseline in earlier:
+            teacher, why = baseline, "the baseline"
+        else:
+            return [
+                ("teacher", f"no teacher: no prune before it and the baseline '{baseline}' comes later; set teacher")
+            ]
+        if earlier[teacher] != "torch":
+            return [("teacher", f"the default teacher ({why}, '{teacher}') is {earlier[teacher]}; set a torch teacher")]
         return []
 
     def extra_inputs(self) -> tuple[str, ...]:
