@@ -173,7 +173,11 @@ class _Problems:
         self.items.append(f"{self.located.where(path)}: {format_path(path)}{shown}: {message}")
 
     def add_validation(self, prefix: KeyPath, exc: ValidationError, model: Any = None) -> None:
-        for err in exc.errors():
+        errors = exc.errors()
+        failed = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+        for err in errors:
+            if err["type"] == "too_short" and tuple(err["loc"]) in failed:
+                continue  # `[0]` is too short only because its item failed, which is already said
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
             path = (*prefix, *loc)
             if err["type"] == "extra_forbidden":

@@ -149,6 +149,7 @@ class VisionAdapter(Adapter):
         if not root.is_dir():
             return [(where, f"dataset root {root} does not exist{hint}")]
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        missing: list[str] = []
         for role in ("train", "calibration", "evaluation"):
             ref = getattr(self.data_cfg, role)
             if ref is None:
@@ -162,10 +163,11 @@ class VisionAdapter(Adapter):
                 files = (entry.images, entry.labels) if isinstance(entry, IdxFiles) else ()
             else:
                 files = (entry if isinstance(entry, str) else ref.split,)
-            for name in files:
-                if not (root / name).exists():
-                    problems.append((where, f"{root / name} (split '{ref.split}') does not exist{hint}"))
-        return list(dict.fromkeys(problems))
+            missing += [name for name in files if not (root / name).exists() and name not in missing]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            problems.append((where, f"dataset root {root} lacks {shown}{hint}"))
+        return problems
 
     # -- data ----------------------------------------------------------------------------------------
     @cached_property

@@ -80,14 +80,15 @@ def _causal_lm_artifact(folder: Path) -> Artifact:
 
 
 def _open_onnx(path: Path, threads: int) -> OrtCausalLM:
+    from google.protobuf.message import DecodeError
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
     from compress.llm.generate import OrtCausalLM
 
     try:
         return OrtCausalLM(path, threads=threads)
-    except Exception as exc:  # onnxruntime's InvalidProtobuf / Fail have no common public base class
-        if type(exc).__module__.startswith("onnxruntime"):
-            raise ConfigError(f"{path}: not a valid ONNX file ({path.stat().st_size} bytes read; {exc})") from None
-        raise
+    except (DecodeError, Fail, InvalidGraph, InvalidProtobuf) as exc:  # onnx.load's, then onnxruntime's
+        raise ConfigError(f"{path}: not a valid ONNX file ({path.stat().st_size} bytes read; {exc})") from None
 
 
 def generate_command(args: argparse.Namespace) -> int:
