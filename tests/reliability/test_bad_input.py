@@ -116,7 +116,6 @@ def test_python_tags_are_refused_and_never_run(tmp_path, capsys) -> None:
         ({"extra": "seed: 1.5"}, "seed = 1.5: expected a whole number"),
         ({"stages": "\n  - finetune: {steps: 1.0e+26}"}, "stages[0].finetune.steps = 1e+26: expected a whole number"),
         ({"stages": "\n  - finetune: {steps: 100000000000000000000000000}"}, "less than or equal to 2147483647"),
-        ({"stages": "\n  - finetune: {steps: 2, lr: .nan}"}, "stages[0].finetune.lr = nan: Input should be"),
         ({"gates": "top1_drop_max: .inf"}, "gates.top1_drop_max = inf: Input should be a finite number"),
         ({"extra": "threads: 100000"}, "threads = 100000: Input should be less than or equal to 1024"),
     ],
@@ -125,6 +124,13 @@ def test_counts_are_whole_numbers_and_bounds_finite(tmp_path, fashion_mnist, cap
     code, _, err = _validate(_pipeline(tmp_path, fashion_mnist, **kw), capsys)
     assert code == EXIT_CONFIG
     _one_problem(err, fragment)
+
+
+def test_nan_without_a_bound_is_refused(tmp_path, fashion_mnist, capsys) -> None:
+    path = _edit(_pipeline(tmp_path, fashion_mnist), "  input_size: 28", "  input_size: 28\n  mean: [.nan, 0.5, 0.5]")
+    code, _, err = _validate(path, capsys)
+    assert code == EXIT_CONFIG
+    _one_problem(err, "model.mean[0] = nan: Input should be a finite number")
 
 
 def test_zero_batch_size_is_refused(tmp_path, fashion_mnist, capsys) -> None:
