@@ -252,11 +252,11 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     """
     if not path.is_file():
         raise ConfigError(f"model source gguf:{path}: file not found")
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError("gguf", "llm", "loading GGUF model files")
     problem = gguf_header_problem(path)
     if problem:
         raise ConfigError(problem)
-    if importlib.util.find_spec("gguf") is None:
-        raise MissingDependencyError("gguf", "llm", "loading GGUF model files")
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
