@@ -203,21 +203,20 @@ def _prepare_runs_dir(runs_dir: Path) -> None:
         raise ConfigError(f"--runs-dir {runs_dir}: cannot write there ({exc.strerror}); choose another") from None
 
 
-_DISK_ERRORS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-}
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 
 
 def _disk_error(exc: OSError, run_dir: Path) -> str | None:
     """One line for a write that the disk refused during a run; None for any other OSError."""
-    what = _DISK_ERRORS.get(exc.errno)
-    if what is None:
-        return None
     path = exc.filename or f"a file under {run_dir}"
-    return f"{what} while writing {path}; free space or use --runs-dir (finished artifacts are intact)"
+    if exc.errno in _DISK_FULL:
+        what, hint = _DISK_FULL[exc.errno], "free space or use --runs-dir"
+    elif exc.errno in _NOT_WRITABLE:
+        what, hint = _NOT_WRITABLE[exc.errno], "make it writable or use --runs-dir"
+    else:
+        return None
+    return f"{what} while writing {path}; {hint} (finished artifacts are intact)"
 
 
 def _list_stages() -> int:

@@ -396,3 +396,20 @@ def test_generate_on_a_corrupt_onnx_file(tmp_path, capsys) -> None:
     (folder / "artifact.json").write_text(json.dumps(manifest))
     assert main(["generate", str(folder), "hello", "--threads", "1"]) == EXIT_CONFIG
     _one_problem(capsys.readouterr().err, f"{folder / 'model.onnx'}: not a valid ONNX file (512 bytes read")
+
+
+@pytest.mark.parametrize(
+    "code, start",
+    [
+        (errno.ENOSPC, "no space left on device while writing /r/x; free space"),
+        (errno.EDQUOT, "disk quota exceeded while writing /r/x; free space"),
+        (errno.EROFS, "read-only file system while writing /r/x; make it writable"),
+        (errno.EACCES, "permission denied while writing /r/x; make it writable"),
+        (errno.EINVAL, None),  # not the disk's refusal: left to the internal-error handler
+    ],
+)
+def test_disk_errors_are_translated_in_one_place(code, start) -> None:
+    from compress.cli import _disk_error
+
+    message = _disk_error(OSError(code, os.strerror(code), "/r/x"), Path("/r"))
+    assert (message is None) if start is None else message.startswith(start), message
