@@ -246,12 +246,24 @@ def test_weights_that_pass_the_header_check_fail_at_load_with_the_same_message(t
         make_adapter(cfg, Reporter(quiet=True), tmp_path / "cache").load_source()
 
 
-def _gguf_pipeline(tmp: Path, gguf: Path) -> Path:
+def _gguf_pipeline(tmp: Path, gguf: Path, data: str = "{window: 16}") -> Path:
     path = tmp / "llm.yaml"
-    path.write_text(
-        f"name: llm\nmodel: {{family: causal-lm, source: 'gguf:{gguf}'}}\ndata: {{window: 16}}\nstages:\n  - export:\n"
-    )
+    model = f"{{family: causal-lm, source: 'gguf:{gguf}'}}"
+    path.write_text(f"name: llm\nmodel: {model}\ndata: {data}\nstages:\n  - export:\n")
     return path
+
+
+def _gguf_header(path: Path) -> Path:
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 2) + b"\x00" * 10)  # a header, then nothing
+    return path
+
+
+def test_missing_text_file_of_a_causal_lm(tmp_path, capsys) -> None:
+    text = tmp_path / "absent.txt"
+    pipeline = _gguf_pipeline(tmp_path, _gguf_header(tmp_path / "m.gguf"), f"{{text: {{kind: text, path: {text}}}}}")
+    code, _, err = _validate(pipeline, capsys)
+    assert code == EXIT_CONFIG
+    _one_problem(err, f"{pipeline}:3: data.text.path: '{text}': no such file")
 
 
 def test_random_bytes_as_gguf(tmp_path, capsys) -> None:
@@ -267,8 +279,7 @@ def test_gguf_cut_after_its_header_fails_at_load_with_the_same_message(tmp_path,
     from compress.errors import ConfigError
     from compress.llm.sources import convert_gguf
 
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 2) + b"\x00" * 10)
+    gguf = _gguf_header(tmp_path / "model.gguf")
     assert _validate(_gguf_pipeline(tmp_path, gguf), capsys)[0] == EXIT_OK  # the header itself is sound
     with pytest.raises(ConfigError, match=f"{gguf}: not a valid GGUF file .*truncated"):
         convert_gguf(gguf, cache_dir=tmp_path / "cache")
