@@ -20,14 +20,17 @@ Exit codes (one meaning each; README "Exit codes"):
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compress.errors import CompressError, ConfigError, RunLockedError
+from compress.errors import CompressError, ConfigError, RunLockedError, StageError
 
 if TYPE_CHECKING:
+    from compress.config import PipelineConfig
     from compress.runner import Runner
 
 EXIT_OK, EXIT_GATE, EXIT_CONFIG, EXIT_STAGE = 0, 1, 2, 3
@@ -74,9 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser(
         "validate",
         help="check a pipeline file without running anything",
-        description="Check a pipeline file: keys, types, stage order, gates, files. Prints the resolved config.",
+        description="Check a pipeline file: keys, types, stage order, gates, files, sources. Prints the verdict.",
     )
     val.add_argument("pipeline", type=Path)
+    val.add_argument("--show-config", action="store_true", help="then print the resolved config (defaults filled in)")
 
     gen = sub.add_parser(
         "generate",
@@ -120,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "validate":
-            from compress.config import load_pipeline
-
-            cfg = load_pipeline(args.pipeline)
-            print(json.dumps(cfg.resolved, indent=2))
-            print(f"{args.pipeline}: valid ({len(cfg.stages)} stages, baseline '{cfg.baseline}')", file=sys.stderr)
-            return EXIT_OK
+            return _validate(args.pipeline, args.show_config)
         if args.command == "generate":
             from compress.llm.cli_generate import generate_command
 
@@ -169,12 +168,31 @@ def _internal_error(exc: Exception, runner: Runner | None, *, debug: bool) -> st
     )
 
 
+def _validate(pipeline: Path, show_config: bool) -> int:
+    from compress.config import load_pipeline
+
+    cfg = load_pipeline(pipeline)
+    _print_warnings(cfg.warnings)
+    print(f"{pipeline}: valid ({len(cfg.stages)} stages, baseline '{cfg.baseline}')")
+    if show_config:
+        print(json.dumps(cfg.resolved, indent=2))
+    return EXIT_OK
+
+
+def _print_warnings(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from compress.config import load_pipeline
     from compress.progress import Reporter
     from compress.runner import Runner
 
     cfg = load_pipeline(args.pipeline)
+    _print_warnings(cfg.warnings)
+    _check_force(cfg, args.force)
+    _prepare_runs_dir(args.runs_dir)
     args.runner = runner = Runner(
         cfg,
         runs_dir=args.runs_dir,
@@ -184,7 +202,59 @@ def _run(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         wait=args.wait,
     )
-    return {"PASS": EXIT_OK, "FAIL": EXIT_GATE, "INCOMPLETE": EXIT_INCOMPLETE}[runner.run().verdict]
+    try:
+        result = runner.run()
+    except OSError as exc:
+        message = _disk_error(exc, runner.run_dir)
+        if message is None:
+            raise
+        raise StageError(message) from exc
+    return {"PASS": EXIT_OK, "FAIL": EXIT_GATE, "INCOMPLETE": EXIT_INCOMPLETE}[result.verdict]
+
+
+#: What the runner re-measures on `--force eval` / `--force bench`, besides stage kinds and artifact names.
+FORCE_MEASUREMENTS = ("eval", "bench")
+
+
+def _check_force(cfg: PipelineConfig, names: list[str]) -> None:
+    """`--force typo` must not be a silent full cache hit."""
+    from compress.config import SOURCE
+
+    valid = dict.fromkeys([SOURCE, *(p.name for p in cfg.stages), *(p.kind for p in cfg.stages), *FORCE_MEASUREMENTS])
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(
+            f"--force {', '.join(repr(n) for n in unknown)}: not a stage or artifact of {cfg.file}; "
+            f"allowed: {', '.join(valid)}"
+        )
+
+
+def _prepare_runs_dir(runs_dir: Path) -> None:
+    """Create a missing runs dir; refuse, before any work, one that cannot be created or written."""
+    if not runs_dir.exists() and not runs_dir.parent.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir}: its parent folder {runs_dir.parent} does not exist; create it")
+    try:
+        runs_dir.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=runs_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--runs-dir {runs_dir}: cannot write there ({exc.strerror}); choose another") from None
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _disk_error(exc: OSError, run_dir: Path) -> str | None:
+    """One line for a write that the disk refused during a run; None for any other OSError."""
+    path = exc.filename or f"a file under {run_dir}"
+    if exc.errno in _DISK_FULL:
+        what, hint = _DISK_FULL[exc.errno], "free space or use --runs-dir"
+    elif exc.errno in _NOT_WRITABLE:
+        what, hint = _NOT_WRITABLE[exc.errno], "make it writable or use --runs-dir"
+    else:
+        return None
+    return f"{what} while writing {path}; {hint} (finished artifacts are intact)"
 
 
 def _list_stages() -> int:

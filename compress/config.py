@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from compress.errors import ConfigError
 from compress.registry import StageSpec, registered_adapters, registered_stages
-from compress.stages.base import StageOptions
+from compress.schema import Count, PositiveCount, Real, Seed, Threads
+from compress.stages.base import Ancestor, StageOptions
 from compress.yamlsrc import KeyPath, Located, format_path, load_yaml
 
 SOURCE = "source"  # name of the artifact the model source becomes
@@ -29,8 +30,8 @@ class SpeedupGate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str
     vs: str = Field("baseline", description="artifact to compare with; 'baseline' is the pipeline's baseline")
-    at_least: float = Field(gt=0)
-    batch_size: int = Field(1, gt=0)
+    at_least: Real = Field(gt=0)
+    batch_size: Count = Field(1, gt=0)
 
 
 class SizeGate(BaseModel):
@@ -39,7 +40,7 @@ class SizeGate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str
     vs: str = "baseline"
-    at_most: float = Field(gt=0)
+    at_most: Real = Field(gt=0)
 
 
 class RecoveryGate(BaseModel):
@@ -52,7 +53,7 @@ class RecoveryGate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str
     lost_by: str
-    at_least: float = Field(gt=0, description="fraction of the loss won back: 0.5 is half")
+    at_least: Real = Field(gt=0, description="fraction of the loss won back: 0.5 is half")
 
 
 def _as_list(value: Any) -> Any:
@@ -72,8 +73,8 @@ class Gates(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    top1_drop_max: float | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
-    ppl_rise_max: float | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
+    top1_drop_max: Real | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
+    ppl_rise_max: Real | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
     metric_gates_on: tuple[str, ...] | None = Field(
         None,
         description="artifacts top1_drop_max / ppl_rise_max apply to ([] : none); default: the final artifact "
@@ -93,13 +94,15 @@ class BenchOptions(BaseModel):
     """How every artifact is timed. Each artifact is measured in its own process (peak RSS is per artifact)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1, description="latency is measured at each")
-    warmup: int = Field(10, ge=0)
-    iterations: int = Field(100, gt=0)
-    threads: int = Field(1, gt=0, description="intra-op threads of every backend (same for all, for fairness)")
+    batch_sizes: tuple[PositiveCount, ...] = Field((1, 8), min_length=1, description="latency is measured at each")
+    warmup: Count = Field(10, ge=0)
+    iterations: Count = Field(100, gt=0)
+    threads: Threads = Field(1, description="intra-op threads of every backend (same for all, for fairness)")
     enabled: bool = True
-    prompt_lengths: tuple[int, ...] = Field((32, 128, 512), min_length=1, description="causal-lm: prefill lengths")
-    decode_tokens: int = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
+    prompt_lengths: tuple[PositiveCount, ...] = Field(
+        (32, 128, 512), min_length=1, description="causal-lm: prefill lengths"
+    )
+    decode_tokens: Count = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
     onnx_providers: tuple[Literal["cpu", "cuda", "tensorrt"], ...] = Field(
         ("cpu",),
         min_length=1,
@@ -118,8 +121,8 @@ class PipelineModel(BaseModel):
     gates: Gates = Gates()
     bench: BenchOptions = BenchOptions()
     baseline: str | None = Field(None, description="artifact the gates compare with; default: finetune's, else source")
-    seed: int = 0
-    threads: int | None = Field(None, gt=0, description="threads for training/evaluation; default: all cores")
+    seed: Seed = 0
+    threads: Threads | None = Field(None, description="threads for training/evaluation; default: all cores")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class PipelineConfig:
     seed: int
     threads: int
     resolved: dict[str, Any]  # the whole file after validation, defaults filled in
+    warnings: tuple[str, ...] = ()  # shown by `validate` and `run`; they do not stop a run
 
     @property
     def base_dir(self) -> Path:
@@ -169,7 +173,11 @@ class _Problems:
         self.items.append(f"{self.located.where(path)}: {format_path(path)}{shown}: {message}")
 
     def add_validation(self, prefix: KeyPath, exc: ValidationError, model: Any = None) -> None:
-        for err in exc.errors():
+        errors = exc.errors()
+        failed = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+        for err in errors:
+            if err["type"] == "too_short" and tuple(err["loc"]) in failed:
+                continue  # `[0]` is too short only because its item failed, which is already said
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
             path = (*prefix, *loc)
             if err["type"] == "extra_forbidden":
@@ -217,6 +225,8 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     problems = _Problems(located)
     if not isinstance(located.data, dict):
         raise ConfigError(f"{file}: expected a mapping with name, model, data, stages")
+    _refuse_empty_values(located, problems)
+    problems.raise_if_any()
     try:
         top = PipelineModel.model_validate(located.data)
     except ValidationError as exc:
@@ -247,6 +257,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     baseline = top.baseline or next((p.name for p in plans if p.kind == "finetune"), SOURCE)
     if baseline not in names:
         problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
+    _check_lineages(plans, baseline, problems)
     for field in ("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min"):
         for i, gate in enumerate(getattr(top.gates, field)):
             for attr in ("artifact", "lost_by") if field == "recovery_min" else ("artifact", "vs"):
@@ -309,7 +320,48 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         seed=top.seed,
         threads=top.threads or os.cpu_count() or 1,
         resolved=resolved,
+        warnings=tuple(_thread_warnings(located, top)),
     )
+
+
+def _thread_warnings(located: Located, top: PipelineModel) -> list[str]:
+    """More threads than cores is allowed (a shared machine, a later move) but slows everything down."""
+    cores = os.cpu_count() or 1
+    out = []
+    for path, value in ((("threads",), top.threads), (("bench", "threads"), top.bench.threads)):
+        if value is not None and value > cores:
+            out.append(
+                f"{located.where(path)}: {format_path(path)} = {value} is above this machine's {cores} cores; "
+                "timings and training will be slower than with fewer threads"
+            )
+    return out
+
+
+def _refuse_empty_values(located: Located, problems: _Problems) -> None:
+    """`gates:` with nothing after it is a slip, not a choice: only a stage's options may be left empty."""
+    for path in sorted(located.empty, key=lambda p: located.line(p) or 0):
+        if len(path) == 3 and path[0] == "stages":
+            continue  # `- export:` runs the stage with its defaults
+        top = PipelineModel.model_fields.get(str(path[0])) if len(path) == 1 else None
+        if top is not None and top.is_required():
+            problems.add(path, "required, but the value is empty")
+        else:
+            problems.add(path, "the value is empty; write one (null where none is allowed), or remove the key")
+
+
+def _check_lineages(plans: list[StagePlan], baseline: str, problems: _Problems) -> None:
+    """What each stage can only see in its input's ancestry (e.g. distill's default teacher)."""
+    by_name = {p.name: p for p in plans}
+    earlier = {SOURCE: "torch"}
+    for plan in plans:
+        lineage, name = [], plan.input
+        while name in by_name:
+            lineage.append(Ancestor(name, by_name[name].kind, by_name[name].output_format))
+            name = by_name[name].input
+        lineage.append(Ancestor(SOURCE, SOURCE, "torch"))
+        for key, message in plan.options.check_lineage(tuple(lineage), baseline, dict(earlier)):
+            problems.add(("stages", plan.index, plan.kind, key), message)
+        earlier[plan.name] = plan.output_format
 
 
 def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[StagePlan]:

@@ -22,6 +22,7 @@ from compress.adapters.base import Adapter, Evaluation, IOSpec
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
 from compress.registry import register_adapter
+from compress.schema import Count
 
 if TYPE_CHECKING:
     import torch
@@ -69,13 +70,13 @@ class TextDataOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     text: TextSource = Field(TextSource(kind="pydoc"), description="pydoc topics, a text file or JSONL")
-    window: int = Field(512, ge=8, description="tokens per window")
-    evaluation_windows: int = Field(8, gt=0)
-    calibration_windows: int = Field(16, gt=0)
-    train_windows: int | None = Field(None, gt=0, description="windows for distillation; default: all left")
+    window: Count = Field(512, ge=8, description="tokens per window")
+    evaluation_windows: Count = Field(8, gt=0)
+    calibration_windows: Count = Field(16, gt=0)
+    train_windows: Count | None = Field(None, gt=0, description="windows for distillation; default: all left")
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, description="prompts whose greedy continuations are compared")
-    generation_tokens: int = Field(32, ge=1, description="greedy tokens generated per prompt")
-    batch_size: int = Field(1, gt=0, description="windows per forward during evaluation")
+    generation_tokens: Count = Field(32, ge=1, description="greedy tokens generated per prompt")
+    batch_size: Count = Field(1, gt=0, description="windows per forward during evaluation")
 
 
 class TorchCausalLM:
@@ -153,17 +154,31 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import SCHEMES, parse_source, resolve_pkg_path
+        from compress.llm.sources import SCHEMES, _local_target, gguf_header_problem, parse_source
 
+        problems = self._text_problems()
         try:
-            scheme, rest = parse_source(self.model_cfg.source)
-            if scheme == "pkg":
-                resolve_pkg_path(rest)
-            elif scheme == "gguf" and not Path(rest).expanduser().is_file():
-                return [(("model", "source"), f"'{rest}': no such GGUF file")]
+            scheme, rest = _local_target(*parse_source(self.model_cfg.source))
+            if scheme == "gguf":
+                path = Path(rest).expanduser()
+                if not path.is_file():
+                    return [(("model", "source"), f"'{rest}': no such GGUF file"), *problems]
+                problem = gguf_header_problem(path)
+                if problem:
+                    problems.append((("model", "source"), problem))
+            elif scheme == "python":
+                from compress.adapters.sources import import_callable
+
+                import_callable(self.model_cfg.source)
         except ConfigError as exc:
-            return [(("model", "source"), f"{exc} (schemes: {', '.join(SCHEMES)})")]
-        return []
+            return [(("model", "source"), f"{exc} (schemes: {', '.join(SCHEMES)})"), *problems]
+        return problems
+
+    def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        path = self.data_cfg.text.path  # read relative to the working directory, as `read_text` does
+        if path is None or path.is_file():
+            return []
+        return [(("data", "text", "path"), f"'{path}': no such file (relative paths start at {Path.cwd()})")]
 
     # -- model ---------------------------------------------------------------------------------------
     @cached_property

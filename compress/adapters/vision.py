@@ -11,6 +11,7 @@ Model sources:
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,7 @@ from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
 from compress.hashing import file_fingerprint
 from compress.registry import register_adapter
+from compress.schema import Count, Real, Seed
 
 if TYPE_CHECKING:
     import torch
@@ -55,17 +57,17 @@ class VisionModelOptions(BaseModel):
     family: Literal["vision"] = "vision"
     source: str = Field(description="builtin:NAME | python:module:function | torchvision:NAME | timm:NAME")
     weights: str | None = Field(None, description="state dict file (path or pkg:DIST/PATH); omit for random init")
-    num_classes: int | None = Field(None, gt=0, description="replace the classifier head for this many classes")
-    input_size: int = Field(224, ge=16, le=1024, description="square input side in pixels")
+    num_classes: Count | None = Field(None, gt=0, description="replace the classifier head for this many classes")
+    input_size: Count = Field(224, ge=16, le=1024, description="square input side in pixels")
     channels: Literal[1, 3] = 3
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[Real, ...] = IMAGENET_MEAN
+    std: tuple[Real, ...] = IMAGENET_STD
 
 
 class SetRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     split: str = Field(description="split of the dataset definition")
-    samples: int | None = Field(None, gt=0, description="how many; default all that are available")
+    samples: Count | None = Field(None, gt=0, description="how many; default all that are available")
 
 
 class VisionDataOptions(BaseModel):
@@ -86,8 +88,8 @@ class VisionDataOptions(BaseModel):
     train: SetRef | None = Field(None, description="training set (finetune, distill)")
     calibration: SetRef
     evaluation: SetRef
-    seed: int = Field(0, description="seed of the permutation that draws the subsets")
-    batch_size: int = Field(64, gt=0, description="batch size of evaluation")
+    seed: Seed = Field(0, description="seed of the permutation that draws the subsets")
+    batch_size: Count = Field(64, gt=0, description="batch size of evaluation")
 
 
 @register_adapter("vision")
@@ -109,16 +111,62 @@ class VisionAdapter(Adapter):
             problems.append(
                 (("model", "source"), f"unknown built-in model '{name}'; allowed: {', '.join(BUILTIN_MODELS)}")
             )
+        elif scheme == "python":
+            try:
+                import_callable(self.model_cfg.source)  # the user's own module, named in their pipeline
+            except ConfigError as exc:
+                problems.append((("model", "source"), str(exc)))
         if self.model_cfg.weights:
             try:
                 path = resolve_path(self.model_cfg.weights, self.base_dir)
                 if not path.is_file():
                     problems.append((("model", "weights"), f"'{self.model_cfg.weights}': no such file ({path})"))
+                elif problem := _weights_problem(path):
+                    problems.append((("model", "weights"), problem))
             except ConfigError as exc:
                 problems.append((("model", "weights"), str(exc)))
         definition = resolve_path(self.data_cfg.dataset, self.base_dir)
         if not definition.is_file():
             problems.append((("data", "dataset"), f"'{self.data_cfg.dataset}': no such dataset definition"))
+        else:
+            problems += self._dataset_problems(definition)
+        return problems
+
+    def _dataset_problems(self, file: Path) -> list[tuple[tuple[str | int, ...], str]]:
+        """The definition parses, every split named exists, and its files are where the root says."""
+        from compress.data.datasets import DatasetDefinition, IdxFiles, dataset_root
+        from compress.yamlsrc import load_yaml
+
+        try:
+            definition = DatasetDefinition.model_validate(load_yaml(file).data)
+        except ConfigError as exc:
+            return [(("data", "dataset"), str(exc))]
+        except ValueError as exc:  # pydantic's ValidationError
+            return [(("data", "dataset"), f"{file}: invalid dataset definition: {exc}".replace("\n", " "))]
+        root = dataset_root(definition, self.data_cfg.root)
+        where = ("data", "root") if self.data_cfg.root else ("data", "dataset")
+        hint = f"; {definition.install_hint}" if definition.install_hint else ""
+        if not root.is_dir():
+            return [(where, f"dataset root {root} does not exist{hint}")]
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        missing: list[str] = []
+        for role in ("train", "calibration", "evaluation"):
+            ref = getattr(self.data_cfg, role)
+            if ref is None:
+                continue
+            entry = definition.splits.get(ref.split)
+            if entry is None:
+                allowed = ", ".join(definition.splits)
+                problems.append((("data", role, "split"), f"'{ref.split}': not a split of {file}; allowed: {allowed}"))
+                continue
+            if definition.format == "idx":
+                files = (entry.images, entry.labels) if isinstance(entry, IdxFiles) else ()
+            else:
+                files = (entry if isinstance(entry, str) else ref.split,)
+            missing += [name for name in files if not (root / name).exists() and name not in missing]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            problems.append((where, f"dataset root {root} lacks {shown}{hint}"))
         return problems
 
     # -- data ----------------------------------------------------------------------------------------
@@ -218,7 +266,11 @@ class VisionAdapter(Adapter):
         model = _build(self.model_cfg.source)
         if self.model_cfg.weights:
             path = resolve_path(self.model_cfg.weights, self.base_dir)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
+                size = path.stat().st_size
+                raise ConfigError(f"{path}: not a valid PyTorch weights file ({size} bytes read; {exc})") from None
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -308,6 +360,21 @@ class _TrainBatches(Sequence):
 
         idx = self._index[i]
         return torch.from_numpy(self._preprocess(self._data.images[idx])), torch.from_numpy(self._data.labels[idx])
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why `path` cannot be a torch.save file, from its first bytes and its zip directory; None if it may be."""
+    import zipfile
+
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        if zipfile.is_zipfile(path):
+            return None
+        return f"{path}: not a valid PyTorch weights file (a zip archive without its directory; truncated?)"
+    if head[:1] == b"\x80":  # the legacy (pre-1.6) pickle format
+        return None
+    return f"{path}: not a valid PyTorch weights file (starts with {head!r}; expected a torch.save zip archive)"
 
 
 def _forward_arg(model: torch.nn.Module) -> str:

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.errors import ConfigError
+from compress.schema import Count, Real, Seed
 
 
 class FeaturePair(BaseModel):
@@ -42,24 +43,24 @@ class DistillOptions(BaseModel):
         "classification",
         description="classification: batches are (inputs, labels); causal-lm: batches hold input_ids.",
     )
-    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of the soft targets.")
-    alpha: float = Field(
+    temperature: Real = Field(2.0, gt=0.0, description="Softmax temperature T of the soft targets.")
+    alpha: Real = Field(
         0.5, ge=0.0, le=1.0, description="loss = alpha * T^2 * KL + (1 - alpha) * task loss (+ features)."
     )
     features: tuple[FeaturePair, ...] = Field((), description="Module outputs matched with MSE.")
-    feature_weight: float = Field(1.0, ge=0.0, description="Weight of the summed feature MSE terms.")
-    lr: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine decays to lr * min_lr_ratio.")
-    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Global gradient-norm clip; null: none.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; the schedule's horizon.")
-    epochs: float | None = Field(None, gt=0.0, description="Passes over the data (if max_steps is not set).")
-    max_seconds: float | None = Field(None, gt=0.0, description="Stop after this wall-clock time.")
+    feature_weight: Real = Field(1.0, ge=0.0, description="Weight of the summed feature MSE terms.")
+    lr: Real = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: Real = Field(0.01, ge=0.0, description="AdamW decoupled weight decay.")
+    warmup_steps: Count = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: Real = Field(0.0, ge=0.0, le=1.0, description="Cosine decays to lr * min_lr_ratio.")
+    max_grad_norm: Real | None = Field(1.0, gt=0.0, description="Global gradient-norm clip; null: none.")
+    max_steps: Count | None = Field(None, ge=1, description="Optimizer steps; the schedule's horizon.")
+    epochs: Real | None = Field(None, gt=0.0, description="Passes over the data (if max_steps is not set).")
+    max_seconds: Real | None = Field(None, gt=0.0, description="Stop after this wall-clock time.")
     shuffle: bool = Field(True, description="Permute batches each epoch (seeded by seed + epoch).")
-    seed: int = Field(0, description="Seed of the data order and of torch's RNG at the start.")
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
-    teacher_cache_mb: float = Field(
+    seed: Seed = Field(0, description="Seed of the data order and of torch's RNG at the start.")
+    checkpoint_every: Count = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    teacher_cache_mb: Real = Field(
         256.0,
         ge=0.0,
         description=(

@@ -10,8 +10,13 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from compress.artifact import Artifact
+    from compress.llm.generate import GenerationOptions, OrtCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -29,37 +34,78 @@ def find_tokenizer_folder(artifact_dir: Path) -> Path:
         folder = artifact_dir.parent / parent
 
 
+def _options(args: argparse.Namespace) -> GenerationOptions:
+    """The sampling flags as GenerationOptions; a bad value is a one-line error naming the flag."""
+    from pydantic import ValidationError
+
+    from compress.llm.generate import GenerationOptions
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads = {args.threads}: must be at least 1 (omit it for all cores)")
+    try:
+        return GenerationOptions(
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
+    except ValidationError as exc:
+        flags = {"do_sample": "sample"}
+        shown = [
+            f"--{flags.get(str(e['loc'][0]), str(e['loc'][0])).replace('_', '-')} = {e['input']!r}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        raise ConfigError("; ".join(shown)) from None
+
+
+def _causal_lm_artifact(folder: Path) -> Artifact:
+    """The artifact in `folder`, refused unless it is a complete causal-lm torch or ONNX artifact."""
+    from compress.artifact import read_artifact
+
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder (give an artifact folder of a run, e.g. runs/NAME/int8)")
+    artifact = read_artifact(folder)
+    if artifact is None:
+        raise ConfigError(f"{folder}: not a complete artifact folder (no artifact.json or its model file)")
+    resolved = folder.parent / "pipeline.resolved.json"
+    family = json.loads(resolved.read_text()).get("model", {}).get("family") if resolved.is_file() else None
+    if family not in (None, "causal-lm") or (artifact.format == "torch" and artifact.file != "."):
+        raise ConfigError(f"{folder}: a {family or 'vision'} artifact; generate needs one of a causal-lm run")
+    if artifact.format not in ("onnx", "torch"):
+        raise ConfigError(f"{folder}: cannot generate from a {artifact.format} artifact (torch or onnx only)")
+    return artifact
+
+
+def _open_onnx(path: Path, threads: int) -> OrtCausalLM:
+    from google.protobuf.message import DecodeError
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
+    from compress.llm.generate import OrtCausalLM
+
+    try:
+        return OrtCausalLM(path, threads=threads)
+    except (DecodeError, Fail, InvalidGraph, InvalidProtobuf) as exc:  # onnx.load's, then onnxruntime's
+        raise ConfigError(f"{path}: not a valid ONNX file ({path.stat().st_size} bytes read; {exc})") from None
+
+
 def generate_command(args: argparse.Namespace) -> int:
+    options = _options(args)
+    artifact = _causal_lm_artifact(args.artifact)
     from transformers import AutoTokenizer
 
-    from compress.artifact import read_artifact
-    from compress.llm.generate import GenerationOptions, OrtCausalLM
-
-    artifact = read_artifact(args.artifact)
-    if artifact is None:
-        raise ConfigError(f"{args.artifact}: not a complete artifact folder (no artifact.json)")
     tokenizer = AutoTokenizer.from_pretrained(find_tokenizer_folder(args.artifact))
     threads = args.threads or os.cpu_count() or 1
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-    options = GenerationOptions(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop_token_ids=stops,
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
+    options = options.model_copy(update={"stop_token_ids": stops, "pad_token_id": tokenizer.pad_token_id or 0})
     if artifact.format == "onnx":
-        result = OrtCausalLM(artifact.main, threads=threads).generate(prompts, options)
+        result = _open_onnx(artifact.main, threads).generate(prompts, options)
         tokens, speed = result.tokens, result.decode_tokens_per_second
-    elif artifact.format == "torch":
-        tokens, speed = _torch_generate(artifact.path, prompts, options, threads), None
     else:
-        raise ConfigError(f"{args.artifact}: cannot generate from a {artifact.format} artifact")
+        tokens, speed = _torch_generate(artifact.path, prompts, options, threads), None
     for prompt, new in zip(args.prompt, tokens, strict=True):
         print(prompt + tokenizer.decode(new, skip_special_tokens=True))
     rate = f", {speed:.1f} tokens/s decode" if speed else ""

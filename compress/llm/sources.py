@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,25 @@ def _load_hf(
     return model.eval(), tok
 
 
+_GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (1, 2, 3)
+
+
+def gguf_header_problem(path: Path) -> str | None:
+    """Why `path` is not a GGUF file, from its first 24 bytes (magic, version, counts); None if it may be one.
+
+    Cheap enough for `validate`; a file cut after its header is found when it is loaded.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:4] != _GGUF_MAGIC:
+        return f"{path}: not a valid GGUF file (starts with {head[:8]!r}, {len(head)} bytes read; expected b'GGUF')"
+    version = int.from_bytes(head[4:8], "little")
+    if version not in _GGUF_VERSIONS:
+        return f"{path}: not a valid GGUF file (version {version}; known: {', '.join(map(str, _GGUF_VERSIONS))})"
+    return None
+
+
 def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     """Convert a GGUF file once to an fp32 safetensors folder under ``cache_dir/gguf/`` and return it.
 
@@ -229,6 +249,9 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
         raise ConfigError(f"model source gguf:{path}: file not found")
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError("gguf", "llm", "loading GGUF model files")
+    problem = gguf_header_problem(path)
+    if problem:
+        raise ConfigError(problem)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -240,8 +263,12 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     folder, name = str(path.parent), path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, EOFError, struct.error) as exc:  # what the gguf reader raises on a cut or corrupt file
+        size = path.stat().st_size
+        raise ConfigError(f"{path}: not a valid GGUF file ({size} bytes read; {exc}); is it truncated?") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

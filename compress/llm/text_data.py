@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.errors import ConfigError
+from compress.schema import Count
 
 SEPARATOR = "\n\n"
 
@@ -41,7 +42,7 @@ class TextSource(BaseModel):
     kind: Literal["pydoc", "text", "jsonl"] = Field(description="pydoc topics, a text file, or JSONL.")
     path: Path | None = Field(None, description="File to read (text and jsonl only).")
     field: str | None = Field(None, description="JSONL key holding the text (jsonl only).")
-    max_records: int | None = Field(None, ge=1, description="Read at most this many topics/records.")
+    max_records: Count | None = Field(None, ge=1, description="Read at most this many topics/records.")
 
     @model_validator(mode="after")
     def _check(self) -> TextSource:

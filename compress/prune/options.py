@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.errors import ConfigError
+from compress.schema import Count, Real
 
 VISION_IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")  # the criteria prune_vision accepts
 LLM_IMPORTANCES = ("l1", "l2", "wanda")  # the criteria prune_llama accepts
@@ -40,10 +41,10 @@ class PruneTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    channels: float | None = Field(
+    channels: Real | None = Field(
         None, gt=0.0, lt=1.0, description="Fraction of channels removed (0 < x < 1), in one step."
     )
-    macs: float | None = Field(
+    macs: Real | None = Field(
         None, gt=0.0, lt=1.0, description="Fraction of MACs removed (0 < x < 1), reached iteratively."
     )
 
@@ -76,14 +77,14 @@ class PruneOptions(BaseModel):
         default_factory=lambda: PruneTarget(channels=0.5),
         description="How much to remove (vision): {channels: x} or {macs: x}.",
     )
-    steps: int = Field(
+    steps: Count = Field(
         20, ge=1, le=200, description="Increments used to reach a `macs` target (ignored for `channels`)."
     )
     scope: Literal["global", "uniform"] = Field(
         "uniform",
         description="global: rank channels of all layers together; uniform: same fraction in every layer.",
     )
-    max_layer_ratio: float = Field(
+    max_layer_ratio: Real = Field(
         0.9, gt=0.0, le=1.0, description="No layer loses more than this fraction of its channels."
     )
     ignored_layers: tuple[str, ...] = Field(
@@ -92,11 +93,11 @@ class PruneOptions(BaseModel):
             "Module-name globs (fnmatch) whose output channels are kept. The model's output layer is always kept."
         ),
     )
-    round_to: int = Field(8, ge=1, description="Kept channel counts are multiples of this (tensor-core friendly).")
-    mlp_ratio: float = Field(
+    round_to: Count = Field(8, ge=1, description="Kept channel counts are multiples of this (tensor-core friendly).")
+    mlp_ratio: Real = Field(
         0.0, ge=0.0, lt=1.0, description="causal-lm: fraction of MLP intermediate channels removed per layer."
     )
-    heads_ratio: float = Field(
+    heads_ratio: Real = Field(
         0.0, ge=0.0, lt=1.0, description="causal-lm: fraction of attention heads removed per layer."
     )
     head_unit: Literal["query", "kv_group"] = Field(

@@ -15,6 +15,15 @@ if TYPE_CHECKING:
     from compress.progress import Reporter
 
 
+@dataclass(frozen=True)
+class Ancestor:
+    """An artifact in the line a stage starts from, as the plan knows it before any work."""
+
+    name: str
+    kind: str  # stage kind that makes it, or "source"
+    format: str
+
+
 class StageOptions(BaseModel):
     """Keys every stage accepts. Subclasses add their own typed, described options."""
 
@@ -36,6 +45,12 @@ class StageOptions(BaseModel):
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
         """Problems with the artifacts this stage names, given the earlier ones {name: format}: [(key, message)]."""
+        return []
+
+    def check_lineage(
+        self, lineage: tuple[Ancestor, ...], baseline: str, earlier: dict[str, str]
+    ) -> list[tuple[str, str]]:
+        """Problems only the input's ancestry shows (nearest first, ending at the source): [(key, message)]."""
         return []
 
     def check_family(self, family: str) -> list[tuple[str, str]]:

@@ -29,7 +29,8 @@ from pydantic import Field, model_validator
 from compress.distill.options import DistillOptions
 from compress.errors import ConfigError
 from compress.registry import register_stage
-from compress.stages.base import StageContext, StageOptions, StageOutput
+from compress.schema import Count
+from compress.stages.base import Ancestor, StageContext, StageOptions, StageOutput
 
 TASKS = {"vision": "classification", "causal-lm": "causal-lm"}  # adapter family -> distill task
 
@@ -51,9 +52,9 @@ class DistillStageOptions(StageOptions, DistillOptions):
     task: Literal["classification", "causal-lm"] | None = Field(
         None, description="default: the model family's (vision: classification, causal-lm: causal-lm)"
     )
-    batch_size: int = Field(64, gt=0, description="training batch size (images, or windows for causal-lm)")
+    batch_size: Count = Field(64, gt=0, description="training batch size (images, or windows for causal-lm)")
     # A stage default unlike the library's 0 (end only): a killed stage should lose at most this many steps.
-    checkpoint_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
+    checkpoint_every: Count = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
         if self.teacher is None:
@@ -62,6 +63,25 @@ class DistillStageOptions(StageOptions, DistillOptions):
             return [("teacher", f"no earlier artifact of that name; earlier: {', '.join(earlier)}")]
         if earlier[self.teacher] != "torch":
             return [("teacher", f"the teacher must be a torch artifact; '{self.teacher}' is {earlier[self.teacher]}")]
+        return []
+
+    def check_lineage(
+        self, lineage: tuple[Ancestor, ...], baseline: str, earlier: dict[str, str]
+    ) -> list[tuple[str, str]]:
+        """The default teacher (see `find_teacher`) must exist before this stage and be a torch model."""
+        if self.teacher is not None:
+            return []
+        after_prune = [lineage[i + 1] for i, a in enumerate(lineage[:-1]) if a.kind == "prune"]
+        if after_prune:
+            teacher, why = after_prune[0].name, "the input of the nearest prune"
+        elif baseline in earlier:
+            teacher, why = baseline, "the baseline"
+        else:
+            return [
+                ("teacher", f"no teacher: no prune before it and the baseline '{baseline}' comes later; set teacher")
+            ]
+        if earlier[teacher] != "torch":
+            return [("teacher", f"the default teacher ({why}, '{teacher}') is {earlier[teacher]}; set a torch teacher")]
         return []
 
     def extra_inputs(self) -> tuple[str, ...]:

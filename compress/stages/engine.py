@@ -37,6 +37,7 @@ from pydantic import Field, field_validator
 
 from compress.errors import ConfigError
 from compress.registry import register_stage
+from compress.schema import Count, PositiveCount
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 if TYPE_CHECKING:
@@ -60,12 +61,12 @@ class EngineOptions(StageOptions):
         description="int8/int4: the input's Q/DQ (quantize with target: tensorrt), strongly typed; "
         "fp16: TensorRT may pick fp16 kernels; fp32: no reduced precision"
     )
-    profiles: dict[str, tuple[int, int, int]] | None = Field(
+    profiles: dict[str, tuple[PositiveCount, PositiveCount, PositiveCount]] | None = Field(
         None,
         description="dimension name -> [min, opt, max]; names not given get defaults from the adapter's "
         "io_spec (batch: [1, 8, max(32, data.batch_size)])",
     )
-    workspace_mb: int = Field(1024, gt=0, description="TensorRT builder workspace limit, MiB")
+    workspace_mb: Count = Field(1024, gt=0, description="TensorRT builder workspace limit, MiB")
     timing_cache: str | None = Field(
         None,
         description="TensorRT timing cache file, kept between builds; default: a file per TensorRT "

@@ -16,17 +16,18 @@ from pydantic import Field
 
 from compress.errors import StageError
 from compress.registry import register_stage
+from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 
 class ExportOptions(StageOptions):
     """Export a torch artifact to ONNX and check it against torch."""
 
-    opset: int = Field(17, ge=13, le=23, description="ONNX opset (>= 18 with dynamo)")
+    opset: Count = Field(17, ge=13, le=23, description="ONNX opset (>= 18 with dynamo)")
     dynamo: bool = Field(False, description="use the torch.export-based exporter instead of TorchScript")
-    parity_samples: int = Field(32, gt=0, description="real inputs used for the parity check")
-    atol: float = Field(1e-3, ge=0)
-    rtol: float = Field(1e-3, ge=0)
+    parity_samples: Count = Field(32, gt=0, description="real inputs used for the parity check")
+    atol: Real = Field(1e-3, ge=0)
+    rtol: Real = Field(1e-3, ge=0)
 
     def output_format(self, input_format: str) -> str:
         return "onnx"

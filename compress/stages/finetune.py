@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from compress.errors import ConfigError
 from compress.registry import register_stage
+from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 
@@ -24,14 +25,14 @@ class FinetuneOptions(StageOptions):
 
     families: ClassVar[frozenset[str]] = frozenset({"vision"})
     needs_train_data: ClassVar[bool] = True
-    epochs: float | None = Field(1.0, gt=0, description="passes over data.train (fractions allowed)")
-    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    epochs: Real | None = Field(1.0, gt=0, description="passes over data.train (fractions allowed)")
+    steps: Count | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: Count = Field(64, gt=0)
+    lr: Real = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: Real = Field(0.01, ge=0)
+    warmup: Real = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warm-up")
     train: Literal["head", "all"] = Field("all", description="head: only the classifier; all: the whole net")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: Real = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _budget(self) -> FinetuneOptions:

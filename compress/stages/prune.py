@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from compress.errors import ConfigError
 from compress.prune.options import LLM_IMPORTANCES, VISION_IMPORTANCES, PruneOptions
 from compress.registry import register_stage
+from compress.schema import Count
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 LAYERS_FILE = "_prune_layers.json"  # per-layer widths; "_" files are side files, not counted in the size
@@ -41,13 +42,13 @@ class PruneStageOptions(StageOptions, PruneOptions):
     Which keys apply depends on the model family; `check_family` reports the others with file and line.
     """
 
-    samples: int = Field(
+    samples: Count = Field(
         128,
         gt=0,
         description="taylor (vision): labelled calibration images whose gradients rank channels; "
         "wanda (causal-lm): calibration windows whose activations weigh the weights (at most data's count)",
     )
-    batch_size: int = Field(32, gt=0, description="taylor importance: batch size of the gradient passes")
+    batch_size: Count = Field(32, gt=0, description="taylor importance: batch size of the gradient passes")
 
     @field_validator("target", mode="wrap")
     @classmethod

@@ -53,6 +53,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.errors import ConfigError, StageError
+from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 #: ONNX Runtime session entry that keeps DQ+MatMul fusions at float compute (what TensorRT does)
@@ -76,8 +77,8 @@ class Int4Options(StageOptions):
     group_size: Literal[32, 64, 128] = Field(128, description="input columns sharing one scale / zero point")
     symmetric: bool = Field(False, description="zero point fixed at 8; required by target tensorrt")
     act_order: bool = Field(True, description="gptq: columns by decreasing Hessian diagonal (groups kept contiguous)")
-    damp: float = Field(0.01, gt=0, le=1, description="gptq: dampening added to diag(H), fraction of its mean")
-    samples: int = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision) for gptq / awq")
+    damp: Real = Field(0.01, gt=0, le=1, description="gptq: dampening added to diag(H), fraction of its mean")
+    samples: Count = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision) for gptq / awq")
     target: Literal["onnxruntime-cpu", "tensorrt"] = Field(
         "onnxruntime-cpu",
         description="onnxruntime-cpu: MatMulNBits; tensorrt: opset-21 INT4 DequantizeLinear (symmetric only)",
@@ -93,15 +94,15 @@ class Int4Options(StageOptions):
     keep: tuple[str, ...] = Field(
         (), description="module-name globs kept at float, e.g. 'model.layers.0.*' (their bytes are reported)"
     )
-    opset: int | None = Field(
+    opset: Count | None = Field(
         None,
         ge=13,
         le=23,
         description="export opset; default 17 (onnxruntime-cpu) or 20 (tensorrt: >= 18 needed, raised to 21)",
     )
     dynamo: bool = Field(False, description="export with the torch.export-based exporter (opset >= 18)")
-    parity_samples: int = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
-    parity_atol: float | None = Field(
+    parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
+    parity_atol: Real | None = Field(
         None,
         gt=0,
         description="fail the stage if max |onnx - dequantized torch| logit exceeds this; default: report only",

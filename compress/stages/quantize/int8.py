@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.errors import StageError
+from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
 
 CALIBRATORS = ("minmax", "entropy", "percentile")
@@ -42,14 +43,14 @@ class Int8Options(StageOptions):
     calibrator: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="how activation ranges are chosen"
     )
-    percentile: float = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
-    samples: int = Field(256, gt=0, description="calibration samples drawn from data.calibration")
+    percentile: Real = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
+    samples: Count = Field(256, gt=0, description="calibration samples drawn from data.calibration")
     per_channel: bool = Field(True, description="per-channel weight scales")
     exclude_nodes: tuple[str, ...] = Field((), description="node names kept in float")
     op_types: tuple[str, ...] | None = Field(
         None, description="only quantize these op types (default: all ORT supports)"
     )
-    block_size: int = Field(32, ge=16, description="weight-only: weights per scale along K (a power of two)")
+    block_size: Count = Field(32, ge=16, description="weight-only: weights per scale along K (a power of two)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="weight-only: MatMulNBits compute type; 4 = INT8")
     include_lm_head: bool = Field(True, description="weight-only / dynamic: quantize the output projection too")
 
