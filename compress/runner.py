@@ -31,12 +31,13 @@ from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
 from compress.metrics.gates import check_gates
+from compress.paths import MANIFEST_FILE, REPORT_FILE, RESOLVED_FILE, inside
 from compress.progress import Reporter
 from compress.registry import registered_adapters
 from compress.report.markdown import write_report
 from compress.stages.base import StageContext
 
-SOURCE_VERSION = 1
+SOURCE_VERSION = 2  # 2: vision torch artifacts are safetensors + architecture.json, never pickles
 EVAL_FILE, BENCH_FILE = "_evaluation.json", "_bench.json"
 
 
@@ -72,7 +73,7 @@ class Runner:
     ) -> None:
         self.cfg, self.force = cfg, force
         self.reporter = reporter or Reporter()
-        self.run_dir = runs_dir / cfg.name
+        self.run_dir = inside(runs_dir, cfg.name)
         self.cache_dir = runs_dir / ".cache"
         self.do_bench = bench
         self.do_eval = evaluate
@@ -85,7 +86,7 @@ class Runner:
         cfg, log = self.cfg, self.reporter.log
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.run_dir)
-        write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
+        write_json_atomic(inside(self.run_dir, RESOLVED_FILE), cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
         require_onnx_providers(cfg.bench.onnx_providers)  # a missing GPU provider fails before any work
         self.adapter = make_adapter(cfg, self.reporter, self.cache_dir)
@@ -107,7 +108,7 @@ class Runner:
         key = sha256_json(
             {"family": self.cfg.family, "source": self.adapter.source_fingerprint(), "version": SOURCE_VERSION}
         )
-        folder = self.run_dir / SOURCE
+        folder = inside(self.run_dir, SOURCE)
         cached = read_artifact(folder)
         if cached is not None and cached.key == key and SOURCE not in self.force:
             self.reporter.log(f"[green]cache hit[/]  {SOURCE}")
@@ -156,7 +157,7 @@ class Runner:
                 },
             }
         )
-        folder = self.run_dir / plan.name
+        folder = inside(self.run_dir, plan.name)
         cached = read_artifact(folder)
         forced = plan.name in self.force or plan.kind in self.force
         if cached is not None and cached.key == key and not forced:
@@ -297,14 +298,14 @@ class Runner:
             "gates": [g.to_json() for g in gates],
             "passed": passed,
         }
-        write_json_atomic(self.run_dir / "manifest.json", manifest)
+        write_json_atomic(inside(self.run_dir, MANIFEST_FILE), manifest)
         write_report(manifest, self.run_dir)
         for g in gates:
             mark = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
             value = "n/a" if g.value is None else f"{g.value:.3g}"
             self.reporter.log(f"{mark} {g.gate} {g.artifact} vs {g.vs}: {value} ({g.bound}) {g.detail}")
         verdict = "[green]all gates hold[/]" if passed else "[red]a gate is breached[/]"
-        self.reporter.log(f"{verdict}; report: {self.run_dir / 'report.md'}")
+        self.reporter.log(f"{verdict}; report: {self.run_dir / REPORT_FILE}")
         return RunResult(self.run_dir, passed, manifest, dict(self.artifacts))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compress.paths import PLOT_FILE, REPORT_FILE
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -185,7 +187,7 @@ def render(manifest: dict[str, Any]) -> str:
             f"torch {mach.get('torch')}, onnxruntime {mach.get('onnxruntime')}.{bound}",
             "",
         ]
-        out += ["![accuracy vs latency](accuracy_vs_latency.png)", ""]
+        out += [f"![accuracy vs latency]({PLOT_FILE})", ""]
     if m["skipped"]:
         out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m["skipped"]] + [""]
     out += ["## Stage details", ""]
@@ -202,10 +204,10 @@ def write_report(manifest: dict[str, Any], run_dir: Path) -> None:
     from compress.report.plots import plot_accuracy_vs_latency
 
     if any(rec.get("bench") for rec in manifest["artifacts"]):
-        plot_accuracy_vs_latency(manifest, run_dir / "accuracy_vs_latency.png")
+        plot_accuracy_vs_latency(manifest, run_dir / PLOT_FILE)
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text(render(manifest))
-    tmp.replace(run_dir / "report.md")
+    tmp.replace(run_dir / REPORT_FILE)
 
 
 def _find(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.paths import ArtifactName
+
 if TYPE_CHECKING:
     from compress.adapters.base import Adapter
     from compress.artifact import Artifact
@@ -20,8 +22,12 @@ class StageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = Field(None, description="name of the artifact this stage makes; default: the stage kind")
-    input: str | None = Field(None, description="artifact this stage starts from; default: the previous stage's")
+    name: ArtifactName | None = Field(
+        None, description="name of the artifact (its folder in the run) this stage makes; default: the stage kind"
+    )
+    input: ArtifactName | None = Field(
+        None, description="artifact this stage starts from; default: the previous stage's"
+    )
     optional: bool = Field(False, description="if the stage cannot run here (e.g. no GPU), skip it with a note")
 
     #: artifact formats the stage can start from
