@@ -153,7 +153,7 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import SCHEMES, parse_source, resolve_pkg_path
+        from compress.llm.sources import SCHEMES, parse_source, remote_code_problem, resolve_pkg_path
 
         try:
             scheme, rest = parse_source(self.model_cfg.source)
@@ -163,7 +163,8 @@ class CausalLMAdapter(Adapter):
                 return [(("model", "source"), f"'{rest}': no such GGUF file")]
         except ConfigError as exc:
             return [(("model", "source"), f"{exc} (schemes: {', '.join(SCHEMES)})")]
-        return []
+        problem = remote_code_problem(self.model_cfg.source, self.model_cfg.trust_remote_code)
+        return [(("model", "trust_remote_code"), problem)] if problem else []
 
     # -- model ---------------------------------------------------------------------------------------
     @cached_property
