@@ -44,11 +44,26 @@ def format_path(path: Sequence[str | int]) -> str:
     return out or "<top level>"
 
 
+# A pipeline file is plain data: any other tag (`!!python/object`, `!custom`) is refused, not ignored.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp")}
+
+
+def _check_tag(node: yaml.Node) -> None:
+    if node.tag not in _PLAIN_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise ConfigError(
+            f"line {node.start_mark.line + 1}: YAML tag {tag} is not allowed; a pipeline file holds plain data "
+            "(mappings, lists, strings, numbers, booleans, null)"
+        )
+
+
 def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
     lines[path] = node.start_mark.line + 1
+    _check_tag(node)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
+            _check_tag(key_node)
             key = yaml.safe_load(yaml.serialize(key_node))
             if key in out:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
