@@ -22,7 +22,7 @@ MANIFEST = "artifact.json"
 class Artifact:
     name: str
     path: Path  # the artifact's folder
-    file: str  # main file inside the folder ("model.onnx", "model.pt", "." for a HF folder)
+    file: str  # main file inside the folder ("model.onnx", "model.safetensors", "." for a HF folder)
     format: Format
     precision: str  # fp32, fp16, int8, int4, ...
     stage: str  # stage kind that made it, or "source"

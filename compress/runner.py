@@ -325,7 +325,7 @@ def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machi
         "artifact": str(art.path.resolve()),
         "cache_dir": str(cache_dir.resolve()),
     }
-    # The worker must import what this process imports (python:module:function sources, pickled modules).
+    # The worker must import what this process imports (python:module:function sources rebuild torch artifacts).
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(cfg.bench.threads),
