@@ -162,6 +162,31 @@ def test_artifact_with_only_a_pickle_fails_without_unpickling(finished_run, tmp_
     assert "is never loaded" in capsys.readouterr().err and not marker.exists()
 
 
+def test_source_of_the_pickle_era_is_rebuilt_not_loaded(finished_run, tmp_path) -> None:
+    """SOURCE_VERSION changed with the format: a source cached by an older compress (model.pt) is rebuilt."""
+    from compress.config import load_pipeline
+    from compress.hashing import sha256_json
+    from compress.progress import Reporter
+    from compress.runner import SOURCE_VERSION, make_adapter
+
+    pipeline, runs = finished_run
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    cfg = load_pipeline(pipeline)
+    fingerprint = make_adapter(cfg, Reporter(quiet=True), copy / ".cache").source_fingerprint()
+    assert SOURCE_VERSION > 1
+    folder, marker = copy / "toy" / "source", tmp_path / "MARKER"
+    (folder / MODULE_FILE).unlink()
+    (folder / ARCH_FILE).unlink()
+    _plant_pickle(folder / "model.pt", marker)
+    old = json.loads((folder / "artifact.json").read_text())
+    old_key = sha256_json({"family": cfg.family, "source": fingerprint, "version": 1})
+    (folder / "artifact.json").write_text(json.dumps({**old, "file": "model.pt", "key": old_key}))
+    code, _, records = run_quietly(pipeline, copy, "--no-bench", "--force", "finetune")
+    assert code == EXIT_OK and not records["source"]["cached"] and not marker.exists()
+    assert (folder / MODULE_FILE).is_file() and not (folder / "model.pt").exists()
+
+
 def test_planted_distill_checkpoint_pickle_is_ignored(tmp_path) -> None:
     from compress.distill.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
