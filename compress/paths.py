@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
 from compress.errors import ConfigError
@@ -41,14 +39,11 @@ def artifact_name_problem(name: str) -> str | None:
     return None
 
 
-def _valid_name(name: str) -> str:
-    if (problem := artifact_name_problem(name)) is not None:
+def check_artifact_name(name: str | None) -> str | None:
+    """Pydantic validator of a stage's `name:` / `input:`: the problem becomes the located config error."""
+    if name is not None and (problem := artifact_name_problem(name)) is not None:
         raise PydanticCustomError("artifact_name", problem)
     return name
-
-
-#: an artifact name in a pipeline file (a stage's `name:` / `input:`), checked when the file is validated
-ArtifactName = Annotated[str, AfterValidator(_valid_name)]
 
 
 def inside(root: Path, name: str) -> Path:
