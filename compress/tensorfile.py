@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from compress.errors import StageError
+
 _ALIASES = "compress.aliases"
 
 
@@ -44,11 +46,14 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a file written by `write_tensors` (aliases restored) and its metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    for alias, name in json.loads(meta.pop(_ALIASES, "{}")).items():
-        tensors[alias] = tensors[name]
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        for alias, name in json.loads(meta.pop(_ALIASES, "{}")).items():
+            tensors[alias] = tensors[name]
+    except (OSError, SafetensorError, ValueError, KeyError, AttributeError) as exc:
+        raise StageError(f"{path}: not a readable tensor file ({type(exc).__name__}: {exc})") from None
     return tensors, meta

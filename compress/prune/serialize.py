@@ -125,6 +125,9 @@ def _read_architecture(folder: Path) -> dict[str, Any]:
         raise StageError(f"{folder / ARCH_FILE}: unreadable ({exc})") from None
     if not isinstance(arch, dict) or arch.get("format") != FORMAT or arch.get("version") != VERSION:
         raise StageError(f"{folder / ARCH_FILE}: not a {FORMAT} file of version {VERSION}")
+    modules, tied = arch.get("modules"), arch.get("tied", {})
+    if not (isinstance(modules, list) and all(isinstance(m, dict) for m in modules) and isinstance(tied, dict)):
+        raise StageError(f"{folder / ARCH_FILE}: 'modules' must be a list of objects and 'tied' an object")
     return arch
 
 
@@ -184,9 +187,12 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
     """Register the first tensor again under each tied name (loading gave each name its own Parameter)."""
     for name, first in tied.items():
         owner, _, attr = name.rpartition(".")
-        module = model.get_submodule(owner)
-        source_owner, _, source_attr = first.rpartition(".")
-        value = getattr(model.get_submodule(source_owner), source_attr)
+        source_owner, _, source_attr = str(first).rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+            value = getattr(model.get_submodule(source_owner), source_attr)
+        except AttributeError:
+            raise StageError(f"{ARCH_FILE}: tied tensor '{name}' -> '{first}' names no tensor of the model") from None
         if attr in module._parameters:
             module._parameters[attr] = value
         elif attr in module._buffers:

@@ -390,3 +390,10 @@ def test_yaml_python_tags_are_refused_with_file_and_line(tmp_path, capsys, model
         err = capsys.readouterr().err
         assert f"{pipeline}: line 2: YAML tag !" in err and "not allowed" in err, err
     assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_unreadable_tensor_file_is_a_stage_error(tmp_path) -> None:
+    save_module(tiny_cnn(), tmp_path)
+    (tmp_path / MODULE_FILE).write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(StageError, match="not a readable tensor file"):
+        load_module(tmp_path, tiny_cnn)
