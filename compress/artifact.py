@@ -29,7 +29,7 @@ RUNNER_FILES = frozenset({MANIFEST, EVAL_FILE, BENCH_FILE, PREDICTIONS_FILE})  #
 class Artifact:
     name: str
     path: Path  # the artifact's folder
-    file: str  # main file inside the folder ("model.onnx", "model.pt", "." for a HF folder)
+    file: str  # main file inside the folder ("model.onnx", "model.safetensors", "." for a HF folder)
     format: Format
     precision: str  # fp32, fp16, int8, int4, ...
     stage: str  # stage kind that made it, or "source"

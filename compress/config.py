@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from compress.errors import ConfigError
+from compress.paths import NAME_PATTERN
 from compress.registry import StageSpec, registered_adapters, registered_stages
 from compress.schema import Count, PositiveCount, Real, Seed, Threads
 from compress.stages.base import Ancestor, StageOptions
@@ -114,7 +115,7 @@ class BenchOptions(BaseModel):
 
 class PipelineModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run folder name")
+    name: str = Field(pattern=NAME_PATTERN, description="run folder name")
     model: dict[str, Any]
     data: dict[str, Any]
     stages: list[Any] = Field(min_length=1)
@@ -407,6 +408,9 @@ def _plan_one(
         return None
     name = options.name or _default_name(kind, formats)
     known = [n for n in formats if not n.startswith("<")]
+    if name == SOURCE:
+        problems.add((*path, kind, "name"), "reserved for the artifact the model source becomes", name, True)
+        return None
     if name in formats:
         problems.add((*path, kind, "name"), f"artifact name used twice; names so far: {', '.join(known)}", name, True)
         return None

@@ -47,13 +47,14 @@ from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_file, sha256_json
 from compress.lock import run_lock
 from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
+from compress.paths import MANIFEST_FILE, REPORT_FILE, RESOLVED_FILE, inside
 from compress.progress import Reporter
 from compress.registry import registered_adapters
 from compress.report.journal import RunJournal
 from compress.report.markdown import verdict_title, write_report
 from compress.stages.base import StageContext
 
-SOURCE_VERSION = 1
+SOURCE_VERSION = 2  # 2: vision torch artifacts are safetensors + architecture.json, never pickles
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Runner:
     ) -> None:
         self.cfg, self.force = cfg, force
         self.reporter = reporter or Reporter()
-        self.run_dir = runs_dir / cfg.name
+        self.run_dir = inside(runs_dir, cfg.name)
         self.cache_dir = runs_dir / ".cache"
         self.do_bench = bench
         self.do_eval = evaluate
@@ -125,7 +126,7 @@ class Runner:
         cfg, log = self.cfg, self.reporter.log
         _remove_stale_temps(self.run_dir)
         self.journal.start()  # from here on report.md and manifest.json hold no verdict until _finish
-        write_json_atomic(self.run_dir / "pipeline.resolved.json", cfg.resolved)
+        write_json_atomic(inside(self.run_dir, RESOLVED_FILE), cfg.resolved)
         log(f"[bold]compress run[/] {cfg.file} -> {self.run_dir}")
         require_onnx_providers(cfg.bench.onnx_providers)  # a missing GPU provider fails before any work
         self.adapter = make_adapter(cfg, self.reporter, self.cache_dir)
@@ -147,7 +148,7 @@ class Runner:
         key = sha256_json(
             {"family": self.cfg.family, "source": self.adapter.source_fingerprint(), "version": SOURCE_VERSION}
         )
-        folder = self.run_dir / SOURCE
+        folder = inside(self.run_dir, SOURCE)
         cached = self._reusable(folder, key, forced=SOURCE in self.force)
         if cached is not None:
             self.reporter.log(f"[green]cache hit[/]  {SOURCE}")
@@ -200,7 +201,7 @@ class Runner:
                 },
             }
         )
-        folder = self.run_dir / plan.name
+        folder = inside(self.run_dir, plan.name)
         cached = self._reusable(folder, key, forced=plan.name in self.force or plan.kind in self.force)
         if cached is not None:
             log(f"[green]cache hit[/]  {plan.name} ({plan.kind})")
@@ -388,15 +389,15 @@ class Runner:
             self.reporter.log(f"{marks[g.status]} {g.gate} {g.artifact} vs {g.vs}: {value} ({g.bound}) {g.detail}")
         colour = {"PASS": "green", "FAIL": "red", "INCOMPLETE": "yellow"}[outcome]
         title = verdict_title(outcome, sum(g.status == "not-checked" for g in gates))
-        report = self.run_dir / "report.md"
-        written = not problems.keys() & {report, self.run_dir / "manifest.json"}
+        report = inside(self.run_dir, REPORT_FILE)
+        written = not problems.keys() & {report, inside(self.run_dir, MANIFEST_FILE)}
         where = f"report: {report}" if written else "report.md not written (see the warning above)"
         self.reporter.log(f"[{colour}]{title}[/]; {where}")
         return RunResult(self.run_dir, outcome, manifest, dict(self.artifacts))
 
     def _write_outputs(self, manifest: dict[str, Any]) -> dict[Path, str]:
         """manifest.json, the plot and report.md; what failed becomes a warning, since the verdict stands."""
-        path = self.run_dir / "manifest.json"
+        path = inside(self.run_dir, MANIFEST_FILE)
         try:
             write_json_atomic(path, manifest)
             problems = write_report(manifest, self.run_dir)
@@ -454,7 +455,7 @@ def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machi
         "artifact": str(art.path.resolve()),
         "cache_dir": str(cache_dir.resolve()),
     }
-    # The worker must import what this process imports (python:module:function sources, pickled modules).
+    # The worker must import what this process imports (python:module:function sources rebuild torch artifacts).
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(cfg.bench.threads),

@@ -154,7 +154,7 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import SCHEMES, _local_target, gguf_header_problem, parse_source
+        from compress.llm.sources import SCHEMES, _local_target, gguf_header_problem, parse_source, remote_code_problem
 
         problems = self._text_problems()
         try:
@@ -172,6 +172,9 @@ class CausalLMAdapter(Adapter):
                 import_callable(self.model_cfg.source)
         except ConfigError as exc:
             return [(("model", "source"), f"{exc} (schemes: {', '.join(SCHEMES)})"), *problems]
+        problem = remote_code_problem(self.model_cfg.source, self.model_cfg.trust_remote_code)
+        if problem:
+            problems.append((("model", "trust_remote_code"), problem))
         return problems
 
     def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:

@@ -266,6 +266,8 @@ class VisionAdapter(Adapter):
         model = _build(self.model_cfg.source)
         if self.model_cfg.weights:
             path = resolve_path(self.model_cfg.weights, self.base_dir)
+            # The user's own state dict (often a third-party .pth): the safe loader refuses anything but
+            # tensors and containers, so even this input cannot run code; run-folder files are never pickles.
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
@@ -284,17 +286,23 @@ class VisionAdapter(Adapter):
         return model.eval(), task_ready
 
     def save_torch(self, model: torch.nn.Module, folder: Path) -> str:
-        """The whole module is pickled (not only its state dict) so pruned shapes survive the round trip."""
-        import torch
+        """safetensors + the widths pruning changed (`compress.prune.serialize`): nothing that runs code on load."""
+        from compress.prune.serialize import MODULE_FILE, save_module
 
-        torch.save(model, folder / "model.pt")
-        return "model.pt"
+        save_module(model, folder)
+        return MODULE_FILE
 
     def load_torch(self, artifact: Artifact) -> torch.nn.Module:
-        import torch
+        from compress.prune.serialize import load_module
 
-        # Our own file from this run's folder; a full module pickle is needed for pruned shapes.
-        return torch.load(artifact.main, map_location="cpu", weights_only=False).eval()
+        return load_module(artifact.path, self._unpruned).eval()
+
+    def _unpruned(self) -> torch.nn.Module:
+        """The model the pipeline's source builds, with the task head: what a stored artifact's widths adjust."""
+        model = _build(self.model_cfg.source)
+        if self.model_cfg.num_classes is not None:
+            replace_head(model, self.model_cfg.num_classes)
+        return model
 
     def io_spec(self) -> IOSpec:
         m = self.model_cfg

@@ -172,6 +172,36 @@ def load_causal_lm(
     return _load_hf(rest, source, cache_dir, trust_remote_code, dtype)
 
 
+def remote_code_problem(source: str, trust_remote_code: bool) -> str | None:
+    """Why a local HF folder is refused: its config names code to run (`auto_map`) and the pipeline did not
+    opt in. transformers would quietly load its own class instead; we say so rather than run another model."""
+    if trust_remote_code:
+        return None
+    scheme, rest = _local_target(*parse_source(source))
+    folder = Path(rest).expanduser()
+    if scheme != "hf" or not folder.is_dir():
+        return None
+    named = {}
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / file).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            named[file] = auto_map
+    if not named:
+        return None
+    return _remote_code_message(source, named)
+
+
+def _remote_code_message(source: str, named: dict[str, Any]) -> str:
+    shown = "; ".join(f"{file} auto_map {value}" for file, value in named.items())
+    return (
+        f"model source {source!r} ships code to run ({shown}); it is never run unless the pipeline sets "
+        "model.trust_remote_code: true (do so only if you trust that code)"
+    )
+
+
 def _load_python(spec: str) -> tuple[Any, Any]:
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
@@ -205,6 +235,8 @@ def _load_hf(
             f"model source {source!r}: folder {folder} does not exist (and {name!r} is not a hub id "
             "of the form NAME or ORG/NAME)"
         )
+    if is_local and (problem := remote_code_problem(f"hf:{folder}", trust_remote_code)) is not None:
+        raise ConfigError(problem)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not is_local:
         kwargs["cache_dir"] = str(cache_dir / "hf")
@@ -213,6 +245,8 @@ def _load_hf(
     except OSError as exc:
         where = "folder" if is_local else "hub id (is the hub reachable? a local folder works offline)"
         raise ConfigError(f"model source {source!r}: could not load {where}: {exc}") from exc
+    if not trust_remote_code and getattr(model.config, "auto_map", None):  # a hub model, seen once downloaded
+        raise ConfigError(_remote_code_message(source, {"config.json": model.config.auto_map}))
     tok = None
     if not is_local or any((folder / f).is_file() for f in _TOKENIZER_FILES):
         tok = AutoTokenizer.from_pretrained(str(folder) if is_local else name, **kwargs)

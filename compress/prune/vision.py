@@ -16,8 +16,8 @@ Known limitation (torch-pruning 1.6.1): with `round_to` > 1, a channel group tha
 use `round_to: 1` for such models. Depthwise convs (MobileNet, EfficientNet) are not affected.
 
 The model is pruned IN PLACE (layers are replaced by smaller ones); deep-copy it first to keep the
-original. The pruned model no longer matches its class's constructor, so it is saved as a whole pickled
-module (`compress.prune.serialize.save_module`), not as a state dict.
+original. The pruned model no longer matches its class's constructor, so it is saved with the widths each
+layer now has beside its state dict (`compress.prune.serialize.save_module`; never a pickle).
 """
 
 from __future__ import annotations

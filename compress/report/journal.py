@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TextIO
 
 from compress import __version__
-from compress.artifact import write_json_atomic
+from compress.atomic import write_json_atomic
+from compress.paths import LOG_FILE, MANIFEST_FILE, REPORT_FILE
 from compress.progress import Reporter
 from compress.report.markdown import render_unfinished, write_text_atomic
-
-LOG_FILE = "run.log"
 
 
 class RunJournal:
@@ -64,8 +63,8 @@ class RunJournal:
 
     def _withdraw(self, state: str, step: str | None = None, error: str | None = None) -> None:
         text = render_unfinished(self.name, self.pipeline_file, self.started, state, step=step, error=error)
-        write_text_atomic(self.run_dir / "report.md", text)
-        path = self.run_dir / "manifest.json"
+        write_text_atomic(self.run_dir / REPORT_FILE, text)
+        path = self.run_dir / MANIFEST_FILE
         try:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compress.atomic import atomic_path
+from compress.paths import PLOT_FILE, REPORT_FILE
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -243,7 +246,7 @@ def render(manifest: dict[str, Any]) -> str:
             f"torch {mach.get('torch')}, onnxruntime {mach.get('onnxruntime')}.{bound}",
             "",
         ]
-        out += ["![accuracy vs latency](accuracy_vs_latency.png)", ""]
+        out += [f"![accuracy vs latency]({PLOT_FILE})", ""]
     if m["skipped"]:
         out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m["skipped"]] + [""]
     out += ["## Stage details", ""]
@@ -261,9 +264,9 @@ def write_report(manifest: dict[str, Any], run_dir: Path) -> dict[Path, str]:
     from compress.report.plots import plot_accuracy_vs_latency
 
     problems = {}
-    outputs = [(run_dir / "report.md", lambda path: write_text_atomic(path, render(manifest)))]
+    outputs = [(run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest)))]
     if any(rec.get("bench") for rec in manifest["artifacts"]):
-        outputs.insert(0, (run_dir / "accuracy_vs_latency.png", lambda path: plot_accuracy_vs_latency(manifest, path)))
+        outputs.insert(0, (run_dir / PLOT_FILE, lambda path: plot_accuracy_vs_latency(manifest, path)))
     for path, write in outputs:
         try:
             write(path)
@@ -273,12 +276,8 @@ def write_report(manifest: dict[str, Any], run_dir: Path) -> dict[Path, str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _find(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compress.paths import check_artifact_name
 
 if TYPE_CHECKING:
     from compress.adapters.base import Adapter
@@ -29,9 +31,13 @@ class StageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = Field(None, description="name of the artifact this stage makes; default: the stage kind")
+    name: str | None = Field(
+        None, description="name of the artifact (its folder in the run) this stage makes; default: the stage kind"
+    )
     input: str | None = Field(None, description="artifact this stage starts from; default: the previous stage's")
     optional: bool = Field(False, description="if the stage cannot run here (e.g. no GPU), skip it with a note")
+
+    _names = field_validator("name", "input")(check_artifact_name)
 
     #: artifact formats the stage can start from
     accepts: ClassVar[frozenset[str]] = frozenset({"torch"})

@@ -30,4 +30,5 @@ def test_real_mobilenet_v2_prunes_40_percent_macs(tmp_path) -> None:
     assert 250e6 < report.macs_before < 350e6, "torchvision quotes 300M MACs for MobileNetV2 at 224 px"
     assert net.classifier[1].out_features == 1000
     save_module(net, tmp_path)
-    assert torch.equal(load_module(tmp_path)(x), net(x))
+    again = load_module(tmp_path, lambda: models.mobilenet_v2(num_classes=1000)).eval()
+    assert torch.equal(again(x), net(x))

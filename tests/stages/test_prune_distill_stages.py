@@ -18,6 +18,7 @@ from toys import pipeline_yaml
 from compress import registry
 from compress.artifact import Artifact
 from compress.config import load_pipeline
+from compress.distill.checkpoint import CHECKPOINT_FILE
 from compress.errors import ConfigError
 from compress.progress import Reporter, Task
 from compress.runner import Runner
@@ -116,7 +117,7 @@ def test_killed_distill_resumes_from_its_checkpoint(tmp_path, fashion_mnist, mon
         with pytest.raises(_Killed):
             _run(pipeline, runs)
     assert not (runs / "resume" / "distill").exists()
-    assert len(list((runs / ".cache" / "distill").glob("*/distill-checkpoint.pt"))) == 1  # it survived
+    assert len(list((runs / ".cache" / "distill").glob(f"*/{CHECKPOINT_FILE}"))) == 1  # it survived
 
     runner = _run(pipeline, runs)
     assert runner.records["finetune"]["cached"] and runner.records["prune"]["cached"]
