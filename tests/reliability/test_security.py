@@ -130,25 +130,53 @@ def test_symlinked_artifact_folder_is_refused_and_its_target_kept(finished_run, 
 
 
 # -- pickles ---------------------------------------------------------------------------------------------
-def test_planted_model_pt_is_never_unpickled(finished_run, tmp_path) -> None:
-    pipeline, runs = finished_run
-    copy = tmp_path / "runs"
-    shutil.copytree(runs, copy)
-    marker = tmp_path / "MARKER"
-    for folder in (copy / "toy" / "source", copy / "toy" / "finetune"):
+def _plant_everywhere(
+    run: Path, marker: Path, *, record: bool, names: tuple[str, ...] = ("source", "finetune")
+) -> None:
+    """A pickle payload as `model.pt` in each artifact of `names`, named as its main file; with `record`, also
+    entered in the manifest's file list with its true size and sha256, so the integrity check passes."""
+    from compress.artifact import record_files
+
+    for folder in (run / name for name in names):
         assert (folder / MODULE_FILE).is_file() and (folder / ARCH_FILE).is_file()
         _plant_pickle(folder / "model.pt", marker)
         manifest = json.loads((folder / "artifact.json").read_text())
-        (folder / "artifact.json").write_text(json.dumps({**manifest, "file": "model.pt"}))  # even named as main
+        files = record_files(folder) if record else manifest["files"]
+        (folder / "artifact.json").write_text(json.dumps({**manifest, "file": "model.pt", "files": files}))
+
+
+def test_planted_model_pt_is_refused_by_the_integrity_check(finished_run, tmp_path) -> None:
+    """First line of defence: a file that was not there at commit makes the artifact a rebuild, not a load."""
+    pipeline, runs = finished_run
+    copy, marker = tmp_path / "runs", tmp_path / "MARKER"
+    shutil.copytree(runs, copy)
+    _plant_everywhere(copy / "toy", marker, record=False)
     code, _, records = run_quietly(pipeline, copy, "--no-bench", "--force", "eval")
     assert code == EXIT_OK and not marker.exists()
-    assert records["finetune"]["cached"] and records["finetune"]["evaluation"]["metrics"]["top1"] > 0
-    code, _, _ = run_quietly(pipeline, copy, "--no-bench")
+    assert not records["finetune"]["cached"] and not (copy / "toy" / "finetune" / "model.pt").exists()
+
+
+def test_planted_model_pt_is_never_unpickled(finished_run, tmp_path) -> None:
+    """Second line: even a payload the manifest records (integrity check passed) is never read: torch
+    artifacts load from model.safetensors + architecture.json only."""
+    pipeline, runs = finished_run
+    copy, marker = tmp_path / "runs", tmp_path / "MARKER"
+    shutil.copytree(runs, copy)
+    _plant_everywhere(copy / "toy", marker, record=True, names=("finetune",))
+    code, _, records = run_quietly(pipeline, copy, "--no-bench", "--force", "eval")  # loads finetune
     assert code == EXIT_OK and not marker.exists()
+    assert records["finetune"]["cached"] and records["finetune"]["evaluation"]["metrics"]["top1"] > 0
+    _plant_everywhere(copy / "toy", marker, record=True, names=("source",))
+    code, _, records = run_quietly(pipeline, copy, "--no-bench")  # source's new content: finetune loads it
+    assert code == EXIT_OK and not marker.exists()
+    assert records["source"]["cached"] and not records["finetune"]["cached"]
 
 
 def test_artifact_with_only_a_pickle_fails_without_unpickling(finished_run, tmp_path, capsys) -> None:
-    """An artifact of an older compress (model.pt alone) is not loaded: a clear stage error, no marker."""
+    """An artifact of an older compress (model.pt alone, recorded as its file) is not loaded: a clear stage
+    error, no marker."""
+    from compress.artifact import record_files
+
     pipeline, runs = finished_run
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
@@ -157,7 +185,7 @@ def test_artifact_with_only_a_pickle_fails_without_unpickling(finished_run, tmp_
     (folder / ARCH_FILE).unlink()
     _plant_pickle(folder / "model.pt", marker)
     manifest = json.loads((folder / "artifact.json").read_text())
-    (folder / "artifact.json").write_text(json.dumps({**manifest, "file": "model.pt"}))
+    (folder / "artifact.json").write_text(json.dumps({**manifest, "file": "model.pt", "files": record_files(folder)}))
     assert main(["run", str(pipeline), "--runs-dir", str(copy), "--quiet", "--no-bench", "--force", "eval"]) == 3
     assert "is never loaded" in capsys.readouterr().err and not marker.exists()
 
