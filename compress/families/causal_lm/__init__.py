@@ -1,0 +1,1 @@
+"""The causal-lm family (decoder LLMs)."""
