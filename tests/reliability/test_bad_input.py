@@ -328,6 +328,20 @@ def test_read_only_runs_dir(tmp_path, fashion_mnist, capsys) -> None:
     _one_problem(capsys.readouterr().err, f"--runs-dir {runs}: cannot write there")
 
 
+def test_runs_dir_on_a_read_only_file_system(tmp_path, fashion_mnist, capsys, monkeypatch) -> None:
+    """The same refusal where permissions cannot be tested (root): the write probe meets EROFS."""
+    import tempfile
+
+    def read_only(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    runs = tmp_path / "ro"
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    code = main(["run", str(_pipeline(tmp_path, fashion_mnist)), "--runs-dir", str(runs), "--quiet"])
+    assert code == EXIT_CONFIG
+    _one_problem(capsys.readouterr().err, f"--runs-dir {runs}: cannot write there (Read-only file system)")
+
+
 @pytest.fixture(scope="module")
 def full_disk_run(tmp_path_factory, fashion_mnist) -> tuple[int, str, Path]:
     """A run into a runs dir that does not exist yet, whose export stage meets a full disk."""
