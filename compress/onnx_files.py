@@ -121,15 +121,16 @@ def write_atomically(dst: Path, write: Callable[[Path], None]) -> Path:
     return dst
 
 
-def link_model(src: Path, folder: Path) -> Path:
-    """Symlink the graph at `src` and its external files into `folder`; returns the linked graph.
+def copy_model(src: Path, folder: Path) -> Path:
+    """Copy the graph at `src` and its external files into `folder`; returns the copied graph.
 
     ONNX Runtime's quantizers write scratch files (`model-inferred.onnx`) beside their input: given the
-    link, they write into our folder instead of the parent artifact's.
+    copy, they write into our folder, never into the parent artifact's. (onnx refuses external data read
+    through a symlink or a hard link, so a link will not do.)
     """
     folder.mkdir(parents=True, exist_ok=True)
     for f in (src, *external_files(src)):
-        (folder / f.name).symlink_to(f.resolve())
+        shutil.copyfile(f, folder / f.name)
     return folder / src.name
 
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from compress.errors import ConfigError
 from compress.llm.onnx_export import LOGITS
-from compress.onnx_files import link_model, model_bytes, wants_external_data, write_atomically
+from compress.onnx_files import copy_model, model_bytes, wants_external_data, write_atomically
 from compress.progress import quiet_third_party
 
 Int8Method = Literal["dynamic", "weight_only"]
@@ -70,8 +70,8 @@ def lm_head_nodes(onnx_path: Path) -> list[str]:
 def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, include_lm_head: bool = True) -> Path:
     """W8A8 dynamic quantization of every constant-weight MatMul (``onnxruntime.quantization``).
 
-    ONNX Runtime writes a scratch copy beside its input, so it reads ``src`` through links in our own
-    folder (``link_model``), never writing into the folder of ``src``.
+    ONNX Runtime writes a scratch copy beside its input, so it reads a copy of ``src`` in our own
+    folder (``copy_model``), never writing into the folder of ``src``.
     """
     exclude = [] if include_lm_head else lm_head_nodes(src)
 
@@ -80,7 +80,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, inc
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(
-                str(link_model(Path(src), tmp.parent / "input")),
+                str(copy_model(Path(src), tmp.parent / "input")),
                 str(tmp),
                 op_types_to_quantize=["MatMul"],
                 per_channel=per_channel,
