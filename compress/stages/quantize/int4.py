@@ -182,6 +182,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     out = ctx.outdir / "model.onnx"
     from compress.quant.int4 import float_weights_of, rewrite_onnx_file
     from compress.stages.export import export_to
+    from compress.stages.quantize.common import op_counts, quantized_nodes
 
     with ctx.reporter.task(f"export + INT4 rewrite ({options.target}, opset {options.export_opset})", total=None):
         # TensorRT's INT4 is for MatMul/Gemm weights only: a tied table stays one float initializer there
@@ -219,6 +220,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         "target": options.target,
         "opset": options.export_opset,
         "layers_quantized": len([n for n in report.replaced if n in qws]),
+        "quantized_nodes": quantized_nodes(op_counts(out)),
         "embedding_quantized": sorted(embeddings),
         "layers_kept": sorted(kept),
         "kept_float_bytes": kept_bytes,
