@@ -193,7 +193,10 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> No
 def test_over_2gb_model_through_export_and_int8(tmp_path: Path, fashion_mnist: Path) -> None:
     """602M parameters: export (external data), static and weight-only INT8, evaluation; outputs near torch.
 
-    Measured here (2 cores, under the heavy-test lock): see the closing note of issue 10.
+    Measured on this 2-core machine under the heavy-test lock: 3 min 4 s to 4 min 27 s (load), peak RSS
+    11.55 GiB, during calibration: ONNX Runtime's quantize_static alone peaks at 9.1 GiB on this model (the
+    graph, the calibrator's copy and its session), and the TorchScript exporter keeps the 2.4 GB of
+    parameters alive after a > 2 GB export (held from C++: `del` and `gc.collect()` do not free it).
     """
     pipeline = _pipeline(tmp_path, fashion_mnist, "big", "big_linear_cnn", ONNX_STAGES)
     code, _, records = run_quietly(pipeline, tmp_path / "runs", "--no-bench")
@@ -213,4 +216,4 @@ def test_over_2gb_model_through_export_and_int8(tmp_path: Path, fashion_mnist: P
         assert errors[name] <= bound, (name, errors[name])  # the bounds of the fast test; fp32: K = 25088 sums
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(json.dumps({"peak_rss_gb": round(peak_gb, 2), "relative_errors": errors}))
-    assert peak_gb < 12
+    assert peak_gb < 12  # GiB; see the docstring for where it goes
