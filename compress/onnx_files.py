@@ -74,14 +74,18 @@ def save_model(model, path: Path, *, external: bool) -> None:  # model: onnx.Mod
 
 def move_model(src: Path, dst: Path) -> None:
     """Write the model at `src` as `dst` in the one layout, streaming its tensors (a 2.4 GB model is never
-    held in memory twice), then delete `src`'s files. External when `src` is (or is larger than
-    `EXTERNAL_BYTES`); otherwise the graph file is moved as it is."""
+    held in memory), then delete `src`'s files. External when `src` is (or is larger than `EXTERNAL_BYTES`);
+    a graph without external data, or one already in the layout, is renamed as it is."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     sources = external_files(src)
     if not sources and src.stat().st_size <= EXTERNAL_BYTES:
         data_file(dst).unlink(missing_ok=True)
+        os.replace(src, dst)
+        return
+    if sources == [data_file(src).resolve()] and src.name == dst.name:  # already the layout: rename
+        os.replace(data_file(src), data_file(dst))
         os.replace(src, dst)
         return
     model = onnx.load(str(src), load_external_data=False)

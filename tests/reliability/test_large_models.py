@@ -26,7 +26,7 @@ import compress.onnx_files
 from compress.cli import EXIT_OK
 from compress.config import load_pipeline
 from compress.onnx_files import data_file, move_model
-from compress.progress import Reporter
+from compress.progress import Reporter, quiet_third_party
 from compress.runner import make_adapter
 
 ONNX_STAGES = """
@@ -105,6 +105,13 @@ def _images(pipeline: Path, n: int) -> np.ndarray:
     return adapter.parity_inputs(n)["input"]
 
 
+def _tiny_onnx(path: Path) -> onnx.ModelProto:
+    """`small_linear_cnn` exported (inline) to `path`, without the exporter's deprecation notes."""
+    with quiet_third_party():
+        torch.onnx.export(small_linear_cnn(), (torch.zeros(1, 3, 28, 28),), str(path), dynamo=False)
+    return onnx.load(str(path))
+
+
 def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
@@ -154,8 +161,7 @@ def test_move_model_gathers_one_file_per_tensor(tmp_path: Path) -> None:
     """The TorchScript exporter's layout for > 2 GB (a file per tensor, named after it) becomes one data file."""
     src = tmp_path / "export" / "model.onnx"
     src.parent.mkdir()
-    torch.onnx.export(small_linear_cnn(), (torch.zeros(1, 3, 28, 28),), str(tmp_path / "inline.onnx"), dynamo=False)
-    model = onnx.load(str(tmp_path / "inline.onnx"))
+    model = _tiny_onnx(tmp_path / "inline.onnx")
     onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
     scattered = sorted(p.name for p in src.parent.iterdir())
     assert len(scattered) > 2
@@ -172,11 +178,23 @@ def test_move_model_gathers_one_file_per_tensor(tmp_path: Path) -> None:
     )
 
 
+def test_move_model_renames_a_model_already_in_the_layout(tmp_path: Path) -> None:
+    """The decoder export writes `model.onnx.data` itself: moved by rename, not copied (inode kept)."""
+    src = tmp_path / "export" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(
+        _tiny_onnx(tmp_path / "inline.onnx"), str(src), save_as_external_data=True, location="model.onnx.data"
+    )
+    inode = data_file(src).stat().st_ino
+    move_model(src, tmp_path / "model.onnx")
+    assert data_file(tmp_path / "model.onnx").stat().st_ino == inode
+    assert not list(src.parent.iterdir())
+
+
 def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "a" / "model.onnx"
     src.parent.mkdir()
-    torch.onnx.export(small_linear_cnn(), (torch.zeros(1, 3, 28, 28),), str(src), dynamo=False)
-    model = onnx.load(str(src))
+    model = _tiny_onnx(src)
     onnx.save_model(model, str(src), save_as_external_data=True, location="weights.bin")
     graph = onnx.load(str(src), load_external_data=False)
     for t in _get_all_tensors(graph):
