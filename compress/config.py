@@ -369,6 +369,7 @@ def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[Sta
     stages = registered_stages()
     plans: list[StagePlan] = []
     formats: dict[str, str | None] = {SOURCE: "torch"}
+    precisions = {SOURCE: "fp32"}  # the precision chain: an int8 quantize of an int4 artifact is refused here
     previous = SOURCE
     for i, item in enumerate(items):
         plan = _plan_one(i, item, previous, family, stages, formats, problems)
@@ -379,6 +380,9 @@ def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[Sta
             continue
         plans.append(plan)
         formats[plan.name] = plan.output_format
+        precisions[plan.name] = plan.options.output_precision(precisions[plan.input])
+        if problem := plan.options.input_precision_problem(plan.input, precisions[plan.input]):
+            problems.add(("stages", i, plan.kind, "input"), problem, plan.input, True)
         previous = plan.name
     return plans
 

@@ -1,14 +1,26 @@
-"""Progress bars and log lines for long work (training, calibration, evaluation, benchmarks)."""
+"""Progress bars and log lines for long work (training, calibration, evaluation, benchmarks).
+
+The console shows our lines only: text we print that is not ours (paths, exception messages such as
+`pip install 'compress[tensorrt]'`) is printed as it is, not read as rich markup, and the chatter of the
+libraries we call (ONNX Runtime's calibrator prints, exporter and transformers warnings) is kept off it by
+`quiet_third_party`, one call at a time.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +30,38 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+#: rich styles our own log lines use (`[green]cache hit[/]`); any other `[...]` in a message is text
+_STYLE = r"(?:bold|dim|italic|red|green|yellow|cyan|blue|magenta)"
+_OUR_TAG = re.compile(rf"\[/?(?:{_STYLE}(?: {_STYLE})*)?\]")
+
+
+def as_markup(message: str) -> str:
+    """`message` for rich: our style tags kept, everything else escaped (a path or an exception printed
+    through an f-string stays as written)."""
+    parts, last = [], 0
+    for tag in _OUR_TAG.finditer(message):
+        parts += [escape(message[last : tag.start()]), tag.group()]
+        last = tag.end()
+    return "".join([*parts, escape(message[last:])])
+
+
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Keep one library call's chatter off the console: its prints to stdout (ONNX Runtime's calibrator),
+    its warnings (the exporter's TracerWarnings and constant-folding notes, transformers' FutureWarnings)
+    and its log records below ERROR. Errors still show. Root logging is restored afterwards, because
+    ONNX Runtime's `matmul_nbits_quantizer` runs `logging.basicConfig(level=INFO)` at import."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            root.setLevel(logging.ERROR)
+            yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
 
 class Task:
     def __init__(self, progress: Progress | None, task_id: int | None) -> None:
@@ -25,7 +69,7 @@ class Task:
 
     def advance(self, n: float = 1, info: str | None = None) -> None:
         if self._progress is not None and self._id is not None:
-            self._progress.update(self._id, advance=n, **({"info": info} if info is not None else {}))
+            self._progress.update(self._id, advance=n, **({"info": escape(info)} if info is not None else {}))
 
 
 class LogTask(Task):
@@ -44,7 +88,7 @@ class LogTask(Task):
             self._last = now
             of = f"/{self._total:g}" if self._total else ""
             self._console.print(
-                f"  {self._description}: {self._done:g}{of} after {now - self._start:.0f} s {info or ''}"
+                as_markup(f"  {self._description}: {self._done:g}{of} after {now - self._start:.0f} s {info or ''}")
             )
 
 
@@ -63,15 +107,16 @@ class Reporter:
         self.file = None if file is None else Console(file=file, no_color=True, highlight=False, width=160)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        """Print a line (and into the run's log file); only our style tags are markup (see `as_markup`)."""
+        self.console.print(as_markup(message))
         if self.file is not None:
-            self.file.print(message, soft_wrap=True)
+            self.file.print(as_markup(message), soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: float | None) -> Iterator[Task]:
         if self.quiet or not sys.stderr.isatty() and not self.console.is_terminal:
             # No terminal (CI, logs): one line at the start and one at the end instead of a redrawn bar.
-            self.console.print(f"  {description} ...")
+            self.console.print(as_markup(f"  {description} ..."))
             yield LogTask(self.console, description, total) if not self.quiet else Task(None, None)
             return
         columns = [
@@ -83,5 +128,5 @@ class Reporter:
             TextColumn("{task.fields[info]}"),
         ]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task_id = progress.add_task(description, total=total, info="")
+            task_id = progress.add_task(as_markup(description), total=total, info="")
             yield Task(progress, task_id)

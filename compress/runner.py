@@ -24,8 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
 from compress import __version__
 from compress.adapters.base import Adapter, Evaluation
 from compress.artifact import (
@@ -119,7 +117,7 @@ class Runner:
 
     def _walk(self) -> RunResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with run_lock(self.run_dir, wait=self.wait, say=lambda text: self.reporter.log(escape(text))):
+        with run_lock(self.run_dir, wait=self.wait, say=self.reporter.log):
             return self._run_locked()
 
     def _run_locked(self) -> RunResult:
@@ -258,7 +256,7 @@ class Runner:
             return None
         problem = verify_files(cached, self.cache_dir)
         if problem is not None:
-            self.reporter.log(f"[yellow]damaged[/]    {escape(problem)}: rebuilding")
+            self.reporter.log(f"[yellow]damaged[/]    {problem}: rebuilding")
             return None
         return cached
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compress.adapters.base import Adapter, Evaluation, IOSpec
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
+from compress.progress import quiet_third_party
 from compress.registry import register_adapter
 from compress.schema import Count
 
@@ -189,7 +190,8 @@ class CausalLMAdapter(Adapter):
         from compress.llm.sources import load_causal_lm, quiet_transformers
 
         quiet_transformers()
-        self.reporter.log(f"  loading {self.model_cfg.source} (a GGUF is converted once and cached)")
+        cached = " (a GGUF is converted once and cached)" if _is_gguf(self.model_cfg.source) else ""
+        self.reporter.log(f"  loading {self.model_cfg.source}{cached}")
         model, tokenizer = load_causal_lm(
             self.model_cfg.source,
             cache_dir=self.cache_dir / "models",
@@ -365,10 +367,11 @@ class CausalLMAdapter(Adapter):
                 nll = _token_nll(logits, batch)  # (B, T-1)
                 nll_sum += float(nll.sum())
                 count += nll.size
-                task.advance(len(batch), info=f"ppl {np.exp(nll_sum / count):.3f}")
+                task.advance(len(batch), info=f"running ppl {np.exp(nll_sum / count):.1f}")
         prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.data_cfg.prompts]
         n = self.data_cfg.generation_tokens
-        generated = [session.continue_greedy(list(p), n) for p in prompts]
+        with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
+            generated = [session.continue_greedy(list(p), n) for p in prompts]
         metrics = {"ppl": float(np.exp(nll_sum / count)), "tokens": count}
         return Evaluation(metrics, predictions, {"greedy": generated})
 
@@ -415,14 +418,15 @@ class CausalLMAdapter(Adapter):
             from compress.llm.bench import TorchDecoder
 
             model = session.model
-            res = bench_decoder(
-                TorchDecoder(model, threads=settings.threads),
-                backend="torch",
-                vocab_size=int(model.config.vocab_size),
-                weight_bytes=torch_weight_bytes(model),
-                size_bytes=torch_weight_bytes(model, decode_only=False),
-                **common,
-            )
+            with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
+                res = bench_decoder(
+                    TorchDecoder(model, threads=settings.threads),
+                    backend="torch",
+                    vocab_size=int(model.config.vocab_size),
+                    weight_bytes=torch_weight_bytes(model),
+                    size_bytes=torch_weight_bytes(model, decode_only=False),
+                    **common,
+                )
         llm = asdict(res)
         llm.pop("peak_rss_mb", None)  # the worker measures peak RSS its own way
         # one latency row per batch size, so the shared tables and speed gates read decode-step latency
@@ -445,14 +449,21 @@ def gguf_weight_types(source: str) -> list[str]:
     """Quantization types of the weights in a GGUF source with their share, e.g. ['Q4_1 (181 tensors)']."""
     from collections import Counter
 
+    if not _is_gguf(source):
+        return []
     from compress.llm.sources import _local_target, parse_source
 
-    scheme, rest = _local_target(*parse_source(source))
-    if scheme != "gguf":
-        return []
+    rest = _local_target(*parse_source(source))[1]
     try:
         from gguf import GGUFReader
     except ImportError:
         return []
     counts = Counter(t.tensor_type.name for t in GGUFReader(rest).tensors if len(t.shape) > 1)
     return [f"{kind} ({n} matrices)" for kind, n in counts.most_common()]
+
+
+def _is_gguf(source: str) -> bool:
+    """True for a source that is a GGUF file (`gguf:` or a `pkg:` path to one)."""
+    from compress.llm.sources import _local_target, parse_source
+
+    return _local_target(*parse_source(source))[0] == "gguf"

@@ -338,7 +338,7 @@ class VisionAdapter(Adapter):
                 predictions[i * bs : i * bs + len(y)] = top5[:, 0]
                 correct1 += int((top5[:, 0] == y).sum())
                 correct5 += int((top5 == y[:, None]).any(axis=1).sum())
-                task.advance(len(y), info=f"top1 {100 * correct1 / (i * bs + len(y)):.2f}%")
+                task.advance(len(y), info=f"running top1 {100 * correct1 / (i * bs + len(y)):.1f}%")
         n = len(data)
         return Evaluation({"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "samples": n}, predictions)
 

@@ -40,14 +40,10 @@ without an accuracy level MatMulNBits-8 falls back to a slow path (9x slower tha
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,34 +51,12 @@ from typing import Literal
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.llm.onnx_export import LOGITS, TWO_GB
+from compress.llm.onnx_export import LOGITS
+from compress.onnx_files import copy_model, model_bytes, wants_external_data, write_atomically
+from compress.progress import quiet_third_party
 
 Int8Method = Literal["dynamic", "weight_only"]
 DEFAULT_INT8_METHOD: Int8Method = "weight_only"
-
-
-@contextlib.contextmanager
-def _quiet_ort_quantization() -> Iterator[None]:
-    """Keep ORT's quantizers from flooding the log: ``matmul_nbits_quantizer`` calls
-    ``logging.basicConfig(level=INFO)`` at import (configuring the root logger of the whole process)
-    and both quantizers log every node. Root handlers and levels are restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization")
-    previous = {n: logging.getLogger(n).level for n in names}
-    try:
-        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (runs its basicConfig now)
-
-        root.handlers[:] = handlers
-        root.setLevel(max(level, logging.WARNING))
-        for n in names:
-            logging.getLogger(n).setLevel(logging.WARNING)
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for n, lvl in previous.items():
-            logging.getLogger(n).setLevel(lvl)
 
 
 def lm_head_nodes(onnx_path: Path) -> list[str]:
@@ -93,44 +67,30 @@ def lm_head_nodes(onnx_path: Path) -> list[str]:
     return [n.name for n in graph.node if LOGITS in n.output and n.op_type in ("MatMul", "Gemm")]
 
 
-def _weight_bytes(onnx_path: Path) -> int:
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def _write_atomically(dst: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_file)`` in a temp folder beside ``dst`` and move the results into place."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.stem}.", dir=dst.parent))
-    try:
-        write(tmp / dst.name)
-        for produced in tmp.iterdir():
-            os.replace(produced, dst.parent / produced.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
-
-
 def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, include_lm_head: bool = True) -> Path:
-    """W8A8 dynamic quantization of every constant-weight MatMul (``onnxruntime.quantization``)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """W8A8 dynamic quantization of every constant-weight MatMul (``onnxruntime.quantization``).
 
+    ONNX Runtime writes a scratch copy beside its input, so it reads a copy of ``src`` in our own
+    folder (``copy_model``), never writing into the folder of ``src``.
+    """
     exclude = [] if include_lm_head else lm_head_nodes(src)
 
     def write(tmp: Path) -> None:
-        with _quiet_ort_quantization():
+        with quiet_third_party():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
             quantize_dynamic(
-                str(src),
+                str(copy_model(Path(src), tmp.parent / "input")),
                 str(tmp),
                 op_types_to_quantize=["MatMul"],
                 per_channel=per_channel,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
-                use_external_data_format=_weight_bytes(src) > TWO_GB,
+                use_external_data_format=wants_external_data(Path(src)),
                 extra_options={"MatMulConstBOnly": True},
             )
 
-    return _write_atomically(Path(dst), write)
+    return write_atomically(Path(dst), write)
 
 
 def quantize_weight_only_int8(
@@ -145,7 +105,7 @@ def quantize_weight_only_int8(
     """Weight-only INT8 (``MatMulNBits`` bits=8, blocks of ``block_size`` along K)."""
     import onnx
 
-    with _quiet_ort_quantization():
+    with quiet_third_party():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     if block_size < 16 or block_size & (block_size - 1):
         raise ConfigError(f"block_size must be a power of two >= 16; got {block_size}")
@@ -153,7 +113,7 @@ def quantize_weight_only_int8(
         raise ConfigError(f"accuracy_level must be one of None, 0-4; got {accuracy_level}")
     exclude = [] if include_lm_head else lm_head_nodes(src)
     model = onnx.load(str(src))
-    with _quiet_ort_quantization():
+    with quiet_third_party():
         quant = MatMulNBitsQuantizer(
             model,
             bits=8,
@@ -163,11 +123,12 @@ def quantize_weight_only_int8(
             nodes_to_exclude=exclude,
         )
         quant.process()
+    external = wants_external_data(Path(src))
 
     def write(tmp: Path) -> None:
-        quant.model.save_model_to_file(str(tmp), use_external_data_format=_weight_bytes(src) > TWO_GB)
+        quant.model.save_model_to_file(str(tmp), use_external_data_format=external)
 
-    return _write_atomically(Path(dst), write)
+    return write_atomically(Path(dst), write)
 
 
 INT8_METHODS: dict[str, Callable[..., Path]] = {
@@ -230,7 +191,7 @@ def measure_decoder(
 
     decode = timed(lambda: lm.decode(step, state), iterations)
     prefill = timed(lambda: lm.prefill(prompt, last_only=True), max(3, iterations // 4))
-    return DecoderTiming(decode, prefill, past, prefill_tokens, threads, _weight_bytes(Path(onnx_path)) / 1e6)
+    return DecoderTiming(decode, prefill, past, prefill_tokens, threads, model_bytes(Path(onnx_path)) / 1e6)
 
 
 def compare_int8(src: Path, workdir: Path, *, threads: int = 1, iterations: int = 20) -> dict[str, DecoderTiming]:

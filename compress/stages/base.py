@@ -63,6 +63,14 @@ class StageOptions(BaseModel):
         """Problems with options that do not fit the pipeline's model family: [(key, message)]."""
         return []
 
+    def output_precision(self, input_precision: str) -> str:
+        """Precision of the artifact this stage makes from one of `input_precision` (the validate-time chain)."""
+        return input_precision
+
+    def input_precision_problem(self, name: str, precision: str) -> str | None:
+        """Why the stage cannot start from artifact `name` of `precision`; None when it can."""
+        return None
+
     def extra_inputs(self) -> tuple[str, ...]:
         """Artifacts besides the input that the output depends on (their keys join the cache key)."""
         return ()

@@ -6,11 +6,17 @@
 Parity: |onnx - torch| <= atol + rtol * |torch| on every logit of `parity_samples` calibration inputs.
 FP32 ONNX Runtime and eager torch differ by float reassociation only (~1e-5 on logits), so a breach
 means a wrong graph, and fails the stage.
+
+The exporter writes into a scratch folder; the artifact gets `model.onnx`, plus `model.onnx.data` holding
+every tensor when the model is large (`compress.onnx_files`: the TorchScript exporter would leave one file
+per tensor). The exporter's warnings (tracer, constant folding) stay off the console.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 from pydantic import Field
 
@@ -37,22 +43,23 @@ class ExportOptions(StageOptions):
 def export(artifact, options: ExportOptions, ctx: StageContext) -> StageOutput:
     """Export to ONNX (dynamic batch) and fail if ONNX Runtime disagrees with torch."""
     import onnx
-    import torch
 
     if options.dynamo and options.opset < 18:
         raise StageError(f"export: dynamo=true needs opset >= 18 (got {options.opset})")
+    from compress.progress import quiet_third_party
+
     adapter = ctx.adapter
     model = adapter.load_torch(artifact)
     path = ctx.outdir / "model.onnx"
     start = time.perf_counter()
-    with torch.inference_mode():
-        adapter.export_onnx(model, path, opset=options.opset, dynamo=options.dynamo)
+    export_to(adapter, model, path, opset=options.opset, dynamo=options.dynamo)
     onnx.checker.check_model(str(path))
     seconds = time.perf_counter() - start
 
-    parity = adapter.check_export(
-        model, path, samples=options.parity_samples, atol=options.atol, rtol=options.rtol, threads=ctx.threads
-    )
+    with quiet_third_party():
+        parity = adapter.check_export(
+            model, path, samples=options.parity_samples, atol=options.atol, rtol=options.rtol, threads=ctx.threads
+        )
     info = {
         "export_seconds": round(seconds, 2),
         **parity,
@@ -61,3 +68,20 @@ def export(artifact, options: ExportOptions, ctx: StageContext) -> StageOutput:
     }
     ctx.reporter.log(f"  parity: max |onnx - torch| = {parity['parity_max_abs_diff']:.2e}")
     return StageOutput(file="model.onnx", format="onnx", precision=artifact.precision, info=info)
+
+
+def export_to(adapter, model, path: Path, *, opset: int, dynamo: bool) -> None:
+    """`adapter.export_onnx` into a scratch folder beside `path`, then `move_model` to `path` (one data file)."""
+    import torch
+
+    from compress.onnx_files import move_model
+    from compress.progress import quiet_third_party
+
+    scratch = path.parent / f"_export-{path.stem}"
+    scratch.mkdir()
+    try:
+        with torch.inference_mode(), quiet_third_party():
+            adapter.export_onnx(model, scratch / path.name, opset=opset, dynamo=dynamo)
+        move_model(scratch / path.name, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

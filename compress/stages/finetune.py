@@ -82,7 +82,7 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
                 sched.step()
                 step += 1
                 ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-                task.advance(1, info=f"loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e}")
+                task.advance(1, info=f"running loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e}")
                 if step >= total:
                     break
             epoch += 1

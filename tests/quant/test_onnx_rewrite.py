@@ -222,9 +222,10 @@ def test_partial_last_block_and_embedding_in_ort(target: str, group: int) -> Non
 
 def test_save_onnx_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the protobuf limit the weights go to <name>.data, renamed into place with the model."""
+    import compress.onnx_files
     import compress.quant.int4.onnx_rewrite as rw
 
-    monkeypatch.setattr(rw, "_EXTERNAL_THRESHOLD", 0)
+    monkeypatch.setattr(compress.onnx_files, "EXTERNAL_BYTES", 0)
     w = torch.randn(16, 96)
     model = _matmul_graph(w)
     size = rw.save_onnx(model, tmp_path / "m.onnx")

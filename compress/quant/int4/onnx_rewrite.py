@@ -26,7 +26,6 @@ Unused float initializers are dropped so the file is really 4-bit.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,6 @@ from compress.quant.int4.weight import QuantizedWeight
 Target = Literal["onnxruntime", "tensorrt"]
 MS_DOMAIN = "com.microsoft"
 _CHANGED_AFTER_18 = frozenset({"GridSample", "DFT"})  # signature/semantics changed in opsets 19-21
-_EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold 2 GB
 
 
 @dataclass
@@ -424,30 +422,15 @@ def quantize_onnx_weights(
     return model, report
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> int:
-    """Write ``model`` atomically (temp name, then rename); external data above ~1.8 GB. Returns bytes."""
+def save_onnx(model: onnx.ModelProto, path: str | Path, *, external: bool = False) -> int:
+    """Write ``model`` atomically, its tensors in ``<path>.data`` when ``external`` or above ~1.8 GB (the
+    one layout of ``compress.onnx_files``). Returns the bytes on disk, data file included."""
+    from compress.onnx_files import EXTERNAL_BYTES, model_bytes, save_model
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    large = model.ByteSize() > _EXTERNAL_THRESHOLD
-    data_name = path.name + ".data"
-    if large:
-        onnx.save_model(
-            model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name + ".tmp"
-        )
-        os.replace(tmp.with_name(data_name + ".tmp"), path.with_name(data_name))
-        m = onnx.load(tmp, load_external_data=False)
-        for t in m.graph.initializer:
-            for e in t.external_data:
-                if e.key == "location":
-                    e.value = data_name
-        onnx.save_model(m, tmp)
-    else:
-        onnx.save_model(model, tmp)
-    os.replace(tmp, path)
-    size = path.stat().st_size
-    if large:
-        size += path.with_name(data_name).stat().st_size
-    return size
+    tensors = sum(len(t.raw_data) for t in model.graph.initializer)
+    save_model(model, path, external=external or tensors > EXTERNAL_BYTES)
+    return model_bytes(path)
 
 
 def rewrite_onnx_file(
@@ -462,10 +445,10 @@ def rewrite_onnx_file(
     strict: bool = True,
 ) -> RewriteReport:
     """File-to-file ``quantize_onnx_weights``; the report carries both file sizes (with external data)."""
+    from compress.onnx_files import model_bytes, wants_external_data
+
     src = Path(src)
-    shallow = onnx.load(src, load_external_data=False)
-    locations = {e.value for t in shallow.graph.initializer for e in t.external_data if e.key == "location"}
-    before = src.stat().st_size + sum((src.parent / loc).stat().st_size for loc in locations)
+    before, external = model_bytes(src), wants_external_data(src)
     model = onnx.load(src)
     new, report = quantize_onnx_weights(
         model,
@@ -477,5 +460,5 @@ def rewrite_onnx_file(
         strict=strict,
     )
     report.size_before = before
-    report.size_after = save_onnx(new, dst)
+    report.size_after = save_onnx(new, dst, external=external)
     return report

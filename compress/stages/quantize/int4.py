@@ -45,6 +45,7 @@ base model); other tensors stored in the folder (norms, embeddings, biases) repl
 from __future__ import annotations
 
 import fnmatch
+import shutil
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -111,6 +112,9 @@ class Int4Options(StageOptions):
     def output_format(self, input_format: str) -> str:
         return "onnx"
 
+    def output_precision(self, input_precision: str) -> str:
+        return "int4"
+
     @property
     def export_opset(self) -> int:
         return self.opset if self.opset is not None else (20 if self.target == "tensorrt" else 17)
@@ -175,15 +179,17 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     if options.keep:
         ctx.reporter.log(f"  kept at float by `keep`: {len(kept)} Linear(s), {kept_bytes / 1e6:.2f} MB")
 
-    fp = ctx.outdir / "_fp.onnx"
+    fp = ctx.outdir / "_fp" / "model.onnx"
     out = ctx.outdir / "model.onnx"
     from compress.quant.int4 import float_weights_of, rewrite_onnx_file
+    from compress.stages.export import export_to
+    from compress.stages.quantize.common import op_counts, quantized_nodes
 
     with ctx.reporter.task(f"export + INT4 rewrite ({options.target}, opset {options.export_opset})", total=None):
         # TensorRT's INT4 is for MatMul/Gemm weights only: a tied table stays one float initializer there
         embeddings = _untie_for_export(model, head) if head and options.target != "tensorrt" else {}
-        with torch.inference_mode():
-            adapter.export_onnx(model, fp, opset=options.export_opset, dynamo=options.dynamo)
+        fp.parent.mkdir()
+        export_to(adapter, model, fp, opset=options.export_opset, dynamo=options.dynamo)
         report = rewrite_onnx_file(
             fp,
             out,
@@ -193,8 +199,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
             accuracy_level=options.accuracy_level if options.target == "onnxruntime-cpu" else None,
             embeddings={name: qws[src] for name, src in embeddings.items()},
         )
-        for stale in (fp, fp.with_name(fp.name + ".data")):
-            stale.unlink(missing_ok=True)
+        shutil.rmtree(fp.parent)
     ctx.reporter.log(f"  INT4 rewrite: {report.summary()}")
 
     session_config = {ORT_QDQ_ACCURACY: "0"} if options.target == "tensorrt" else {}
@@ -216,6 +221,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         "target": options.target,
         "opset": options.export_opset,
         "layers_quantized": len([n for n in report.replaced if n in qws]),
+        "quantized_nodes": quantized_nodes(op_counts(out)),
         "embedding_quantized": sorted(embeddings),
         "layers_kept": sorted(kept),
         "kept_float_bytes": kept_bytes,

@@ -13,10 +13,16 @@ with MobileNetV2, see README):
   x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
 - `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
   explicit-quantization rules. Every artifact for this target is checked against those rules on CPU.
+
+The input must be float (an INT4 or INT8 artifact is refused, at validate time where the plan shows it),
+and the output must hold quantized nodes: weight-only and dynamic quantize MatMul weights only, so on a
+CNN they would write the float graph back; the stage fails instead and says to use `static`. Models over
+~1.8 GB (or read from external data) are written as `model.onnx` + `model.onnx.data`.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from typing import ClassVar, Literal
@@ -25,8 +31,11 @@ import numpy as np
 from pydantic import Field
 
 from compress.errors import StageError
+from compress.onnx_files import data_file, wants_external_data
+from compress.progress import quiet_third_party
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
+from compress.stages.quantize.common import input_problem, refuse_quantized_input, require_quantized
 
 CALIBRATORS = ("minmax", "entropy", "percentile")
 
@@ -54,6 +63,12 @@ class Int8Options(StageOptions):
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="weight-only: MatMulNBits compute type; 4 = INT8")
     include_lm_head: bool = Field(True, description="weight-only / dynamic: quantize the output projection too")
 
+    def output_precision(self, input_precision: str) -> str:
+        return "int8"
+
+    def input_precision_problem(self, name: str, precision: str) -> str | None:
+        return input_problem(name, precision, "quantize int8")
+
 
 class _Reader:
     """onnxruntime CalibrationDataReader over the adapter's calibration inputs."""
@@ -68,15 +83,32 @@ class _Reader:
         return batch
 
 
+#: what to do when a method quantized nothing
+_NOTHING_QUANTIZED = {
+    "static": "check op_types and exclude_nodes",
+    "weight-only": "weight-only quantizes MatMul weights only; use method: static",
+    "dynamic": "dynamic quantizes MatMul weights only; use method: static",
+}
+
+
 def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     method = ctx.adapter.default_int8_method if options.method == "auto" else options.method
-    if method != "static" and options.target == "tensorrt":
+    refuse_quantized_input(artifact, "quantize int8")
+    out = _static(artifact, options, ctx) if method == "static" else _matmul(artifact, options, method, ctx)
+    nodes = require_quantized(
+        ctx.outdir / out.file, artifact.main, f"quantize int8 ({method})", _NOTHING_QUANTIZED[method]
+    )
+    out.info["quantized_nodes"] = nodes
+    return out
+
+
+def _matmul(artifact, options: Int8Options, method: str, ctx: StageContext) -> StageOutput:
+    """Weight-only (MatMulNBits) or dynamic (MatMulInteger) INT8 of the MatMul weights."""
+    if options.target == "tensorrt":
         raise StageError(
             f"quantize int8: method '{method}' writes com.microsoft ops that TensorRT cannot build; "
             "use method: static for target: tensorrt"
         )
-    if method == "static":
-        return _static(artifact, options, ctx)
     from compress.llm.quant_int8 import quantize_dynamic_int8, quantize_weight_only_int8
 
     start = time.perf_counter()
@@ -104,18 +136,31 @@ def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOut
 
 
 def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    with quiet_third_party():  # importing ORT's quantization configures root logging
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
     tensorrt = options.target == "tensorrt"
-    pre = ctx.outdir / "_preprocessed.onnx"
-    quant_pre_process(str(artifact.main), str(pre), skip_symbolic_shape=False)
+    # ONNX Runtime writes scratch files beside its input: the pre-processed graph lives in a folder of ours.
+    pre = ctx.outdir / "_pre" / "model.onnx"
+    pre.parent.mkdir()
+    large = wants_external_data(artifact.main)
+    with quiet_third_party():
+        # Symbolic shape inference keeps the graph in one proto, which cannot be saved beyond 2 GB.
+        quant_pre_process(
+            str(artifact.main),
+            str(pre),
+            skip_symbolic_shape=large,
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            external_data_location=data_file(pre).name,
+        )
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -135,20 +180,22 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     ) as task:
         reader = _Reader(ctx.adapter.calibration_inputs(options.samples, batch_size=8), options.samples, task)
         CalibrationDataReader.register(_Reader)
-        quantize_static(
-            str(pre),
-            str(out),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=options.per_channel,
-            activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=method,
-            nodes_to_exclude=list(options.exclude_nodes) or None,
-            op_types_to_quantize=list(options.op_types) if options.op_types else None,
-            extra_options=extra,
-        )
-    pre.unlink()
+        with quiet_third_party():
+            quantize_static(
+                str(pre),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=options.per_channel,
+                activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                nodes_to_exclude=list(options.exclude_nodes) or None,
+                op_types_to_quantize=list(options.op_types) if options.op_types else None,
+                use_external_data_format=large,
+                extra_options=extra,
+            )
+    shutil.rmtree(pre.parent)
     info = {
         "method": "static",
         "calibration_seconds": round(time.perf_counter() - start, 1),
