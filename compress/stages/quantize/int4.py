@@ -34,7 +34,8 @@ only, so there the embedding Gather keeps a float table (holding the dequantized
 
 Families: causal-lm (calibration windows of `data`) and vision (calibration images in batches of 8);
 only `nn.Linear` layers are quantized: convolutions stay as they are (said in the log and in `info`).
-AWQ folds its scales into the op before each Linear and needs a Llama-style decoder.
+AWQ folds its scales into the op before each Linear and needs a decoder with an architecture map
+(`compress.families.causal_lm.archs`).
 
 `method: checkpoint` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
 `qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
@@ -299,15 +300,16 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         gptq_quantize_model,
         rtn_quantize_model,
     )
-    from compress.quant.int4.sequential import decoder_layers
+    from compress.families.causal_lm.archs import find_arch
 
     if options.method == "checkpoint":
         return _load_checkpoint(model, options, ctx), str(options.checkpoint)
     keep = _keep_filter(options)
     base = {"group_size": options.group_size, "symmetric": options.symmetric}
-    layers = decoder_layers(model)
-    total = len(layers) if layers is not None and options.method != "rtn" else 1
+    arch = find_arch(model)
+    total = len(model.get_submodule(arch.layers)) if arch is not None and options.method != "rtn" else 1
     then = options.then or "rtn"
+    skipped: list[str] = []
     label = options.method + (f"+{then}" if options.method == "awq" else "")
     with ctx.reporter.task(f"quantize int4 {label} g{options.group_size}", total=total) as task:
 
@@ -325,10 +327,17 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         else:
             cfg = AWQConfig(**base, quantizer=then, seed=ctx.seed)
             qws = awq_quantize_model(
-                model, _calibration(ctx, options.samples), layers_filter=keep, config=cfg, progress=progress
+                model,
+                _calibration(ctx, options.samples),
+                layers_filter=keep,
+                config=cfg,
+                progress=progress,
+                on_skip=skipped.append,
             )
     if not qws:
         raise StageError("quantize int4: no Linear layer was selected (check `keep`)")
+    for message in skipped:
+        ctx.reporter.log(f"  AWQ scale group left unscaled: {message}")
     return qws, None
 
 
