@@ -154,7 +154,14 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import SCHEMES, _local_target, gguf_header_problem, parse_source, remote_code_problem
+        from compress.llm.sources import (
+            SCHEMES,
+            _local_target,
+            gguf_header_problem,
+            parse_source,
+            remote_code_problem,
+            source_decoder_problem,
+        )
 
         problems = self._text_problems()
         try:
@@ -175,6 +182,10 @@ class CausalLMAdapter(Adapter):
         problem = remote_code_problem(self.model_cfg.source, self.model_cfg.trust_remote_code)
         if problem:
             problems.append((("model", "trust_remote_code"), problem))
+        if not any(path == ("model", "source") for path, _ in problems):
+            problem = source_decoder_problem(self.model_cfg.source)
+            if problem:
+                problems.append((("model", "source"), problem))
         return problems
 
     def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:

@@ -55,7 +55,7 @@ from typing import Literal
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.llm.onnx_export import LOGITS, TWO_GB
+from compress.llm.onnx_export import TWO_GB, lm_head_matmul
 
 Int8Method = Literal["dynamic", "weight_only"]
 DEFAULT_INT8_METHOD: Int8Method = "weight_only"
@@ -86,11 +86,11 @@ def _quiet_ort_quantization() -> Iterator[None]:
 
 
 def lm_head_nodes(onnx_path: Path) -> list[str]:
-    """Names of the MatMul/Gemm nodes that produce ``logits`` (the lm_head)."""
+    """Names of the MatMul/Gemm nodes that produce ``logits`` (the lm_head, before any soft-capping)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return [n.name for n in graph.node if LOGITS in n.output and n.op_type in ("MatMul", "Gemm")]
+    head = lm_head_matmul(onnx.load(str(onnx_path), load_external_data=False).graph)
+    return [head.name] if head is not None else []
 
 
 def _weight_bytes(onnx_path: Path) -> int:
