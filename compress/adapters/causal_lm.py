@@ -1,4 +1,4 @@
-"""The `causal-lm` adapter: decoder LLMs (Llama-style first; any HF model taking `past_key_values`).
+"""The `causal-lm` adapter: decoder LLMs with an architecture map (`compress.families.causal_lm.archs`).
 
 Model sources (`compress.llm.sources`): `hf:NAME_OR_FOLDER`, `gguf:PATH`, `pkg:DIST/PATH`,
 `python:module:function`. Torch artifacts are Hugging Face folders (`save_pretrained`); ONNX artifacts are

@@ -141,8 +141,14 @@ def test_int8(exported, tmp_path, method) -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_int4_logits_close(name: str, method: str) -> None:
     """INT4 g32 logits against float on held-out tokens: >= 10 dB SQNR (4-bit weights give ~15-20 dB here)."""
-    from compress.quant.int4 import AWQConfig, GPTQConfig, WeightQuantConfig
-    from compress.quant.int4 import awq_quantize_model, gptq_quantize_model, rtn_quantize_model
+    from compress.quant.int4 import (
+        AWQConfig,
+        GPTQConfig,
+        WeightQuantConfig,
+        awq_quantize_model,
+        gptq_quantize_model,
+        rtn_quantize_model,
+    )
 
     model = tiny_decoder(name)
     held_out = calib(2, seed=1)
@@ -207,7 +213,9 @@ def test_awq_reports_groups_it_cannot_fold() -> None:
     from compress.quant.int4 import AWQConfig, awq_quantize_model
 
     skipped: list[str] = []
-    awq_quantize_model(tiny_decoder("phi3"), calib(2), config=AWQConfig(group_size=32, n_grid=2), on_skip=skipped.append)
+    awq_quantize_model(
+        tiny_decoder("phi3"), calib(2), config=AWQConfig(group_size=32, n_grid=2), on_skip=skipped.append
+    )
     assert len(skipped) == 2 and all("qkv_proj" in m and "grouped-query" in m for m in skipped), skipped
 
 
@@ -236,7 +244,7 @@ def test_each_layer_gets_the_arguments_the_model_gives_it() -> None:
     batches = calib(2)
     layers = model.get_submodule(arch_of(model).layers)
     hidden, calls = capture_layer_calls(model, layers, batches)
-    for b, (args, kwargs) in enumerate(_true_layer_inputs(model, 1, batches)):
+    for b, (_args, kwargs) in enumerate(_true_layer_inputs(model, 1, batches)):
         mine = calls[1][b].kwargs
         cos, sin = mine["position_embeddings"]
         torch.testing.assert_close(cos, kwargs["position_embeddings"][0], rtol=0, atol=0)
@@ -334,7 +342,10 @@ def foreign_folders(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("kind", "words"),
-    [("bert", ["'bert'", "is not a decoder", "text-encoder"]), ("gpt2", ["'gpt2'", "no architecture map", "supported: gemma2"])],
+    [
+        ("bert", ["'bert'", "is not a decoder", "text-encoder"]),
+        ("gpt2", ["'gpt2'", "no architecture map", "supported: gemma2"]),
+    ],
 )
 def test_validate_refuses_sources_without_a_map(foreign_folders, tmp_path, capsys, kind, words) -> None:
     """Known before work: exit 2 at `validate`, naming model.source, and nothing is run."""
@@ -402,3 +413,49 @@ def test_a_mapped_folder_passes_validate(tmp_path) -> None:
     source = _save(tiny_decoder("gemma3"), tmp_path / "gemma3")
     assert json.loads((tmp_path / "gemma3" / "config.json").read_text())["model_type"] == "gemma3_text"
     assert source_decoder_problem(source) is None
+
+
+# -- through the runner: the adapter loads the saved folder, quantizes, exports, checks parity ----------------
+@pytest.mark.slow  # ~30 s per run on a shared CPU
+@pytest.mark.parametrize("name", ["gemma3", "phi3"])
+def test_pipeline_export_int8_int4_awq(name: str, tmp_path: Path) -> None:
+    """Gemma 3 (sliding layers, norm offset, tied scaled embedding) and Phi-3 (fused projections) end to end."""
+    import yaml
+    from toys import run_quietly
+
+    source = _save(tiny_decoder(name), tmp_path / "model")
+    pipeline = tmp_path / f"{name}.yaml"
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "model": {"family": "causal-lm", "source": source},
+                "data": {"window": 16, "evaluation_windows": 2, "calibration_windows": 2, "generation_tokens": 4},
+                "stages": [
+                    {"export": {"name": "onnx-fp32", "atol": 1e-4}},
+                    {"quantize": {"precision": "int8", "name": "int8"}},
+                    {
+                        "quantize": {
+                            "precision": "int4",
+                            "method": "awq",
+                            "group_size": 32,
+                            "samples": 2,
+                            "input": "source",
+                            "name": "int4-awq",
+                            "accuracy_level": 0,
+                            "parity_atol": 1e-3,
+                        }
+                    },
+                ],
+                "gates": {},
+            }
+        )
+    )
+    code, _, records = run_quietly(pipeline, tmp_path / "runs", "--no-bench")
+    assert code == 0
+    assert records["onnx-fp32"]["evaluation"]["vs_baseline"]["greedy_identical"] == 100.0
+    info = records["int4-awq"]["artifact"]["info"]
+    assert info["layers_quantized"] == 2 * len(ARCHITECTURES[name].linears)
+    # GQA (2 KV heads for 4): v -> o cannot fold, once per layer; Phi-3's fused qkv is named as such
+    assert len(info["awq_groups_unscaled"]) == 2
+    assert all(("qkv_proj" if name == "phi3" else "v_proj") in m for m in info["awq_groups_unscaled"])

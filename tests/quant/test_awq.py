@@ -9,10 +9,10 @@ from torch import nn
 from compress.errors import StageError
 from compress.quant.int4.awq import (
     AWQConfig,
-    fold_scale,
     awq_quantize_model,
     awq_search_clip,
     awq_search_scale,
+    fold_scale,
 )
 from compress.quant.int4.rtn import rtn_quantize
 from compress.quant.int4.weight import WeightQuantConfig

@@ -168,7 +168,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         ctx.reporter.log(f"  only Linear layers are quantized: {convs} convolution(s) stay as they are")
 
     start = time.perf_counter()
-    qws, loaded = _quantize(model, options, ctx)
+    qws, loaded, unscaled = _quantize(model, options, ctx)
     head = _quantize_head(model, options, qws)
     quantize_seconds = time.perf_counter() - start
     kept = _kept_linears(model, options)
@@ -233,7 +233,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     if options.method == "gptq":
         info.update(act_order=options.act_order, damp=options.damp)
     if options.method == "awq":
-        info["then"] = options.then or "rtn"
+        info.update(then=options.then or "rtn", awq_groups_unscaled=unscaled)
     if options.method in ("gptq", "awq"):
         info["calibration_samples"] = options.samples
     if loaded:
@@ -290,8 +290,12 @@ def _calibration(ctx: StageContext, samples: int) -> list[Any]:
     return batches
 
 
-def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None]:
-    """Quantize the selected Linears in place; returns ({name: QuantizedWeight}, checkpoint folder or None)."""
+def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None, list[str]]:
+    """Quantize the selected Linears in place.
+
+    Returns ({name: QuantizedWeight}, checkpoint folder or None, AWQ scale groups left unscaled).
+    """
+    from compress.families.causal_lm.archs import find_arch
     from compress.quant.int4 import (
         AWQConfig,
         GPTQConfig,
@@ -300,10 +304,9 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         gptq_quantize_model,
         rtn_quantize_model,
     )
-    from compress.families.causal_lm.archs import find_arch
 
     if options.method == "checkpoint":
-        return _load_checkpoint(model, options, ctx), str(options.checkpoint)
+        return _load_checkpoint(model, options, ctx), str(options.checkpoint), []
     keep = _keep_filter(options)
     base = {"group_size": options.group_size, "symmetric": options.symmetric}
     arch = find_arch(model)
@@ -338,7 +341,7 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         raise StageError("quantize int4: no Linear layer was selected (check `keep`)")
     for message in skipped:
         ctx.reporter.log(f"  AWQ scale group left unscaled: {message}")
-    return qws, None
+    return qws, None, skipped
 
 
 def _load_checkpoint(model: Any, options: Int4Options, ctx: StageContext) -> dict[str, Any]:
