@@ -459,3 +459,31 @@ def test_pipeline_export_int8_int4_awq(name: str, tmp_path: Path) -> None:
     # GQA (2 KV heads for 4): v -> o cannot fold, once per layer; Phi-3's fused qkv is named as such
     assert len(info["awq_groups_unscaled"]) == 2
     assert all(("qkv_proj" if name == "phi3" else "v_proj") in m for m in info["awq_groups_unscaled"])
+
+
+def test_int4_head_and_tied_scaled_embedding_gemma2(tmp_path: Path) -> None:
+    """lm_head at 4 bits on Gemma 2: the untied (V, H) table becomes a quantized Gather feeding the sqrt(H)
+    scaling, and the soft-capped logits still match the dequantized torch model within 1e-3."""
+    from compress.quant.int4 import (
+        WeightQuantConfig,
+        float_weights_of,
+        rewrite_onnx_file,
+        rtn_quantize,
+        rtn_quantize_model,
+    )
+    from compress.stages.quantize.int4 import _untie_for_export
+
+    model = tiny_decoder("gemma2")
+    qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32))
+    qws["lm_head"] = rtn_quantize(model.lm_head.weight, WeightQuantConfig(group_size=32))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(qws["lm_head"].dequantize())
+    embeddings = _untie_for_export(model, "lm_head")
+    assert embeddings == {"model.embed_tokens": "lm_head"}
+    fp = export_decoder(model, tmp_path / "fp.onnx")
+    weights = float_weights_of(model, list(qws) + list(embeddings))
+    report = rewrite_onnx_file(
+        fp, tmp_path / "q.onnx", qws, weights, accuracy_level=0, embeddings={n: qws[s] for n, s in embeddings.items()}
+    )
+    assert sorted(report.replaced) == sorted([*qws, *embeddings])
+    assert check_parity(model, tmp_path / "q.onnx", PROMPT, atol=1e-3, steps=4, raise_on_failure=False).ok
