@@ -1,4 +1,4 @@
-"""The `causal-lm` adapter: decoder LLMs (Llama-style first; any HF model taking `past_key_values`).
+"""The `causal-lm` adapter: decoder LLMs with an architecture map (`compress.families.causal_lm.archs`).
 
 Model sources (`compress.llm.sources`): `hf:NAME_OR_FOLDER`, `gguf:PATH`, `pkg:DIST/PATH`,
 `python:module:function`. Torch artifacts are Hugging Face folders (`save_pretrained`); ONNX artifacts are
@@ -155,7 +155,14 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import SCHEMES, _local_target, gguf_header_problem, parse_source, remote_code_problem
+        from compress.llm.sources import (
+            SCHEMES,
+            _local_target,
+            gguf_header_problem,
+            parse_source,
+            remote_code_problem,
+            source_decoder_problem,
+        )
 
         problems = self._text_problems()
         try:
@@ -176,6 +183,10 @@ class CausalLMAdapter(Adapter):
         problem = remote_code_problem(self.model_cfg.source, self.model_cfg.trust_remote_code)
         if problem:
             problems.append((("model", "trust_remote_code"), problem))
+        if not any(path == ("model", "source") for path, _ in problems):
+            problem = source_decoder_problem(self.model_cfg.source)
+            if problem:
+                problems.append((("model", "source"), problem))
         return problems
 
     def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:

@@ -85,7 +85,10 @@ def _wrapper(model: PreTrainedModel) -> torch.nn.Module:
 
         def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
-            cache = DynamicCache(pairs, config=self.model.config)
+            # No config: every layer keeps its whole past, sliding-window layers too (a sliding cache layer
+            # crops by Python ints the tracer freezes). The mask still limits them to their window, and
+            # past/present keep one shape across layers.
+            cache = DynamicCache(pairs)
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -218,7 +221,7 @@ def share_tied_embedding(proto: Any) -> bool:
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    head = next((n for n in graph.node if LOGITS in n.output and n.op_type == "MatMul"), None)
+    head = lm_head_matmul(graph)
     if head is None or head.input[1] not in inits:
         return False
     weight = numpy_helper.to_array(inits[head.input[1]])  # (H, V)
@@ -243,6 +246,23 @@ def share_tied_embedding(proto: Any) -> bool:
             graph.initializer.remove(table)
         return True
     return False
+
+
+# Ops that may follow the lm_head MatMul on the way to `logits` (Gemma 2's soft-capping: x / c, tanh, * c)
+_LOGIT_EPILOGUE = frozenset({"Mul", "Div", "Tanh", "Add", "Cast"})
+
+
+def lm_head_matmul(graph: Any) -> Any:
+    """The MatMul/Gemm node whose output becomes ``logits``, through soft-capping ops; None if there is none."""
+    producer = {out: node for node in graph.node for out in node.output}
+    inits = {t.name for t in graph.initializer}
+    node = producer.get(LOGITS)
+    while node is not None and node.op_type in _LOGIT_EPILOGUE:
+        computed = [i for i in node.input if i in producer and i not in inits and producer[i].op_type != "Constant"]
+        if len(computed) != 1:
+            return None
+        node = producer[computed[0]]
+    return node if node is not None and node.op_type in ("MatMul", "Gemm") else None
 
 
 def _dynamo_shapes(num_layers: int) -> tuple[Any, ...]:

@@ -51,7 +51,7 @@ from typing import Literal
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.llm.onnx_export import LOGITS
+from compress.llm.onnx_export import lm_head_matmul
 from compress.onnx_files import copy_model, model_bytes, wants_external_data, write_atomically
 from compress.progress import quiet_third_party
 
@@ -60,11 +60,11 @@ DEFAULT_INT8_METHOD: Int8Method = "weight_only"
 
 
 def lm_head_nodes(onnx_path: Path) -> list[str]:
-    """Names of the MatMul/Gemm nodes that produce ``logits`` (the lm_head)."""
+    """Names of the MatMul/Gemm nodes that produce ``logits`` (the lm_head, before any soft-capping)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return [n.name for n in graph.node if LOGITS in n.output and n.op_type in ("MatMul", "Gemm")]
+    head = lm_head_matmul(onnx.load(str(onnx_path), load_external_data=False).graph)
+    return [head.name] if head is not None else []
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, include_lm_head: bool = True) -> Path:

@@ -220,6 +220,14 @@ def _load_python(spec: str) -> tuple[Any, Any]:
             f"model source python:{spec}: {func_name}() returned {type(model).__name__}; "
             "expected a transformers causal LM (or (model, tokenizer))"
         )
+    config = model.config
+    problem = decoder_problem(
+        getattr(config, "model_type", None),
+        getattr(config, "architectures", None) or [type(model).__name__],
+        f"python:{spec}",
+    )
+    if problem:
+        raise ConfigError(problem)
     return model, tok
 
 
@@ -240,6 +248,7 @@ def _load_hf(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not is_local:
         kwargs["cache_dir"] = str(cache_dir / "hf")
+    _refuse_undecodable(str(folder) if is_local else name, source, kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder) if is_local else name, dtype=dtype, **kwargs)
     except OSError as exc:
@@ -251,6 +260,81 @@ def _load_hf(
     if not is_local or any((folder / f).is_file() for f in _TOKENIZER_FILES):
         tok = AutoTokenizer.from_pretrained(str(folder) if is_local else name, **kwargs)
     return model.eval(), tok
+
+
+# llama.cpp's `general.architecture` names that differ from the transformers `model_type` they load as
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
+def decoder_problem(model_type: str | None, architectures: Any = (), where: str = "config.json") -> str | None:
+    """Why a model of this `model_type` / `architectures` cannot be a causal-lm model; None if it has a map.
+
+    A checkpoint without a causal-LM head class (BERT's `BertModel`, `BertForMaskedLM`) is said to be no
+    decoder: transformers would load it as `BertLMHeadModel` and it would fail later, far from the cause.
+    """
+    from compress.families.causal_lm.archs import supported_model_types
+
+    supported = supported_model_types()
+    if model_type in supported:
+        return None
+    names = [a for a in architectures or () if isinstance(a, str)]
+    if names and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names):
+        return (
+            f"{where}: model_type '{model_type}' ({', '.join(names)}) is not a decoder; the text-encoder family "
+            f"takes text encoders (causal-lm supports: {', '.join(supported)})"
+        )
+    return (
+        f"{where}: decoder architecture '{model_type}' has no architecture map; supported: {', '.join(supported)} "
+        "(add one in compress/families/causal_lm/archs.py)"
+    )
+
+
+def source_decoder_problem(source: str) -> str | None:
+    """`decoder_problem` of a local source, read without loading it (a folder's config.json, a GGUF header).
+
+    None when the source is fine or cannot be read this cheaply (a hub id, a python factory, no gguf
+    package): those are checked when loaded.
+    """
+    scheme, rest = _local_target(*parse_source(source))
+    path = Path(rest).expanduser()
+    if scheme == "hf" and (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # transformers says what is wrong with it when loading
+        if not isinstance(config, dict):
+            return None
+        return decoder_problem(config.get("model_type"), config.get("architectures"), str(path / "config.json"))
+    if scheme == "gguf" and path.is_file():
+        arch = gguf_architecture(path)
+        return None if arch is None else decoder_problem(_GGUF_MODEL_TYPES.get(arch, arch), (), f"{path} (GGUF)")
+    return None
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """A GGUF file's `general.architecture`, or None when the gguf package is missing or the file unreadable."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        return None if field is None else bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _refuse_undecodable(name: str, source: str, kwargs: dict[str, Any]) -> None:
+    """Read the config alone and refuse a model without an architecture map before loading its weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        return  # the model load below says why, in its own words
+    problem = decoder_problem(getattr(config, "model_type", None), getattr(config, "architectures", None), source)
+    if problem:
+        raise ConfigError(problem)
 
 
 _GGUF_MAGIC = b"GGUF"
@@ -283,7 +367,7 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
         raise ConfigError(f"model source gguf:{path}: file not found")
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError("gguf", "llm", "loading GGUF model files")
-    problem = gguf_header_problem(path)
+    problem = gguf_header_problem(path) or source_decoder_problem(f"gguf:{path}")
     if problem:
         raise ConfigError(problem)
     import torch

@@ -16,6 +16,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """An AWQ scale group: Linears sharing one input, and the op whose output channels produce it.
+
+    `part = (index, count)` when `producer` is a fused Linear: its rows are `count` equal parts and only part
+    `index` feeds the consumers (Phi-3's `up` half of `gate_up` for `down`). The fold is exact only when that
+    part's rows are the consumers' input columns one for one; AWQ skips (and reports) a group where they are
+    not (grouped-query attention: fewer `v` rows than `o` columns).
+    """
+
+    producer: str  # a norm (x_hat * (norm_offset + weight)) or a Linear
+    consumers: tuple[str, ...]
+    part: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class DecoderArch:
     """One decoder family's layout. Fields are module paths inside a decoder layer unless said otherwise."""
 
@@ -70,6 +85,25 @@ class DecoderArch:
     def sequential_groups(self) -> tuple[tuple[str, ...], ...]:
         """GPTQ's sequential targets: Linears that share one input, in the order the layer runs them."""
         return (self.attention_inputs, (self.o,), self.mlp_inputs, (self.down,))
+
+    @property
+    def scale_groups(self) -> tuple[ScaleGroup, ...]:
+        """AWQ's scale groups in layer order: norm -> attention inputs, v -> o, norm -> MLP inputs, up -> down."""
+        v_to_o = ScaleGroup(self.v, (self.o,)) if self.v else ScaleGroup(self.qkv, (self.o,), (2, 3))  # type: ignore[arg-type]
+        up_to_down = (
+            ScaleGroup(self.up, (self.down,)) if self.up else ScaleGroup(self.gate_up, (self.down,), (1, 2))  # type: ignore[arg-type]
+        )
+        return (
+            ScaleGroup(self.attn_norm, self.attention_inputs),
+            v_to_o,
+            ScaleGroup(self.mlp_norm, self.mlp_inputs),
+            up_to_down,
+        )
+
+    @property
+    def softmax_inputs(self) -> tuple[str, ...]:
+        """Linears whose outputs meet in a softmax (q, k): AWQ does not clip them (a Linear MSE misses that)."""
+        return (self.qkv,) if self.qkv else (self.q, self.k)  # type: ignore[return-value]
 
 
 ARCHITECTURES: dict[str, DecoderArch] = {
@@ -126,6 +160,12 @@ def arch_for_model_type(model_type: str) -> DecoderArch:
             f"decoder architecture '{model_type}' has no architecture map; supported: "
             f"{', '.join(supported_model_types())} (add one in compress/families/causal_lm/archs.py)"
         ) from None
+
+
+def find_arch(model: Any) -> DecoderArch | None:
+    """The map of `model` if it is a mapped decoder, else None (a CNN, an encoder: no decoder layers)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
 
 
 def arch_of(model: Any) -> DecoderArch:

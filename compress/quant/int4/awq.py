@@ -11,22 +11,26 @@ authors' llm-awq code, ``auto_scale.py`` / ``auto_clip.py``):
 - Objective: MSE of the *outputs of the Linears that share the input* (q/k/v together, gate/up
   together), not of the whole attention / MLP block as llm-awq does -- cheaper, and it keeps each
   search exact and self-contained. Searches use at most ``max_tokens`` sampled calibration tokens.
-- Folds (Llama decoder layer): ``input_layernorm.weight`` for q/k/v, ``post_attention_layernorm.weight``
-  for gate/up (RMSNorm computes ``weight * x_hat``), ``v_proj`` rows for ``o_proj`` (only when the
-  shapes agree, i.e. no grouped-query attention, as in llm-awq), ``up_proj`` rows for ``down_proj``.
+- Folds, from the decoder's architecture map (``DecoderArch.scale_groups``): the attention norm's weight
+  for q/k/v, the MLP norm's weight for gate/up (RMSNorm computes ``x_hat * (offset + weight)``, offset 1
+  for Gemma: ``weight' = (offset + weight) / s - offset``), ``v`` rows for ``o`` (only when each ``o``
+  input column is one ``v`` row, i.e. no grouped-query attention, as in llm-awq), ``up`` rows for
+  ``down``. For a fused producer (Phi-3's ``qkv_proj``, ``gate_up_proj``) only the rows of the part that
+  feeds the consumer are divided (the ``v`` third, the ``up`` half); a group whose fold would not be exact
+  is skipped and reported through ``on_skip``.
 - Optional clipping search (llm-awq ``auto_clip``): per output row and group, shrink the weight range
   by ``r`` in ``1, 1-1/n, ..`` down to ``1 - clip_max_shrink`` and keep the r with the least error of that
-  group's partial output; r = 1 is in the grid. Skipped for q_proj/k_proj as in llm-awq (their error
-  is amplified by the softmax, which a Linear-output MSE does not see).
+  group's partial output; r = 1 is in the grid. Skipped for q/k (a fused qkv too) as in llm-awq (their
+  error is amplified by the softmax, which a Linear-output MSE does not see).
 - Then RTN (default) or GPTQ on the scaled, clipped weights, with scaled inputs for GPTQ's Hessian.
 All scale/clip decisions of a decoder layer are taken on its float weights before any of them is
 quantized (a fold into ``up_proj`` after it was quantized would undo its rounding); layers run in
-sequence, each on the outputs of the already quantized previous layers.
+sequence, each on the outputs of the already quantized previous layers and with its own arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -34,16 +38,16 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import StageError
+from compress.families.causal_lm.archs import DecoderArch, ScaleGroup, find_arch, supported_model_types
 from compress.quant.int4.gptq import GPTQConfig, HessianAccumulator, gptq_quantize_weight
 from compress.quant.int4.rtn import rtn_quantize
 from compress.quant.int4.sequential import (
+    LayerInputs,
     LinearFilter,
     Progress,
-    capture_first_layer_inputs,
-    decoder_layers,
     default_filter,
-    propagate,
     run_layer,
+    walk_layers,
 )
 from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
 
@@ -133,52 +137,44 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, config: AWQConfig | None =
     return out
 
 
-def _fold_into_prev(prev: nn.Module, s: torch.Tensor) -> None:
-    """Divide the output channels of ``prev`` (RMSNorm weight or Linear rows) by ``s``."""
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+@torch.no_grad()
+def fold_scale(producer: nn.Module, s: torch.Tensor, *, norm_offset: float = 0.0, rows: slice | None = None) -> None:
+    """Divide the output channels of ``producer`` by ``s`` (exact in real arithmetic).
+
+    A Linear: its rows (``rows`` of a fused one) and bias. A norm computing ``x_hat * (norm_offset + w)``:
+    ``w' = (norm_offset + w) / s - norm_offset``. Multiplying the consumers' input columns by ``s`` then
+    gives back the same function.
+    """
+    if isinstance(producer, nn.Linear):
+        part = rows or slice(None)
+        producer.weight[part].div_(s.unsqueeze(1).to(producer.weight.dtype))
+        if producer.bias is not None:
+            producer.bias[part].div_(s.to(producer.bias.dtype))
         return
-    weight = getattr(prev, "weight", None)
+    weight = getattr(producer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
         raise StageError(
-            f"cannot fold an AWQ scale into {type(prev).__name__} (needs a weight of shape {tuple(s.shape)})"
+            f"cannot fold an AWQ scale into {type(producer).__name__} (needs a weight of shape {tuple(s.shape)})"
         )
-    if "gemma" in type(prev).__name__.lower():
-        raise StageError("Gemma RMSNorm computes (1 + weight) * x_hat; AWQ folding is not implemented for it")
-    weight.div_(s.to(weight.dtype))
+    weight.copy_(((norm_offset + weight.double()) / s.double() - norm_offset).to(weight.dtype))
 
 
-def _llama_scale_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
-    """(op producing the input, names of the Linears consuming it) for one Llama decoder layer."""
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    needed = ("input_layernorm", "post_attention_layernorm")
-    if attn is None or mlp is None or not all(hasattr(layer, n) for n in needed):
-        raise StageError(
-            "AWQ needs a Llama-style decoder layer (self_attn, mlp, input_layernorm, "
-            f"post_attention_layernorm); "
-            f"got {type(layer).__name__}"
+def _producer_rows(group: ScaleGroup, producer: nn.Module, consumer: nn.Linear) -> slice | None | str:
+    """Rows of ``producer`` feeding ``consumer`` one for one, or why the fold would not be exact."""
+    if not isinstance(producer, nn.Linear):
+        return None
+    index, count = group.part or (0, 1)
+    width = consumer.in_features
+    if producer.out_features != count * width:
+        return (
+            f"{group.producer} has {producer.out_features} output rows, not {count} x {width} "
+            f"({group.consumers[0]} input columns): grouped-query attention"
         )
-    groups: list[tuple[nn.Module, list[str]]] = [
-        (layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ]
-    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-        groups.append((attn.v_proj, ["self_attn.o_proj"]))
-    groups.append((layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]))
-    groups.append((mlp.up_proj, ["mlp.down_proj"]))
-    return groups
+    return slice(index * width, (index + 1) * width) if group.part else None
 
 
-@torch.no_grad()
-def awq_quantize_layer(
-    layer: nn.Module,
-    inputs: Any,
-    keep: LinearFilter,
-    prefix: str,
-    cfg: AWQConfig,
-) -> dict[str, QuantizedWeight]:
-    """AWQ one decoder layer in place (scale search, folds, clipping, quantization)."""
+def _collect_inputs(layer: nn.Module, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+    """Input rows ``(tokens, in)`` of every Linear of ``layer`` over the calibration inputs."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     handles = [
@@ -190,16 +186,37 @@ def awq_quantize_layer(
     finally:
         for h in handles:
             h.remove()
-    x_of = {n: torch.cat(v, dim=0).float() for n, v in feats.items() if v}  # (tokens, in)
+    return {n: torch.cat(v, dim=0).float() for n, v in feats.items() if v}
 
-    for prev, names in _llama_scale_groups(layer):
-        names = [n for n in names if n in linears]
+
+@torch.no_grad()
+def awq_quantize_layer(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    keep: LinearFilter,
+    prefix: str,
+    cfg: AWQConfig,
+    arch: DecoderArch,
+    on_skip: Callable[[str], None] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """AWQ one decoder layer in place (scale search, folds, clipping, quantization)."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    x_of = _collect_inputs(layer, inputs)
+
+    for group in arch.scale_groups:
+        names = [n for n in group.consumers if n in linears]
         scored = [n for n in names if keep(prefix + n, linears[n])]
         if not scored:
             continue
+        producer = layer.get_submodule(group.producer)
+        rows = _producer_rows(group, producer, linears[names[0]])
+        if isinstance(rows, str):
+            if on_skip:
+                on_skip(f"{prefix}{group.producer} -> {', '.join(names)}: {rows}")
+            continue
         x = x_of[names[0]]
         s, _, _ = awq_search_scale(x, [linears[n].weight for n in scored], cfg)
-        _fold_into_prev(prev, s)
+        fold_scale(producer, s, norm_offset=arch.norm_offset, rows=rows)
         for n in names:
             linears[n].weight.mul_(s.unsqueeze(0).to(linears[n].weight.dtype))
         scaled = x / s
@@ -211,7 +228,7 @@ def awq_quantize_layer(
         if not keep(prefix + n, mod) or n not in x_of:
             continue
         w = mod.weight.detach().float()
-        if cfg.clip and not n.endswith(("q_proj", "k_proj")):
+        if cfg.clip and n not in arch.softmax_inputs:
             w = awq_search_clip(x_of[n], w, cfg)
         if cfg.quantizer == "gptq":
             acc = HessianAccumulator(mod.in_features)
@@ -233,30 +250,30 @@ def awq_quantize_model(
     layers_filter: LinearFilter | None = None,
     config: AWQConfig | None = None,
     progress: Progress | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """AWQ every selected Linear of a Llama-style ``model`` in place; returns ``{name: QuantizedWeight}``.
+    """AWQ every selected Linear of a mapped decoder in place; returns ``{name: QuantizedWeight}``.
 
+    ``on_skip(message)`` hears of each scale group left unscaled (its fold would not be exact).
     The model keeps the float-equivalent folds (RMSNorm weights / producer rows divided by ``s``)
     and its quantized Linears hold their dequantized weights, so exporting it afterwards gives the
     graph the returned QuantizedWeights belong to.
     """
     cfg = config or AWQConfig()
     keep = layers_filter or default_filter
-    layers = decoder_layers(model)
-    if layers is None:
+    arch = find_arch(model)
+    if arch is None:
         raise StageError(
-            "AWQ folds its scales into the op before each Linear and needs a Llama-style decoder "
-            "(model.model.layers); use method gptq or rtn for this model"
+            f"AWQ folds its scales into the op before each Linear and needs a decoder with an architecture map "
+            f"({', '.join(supported_model_types())}); {type(model).__name__} has none: use method gptq or rtn"
         )
     batches = list(calib_batches)
     if not batches:
         raise StageError("AWQ needs calibration batches; got none")
-    inputs = capture_first_layer_inputs(model, batches)
-    prefix_of = {id(m): n for n, m in model.named_modules()}
+    n_layers = len(model.get_submodule(arch.layers))
     result: dict[str, QuantizedWeight] = {}
-    for i, layer in enumerate(layers):
-        result.update(awq_quantize_layer(layer, inputs, keep, prefix_of[id(layer)] + ".", cfg))
-        inputs = propagate(layer, inputs)
+    for i, prefix, layer, inputs in walk_layers(model, arch, batches):
+        result.update(awq_quantize_layer(layer, inputs, keep, prefix, cfg, arch, on_skip))
         if progress:
-            progress(i + 1, len(layers), f"AWQ decoder layer {i}")
+            progress(i + 1, n_layers, f"AWQ decoder layer {i}")
     return result

@@ -26,17 +26,16 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import StageError
+from compress.families.causal_lm.archs import find_arch
 from compress.quant.int4.sequential import (
     LinearFilter,
     Progress,
     all_linears,
     as_model_kwargs,
-    capture_first_layer_inputs,
-    decoder_layers,
     default_filter,
     layer_linear_groups,
-    propagate,
     run_layer,
+    walk_layers,
 )
 from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
 from compress.quant.qparams import check_bits_group, choose_qparams, quantize_codes
@@ -199,8 +198,10 @@ def gptq_quantize_model(
 ) -> dict[str, QuantizedWeight]:
     """GPTQ every selected Linear of ``model``; returns ``{module name: QuantizedWeight}``.
 
-    Llama-style models (``model.model.layers``) are done decoder layer by decoder layer on inputs
-    produced by the already-quantized layers; other models in one pass with hooks on all Linears.
+    Decoders with an architecture map (`compress.families.causal_lm.archs`) are done decoder layer by
+    decoder layer on inputs produced by the already-quantized layers, each layer with the arguments the
+    model gives it, its Linears in the map's sequential groups; other models in one pass with hooks on all
+    Linears.
     The model is modified in place: each quantized Linear's weight becomes its dequantized value.
     ``layers_filter(name, module)`` selects Linears (default: all but ``lm_head``).
     ``progress(done, total, message)`` is called after each layer. A batch is a token tensor, a mapping
@@ -212,8 +213,8 @@ def gptq_quantize_model(
     if not batches:
         raise StageError("GPTQ needs calibration batches; got none")
     result: dict[str, QuantizedWeight] = {}
-    layers = decoder_layers(model)
-    if layers is None:
+    arch = find_arch(model)
+    if arch is None:
         members = all_linears(model, keep)
         if not members:
             raise StageError("no Linear layer selected for GPTQ")
@@ -227,18 +228,15 @@ def gptq_quantize_model(
             progress(1, 1, f"GPTQ {len(members)} Linear layers (one pass)")
         return result
 
-    inputs = capture_first_layer_inputs(model, batches)
-    prefix_of = {id(m): n for n, m in model.named_modules()}
-    for i, layer in enumerate(layers):
-        prefix = prefix_of[id(layer)] + "."
-        groups = layer_linear_groups(layer, keep, prefix)
+    n_layers = len(model.get_submodule(arch.layers))
+    for i, prefix, layer, inputs in walk_layers(model, arch, batches):
+        groups = layer_linear_groups(layer, arch, keep, prefix)
         if not cfg.true_sequential and groups:
             groups = [[m for grp in groups for m in grp]]
         for members in groups:
             result.update(
                 _quantize_with_hooks(lambda layer=layer, inputs=inputs: run_layer(layer, inputs), members, cfg)
             )
-        inputs = propagate(layer, inputs)
         if progress:
-            progress(i + 1, len(layers), f"GPTQ decoder layer {i}")
+            progress(i + 1, n_layers, f"GPTQ decoder layer {i}")
     return result

@@ -1,45 +1,45 @@
-"""Layer-by-layer calibration driver for Llama-style decoders (shared by GPTQ and AWQ).
+"""Layer-by-layer calibration driver for mapped decoders (shared by GPTQ and AWQ).
 
 Why sequential: quantizing decoder layer ``i`` with the activations produced by the already
 quantized layers ``0..i-1`` (GPTQ, arXiv 2210.17323, section 4 "sequential") both lowers the
-error and bounds memory to one layer's calibration activations. Inputs to layer 0 are captured with
-a forward pre-hook that stops the model right there; every later layer's inputs are the previous
-layer's outputs, recomputed after it was quantized.
+error and bounds memory to one layer's calibration activations. Where the layers are and which Linears
+share an input come from the decoder's architecture map (`compress.families.causal_lm.archs`).
+
+Every layer gets its own call arguments: one float forward pass records, with a pre-hook on each layer,
+what the model passes it (attention mask, rotary embeddings, ...), because layers differ (Gemma 2/3
+alternate sliding-window and global layers with different masks and RoPE bases). Only layer 0's hidden
+states are kept from that pass; every later layer's hidden states are the previous layer's outputs,
+recomputed after it was quantized.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from compress.errors import StageError
+from compress.families.causal_lm.archs import DecoderArch
 
 LayerInputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
 Progress = Callable[[int, int, str], None]
 LinearFilter = Callable[[str, nn.Linear], bool]
 
-# Order of the sub-layers inside a Llama decoder layer: each group shares one input.
-LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
 
 class _Stop(Exception):
-    """Raised by the capture hook to end the forward pass at layer 0."""
+    """Raised by the capture hook of the last layer: nothing after it is needed."""
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """``model.model.layers`` of a HF Llama-style causal LM, or None when absent."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return layers if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
+@dataclass
+class LayerCall:
+    """What the model passed one decoder layer for one batch, hidden states left out."""
+
+    args: tuple[Any, ...]  # positional arguments after the hidden states
+    kwargs: dict[str, Any]
 
 
 def as_model_kwargs(batch: Any) -> dict[str, Any]:
@@ -51,28 +51,71 @@ def as_model_kwargs(batch: Any) -> dict[str, Any]:
     raise StageError(f"calibration batch of type {type(batch).__name__}; expected a tensor or a mapping")
 
 
-def capture_first_layer_inputs(model: nn.Module, calib_batches: Iterable[Any]) -> LayerInputs:
-    """Run ``model`` on each batch up to decoder layer 0 and keep that layer's (args, kwargs)."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise StageError("model has no model.model.layers; sequential calibration needs a decoder")
-    captured: LayerInputs = []
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
+    if args:
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs))
+    rest = dict(kwargs)
+    return rest.pop("hidden_states"), LayerCall((), rest)
 
-    def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, kwargs))
-        raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+def capture_layer_calls(
+    model: nn.Module, layers: nn.ModuleList, calib_batches: Iterable[Any]
+) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """One float pass per batch: layer 0's hidden states per batch, and every layer's call per batch.
+
+    Returns ``(hidden, calls)`` with ``calls[layer][batch]``.
+    """
+    hidden: list[torch.Tensor] = []
+    calls: list[list[LayerCall]] = [[] for _ in layers]
+    last = len(layers) - 1
+
+    def hook(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hs, call = _split_hidden(args, kwargs)
+        if index == 0:
+            hidden.append(hs)
+        calls[index].append(call)
+        if index == last:
+            raise _Stop
+
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, a, k, i=i: hook(i, a, k), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             for batch in calib_batches:
                 with contextlib.suppress(_Stop):
                     model(**as_model_kwargs(batch), use_cache=False)
     finally:
-        handle.remove()
-    if not captured:
+        for h in handles:
+            h.remove()
+    if not hidden:
         raise StageError("no calibration batch reached decoder layer 0 (empty calibration data?)")
-    return captured
+    if any(len(c) != len(hidden) for c in calls):
+        raise RuntimeError("a decoder layer was not called once per calibration batch")
+    return hidden, calls
+
+
+def with_hidden(hidden: list[torch.Tensor], calls: list[LayerCall]) -> LayerInputs:
+    """(args, kwargs) of each batch's call of one layer, with these hidden states."""
+    return [((hs, *call.args), call.kwargs) for hs, call in zip(hidden, calls, strict=True)]
+
+
+def walk_layers(
+    model: nn.Module, arch: DecoderArch, calib_batches: Iterable[Any]
+) -> Iterator[tuple[int, str, nn.Module, LayerInputs]]:
+    """Yield ``(index, prefix, layer, inputs)`` per decoder layer, in order.
+
+    The caller quantizes the layer in place before asking for the next one; that layer's outputs (from its
+    quantized weights) are then the next layer's hidden states, with the next layer's own arguments.
+    """
+    layers = model.get_submodule(arch.layers)
+    hidden, calls = capture_layer_calls(model, layers, calib_batches)
+    for i, layer in enumerate(layers):
+        inputs = with_hidden(hidden, calls[i])
+        yield i, f"{arch.layers}.{i}.", layer, inputs
+        with torch.no_grad():
+            hidden = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
 
 
 def layer_output(out: Any) -> torch.Tensor:
@@ -87,25 +130,17 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> None:
         layer(*args, **kwargs)
 
 
-@torch.no_grad()
-def propagate(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
-    """Next layer's inputs: same kwargs, hidden states replaced by this layer's outputs."""
-    out: LayerInputs = []
-    for args, kwargs in inputs:
-        hs = layer_output(layer(*args, **kwargs))
-        out.append(((hs, *args[1:]), kwargs))
-    return out
-
-
-def layer_linear_groups(layer: nn.Module, keep: LinearFilter, prefix: str) -> list[list[tuple[str, nn.Linear]]]:
-    """Linears of one decoder layer in calibration order: Llama groups first, any others after.
+def layer_linear_groups(
+    layer: nn.Module, arch: DecoderArch, keep: LinearFilter, prefix: str
+) -> list[list[tuple[str, nn.Linear]]]:
+    """Linears of one decoder layer in calibration order: the map's sequential groups first, any others after.
 
     Returns lists of (full name, module); names are ``prefix + local name``.
     """
     named = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     groups: list[list[tuple[str, nn.Linear]]] = []
     seen: set[str] = set()
-    for grp in LLAMA_GROUPS:
+    for grp in arch.sequential_groups:
         members = [(prefix + n, named[n]) for n in grp if n in named and keep(prefix + n, named[n])]
         seen.update(n for n in grp if n in named)
         if members:

@@ -34,7 +34,8 @@ only, so there the embedding Gather keeps a float table (holding the dequantized
 
 Families: causal-lm (calibration windows of `data`) and vision (calibration images in batches of 8);
 only `nn.Linear` layers are quantized: convolutions stay as they are (said in the log and in `info`).
-AWQ folds its scales into the op before each Linear and needs a Llama-style decoder.
+AWQ folds its scales into the op before each Linear and needs a decoder with an architecture map
+(`compress.families.causal_lm.archs`).
 
 `method: checkpoint` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
 `qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
@@ -171,7 +172,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         ctx.reporter.log(f"  only Linear layers are quantized: {convs} convolution(s) stay as they are")
 
     start = time.perf_counter()
-    qws, loaded = _quantize(model, options, ctx)
+    qws, loaded, unscaled = _quantize(model, options, ctx)
     head = _quantize_head(model, options, qws)
     quantize_seconds = time.perf_counter() - start
     kept = _kept_linears(model, options)
@@ -238,7 +239,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     if options.method == "gptq":
         info.update(act_order=options.act_order, damp=options.damp)
     if options.method == "awq":
-        info["then"] = options.then or "rtn"
+        info.update(then=options.then or "rtn", awq_groups_unscaled=unscaled)
     if options.method in ("gptq", "awq"):
         info["calibration_samples"] = options.samples
     if loaded:
@@ -295,8 +296,12 @@ def _calibration(ctx: StageContext, samples: int) -> list[Any]:
     return batches
 
 
-def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None]:
-    """Quantize the selected Linears in place; returns ({name: QuantizedWeight}, checkpoint folder or None)."""
+def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None, list[str]]:
+    """Quantize the selected Linears in place.
+
+    Returns ({name: QuantizedWeight}, checkpoint folder or None, AWQ scale groups left unscaled).
+    """
+    from compress.families.causal_lm.archs import find_arch
     from compress.quant.int4 import (
         AWQConfig,
         GPTQConfig,
@@ -305,15 +310,15 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         gptq_quantize_model,
         rtn_quantize_model,
     )
-    from compress.quant.int4.sequential import decoder_layers
 
     if options.method == "checkpoint":
-        return _load_checkpoint(model, options, ctx), str(options.checkpoint)
+        return _load_checkpoint(model, options, ctx), str(options.checkpoint), []
     keep = _keep_filter(options)
     base = {"group_size": options.group_size, "symmetric": options.symmetric}
-    layers = decoder_layers(model)
-    total = len(layers) if layers is not None and options.method != "rtn" else 1
+    arch = find_arch(model)
+    total = len(model.get_submodule(arch.layers)) if arch is not None and options.method != "rtn" else 1
     then = options.then or "rtn"
+    skipped: list[str] = []
     label = options.method + (f"+{then}" if options.method == "awq" else "")
     with ctx.reporter.task(f"quantize int4 {label} g{options.group_size}", total=total) as task:
 
@@ -331,11 +336,18 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         else:
             cfg = AWQConfig(**base, quantizer=then, seed=ctx.seed)
             qws = awq_quantize_model(
-                model, _calibration(ctx, options.samples), layers_filter=keep, config=cfg, progress=progress
+                model,
+                _calibration(ctx, options.samples),
+                layers_filter=keep,
+                config=cfg,
+                progress=progress,
+                on_skip=skipped.append,
             )
     if not qws:
         raise StageError("quantize int4: no Linear layer was selected (check `keep`)")
-    return qws, None
+    for message in skipped:
+        ctx.reporter.log(f"  AWQ scale group left unscaled: {message}")
+    return qws, None, skipped
 
 
 def _load_checkpoint(model: Any, options: Int4Options, ctx: StageContext) -> dict[str, Any]:
