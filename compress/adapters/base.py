@@ -50,6 +50,8 @@ class Adapter(ABC):
     higher_is_better: ClassVar[bool] = True
     #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
     default_int8_method: ClassVar[str] = "static"
+    #: INT4 algorithms (`quantize: {precision: int4, method: ...}`) this family's models can take
+    int4_methods: ClassVar[frozenset[str]] = frozenset({"rtn", "gptq", "awq", "checkpoint"})
     #: what `compare()` returns, for the report: (key, label, sign applied for display)
     comparisons: ClassVar[tuple[tuple[str, str, int], ...]]
 

@@ -66,6 +66,7 @@ class Int4Options(StageOptions):
     """INT4 weight-only quantization of a torch artifact's Linear layers, exported to ONNX."""
 
     accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
+    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm", "text-encoder"})
     precision: Literal["int4"]
     method: Literal["rtn", "gptq", "awq", "checkpoint"] = Field(
         "gptq",
@@ -119,6 +120,15 @@ class Int4Options(StageOptions):
     @property
     def export_opset(self) -> int:
         return self.opset if self.opset is not None else (20 if self.target == "tensorrt" else 17)
+
+    def check_family(self, family: str) -> list[tuple[str, str]]:
+        """The family declares the INT4 algorithms its models can take (AWQ needs a decoder's layer map)."""
+        from compress.registry import registered_adapters
+
+        allowed = registered_adapters()[family].int4_methods
+        if self.method in allowed:
+            return []
+        return [("method", f"not available for family '{family}'; allowed: {', '.join(sorted(allowed))}")]
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
         """Combinations no single field can refuse: TensorRT's INT4 rules, method-specific keys."""

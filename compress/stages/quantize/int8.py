@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -44,6 +45,7 @@ class Int8Options(StageOptions):
     """Calibrated static INT8 (Q/DQ) for an ONNX artifact."""
 
     accepts: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm", "text-encoder"})
     precision: Literal["int8"]
     method: Literal["auto", "static", "weight-only", "dynamic"] = Field(
         "auto", description="auto: the model family's best (vision: static, causal-lm: weight-only)"
@@ -144,7 +146,6 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
             QuantType,
             quantize_static,
         )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
     tensorrt = options.target == "tensorrt"
     # ONNX Runtime writes scratch files beside its input: the pre-processed graph lives in a folder of ours.
@@ -153,7 +154,7 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     large = wants_external_data(artifact.main)
     with quiet_third_party():
         # Symbolic shape inference keeps the graph in one proto, which cannot be saved beyond 2 GB.
-        quant_pre_process(
+        pre_process(
             str(artifact.main),
             str(pre),
             skip_symbolic_shape=large,
@@ -210,3 +211,28 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         info["tensorrt_rules"] = "passed"
         ctx.reporter.log("  TensorRT Q/DQ rules: passed")
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=options.target)
+
+
+#: what ONNX Runtime's symbolic shape inference leaves in the working directory when it gives up
+SHAPE_DEBRIS = "sym_shape_infer_temp.onnx"
+
+
+def pre_process(src: str, dst: str, **kwargs) -> None:
+    """`quant_pre_process`, retried with ONNX's own shape inference when ORT's symbolic one gives up (it does
+    on BERT graphs with a dynamic sequence); the debris that failure leaves in the cwd is removed."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    debris = Path.cwd() / SHAPE_DEBRIS
+    existed = debris.exists()
+    try:
+        quant_pre_process(src, dst, **kwargs)
+    except Exception as exc:  # a bare Exception("Incomplete symbolic shape inference")
+        if kwargs.get("skip_symbolic_shape") or "symbolic shape" not in str(exc):
+            raise
+        if debris.is_file() and not existed:
+            graph = onnx.load(str(debris), load_external_data=False).graph
+            for location in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
+                (debris.parent / location).unlink(missing_ok=True)
+            debris.unlink()
+        quant_pre_process(src, dst, **{**kwargs, "skip_symbolic_shape": True})
