@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compress.adapters.base import Adapter, Evaluation, IOSpec
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
+from compress.prune.options import DECODER_PRUNING
 from compress.registry import register_adapter
 from compress.schema import Count
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from compress.artifact import Artifact
     from compress.config import BenchOptions
     from compress.progress import Reporter
+    from compress.prune.options import PruneOptions
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -149,6 +151,7 @@ class CausalLMAdapter(Adapter):
         ("agreement", "next-token agreement %", 1),
         ("greedy_identical", "identical greedy continuations %", 1),
     )
+    prune_support = DECODER_PRUNING
     model_cfg: CausalLMModelOptions
     data_cfg: TextDataOptions
 
@@ -237,6 +240,63 @@ class CausalLMAdapter(Adapter):
         return AutoModelForCausalLM.from_pretrained(
             artifact.path, dtype=torch.float32, trust_remote_code=self.model_cfg.trust_remote_code
         ).eval()
+
+    def prune(
+        self, model: torch.nn.Module, options: PruneOptions, *, samples: int, batch_size: int, outdir: Path
+    ) -> dict[str, Any]:
+        """MLP width and attention heads over the model's architecture map (`compress.prune.prune_decoder`).
+
+        A model without a map, or sizes its config class would refuse to save, is refused before any work.
+        """
+        import torch
+
+        from compress.families.causal_lm.archs import arch_of, decoder_layers
+        from compress.prune.decoder import check_sizes, prune_decoder
+
+        try:
+            layers = len(decoder_layers(model, arch_of(model)))
+        except ValueError as exc:
+            raise ConfigError(f"prune: {exc}") from None
+        try:
+            check_sizes(model.config, options)
+        except ValueError as exc:
+            raise ConfigError(f"prune.heads_ratio = {options.heads_ratio}: {exc}") from None
+        calib = None
+        if options.importance == "wanda":
+            calib = [torch.from_numpy(b["input_ids"]) for b in self.calibration_inputs(samples)]
+        macs_before = _linear_macs(model)
+        what = ", ".join(
+            f"{name} -{ratio:.0%}"
+            for name, ratio in (("MLP", options.mlp_ratio), ("heads", options.heads_ratio))
+            if ratio
+        )
+        with self.reporter.task(f"prune {what} ({options.importance})", total=layers) as task:
+            report = prune_decoder(model, options, calib_batches=calib, progress=lambda done, total: task.advance(1))
+        macs_after = _linear_macs(model)
+        sizes = {
+            "intermediate_size": report.intermediate_size,
+            "num_attention_heads": report.num_attention_heads,
+            "num_key_value_heads": report.num_key_value_heads,
+        }
+        self.reporter.log(
+            f"  {report.arch}: params {report.params_before / 1e6:.2f}M -> {report.params_after / 1e6:.2f}M "
+            f"(-{report.params_reduction:.1%}); "
+            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sizes.items())
+            + (f"; wanda on {sum(int(c.numel()) for c in calib)} calibration tokens" if calib else "")
+        )
+        return {
+            "importance": options.importance,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "params_reduction": round(report.params_reduction, 4),
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "macs_reduction": round(1 - macs_after / macs_before, 4),
+            "macs_counted": "Linear layers, per token",
+            **{k: f"{a} -> {b}" for k, (a, b) in sizes.items()},
+            "head_unit": options.head_unit,
+            "layers_pruned": f"{report.layers}/{report.layers}",
+        }
 
     def io_spec(self) -> IOSpec:
         return IOSpec(
@@ -439,6 +499,14 @@ class CausalLMAdapter(Adapter):
             for b in settings.batch_sizes
         ]
         return {"latency": latency, "llm": llm}
+
+
+def _linear_macs(model: torch.nn.Module) -> int:
+    """Multiply-accumulates of a decoder's Linear layers per token (attention scores, which grow with the
+    context, are left out; for a short context the Linear layers are nearly all of the work)."""
+    from torch import nn
+
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def gguf_weight_types(source: str) -> list[str]:
