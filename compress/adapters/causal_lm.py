@@ -181,10 +181,16 @@ class CausalLMAdapter(Adapter):
         return problems
 
     def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        path = self.data_cfg.text.path  # read relative to the working directory, as `read_text` does
-        if path is None or path.is_file():
+        """A text path that reads nothing, found before the model loads (as `read_text` resolves it)."""
+        from compress.llm.text_data import text_files
+
+        if self.data_cfg.text.path is None:
             return []
-        return [(("data", "text", "path"), f"'{path}': no such file (relative paths start at {Path.cwd()})")]
+        try:
+            text_files(self.data_cfg.text)
+        except ConfigError as exc:
+            return [(("data", "text", "path"), str(exc).removeprefix("data.text.path: "))]
+        return []
 
     # -- model ---------------------------------------------------------------------------------------
     @cached_property
@@ -217,13 +223,16 @@ class CausalLMAdapter(Adapter):
 
     def notes(self) -> list[str]:
         """Facts about the source a reader of the numbers must know (e.g. weights published at 4 bits)."""
+        from compress.llm.text_data import bos_note
+
+        notes = [f"Perplexity windows and prompts: {bos_note(self.tokenizer)}."]
         kinds = gguf_weight_types(self.model_cfg.source)
         if kinds:
-            return [
+            notes.append(
                 f"The source GGUF stores its weights as {', '.join(kinds)}: the FP32 baseline is a dequantised "
                 f"model of that precision, not an original full-precision checkpoint."
-            ]
-        return []
+            )
+        return notes
 
     def save_torch(self, model: torch.nn.Module, folder: Path) -> str:
         model.save_pretrained(folder, safe_serialization=True)
@@ -357,10 +366,28 @@ class CausalLMAdapter(Adapter):
             raise ConfigError(f"data.train_windows = {d.train_windows}: only {len(rest)} windows after evaluation")
         return {"evaluation": split.evaluation, "calibration": split.calibration, "train": train}
 
+    @cached_property
+    def prompt_ids(self) -> list[list[int]]:
+        """The prompts as the tokenizer encodes them itself (with its BOS, if it adds one)."""
+        from compress.llm.text_data import encode_prompt
+
+        return [encode_prompt(self.tokenizer, p) for p in self.data_cfg.prompts]
+
     def data_hashes(self) -> dict[str, str]:
+        """Token hashes per role; evaluation's covers the prompts' ids and generation length too, so a change
+        of either (or of how the tokenizer's BOS is applied) is never a stale evaluation cache hit."""
+        from compress.hashing import sha256_json
         from compress.llm.text_data import token_hash
 
-        return {role: token_hash(w) for role, w in self.windows.items()}
+        hashes = {role: token_hash(w) for role, w in self.windows.items()}
+        hashes["evaluation"] = sha256_json(
+            {
+                "windows": hashes["evaluation"],
+                "prompts": self.prompt_ids,
+                "generation_tokens": self.data_cfg.generation_tokens,
+            }
+        )
+        return hashes
 
     def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         cal = self.windows["calibration"][:samples]
@@ -426,9 +453,8 @@ class CausalLMAdapter(Adapter):
                 nll_sum += float(nll.sum())
                 count += nll.size
                 task.advance(len(batch), info=f"ppl {np.exp(nll_sum / count):.3f}")
-        prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.data_cfg.prompts]
         n = self.data_cfg.generation_tokens
-        generated = [session.continue_greedy(list(p), n) for p in prompts]
+        generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
         metrics = {"ppl": float(np.exp(nll_sum / count)), "tokens": count}
         return Evaluation(metrics, predictions, {"greedy": generated})
 
