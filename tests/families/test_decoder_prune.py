@@ -211,3 +211,25 @@ def test_prune_stage_refuses_heads_a_gemma3_config_cannot_save(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "prune.heads_ratio = 0.25" in err and "0.50 (2 heads)" in err, err
     assert not (tmp_path / "runs" / "prune-gemma3" / "prune").exists()
+
+
+@pytest.mark.parametrize(
+    ("prune", "key", "message"),
+    [
+        ("{mlp_ratio: 0.3}", "prune.mlp_ratio", "applies to causal-lm models; vision takes"),
+        ("{head_unit: kv_group}", "prune.head_unit", "applies to causal-lm models"),
+        ("{importance: wanda}", "prune.importance", "does not fit vision models; allowed: l1, l2, bn_scale, taylor"),
+    ],
+)
+def test_a_vision_prune_stage_is_checked_against_its_familys_prune_support(
+    tmp_path, fashion_mnist, prune: str, key: str, message: str
+) -> None:
+    from toys import pipeline_yaml
+
+    from compress.config import load_pipeline
+    from compress.errors import ConfigError
+
+    pipeline = pipeline_yaml(tmp_path, fashion_mnist, stages=f"\n  - prune: {prune}")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(pipeline)
+    assert f"stages[0].{key}" in str(err.value) and message in str(err.value), str(err.value)
