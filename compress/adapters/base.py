@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from compress.backends import Session
     from compress.config import BenchOptions
     from compress.progress import Reporter
+    from compress.prune.options import PruneOptions, PruneSupport
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Adapter(ABC):
     int4_methods: ClassVar[frozenset[str]] = frozenset({"rtn", "gptq", "awq", "checkpoint"})
     #: what `compare()` returns, for the report: (key, label, sign applied for display)
     comparisons: ClassVar[tuple[tuple[str, str, int], ...]]
+    #: what `prune` (the method and the stage) reads of PruneOptions; None: the family cannot be pruned
+    prune_support: ClassVar[PruneSupport | None] = None
 
     def __init__(self, model: BaseModel, data: BaseModel, *, base_dir: Path, cache_dir: Path, reporter: Reporter):
         self.model_cfg, self.data_cfg = model, data
@@ -124,6 +127,16 @@ class Adapter(ABC):
     def kl_batches(self) -> list[Any]:
         """Calibration batches (the `compress.distill` form) on which a distill stage reports the KL."""
         raise ConfigError(f"the {self.family} adapter cannot give held-out distillation batches")
+
+    def prune(
+        self, model: torch.nn.Module, options: PruneOptions, *, samples: int, batch_size: int, outdir: Path
+    ) -> dict[str, Any]:
+        """Structured pruning of a model of this family, in place; return the artifact's `info`.
+
+        `samples` / `batch_size`: calibration data for importances that read it. Side files (names starting
+        with "_") may be written to `outdir`.
+        """
+        raise ConfigError(f"the {self.family} family cannot be pruned")
 
     def notes(self) -> list[str]:
         """Facts about the source that a reader of the numbers must know; shown at the top of the report."""

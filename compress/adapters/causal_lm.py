@@ -22,6 +22,7 @@ from compress.adapters.base import Adapter, Evaluation, IOSpec
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
 from compress.progress import quiet_third_party
+from compress.prune.options import DECODER_PRUNING
 from compress.registry import register_adapter
 from compress.schema import Count
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from compress.artifact import Artifact
     from compress.config import BenchOptions
     from compress.progress import Reporter
+    from compress.prune.options import PruneOptions
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -150,6 +152,7 @@ class CausalLMAdapter(Adapter):
         ("agreement", "next-token agreement %", 1),
         ("greedy_identical", "identical greedy continuations %", 1),
     )
+    prune_support = DECODER_PRUNING
     model_cfg: CausalLMModelOptions
     data_cfg: TextDataOptions
 
@@ -190,10 +193,16 @@ class CausalLMAdapter(Adapter):
         return problems
 
     def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        path = self.data_cfg.text.path  # read relative to the working directory, as `read_text` does
-        if path is None or path.is_file():
+        """A text path that reads nothing, found before the model loads (as `read_text` resolves it)."""
+        from compress.llm.text_data import text_files
+
+        if self.data_cfg.text.path is None:
             return []
-        return [(("data", "text", "path"), f"'{path}': no such file (relative paths start at {Path.cwd()})")]
+        try:
+            text_files(self.data_cfg.text)
+        except ConfigError as exc:
+            return [(("data", "text", "path"), str(exc).removeprefix("data.text.path: "))]
+        return []
 
     # -- model ---------------------------------------------------------------------------------------
     @cached_property
@@ -227,13 +236,16 @@ class CausalLMAdapter(Adapter):
 
     def notes(self) -> list[str]:
         """Facts about the source a reader of the numbers must know (e.g. weights published at 4 bits)."""
+        from compress.llm.text_data import bos_note
+
+        notes = [f"Perplexity windows and prompts: {bos_note(self.tokenizer)}."]
         kinds = gguf_weight_types(self.model_cfg.source)
         if kinds:
-            return [
+            notes.append(
                 f"The source GGUF stores its weights as {', '.join(kinds)}: the FP32 baseline is a dequantised "
                 f"model of that precision, not an original full-precision checkpoint."
-            ]
-        return []
+            )
+        return notes
 
     def save_torch(self, model: torch.nn.Module, folder: Path) -> str:
         model.save_pretrained(folder, safe_serialization=True)
@@ -250,6 +262,63 @@ class CausalLMAdapter(Adapter):
         return AutoModelForCausalLM.from_pretrained(
             artifact.path, dtype=torch.float32, trust_remote_code=self.model_cfg.trust_remote_code
         ).eval()
+
+    def prune(
+        self, model: torch.nn.Module, options: PruneOptions, *, samples: int, batch_size: int, outdir: Path
+    ) -> dict[str, Any]:
+        """MLP width and attention heads over the model's architecture map (`compress.prune.prune_decoder`).
+
+        A model without a map, or sizes its config class would refuse to save, is refused before any work.
+        """
+        import torch
+
+        from compress.families.causal_lm.archs import arch_of, decoder_layers
+        from compress.prune.decoder import check_sizes, prune_decoder
+
+        try:
+            layers = len(decoder_layers(model, arch_of(model)))
+        except ValueError as exc:
+            raise ConfigError(f"prune: {exc}") from None
+        try:
+            check_sizes(model.config, options)
+        except ValueError as exc:
+            raise ConfigError(f"prune.heads_ratio = {options.heads_ratio}: {exc}") from None
+        calib = None
+        if options.importance == "wanda":
+            calib = [torch.from_numpy(b["input_ids"]) for b in self.calibration_inputs(samples)]
+        macs_before = _linear_macs(model)
+        what = ", ".join(
+            f"{name} -{ratio:.0%}"
+            for name, ratio in (("MLP", options.mlp_ratio), ("heads", options.heads_ratio))
+            if ratio
+        )
+        with self.reporter.task(f"prune {what} ({options.importance})", total=layers) as task:
+            report = prune_decoder(model, options, calib_batches=calib, progress=lambda done, total: task.advance(1))
+        macs_after = _linear_macs(model)
+        sizes = {
+            "intermediate_size": report.intermediate_size,
+            "num_attention_heads": report.num_attention_heads,
+            "num_key_value_heads": report.num_key_value_heads,
+        }
+        self.reporter.log(
+            f"  {report.arch}: params {report.params_before / 1e6:.2f}M -> {report.params_after / 1e6:.2f}M "
+            f"(-{report.params_reduction:.1%}); "
+            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sizes.items())
+            + (f"; wanda on {sum(int(c.numel()) for c in calib)} calibration tokens" if calib else "")
+        )
+        return {
+            "importance": options.importance,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "params_reduction": round(report.params_reduction, 4),
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "macs_reduction": round(1 - macs_after / macs_before, 4),
+            "macs_counted": "Linear layers, per token",
+            **{k: f"{a} -> {b}" for k, (a, b) in sizes.items()},
+            "head_unit": options.head_unit,
+            "layers_pruned": f"{report.layers}/{report.layers}",
+        }
 
     def io_spec(self) -> IOSpec:
         return IOSpec(
@@ -310,10 +379,28 @@ class CausalLMAdapter(Adapter):
             raise ConfigError(f"data.train_windows = {d.train_windows}: only {len(rest)} windows after evaluation")
         return {"evaluation": split.evaluation, "calibration": split.calibration, "train": train}
 
+    @cached_property
+    def prompt_ids(self) -> list[list[int]]:
+        """The prompts as the tokenizer encodes them itself (with its BOS, if it adds one)."""
+        from compress.llm.text_data import encode_prompt
+
+        return [encode_prompt(self.tokenizer, p) for p in self.data_cfg.prompts]
+
     def data_hashes(self) -> dict[str, str]:
+        """Token hashes per role; evaluation's covers the prompts' ids and generation length too, so a change
+        of either (or of how the tokenizer's BOS is applied) is never a stale evaluation cache hit."""
+        from compress.hashing import sha256_json
         from compress.llm.text_data import token_hash
 
-        return {role: token_hash(w) for role, w in self.windows.items()}
+        hashes = {role: token_hash(w) for role, w in self.windows.items()}
+        hashes["evaluation"] = sha256_json(
+            {
+                "windows": hashes["evaluation"],
+                "prompts": self.prompt_ids,
+                "generation_tokens": self.data_cfg.generation_tokens,
+            }
+        )
+        return hashes
 
     def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         cal = self.windows["calibration"][:samples]
@@ -379,10 +466,9 @@ class CausalLMAdapter(Adapter):
                 nll_sum += float(nll.sum())
                 count += nll.size
                 task.advance(len(batch), info=f"running ppl {np.exp(nll_sum / count):.1f}")
-        prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.data_cfg.prompts]
         n = self.data_cfg.generation_tokens
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
-            generated = [session.continue_greedy(list(p), n) for p in prompts]
+            generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
         metrics = {"ppl": float(np.exp(nll_sum / count)), "tokens": count}
         return Evaluation(metrics, predictions, {"greedy": generated})
 
@@ -454,6 +540,14 @@ class CausalLMAdapter(Adapter):
             for b in settings.batch_sizes
         ]
         return {"latency": latency, "llm": llm}
+
+
+def _linear_macs(model: torch.nn.Module) -> int:
+    """Multiply-accumulates of a decoder's Linear layers per token (attention scores, which grow with the
+    context, are left out; for a short context the Linear layers are nearly all of the work)."""
+    from torch import nn
+
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def gguf_weight_types(source: str) -> list[str]:

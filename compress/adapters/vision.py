@@ -11,6 +11,7 @@ Model sources:
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -25,6 +26,7 @@ from compress.adapters.sources import import_callable, module_file, resolve_path
 from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
 from compress.hashing import file_fingerprint
+from compress.prune.options import VISION_PRUNING
 from compress.registry import register_adapter
 from compress.schema import Count, Real, Seed
 
@@ -35,7 +37,9 @@ if TYPE_CHECKING:
     from compress.backends import Session
     from compress.data.datasets import LabelledImages
     from compress.progress import Reporter
+    from compress.prune.options import PruneOptions
 
+PRUNE_LAYERS_FILE = "_prune_layers.json"  # per-layer widths; "_" files are side files, not counted in the size
 BUILTIN_MODELS = ("mobilenet_v2",)
 SOURCE_SCHEMES = ("builtin", "python", "torchvision", "timm")
 
@@ -98,6 +102,7 @@ class VisionAdapter(Adapter):
     data_options = VisionDataOptions
     metric_names = ("top1", "top5")
     comparisons = (("top1_drop", "Δtop1 (points)", -1), ("agreement", "top-1 agreement %", 1))
+    prune_support = VISION_PRUNING
     model_cfg: VisionModelOptions
     data_cfg: VisionDataOptions
 
@@ -303,6 +308,55 @@ class VisionAdapter(Adapter):
         if self.model_cfg.num_classes is not None:
             replace_head(model, self.model_cfg.num_classes)
         return model
+
+    def prune(
+        self, model: torch.nn.Module, options: PruneOptions, *, samples: int, batch_size: int, outdir: Path
+    ) -> dict[str, Any]:
+        """Channels through torch-pruning's dependency graph (`compress.prune.prune_vision`); per-layer widths
+        in `_prune_layers.json`."""
+        import torch
+
+        from compress.prune import prune_vision
+
+        example = tuple(torch.from_numpy(v) for v in self.parity_inputs(1).values())
+        calib = None
+        if options.importance == "taylor":
+            calib = []
+            for x, y in self.batches("calibration", batch_size):
+                calib.append((torch.from_numpy(x), torch.from_numpy(y)))
+                if sum(len(b[1]) for b in calib) >= samples:
+                    break
+        target = options.target
+        what = f"{target.macs:.0%} of MACs" if target.macs is not None else f"{target.channels:.0%} of channels"
+        steps = options.steps if target.macs is not None else 1
+        with self.reporter.task(f"prune {what} ({options.importance}, {options.scope})", total=steps) as task:
+
+            def progress(step: int, total: int, reduction: float) -> None:
+                task.advance(1, info=f"step {step}/{total}: MACs -{reduction:.1%}")
+
+            inputs = example[0] if len(example) == 1 else example
+            report = prune_vision(model, inputs, options, calib_batches=calib, progress=progress)
+
+        layers = [{"name": lc.name, "before": lc.before, "after": lc.after} for lc in report.layers]
+        (outdir / PRUNE_LAYERS_FILE).write_text(json.dumps(layers, indent=1) + "\n")
+        changed = [lc for lc in report.layers if lc.after != lc.before]
+        self.reporter.log(
+            f"  MACs {report.macs_before / 1e6:.1f}M -> {report.macs_after / 1e6:.1f}M "
+            f"(-{report.macs_reduction:.1%}), params {report.params_before / 1e6:.2f}M -> "
+            f"{report.params_after / 1e6:.2f}M in {report.steps} step(s); per-layer widths in {PRUNE_LAYERS_FILE}"
+        )
+        return {
+            "importance": options.importance,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "params_reduction": round(report.params_reduction, 4),
+            "macs_before": report.macs_before,
+            "macs_after": report.macs_after,
+            "macs_reduction": round(report.macs_reduction, 4),
+            "prune_steps": report.steps,
+            "layers_pruned": f"{len(changed)}/{len(report.layers)}",
+            "min_layer_kept": round(min((lc.after / lc.before for lc in changed), default=1.0), 3),
+        }
 
     def io_spec(self) -> IOSpec:
         m = self.model_cfg

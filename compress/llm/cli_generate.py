@@ -98,7 +98,9 @@ def generate_command(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(find_tokenizer_folder(args.artifact))
     threads = args.threads or os.cpu_count() or 1
-    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+    from compress.llm.text_data import encode_prompt
+
+    prompts = [encode_prompt(tokenizer, p) for p in args.prompt]
     stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     options = options.model_copy(update={"stop_token_ids": stops, "pad_token_id": tokenizer.pad_token_id or 0})
     if artifact.format == "onnx":

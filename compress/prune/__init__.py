@@ -1,4 +1,4 @@
-"""Structured pruning: CNNs via torch-pruning (`vision`), Llama-style decoders by our own code (`llama`).
+"""Structured pruning: CNNs via torch-pruning (`vision`), decoders over their architecture map (`decoder`).
 
 Only the options load eagerly; the pruning code (and torch) loads on first use, so validating a pipeline
 stays light.
@@ -15,9 +15,9 @@ _LAZY = {
     "LayerChannels": "vision",
     "PruneReport": "vision",
     "prune_vision": "vision",
-    "LlamaPruneReport": "llama",
-    "planned_sizes": "llama",
-    "prune_llama": "llama",
+    "DecoderPruneReport": "decoder",
+    "planned_sizes": "decoder",
+    "prune_decoder": "decoder",
     "load_module": "serialize",
     "save_module": "serialize",
 }

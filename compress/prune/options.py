@@ -1,4 +1,4 @@
-"""Options of structured pruning, shared by the vision (torch-pruning) and Llama (own code) paths.
+"""Options of structured pruning, shared by the vision (torch-pruning) and decoder (own code) paths.
 
 YAML, as a `prune` stage would receive it::
 
@@ -16,6 +16,7 @@ YAML, as a `prune` stage would receive it::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,9 +25,29 @@ from compress.errors import ConfigError
 from compress.schema import Count, Real
 
 VISION_IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")  # the criteria prune_vision accepts
-LLM_IMPORTANCES = ("l1", "l2", "wanda")  # the criteria prune_llama accepts
+LLM_IMPORTANCES = ("l1", "l2", "wanda")  # the criteria prune_decoder accepts
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "wanda"]
+
+
+@dataclass(frozen=True)
+class PruneSupport:
+    """What one family's pruner reads of `PruneOptions`; a `prune` stage is checked against it before work."""
+
+    importances: tuple[str, ...]
+    keys: frozenset[str]  # PruneOptions fields it reads; any other one set in a pipeline is refused
+    needs_one_of: tuple[str, ...] = ()  # at least one of these must be above 0
+
+
+VISION_PRUNING = PruneSupport(
+    VISION_IMPORTANCES,
+    frozenset({"importance", "target", "steps", "scope", "max_layer_ratio", "ignored_layers", "round_to"}),
+)
+DECODER_PRUNING = PruneSupport(
+    LLM_IMPORTANCES,
+    frozenset({"importance", "mlp_ratio", "heads_ratio", "head_unit", "round_to"}),
+    needs_one_of=("mlp_ratio", "heads_ratio"),
+)
 
 
 class PruneTarget(BaseModel):

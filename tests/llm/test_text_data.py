@@ -32,7 +32,7 @@ def test_text_and_jsonl(tmp_path):
         read_text(TextSource(kind="jsonl", path=tmp_path / "a.jsonl", field="body"))
     with pytest.raises(ConfigError, match="needs field"):
         TextSource(kind="jsonl", path=tmp_path / "a.jsonl")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="absent.txt': no such file, folder or glob match"):
         read_text(TextSource(kind="text", path=tmp_path / "absent.txt"))
 
 

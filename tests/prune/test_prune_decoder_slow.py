@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.prune import PruneOptions, prune_llama
+from compress.prune import PruneOptions, prune_decoder
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -45,7 +45,7 @@ def test_smollm2_prunes_heads_and_mlp_and_round_trips(tmp_path) -> None:
     held_out = ids[4096 : 4096 + 512].view(2, 256)  # (2, 256)
     ppl_before = _ppl(model, held_out)
     opts = PruneOptions(importance="wanda", mlp_ratio=0.25, heads_ratio=0.34, head_unit="query")
-    report = prune_llama(model, opts, calib_batches=[calib[i : i + 1] for i in range(4)])
+    report = prune_decoder(model, opts, calib_batches=[calib[i : i + 1] for i in range(4)])
     ppl_after = _ppl(model, held_out)
     print(f"params {report.params_before} -> {report.params_after}; ppl {ppl_before:.1f} -> {ppl_after:.1f}")
     assert report.num_attention_heads == (9, 6) and report.num_key_value_heads == (3, 3)

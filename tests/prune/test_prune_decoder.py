@@ -1,4 +1,4 @@
-"""Our own structured pruning of Llama-style decoders: GQA-aware heads, MLP width, config round-trip."""
+"""Our own structured pruning of decoders, on a Llama: GQA-aware heads, MLP width, config round-trip."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.errors import ConfigError
-from compress.prune import PruneOptions, planned_sizes, prune_llama
+from compress.prune import PruneOptions, planned_sizes, prune_decoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,7 +67,7 @@ def test_removing_dead_query_heads_and_channels_keeps_logits_exactly() -> None:
     _kill_mlp_channels(model, 1, [c + 1 for c in dead])
     ids = _ids()
     before = _logits(model, ids)
-    report = prune_llama(model, PruneOptions(mlp_ratio=0.25, heads_ratio=0.5, head_unit="query"))
+    report = prune_decoder(model, PruneOptions(mlp_ratio=0.25, heads_ratio=0.5, head_unit="query"))
     assert report.num_attention_heads == (4, 2) and report.num_key_value_heads == (2, 2)
     assert report.intermediate_size == (128, 96) and report.head_dim == HEAD_DIM
     # Same function computed with fewer terms: float32 summation order only (1e-5 absolute).
@@ -87,7 +86,7 @@ def test_query_heads_are_removed_evenly_per_kv_group() -> None:
             attn.q_proj.weight[rows] *= scale
             attn.o_proj.weight[:, rows] *= scale
     q = attn.q_proj.weight.detach().clone().view(HEADS, HEAD_DIM, -1)  # (heads, head_dim, hidden)
-    prune_llama(model, PruneOptions(heads_ratio=0.5, head_unit="query"))
+    prune_decoder(model, PruneOptions(heads_ratio=0.5, head_unit="query"))
     kept = model.model.layers[0].self_attn.q_proj.weight.view(2, HEAD_DIM, -1)  # (2, head_dim, hidden)
     assert torch.equal(kept[0], q[0]) and torch.equal(kept[1], q[3])
 
@@ -103,7 +102,7 @@ def test_removing_a_dead_kv_group_keeps_logits_exactly() -> None:
             attn.v_proj.weight[group * HEAD_DIM : (group + 1) * HEAD_DIM] = 0.0
     ids = _ids()
     before = _logits(model, ids)
-    report = prune_llama(model, PruneOptions(heads_ratio=0.5, head_unit="kv_group"))
+    report = prune_decoder(model, PruneOptions(heads_ratio=0.5, head_unit="kv_group"))
     assert report.num_attention_heads == (4, 2) and report.num_key_value_heads == (2, 1)
     assert model.model.layers[0].self_attn.k_proj.out_features == HEAD_DIM
     torch.testing.assert_close(_logits(model, ids), before, atol=1e-5, rtol=0)
@@ -111,7 +110,7 @@ def test_removing_a_dead_kv_group_keeps_logits_exactly() -> None:
 
 def test_pruned_model_saves_reloads_with_identical_logits_and_counts_params(tmp_path) -> None:
     model = _tiny_llama()
-    report = prune_llama(model, PruneOptions(mlp_ratio=0.5, heads_ratio=0.5))
+    report = prune_decoder(model, PruneOptions(mlp_ratio=0.5, heads_ratio=0.5))
     hidden, layers = 64, 2
     removed_per_layer = 3 * hidden * (INTER - 64) + 2 * hidden * HEAD_DIM * (HEADS - 2)  # MLP + q/o heads
     assert report.params_before - report.params_after == layers * removed_per_layer
@@ -137,22 +136,22 @@ def test_wanda_ranks_by_activation_not_weight_size() -> None:
             layer.mlp.down_proj.weight[:, :32] = 0.0
     magnitude = copy.deepcopy(model)
     opts = PruneOptions(importance="wanda", mlp_ratio=0.25)
-    prune_llama(model, opts, calib_batches=[_ids(2), {"input_ids": _ids(3)}])
-    prune_llama(magnitude, PruneOptions(importance="l2", mlp_ratio=0.25))
+    prune_decoder(model, opts, calib_batches=[_ids(2), {"input_ids": _ids(3)}])
+    prune_decoder(magnitude, PruneOptions(importance="l2", mlp_ratio=0.25))
     down = model.model.layers[0].mlp.down_proj.weight
     assert (down.abs().sum(0) > 0).all(), "every dead channel was removed"
     assert (magnitude.model.layers[0].mlp.down_proj.weight.abs().sum(0) == 0).sum() == 32
-    with pytest.raises(ConfigError, match="calibration"):
-        prune_llama(_tiny_llama(), opts)
+    with pytest.raises(ValueError, match="calibration"):
+        prune_decoder(_tiny_llama(), opts)
 
 
 def test_rejected_options() -> None:
-    with pytest.raises(ConfigError, match="allowed: l1, l2, wanda"):
-        prune_llama(_tiny_llama(), PruneOptions(importance="taylor", mlp_ratio=0.5))
-    with pytest.raises(ConfigError, match="both are 0"):
-        prune_llama(_tiny_llama(), PruneOptions())
-    with pytest.raises(ConfigError, match="not a Llama-style decoder"):
-        prune_llama(torch.nn.Linear(2, 2), PruneOptions(mlp_ratio=0.5))
+    with pytest.raises(ValueError, match="allowed: l1, l2, wanda"):
+        prune_decoder(_tiny_llama(), PruneOptions(importance="taylor", mlp_ratio=0.5))
+    with pytest.raises(ValueError, match="both are 0"):
+        prune_decoder(_tiny_llama(), PruneOptions())
+    with pytest.raises(ValueError, match="not a Hugging Face decoder"):
+        prune_decoder(torch.nn.Linear(2, 2), PruneOptions(mlp_ratio=0.5))
 
 
 def test_planned_sizes_round_and_never_empty() -> None:
@@ -167,7 +166,7 @@ def test_planned_sizes_round_and_never_empty() -> None:
 def test_pruned_model_exports_to_onnx_with_kv_cache(tmp_path) -> None:
     onnx_export = pytest.importorskip("compress.llm.onnx_export", reason="the LLM ONNX exporter is not present")
     model = _tiny_llama()
-    prune_llama(model, PruneOptions(mlp_ratio=0.5, heads_ratio=0.5))
+    prune_decoder(model, PruneOptions(mlp_ratio=0.5, heads_ratio=0.5))
     path = onnx_export.export_decoder(model, tmp_path / "pruned.onnx")
     # 1e-4: float32 ORT vs torch on a 2-layer model; greedy tokens must match exactly.
     report = onnx_export.check_parity(model, path, np.arange(1, 9), atol=1e-4, steps=4)
