@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec
+from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
 from compress.registry import register_adapter
@@ -142,7 +142,14 @@ class CausalLMAdapter(Adapter):
     model_options = CausalLMModelOptions
     data_options = TextDataOptions
     metric_names = ("ppl",)
-    higher_is_better = False
+    quality = QualityMetric(
+        "ppl",
+        "%",
+        "ppl_rise_pct",
+        higher_is_better=False,
+        alias="ppl_rise_max",
+        detail="perplexity {ours:.3f} vs {theirs:.3f}",
+    )
     default_int8_method = "weight-only"
     comparisons = (
         ("ppl_rise_pct", "perplexity rise %", 1),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compress.records import artifact_records
+
 
 def plot_accuracy_vs_latency(manifest: dict[str, Any], path: Path) -> None:
     import matplotlib
@@ -14,14 +16,13 @@ def plot_accuracy_vs_latency(manifest: dict[str, Any], path: Path) -> None:
 
     metric = manifest["metric_names"][0]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for rec in manifest["artifacts"]:
-        ev, bench = rec.get("evaluation"), rec.get("bench")
-        if not ev or not bench:
+    for rec in artifact_records(manifest):
+        y = rec.metric(metric)
+        if y is None or rec.bench is None:
             continue
-        lat = bench["latency"][0]
-        x, y = lat["p50_ms"], ev["metrics"][metric]
+        x = rec.bench.latency[0].p50_ms
         ax.scatter([x], [y], s=40)
-        label = f"{rec['artifact']['name']} ({rec['artifact']['precision']}, {bench['backend']})"
+        label = f"{rec.name} ({rec.artifact['precision']}, {rec.bench.backend})"
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     b = manifest["bench_settings"]
     ax.set_xlabel(f"p50 latency at batch {b['batch_sizes'][0]}, {b['threads']} thread(s) [ms, log scale]")

@@ -163,7 +163,8 @@ def _prune_vision(model, options: PruneStageOptions, ctx: StageContext) -> dict:
         "macs_after": report.macs_after,
         "macs_reduction": round(report.macs_reduction, 4),
         "prune_steps": report.steps,
-        "layers_pruned": f"{len(changed)}/{len(report.layers)}",
+        "layers_pruned": len(changed),
+        "layers_total": len(report.layers),
         "min_layer_kept": round(kept, 3),
     }
 
@@ -213,7 +214,8 @@ def _prune_causal_lm(model, options: PruneStageOptions, ctx: StageContext) -> di
         "macs_after": macs_after,
         "macs_reduction": round(1 - macs_after / macs_before, 4),
         "macs_counted": "Linear layers, per token",
-        **{k: f"{a} -> {b}" for k, (a, b) in sizes.items()},
+        **{k: [a, b] for k, (a, b) in sizes.items()},  # [before, after]
         "head_unit": lib.head_unit,
-        "layers_pruned": f"{report.layers}/{report.layers}",
+        "layers_pruned": report.layers,  # every decoder layer
+        "layers_total": report.layers,
     }
