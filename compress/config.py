@@ -297,8 +297,11 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
                 value,
                 True,
             )
-    if family != "causal-lm" and top.gates.decode_speedup_min:
-        problems.add(("gates", "decode_speedup_min"), "applies to causal-lm pipelines only; use speedup_min")
+    if not adapter_cls.measures_decode and top.gates.decode_speedup_min:
+        decoders = ", ".join(name for name, cls in adapters.items() if cls.measures_decode)
+        problems.add(
+            ("gates", "decode_speedup_min"), f"applies to families that decode ({decoders}) only; use speedup_min"
+        )
     _check_quality_gate(top.gates, adapter_cls.quality.alias, family, problems)
 
     if model is not None and data is not None:

@@ -62,6 +62,8 @@ class Adapter(ABC):
     metric_names: ClassVar[tuple[str, ...]]
     #: the primary metric, its direction and its drop in `compare()`: what quality gates bound
     quality: ClassVar[QualityMetric]
+    #: True if `benchmark()` measures decode tokens/s (the `llm` block that `decode_speedup_min` bounds)
+    measures_decode: ClassVar[bool] = False
     #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
     default_int8_method: ClassVar[str] = "static"
     #: what `compare()` returns, for the report: (key, label, sign applied for display)

@@ -150,6 +150,7 @@ class CausalLMAdapter(Adapter):
         alias="ppl_rise_max",
         detail="perplexity {ours:.3f} vs {theirs:.3f}",
     )
+    measures_decode = True
     default_int8_method = "weight-only"
     comparisons = (
         ("ppl_rise_pct", "perplexity rise %", 1),
