@@ -207,14 +207,84 @@ class GateRecord:
         return cls(**{k: data[k] for k in keys}, status=status)
 
 
-def artifact_records(manifest: Mapping[str, Any]) -> list[ArtifactRecord]:
-    return [ArtifactRecord.from_json(entry) for entry in manifest["artifacts"]]
-
-
-def gate_records(manifest: Mapping[str, Any]) -> list[GateRecord]:
-    return [GateRecord.from_json(g) for g in manifest.get("gates") or []]
-
-
 def as_records(records: Mapping[str, ArtifactRecord | Mapping[str, Any]]) -> dict[str, ArtifactRecord]:
     """Records by artifact name; entries still in their manifest JSON form are read with `from_json`."""
     return {n: r if isinstance(r, ArtifactRecord) else ArtifactRecord.from_json(r) for n, r in records.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One of the adapter's `compare()` keys as the report shows it (`sign` is applied for display)."""
+
+    key: str
+    label: str
+    sign: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "sign": self.sign}
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """manifest.json of a finished run: what was built and measured, the gates and the verdict."""
+
+    compress_version: str
+    created: str
+    pipeline: Mapping[str, Any]  # name, file, family
+    baseline: str
+    metric_names: tuple[str, ...]
+    comparisons: tuple[Comparison, ...]
+    artifacts: tuple[ArtifactRecord, ...]
+    gates: tuple[GateRecord, ...]
+    verdict: str | None  # PASS | FAIL | INCOMPLETE; None while a run is under way or after it crashed
+    notes: tuple[str, ...] = ()
+    data: Mapping[str, str] = field(default_factory=dict)  # data role -> sha256
+    machine: Mapping[str, Any] | None = None
+    bench_settings: Mapping[str, Any] = field(default_factory=dict)
+    skipped: tuple[Mapping[str, str], ...] = ()  # {stage, artifact, reason}
+    run: Mapping[str, Any] | None = None  # {state, step, error}
+
+    def record(self, name: str) -> ArtifactRecord | None:
+        return next((r for r in self.artifacts if r.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "compress_version": self.compress_version,
+            "created": self.created,
+            "pipeline": dict(self.pipeline),
+            "baseline": self.baseline,
+            "notes": list(self.notes),
+            "metric_names": list(self.metric_names),
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "data": dict(self.data),
+            "machine": None if self.machine is None else dict(self.machine),
+            "bench_settings": dict(self.bench_settings),
+            "artifacts": [r.to_json() for r in self.artifacts],
+            "skipped": [dict(s) for s in self.skipped],
+            "gates": [g.to_json() for g in self.gates],
+            "verdict": self.verdict,
+            "passed": self.verdict == "PASS",
+            "run": None if self.run is None else dict(self.run),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunManifest:
+        """Also reads manifests of older versions (no verdict: only `passed`; no notes, no run state)."""
+        verdict = data["verdict"] if "verdict" in data else ("PASS" if data.get("passed") else "FAIL")
+        return cls(
+            compress_version=data.get("compress_version", "?"),
+            created=data.get("created", "?"),
+            pipeline=_frozen(data["pipeline"]),
+            baseline=data["baseline"],
+            metric_names=tuple(data["metric_names"]),
+            comparisons=tuple(Comparison(c["key"], c["label"], c["sign"]) for c in data["comparisons"]),
+            artifacts=tuple(ArtifactRecord.from_json(entry) for entry in data["artifacts"]),
+            gates=tuple(GateRecord.from_json(g) for g in data.get("gates") or []),
+            verdict=verdict,
+            notes=tuple(data.get("notes") or ()),
+            data=_frozen(data.get("data")),
+            machine=data.get("machine"),
+            bench_settings=_frozen(data.get("bench_settings")),
+            skipped=tuple(data.get("skipped") or ()),
+            run=data.get("run"),
+        )

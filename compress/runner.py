@@ -49,7 +49,7 @@ from compress.lock import run_lock
 from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
 from compress.paths import MANIFEST_FILE, REPORT_FILE, RESOLVED_FILE, inside
 from compress.progress import Reporter
-from compress.records import ArtifactRecord, BenchRecord, EvaluationRecord, as_records
+from compress.records import ArtifactRecord, BenchRecord, Comparison, EvaluationRecord, RunManifest, as_records
 from compress.registry import registered_adapters
 from compress.report.journal import RunJournal
 from compress.report.markdown import verdict_title, write_report
@@ -369,24 +369,23 @@ class Runner:
         records = as_records(self.records)
         gates = check_gates(self.cfg, records, coverage)
         outcome = verdict(gates)
-        manifest = {
-            "compress_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "pipeline": {"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
-            "baseline": self.cfg.baseline,
-            "notes": self.adapter.notes(),
-            "metric_names": list(self.adapter.metric_names),
-            "comparisons": [{"key": k, "label": label, "sign": sign} for k, label, sign in self.adapter.comparisons],
-            "data": self.data_hashes,
-            "machine": getattr(self, "machine", None) or machine_info(),
-            "bench_settings": self.cfg.bench.model_dump(mode="json"),
-            "artifacts": [records[name].to_json() for name in self.artifacts],
-            "skipped": self.skipped,
-            "gates": [g.to_json() for g in gates],
-            "verdict": outcome,
-            "passed": outcome == "PASS",
-            "run": {"state": "finished", "step": None, "error": None},
-        }
+        manifest = RunManifest(
+            compress_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            pipeline={"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
+            baseline=self.cfg.baseline,
+            notes=tuple(self.adapter.notes()),
+            metric_names=tuple(self.adapter.metric_names),
+            comparisons=tuple(Comparison(*c) for c in self.adapter.comparisons),
+            data=self.data_hashes,
+            machine=getattr(self, "machine", None) or machine_info(),
+            bench_settings=self.cfg.bench.model_dump(mode="json"),
+            artifacts=tuple(records[name] for name in self.artifacts),
+            skipped=tuple(self.skipped),
+            gates=tuple(gates),
+            verdict=outcome,
+            run={"state": "finished", "step": None, "error": None},
+        )
         self.step = "writing the report"  # a failure from here on leaves the verdict as it is
         problems = self._write_outputs(manifest)
         marks = {"pass": "[green]PASS[/]", "fail": "[red]FAIL[/]", "not-checked": "[yellow]NOT CHECKED[/]"}
@@ -399,13 +398,13 @@ class Runner:
         written = not problems.keys() & {report, inside(self.run_dir, MANIFEST_FILE)}
         where = f"report: {report}" if written else "report.md not written (see the warning above)"
         self.reporter.log(f"[{colour}]{title}[/]; {where}")
-        return RunResult(self.run_dir, outcome, manifest, dict(self.artifacts))
+        return RunResult(self.run_dir, outcome, manifest.to_json(), dict(self.artifacts))
 
-    def _write_outputs(self, manifest: dict[str, Any]) -> dict[Path, str]:
+    def _write_outputs(self, manifest: RunManifest) -> dict[Path, str]:
         """manifest.json, the plot and report.md; what failed becomes a warning, since the verdict stands."""
         path = inside(self.run_dir, MANIFEST_FILE)
         try:
-            write_json_atomic(path, manifest)
+            write_json_atomic(path, manifest.to_json())
             problems = write_report(manifest, self.run_dir)
         except OSError as exc:
             problems = {path: f"{type(exc).__name__}: {exc}"}

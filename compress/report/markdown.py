@@ -8,7 +8,7 @@ from typing import Any
 
 from compress.atomic import atomic_path
 from compress.paths import PLOT_FILE, REPORT_FILE
-from compress.records import ArtifactRecord, GateRecord, artifact_records, gate_records
+from compress.records import ArtifactRecord, Comparison, GateRecord, RunManifest
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -21,10 +21,10 @@ def _fmt(value: Any, spec: str = ".2f", missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
-def artifacts_table(manifest: dict[str, Any]) -> str:
+def artifacts_table(manifest: RunManifest) -> str:
     """One row per artifact: format, size, metrics, changes vs baseline and vs parent, p50 latency."""
-    comparisons = manifest["comparisons"]  # [{key, label, sign}] from the adapter
-    batches = manifest.get("bench_settings", {}).get("batch_sizes", [])
+    comparisons = manifest.comparisons
+    batches = manifest.bench_settings.get("batch_sizes", [])
     first = comparisons[0]
     header = [
         "artifact",
@@ -32,16 +32,15 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
         "format",
         "precision",
         "size MB",
-        *manifest["metric_names"],
-        *[f"{c['label']} vs baseline" for c in comparisons],
-        f"{first['label']} vs parent",
+        *manifest.metric_names,
+        *[f"{c.label} vs baseline" for c in comparisons],
+        f"{first.label} vs parent",
         *[f"p50 ms b{b}" for b in batches],
         "speedup b1 vs baseline",
     ]
-    records = artifact_records(manifest)
-    base_p50 = _p50s(next((r for r in records if r.name == manifest["baseline"]), None))
+    base_p50 = _p50s(manifest.record(manifest.baseline))
     rows = []
-    for rec in records:
+    for rec in manifest.artifacts:
         art, ev = rec.artifact, rec.evaluation
         metrics = ev.metrics if ev else {}
         vs_base, vs_parent = (ev.vs_baseline or {}) if ev else {}, (ev.vs_parent or {}) if ev else {}
@@ -54,7 +53,7 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
                 art["format"],
                 art["precision"] + (f" / {art['target']}" if art.get("target") else ""),
                 f"{art['size_bytes'] / 1e6:.2f}",
-                *[_fmt(metrics.get(m)) for m in manifest["metric_names"]],
+                *[_fmt(metrics.get(m)) for m in manifest.metric_names],
                 *[_signed(vs_base, c) for c in comparisons],
                 _signed(vs_parent, first),
                 *[_fmt(v) for v in (p50 or [None] * len(batches))],
@@ -64,16 +63,16 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
-def _signed(values: Mapping[str, float], column: dict[str, Any]) -> str:
-    value = values.get(column["key"])
+def _signed(values: Mapping[str, float], column: Comparison) -> str:
+    value = values.get(column.key)
     if value is None:
         return "–"
-    return _fmt(column["sign"] * value, "+.2f" if column["sign"] != 1 else ".2f")
+    return _fmt(column.sign * value, "+.2f" if column.sign != 1 else ".2f")
 
 
-def latency_table(manifest: dict[str, Any]) -> str:
+def latency_table(manifest: RunManifest) -> str:
     rows = []
-    for rec in artifact_records(manifest):
+    for rec in manifest.artifacts:
         bench = rec.bench
         if bench is None:
             continue
@@ -96,9 +95,9 @@ def latency_table(manifest: dict[str, Any]) -> str:
     )
 
 
-def llm_table(manifest: dict[str, Any]) -> str:
+def llm_table(manifest: RunManifest) -> str:
     """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
-    recs = [r for r in artifact_records(manifest) if r.bench is not None and r.bench.llm]
+    recs = [r for r in manifest.artifacts if r.bench is not None and r.bench.llm]
     if not recs:
         return ""
     first = recs[0].bench.llm
@@ -145,15 +144,10 @@ TITLES = {"PASS": "PASS — all gates hold", "FAIL": "FAIL — a gate is breache
 UNFINISHED = {"running": "run in progress", "failed": "run failed", "interrupted": "run interrupted"}
 
 
-def run_verdict(manifest: dict[str, Any]) -> str | None:
-    """PASS | FAIL | INCOMPLETE, or None for a run in progress or one that crashed."""
-    return manifest["verdict"] if "verdict" in manifest else ("PASS" if manifest["passed"] else "FAIL")
-
-
-def gates_table(manifest: dict[str, Any]) -> str:
+def gates_table(manifest: RunManifest) -> str:
     rows = [
         [STATUS_LABELS[g.status], g.gate, g.artifact, g.vs, _fmt(g.value, ".3g"), g.bound, g.detail]
-        for g in gate_records(manifest)
+        for g in manifest.gates
     ]
     return _table(["status", "gate", "artifact", "vs", "value", "bound", "detail"], rows) if rows else "_no gates_"
 
@@ -203,23 +197,23 @@ def render_unfinished(
     return "\n".join(out) + "\n"
 
 
-def render(manifest: dict[str, Any]) -> str:
-    m = manifest
-    verdict = run_verdict(m)
-    gates, records = gate_records(m), artifact_records(m)
-    unchecked = sum(g.status == "not-checked" for g in gates)
+def render(m: RunManifest) -> str:
+    if m.verdict is None:
+        raise ValueError("render() is for finished runs; render_unfinished() says why there is no verdict")
+    verdict = m.verdict
+    unchecked = sum(g.status == "not-checked" for g in m.gates)
     out = [
-        f"# {m['pipeline']['name']}: {verdict_title(verdict, unchecked)}",
+        f"# {m.pipeline['name']}: {verdict_title(verdict, unchecked)}",
         "",
-        f"Pipeline `{m['pipeline']['file']}`, family `{m['pipeline']['family']}`, baseline `{m['baseline']}`; "
-        f"made {m['created']} by compress {m['compress_version']}.",
+        f"Pipeline `{m.pipeline['file']}`, family `{m.pipeline['family']}`, baseline `{m.baseline}`; "
+        f"made {m.created} by compress {m.compress_version}.",
         "",
     ]
-    out += [f"> **Note.** {note}" for note in m.get("notes", [])] + ([""] if m.get("notes") else [])
+    out += [f"> **Note.** {note}" for note in m.notes] + ([""] if m.notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
-    out += ["## Gates", "", gates_table(m), ""] + _gate_notes(gates, verdict)
-    if any(rec.bench for rec in records):
-        mach = m["machine"]
+    out += ["## Gates", "", gates_table(m), ""] + _gate_notes(list(m.gates), verdict)
+    if any(rec.bench for rec in m.artifacts):
+        mach = m.machine or {}
         llm = llm_table(m)
         bound = (
             " Bound: the time to read the weights a decode step uses once at the measured memory-copy "
@@ -233,30 +227,30 @@ def render(manifest: dict[str, Any]) -> str:
             llm or latency_table(m),
             "",
             f"Measured side by side in one run, each artifact in its own process, warm-up "
-            f"{m['bench_settings']['warmup']}, {m['bench_settings']['iterations']} iterations. "
+            f"{m.bench_settings['warmup']}, {m.bench_settings['iterations']} iterations. "
             f"CPU: {mach.get('cpu')} ({mach.get('cores')} cores; flags {', '.join(mach.get('cpu_flags', []))}); "
             f"torch {mach.get('torch')}, onnxruntime {mach.get('onnxruntime')}.{bound}",
             "",
         ]
         out += [f"![accuracy vs latency]({PLOT_FILE})", ""]
-    if m["skipped"]:
-        out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m["skipped"]] + [""]
+    if m.skipped:
+        out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m.skipped] + [""]
     out += ["## Stage details", ""]
-    for rec in records:
+    for rec in m.artifacts:
         if rec.info:
             details = ", ".join(f"{k} {_detail(v)}" for k, v in rec.info.items())
             out.append(f"- `{rec.name}` ({rec.artifact['stage']} from `{rec.parent}`): {details}")
-    out += ["", "## Data", ""] + [f"- {role}: sha256 `{h}`" for role, h in m["data"].items()] + [""]
+    out += ["", "## Data", ""] + [f"- {role}: sha256 `{h}`" for role, h in m.data.items()] + [""]
     return "\n".join(out)
 
 
-def write_report(manifest: dict[str, Any], run_dir: Path) -> dict[Path, str]:
+def write_report(manifest: RunManifest, run_dir: Path) -> dict[Path, str]:
     """Write the plot and report.md; return each file that could not be written, with why."""
     from compress.report.plots import plot_accuracy_vs_latency
 
     problems = {}
     outputs = [(run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest)))]
-    if any(rec.bench for rec in artifact_records(manifest)):
+    if any(rec.bench for rec in manifest.artifacts):
         outputs.insert(0, (run_dir / PLOT_FILE, lambda path: plot_accuracy_vs_latency(manifest, path)))
     for path, write in outputs:
         try:

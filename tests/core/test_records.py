@@ -22,7 +22,7 @@ from compress.cli import EXIT_CONFIG, EXIT_OK, main
 from compress.config import Gates, load_pipeline
 from compress.errors import ConfigError
 from compress.metrics.gates import Coverage, _recovery, check_gates
-from compress.records import ArtifactRecord, GateRecord, artifact_records
+from compress.records import ArtifactRecord, GateRecord, RunManifest
 from compress.report import markdown
 
 STAGES = """
@@ -79,18 +79,19 @@ def test_quality_drop_max_gates_vision_in_top1_points_and_the_manifest_round_tri
     for entry in manifest["artifacts"]:  # the exact JSON the runner wrote, back from the typed record
         assert ArtifactRecord.from_json(entry).to_json() == entry
     assert [GateRecord.from_json(g).to_json() for g in manifest["gates"]] == manifest["gates"]
-    source = next(r for r in artifact_records(manifest) if r.name == "source")
+    assert RunManifest.from_json(manifest).to_json() == manifest
+    source = RunManifest.from_json(manifest).record("source")
     assert source.evaluated and source.evaluation is None  # untrained head: evaluation pass ran, skipped it
     # `info` holds numbers; the report formats them
     manifest["artifacts"][-1]["artifact"]["info"].update(
         intermediate_size=[128, 64], kl_data={"set": "calibration", "tokens": 2048, "temperature": 1}
     )
-    details = markdown.render(manifest).split("## Stage details", 1)[1]
+    details = markdown.render(RunManifest.from_json(manifest)).split("## Stage details", 1)[1]
     assert "intermediate_size 128 -> 64" in details
     assert "kl_data (set calibration, tokens 2048, temperature 1)" in details
     code, manifest, _ = toy.run("quality_drop_max: 100.0", "--no-eval")  # no evaluation: the key is absent
     assert all("evaluation" not in e for e in manifest["artifacts"])
-    assert [ArtifactRecord.from_json(e).to_json() for e in manifest["artifacts"]] == manifest["artifacts"]
+    assert RunManifest.from_json(manifest).to_json() == manifest
 
 
 def test_old_manifest_entries_round_trip_and_old_run_folders_inspect(tmp_path, capsys) -> None:
