@@ -290,7 +290,9 @@ def _inspect(path: Path, table: str | None = None) -> int:
 
         if not (path / "manifest.json").is_file():
             raise ConfigError(f"{path}: not a run folder (no manifest.json)")
-        manifest = json.loads((path / "manifest.json").read_text())
+        from compress.records import RunManifest
+
+        manifest = RunManifest.from_json(json.loads((path / "manifest.json").read_text()))
         print(
             {
                 "artifacts": markdown.artifacts_table,

@@ -47,8 +47,9 @@ class SizeGate(BaseModel):
 class RecoveryGate(BaseModel):
     """`artifact` must win back at least `at_least` of the quality `lost_by` lost against the baseline.
 
-    Quality is top-1 (vision) or perplexity (causal-lm): recovery = (q(artifact) - q(lost_by)) /
-    (q(baseline) - q(lost_by)), with perplexity's sign flipped. E.g. a distillation after pruning.
+    Quality is the family's primary metric (top-1 for vision, perplexity for causal-lm): recovery =
+    (q(artifact) - q(lost_by)) / (q(baseline) - q(lost_by)), sign flipped where lower is better. E.g. a
+    distillation after pruning.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,7 +67,8 @@ class Gates(BaseModel):
 
     ```yaml
     gates:
-      top1_drop_max: 0.5                                        # points, final artifacts (see `metric_gates_on`)
+      quality_drop_max: 0.5                                     # primary metric's unit, final artifacts
+      # (vision: top-1 points, alias top1_drop_max; causal-lm: perplexity rise %, alias ppl_rise_max)
       speedup_min: [{artifact: int8, vs: onnx, at_least: 1.6}]  # p50 latency ratio
       size_ratio_max: {artifact: int8, vs: onnx, at_most: 0.3}
       recovery_min: {artifact: distill, lost_by: prune, at_least: 0.5}  # distillation wins back half
@@ -74,11 +76,14 @@ class Gates(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    top1_drop_max: Real | None = Field(None, ge=0, description="top-1 drop in points vs the baseline (vision)")
-    ppl_rise_max: Real | None = Field(None, ge=0, description="perplexity rise in % vs the baseline (causal-lm)")
+    quality_drop_max: Real | None = Field(
+        None, ge=0, description="how much worse than the baseline the family's primary metric may get, in its unit"
+    )
+    top1_drop_max: Real | None = Field(None, ge=0, description="vision's alias of quality_drop_max (top-1 points)")
+    ppl_rise_max: Real | None = Field(None, ge=0, description="causal-lm's alias of quality_drop_max (perplexity %)")
     metric_gates_on: tuple[str, ...] | None = Field(
         None,
-        description="artifacts top1_drop_max / ppl_rise_max apply to ([] : none); default: the final artifact "
+        description="artifacts quality_drop_max (or its alias) applies to ([] : none); default: the final artifact "
         "of every branch (an intermediate, e.g. a pruned model before distillation, is reported but not gated)",
     )
     speedup_min: tuple[SpeedupGate, ...] = ()
@@ -89,6 +94,13 @@ class Gates(BaseModel):
     _lists = field_validator("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min", mode="before")(
         _as_list
     )
+
+    def quality_bound(self) -> tuple[str, float] | None:
+        """(the key written, its bound) of the quality gate: quality_drop_max or one family's alias."""
+        return next(((k, v) for k in QUALITY_GATE_KEYS if (v := getattr(self, k)) is not None), None)
+
+
+QUALITY_GATE_KEYS = ("quality_drop_max", "top1_drop_max", "ppl_rise_max")  # the generic gate, then its aliases
 
 
 class BenchOptions(BaseModel):
@@ -285,12 +297,12 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
                 value,
                 True,
             )
-    metric_gate = {"vision": "top1_drop_max", "causal-lm": "ppl_rise_max"}.get(family)
-    if family != "causal-lm" and top.gates.decode_speedup_min:
-        problems.add(("gates", "decode_speedup_min"), "applies to causal-lm pipelines only; use speedup_min")
-    for gate_key in ("top1_drop_max", "ppl_rise_max"):
-        if getattr(top.gates, gate_key) is not None and gate_key != metric_gate:
-            problems.add(("gates", gate_key), f"does not apply to family '{family}'; use {metric_gate}")
+    if not adapter_cls.measures_decode and top.gates.decode_speedup_min:
+        decoders = ", ".join(name for name, cls in adapters.items() if cls.measures_decode)
+        problems.add(
+            ("gates", "decode_speedup_min"), f"applies to families that decode ({decoders}) only; use speedup_min"
+        )
+    _check_quality_gate(top.gates, adapter_cls.quality.alias, family, problems)
 
     if model is not None and data is not None:
         from compress.progress import Reporter
@@ -323,6 +335,17 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         resolved=resolved,
         warnings=tuple(_thread_warnings(located, top)),
     )
+
+
+def _check_quality_gate(gates: Gates, alias: str | None, family: str, problems: _Problems) -> None:
+    """One quality bound: quality_drop_max, or the family's own alias of it; another family's alias is refused."""
+    given = [k for k in QUALITY_GATE_KEYS if getattr(gates, k) is not None]
+    for key in given[1:] if len(given) > 1 and given[0] == "quality_drop_max" else ():
+        problems.add(("gates", key), "the same bound as quality_drop_max under another name; keep one of them")
+    use = f"{alias} or quality_drop_max" if alias else "quality_drop_max"
+    for key in given:
+        if key != "quality_drop_max" and key != alias:
+            problems.add(("gates", key), f"does not apply to family '{family}'; use {use}")
 
 
 def _thread_warnings(located: Located, top: PipelineModel) -> list[str]:

@@ -47,6 +47,7 @@ from compress.lock import run_lock
 from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
 from compress.paths import MANIFEST_FILE, REPORT_FILE, RESOLVED_FILE, inside
 from compress.progress import Reporter
+from compress.records import ArtifactRecord, BenchRecord, Comparison, EvaluationRecord, RunManifest, as_records
 from compress.registry import registered_adapters
 from compress.report.journal import RunJournal
 from compress.report.markdown import verdict_title, write_report
@@ -99,6 +100,7 @@ class Runner:
         self.do_eval = evaluate
         self.wait = wait
         self.artifacts: dict[str, Artifact] = {}
+        # manifest.json's entries (ArtifactRecord.to_json) while the run fills them in; read back as records
         self.records: dict[str, dict[str, Any]] = {}
         self.skipped: list[dict[str, str]] = []
         self.step = "preparing the run"  # what the run is doing, for the message when it fails
@@ -262,48 +264,50 @@ class Runner:
 
     def _record(self, art: Artifact, *, cached: bool, seconds: float) -> None:
         self.artifacts[art.name] = art
-        self.records[art.name] = {"artifact": art.to_json(), "cached": cached, "size_bytes": art.size_bytes}
+        self.records[art.name] = ArtifactRecord.of(art, cached=cached).to_json()
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
-        evals: dict[str, Evaluation] = {}
+        evals = {name: self._evaluation(art) for name, art in self.artifacts.items() if art.task_ready}
+        base = evals.get(self.cfg.baseline)
         for name, art in self.artifacts.items():
-            if not art.task_ready:
+            ev = evals.get(name)
+            if ev is None:  # an untrained head is not evaluated
                 self.records[name]["evaluation"] = None
                 continue
-            key = sha256_json(
-                {"artifact": art.key, "content": art.content_digest, "evaluation": self.data_hashes.get("evaluation")}
+            record = EvaluationRecord(
+                metrics=ev.metrics,
+                vs_baseline=None if base is None or name == self.cfg.baseline else self.adapter.compare(ev, base),
+                vs_parent=self.adapter.compare(ev, evals[art.parent]) if art.parent in evals else None,
             )
-            ev = self._cached_evaluation(art, key) if "eval" not in self.force else None
-            if ev is not None:
-                self.reporter.log(f"[green]cache hit[/]  evaluation of {name}")
-            else:
-                self.step = f"evaluation of {name}"
-                session = self.adapter.open_session(
-                    art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
-                )
-                ev = self.adapter.evaluate(session, self.reporter, name)
-                predictions_sha256 = _save_predictions(art.path / PREDICTIONS_FILE, ev.predictions)
-                _write_cached(
-                    art.path / EVAL_FILE,
-                    key,
-                    {
-                        "metrics": ev.metrics,
-                        "outputs": ev.outputs,
-                        "backend": session.backend,
-                        "predictions_sha256": predictions_sha256,
-                    },
-                )
-            evals[name] = ev
-            self.records[name]["evaluation"] = {"metrics": ev.metrics}
-        base = evals.get(self.cfg.baseline)
-        for name, ev in evals.items():
-            record = self.records[name]["evaluation"]
-            if base is not None and name != self.cfg.baseline:
-                record["vs_baseline"] = self.adapter.compare(ev, base)
-            parent = self.artifacts[name].parent
-            if parent in evals:
-                record["vs_parent"] = self.adapter.compare(ev, evals[parent])
+            self.records[name]["evaluation"] = record.to_json()
+
+    def _evaluation(self, art: Artifact) -> Evaluation:
+        """The evaluation of `art`, from its cache when that is intact, else measured and cached."""
+        key = sha256_json(
+            {"artifact": art.key, "content": art.content_digest, "evaluation": self.data_hashes.get("evaluation")}
+        )
+        ev = self._cached_evaluation(art, key) if "eval" not in self.force else None
+        if ev is not None:
+            self.reporter.log(f"[green]cache hit[/]  evaluation of {art.name}")
+            return ev
+        self.step = f"evaluation of {art.name}"
+        session = self.adapter.open_session(
+            art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
+        )
+        ev = self.adapter.evaluate(session, self.reporter, art.name)
+        predictions_sha256 = _save_predictions(art.path / PREDICTIONS_FILE, ev.predictions)
+        _write_cached(
+            art.path / EVAL_FILE,
+            key,
+            {
+                "metrics": ev.metrics,
+                "outputs": ev.outputs,
+                "backend": session.backend,
+                "predictions_sha256": predictions_sha256,
+            },
+        )
+        return ev
 
     def _cached_evaluation(self, art: Artifact, key: str) -> Evaluation | None:
         """The cached evaluation of `art`, or None (re-evaluate) when it is missing, stale or damaged."""
@@ -332,7 +336,7 @@ class Runner:
             hit = _read_cached(cache, key) if "bench" not in self.force else None
             if hit is not None:
                 self.reporter.log(f"[green]cache hit[/]  benchmark of {name}")
-                self.records[name]["bench"] = hit["result"]
+                self.records[name]["bench"] = BenchRecord.from_json(hit["result"]).to_json()
                 continue
             if not measure:
                 continue
@@ -344,11 +348,12 @@ class Runner:
                 result = _bench_subprocess(self.cfg, art, self.cache_dir, self.machine)
             result["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             _write_cached(cache, key, {"result": result})
-            self.records[name]["bench"] = result
-            b1 = result["latency"][0]
+            bench = BenchRecord.from_json(result)
+            self.records[name]["bench"] = bench.to_json()
+            b1 = bench.latency[0]
             self.reporter.log(
-                f"           {name}: p50 {b1['p50_ms']:.2f} ms at batch {b1['batch_size']} "
-                f"({result['backend']}), peak RSS {result['peak_rss_mb']:.0f} MB"
+                f"           {name}: p50 {b1.p50_ms:.2f} ms at batch {b1.batch_size} "
+                f"({bench.backend}), peak RSS {bench.peak_rss_mb:.0f} MB"
             )
 
     # -- gates and outputs ---------------------------------------------------------------------------
@@ -359,26 +364,26 @@ class Runner:
             evaluation_off=None if self.do_eval else "--no-eval",
             bench_off="bench.enabled: false" if not self.cfg.bench.enabled else None if self.do_bench else "--no-bench",
         )
-        gates = check_gates(self.cfg, self.records, coverage)
+        records = as_records(self.records)
+        gates = check_gates(self.cfg, records, coverage)
         outcome = verdict(gates)
-        manifest = {
-            "compress_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "pipeline": {"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
-            "baseline": self.cfg.baseline,
-            "notes": self.adapter.notes(),
-            "metric_names": list(self.adapter.metric_names),
-            "comparisons": [{"key": k, "label": label, "sign": sign} for k, label, sign in self.adapter.comparisons],
-            "data": self.data_hashes,
-            "machine": getattr(self, "machine", None) or machine_info(),
-            "bench_settings": self.cfg.bench.model_dump(mode="json"),
-            "artifacts": [self.records[name] for name in self.artifacts],
-            "skipped": self.skipped,
-            "gates": [g.to_json() for g in gates],
-            "verdict": outcome,
-            "passed": outcome == "PASS",
-            "run": {"state": "finished", "step": None, "error": None},
-        }
+        manifest = RunManifest(
+            compress_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            pipeline={"name": self.cfg.name, "file": str(self.cfg.file), "family": self.cfg.family},
+            baseline=self.cfg.baseline,
+            notes=tuple(self.adapter.notes()),
+            metric_names=tuple(self.adapter.metric_names),
+            comparisons=tuple(Comparison(*c) for c in self.adapter.comparisons),
+            data=self.data_hashes,
+            machine=getattr(self, "machine", None) or machine_info(),
+            bench_settings=self.cfg.bench.model_dump(mode="json"),
+            artifacts=tuple(records[name] for name in self.artifacts),
+            skipped=tuple(self.skipped),
+            gates=tuple(gates),
+            verdict=outcome,
+            run={"state": "finished", "step": None, "error": None},
+        )
         self.step = "writing the report"  # a failure from here on leaves the verdict as it is
         problems = self._write_outputs(manifest)
         marks = {"pass": "[green]PASS[/]", "fail": "[red]FAIL[/]", "not-checked": "[yellow]NOT CHECKED[/]"}
@@ -391,13 +396,13 @@ class Runner:
         written = not problems.keys() & {report, inside(self.run_dir, MANIFEST_FILE)}
         where = f"report: {report}" if written else "report.md not written (see the warning above)"
         self.reporter.log(f"[{colour}]{title}[/]; {where}")
-        return RunResult(self.run_dir, outcome, manifest, dict(self.artifacts))
+        return RunResult(self.run_dir, outcome, manifest.to_json(), dict(self.artifacts))
 
-    def _write_outputs(self, manifest: dict[str, Any]) -> dict[Path, str]:
+    def _write_outputs(self, manifest: RunManifest) -> dict[Path, str]:
         """manifest.json, the plot and report.md; what failed becomes a warning, since the verdict stands."""
         path = inside(self.run_dir, MANIFEST_FILE)
         try:
-            write_json_atomic(path, manifest)
+            write_json_atomic(path, manifest.to_json())
             problems = write_report(manifest, self.run_dir)
         except OSError as exc:
             problems = {path: f"{type(exc).__name__}: {exc}"}

@@ -33,6 +33,20 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class QualityMetric:
+    """The family's primary metric, as the generic quality gate (`gates.quality_drop_max`) and
+    `recovery_min` use it: `drop_key` is the key of `compare()` that says how much worse an artifact is than
+    the baseline, in `unit` (positive = worse). `alias` is the family's older gate name for the same bound."""
+
+    name: str  # key of Evaluation.metrics
+    unit: str  # unit of compare()[drop_key]
+    drop_key: str
+    higher_is_better: bool
+    alias: str | None = None
+    detail: str = "{name} {ours:.3f} vs {theirs:.3f}"  # what a gate shows: this artifact vs the baseline
+
+
+@dataclass(frozen=True)
 class IOSpec:
     inputs: dict[str, tuple[str | int, ...]]  # name -> shape, symbolic dims as names
     outputs: dict[str, tuple[str | int, ...]]
@@ -45,10 +59,12 @@ class Adapter(ABC):
     family: ClassVar[str]
     model_options: ClassVar[type[BaseModel]]
     data_options: ClassVar[type[BaseModel]]
-    #: metric names, in report order; the first is the one gates and plots use
+    #: metric names, in report order; the first is the one plots use
     metric_names: ClassVar[tuple[str, ...]]
-    #: True if a higher primary metric is better
-    higher_is_better: ClassVar[bool] = True
+    #: the primary metric, its direction and its drop in `compare()`: what quality gates bound
+    quality: ClassVar[QualityMetric]
+    #: True if `benchmark()` measures decode tokens/s (the `llm` block that `decode_speedup_min` bounds)
+    measures_decode: ClassVar[bool] = False
     #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
     default_int8_method: ClassVar[str] = "static"
     #: INT4 algorithms (`quantize: {precision: int4, method: ...}`) this family's models can take

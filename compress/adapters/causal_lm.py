@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec
+from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.errors import ConfigError
 from compress.llm.text_data import TextSource
 from compress.progress import quiet_third_party
@@ -145,7 +145,15 @@ class CausalLMAdapter(Adapter):
     model_options = CausalLMModelOptions
     data_options = TextDataOptions
     metric_names = ("ppl",)
-    higher_is_better = False
+    quality = QualityMetric(
+        "ppl",
+        "%",
+        "ppl_rise_pct",
+        higher_is_better=False,
+        alias="ppl_rise_max",
+        detail="perplexity {ours:.3f} vs {theirs:.3f}",
+    )
+    measures_decode = True
     default_int8_method = "weight-only"
     comparisons = (
         ("ppl_rise_pct", "perplexity rise %", 1),
@@ -315,9 +323,10 @@ class CausalLMAdapter(Adapter):
             "macs_after": macs_after,
             "macs_reduction": round(1 - macs_after / macs_before, 4),
             "macs_counted": "Linear layers, per token",
-            **{k: f"{a} -> {b}" for k, (a, b) in sizes.items()},
+            **{k: [a, b] for k, (a, b) in sizes.items()},  # [before, after]
             "head_unit": options.head_unit,
-            "layers_pruned": f"{report.layers}/{report.layers}",
+            "layers_pruned": report.layers,  # every decoder layer
+            "layers_total": report.layers,
         }
 
     def io_spec(self) -> IOSpec:

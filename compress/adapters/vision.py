@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec
+from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.adapters.sources import import_callable, module_file, resolve_path
 from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
@@ -101,6 +101,14 @@ class VisionAdapter(Adapter):
     model_options = VisionModelOptions
     data_options = VisionDataOptions
     metric_names = ("top1", "top5")
+    quality = QualityMetric(
+        "top1",
+        "points",
+        "top1_drop",
+        higher_is_better=True,
+        alias="top1_drop_max",
+        detail="top-1 {ours:.2f}% vs {theirs:.2f}%",
+    )
     comparisons = (("top1_drop", "Δtop1 (points)", -1), ("agreement", "top-1 agreement %", 1))
     prune_support = VISION_PRUNING
     model_cfg: VisionModelOptions
@@ -354,7 +362,8 @@ class VisionAdapter(Adapter):
             "macs_after": report.macs_after,
             "macs_reduction": round(report.macs_reduction, 4),
             "prune_steps": report.steps,
-            "layers_pruned": f"{len(changed)}/{len(report.layers)}",
+            "layers_pruned": len(changed),
+            "layers_total": len(report.layers),
             "min_layer_kept": round(min((lc.after / lc.before for lc in changed), default=1.0), 3),
         }
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from compress.atomic import atomic_path
 from compress.paths import PLOT_FILE, REPORT_FILE
+from compress.records import ArtifactRecord, Comparison, GateRecord, RunManifest
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -19,10 +21,10 @@ def _fmt(value: Any, spec: str = ".2f", missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
-def artifacts_table(manifest: dict[str, Any]) -> str:
+def artifacts_table(manifest: RunManifest) -> str:
     """One row per artifact: format, size, metrics, changes vs baseline and vs parent, p50 latency."""
-    comparisons = manifest["comparisons"]  # [{key, label, sign}] from the adapter
-    batches = manifest.get("bench_settings", {}).get("batch_sizes", [])
+    comparisons = manifest.comparisons
+    batches = manifest.bench_settings.get("batch_sizes", [])
     first = comparisons[0]
     header = [
         "artifact",
@@ -30,17 +32,18 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
         "format",
         "precision",
         "size MB",
-        *manifest["metric_names"],
-        *[f"{c['label']} vs baseline" for c in comparisons],
-        f"{first['label']} vs parent",
+        *manifest.metric_names,
+        *[f"{c.label} vs baseline" for c in comparisons],
+        f"{first.label} vs parent",
         *[f"p50 ms b{b}" for b in batches],
         "speedup b1 vs baseline",
     ]
-    base_p50 = _p50s(_find(manifest, manifest["baseline"]))
+    base_p50 = _p50s(manifest.record(manifest.baseline))
     rows = []
-    for rec in manifest["artifacts"]:
-        art, ev = rec["artifact"], rec.get("evaluation") or {}
-        metrics, vs_base, vs_parent = ev.get("metrics", {}), ev.get("vs_baseline", {}), ev.get("vs_parent", {})
+    for rec in manifest.artifacts:
+        art, ev = rec.artifact, rec.evaluation
+        metrics = ev.metrics if ev else {}
+        vs_base, vs_parent = (ev.vs_baseline or {}) if ev else {}, (ev.vs_parent or {}) if ev else {}
         p50 = _p50s(rec)
         speed = (base_p50[0] / p50[0]) if p50 and base_p50 and p50[0] else None
         rows.append(
@@ -50,7 +53,7 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
                 art["format"],
                 art["precision"] + (f" / {art['target']}" if art.get("target") else ""),
                 f"{art['size_bytes'] / 1e6:.2f}",
-                *[_fmt(metrics.get(m)) for m in manifest["metric_names"]],
+                *[_fmt(metrics.get(m)) for m in manifest.metric_names],
                 *[_signed(vs_base, c) for c in comparisons],
                 _signed(vs_parent, first),
                 *[_fmt(v) for v in (p50 or [None] * len(batches))],
@@ -60,31 +63,31 @@ def artifacts_table(manifest: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
-def _signed(values: dict[str, float], column: dict[str, Any]) -> str:
-    value = values.get(column["key"])
+def _signed(values: Mapping[str, float], column: Comparison) -> str:
+    value = values.get(column.key)
     if value is None:
         return "–"
-    return _fmt(column["sign"] * value, "+.2f" if column["sign"] != 1 else ".2f")
+    return _fmt(column.sign * value, "+.2f" if column.sign != 1 else ".2f")
 
 
-def latency_table(manifest: dict[str, Any]) -> str:
+def latency_table(manifest: RunManifest) -> str:
     rows = []
-    for rec in manifest["artifacts"]:
-        bench = rec.get("bench")
-        if not bench:
+    for rec in manifest.artifacts:
+        bench = rec.bench
+        if bench is None:
             continue
-        for lat in bench["latency"]:
+        for lat in bench.latency:
             rows.append(
                 [
-                    rec["artifact"]["name"],
-                    bench["backend"],
-                    str(bench["threads"]),
-                    str(lat["batch_size"]),
-                    _fmt(lat["p50_ms"]),
-                    _fmt(lat["p90_ms"]),
-                    _fmt(lat["p99_ms"]),
-                    _fmt(lat["throughput"], ".1f"),
-                    _fmt(bench["peak_rss_mb"], ".0f"),
+                    rec.name,
+                    bench.backend,
+                    str(bench.threads),
+                    str(lat.batch_size),
+                    _fmt(lat.p50_ms),
+                    _fmt(lat.p90_ms),
+                    _fmt(lat.p99_ms),
+                    _fmt(lat.throughput, ".1f"),
+                    _fmt(bench.peak_rss_mb, ".0f"),
                 ]
             )
     return _table(
@@ -92,12 +95,12 @@ def latency_table(manifest: dict[str, Any]) -> str:
     )
 
 
-def llm_table(manifest: dict[str, Any]) -> str:
+def llm_table(manifest: RunManifest) -> str:
     """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
-    recs = [r for r in manifest["artifacts"] if (r.get("bench") or {}).get("llm")]
+    recs = [r for r in manifest.artifacts if r.bench is not None and r.bench.llm]
     if not recs:
         return ""
-    first = recs[0]["bench"]["llm"]
+    first = recs[0].bench.llm
     lengths = sorted(int(k) for k in first["prefill_ms"])
     batches = sorted(int(k) for k in first["decode_tokens_per_s"])
     header = [
@@ -114,15 +117,15 @@ def llm_table(manifest: dict[str, Any]) -> str:
     ]
     rows = []
     for rec in recs:
-        llm = rec["bench"]["llm"]
+        llm = rec.bench.llm
         prefill = {int(k): v for k, v in llm["prefill_ms"].items()}
         tps = {int(k): v for k, v in llm["decode_tokens_per_s"].items()}
         step = {int(k): v for k, v in llm["decode_step_ms"].items()}.get(1)
         share = llm["decode_bound_ms"] / step if step else None
         rows.append(
             [
-                rec["artifact"]["name"],
-                rec["bench"]["backend"],
+                rec.name,
+                rec.bench.backend,
                 _fmt(llm["weight_mb"], ".1f"),
                 *[_fmt(prefill.get(n)) for n in lengths],
                 _fmt({int(k): v for k, v in llm["ttft_ms"].items()}.get(lengths[-1])),
@@ -130,7 +133,7 @@ def llm_table(manifest: dict[str, Any]) -> str:
                 _fmt(step),
                 _fmt(llm["decode_bound_ms"]),
                 _fmt(100 * share if share else None, ".0f") + "%",
-                _fmt(rec["bench"]["peak_rss_mb"], ".0f"),
+                _fmt(rec.bench.peak_rss_mb, ".0f"),
             ]
         )
     return _table(header, rows)
@@ -141,28 +144,10 @@ TITLES = {"PASS": "PASS — all gates hold", "FAIL": "FAIL — a gate is breache
 UNFINISHED = {"running": "run in progress", "failed": "run failed", "interrupted": "run interrupted"}
 
 
-def gate_status(gate: dict[str, Any]) -> str:
-    """pass | fail | not-checked; manifests written before gates had a status only say `passed`."""
-    return gate.get("status") or ("pass" if gate["passed"] else "fail")
-
-
-def run_verdict(manifest: dict[str, Any]) -> str | None:
-    """PASS | FAIL | INCOMPLETE, or None for a run in progress or one that crashed."""
-    return manifest["verdict"] if "verdict" in manifest else ("PASS" if manifest["passed"] else "FAIL")
-
-
-def gates_table(manifest: dict[str, Any]) -> str:
+def gates_table(manifest: RunManifest) -> str:
     rows = [
-        [
-            STATUS_LABELS[gate_status(g)],
-            g["gate"],
-            g["artifact"],
-            g["vs"],
-            _fmt(g["value"], ".3g"),
-            g["bound"],
-            g["detail"],
-        ]
-        for g in manifest["gates"]
+        [STATUS_LABELS[g.status], g.gate, g.artifact, g.vs, _fmt(g.value, ".3g"), g.bound, g.detail]
+        for g in manifest.gates
     ]
     return _table(["status", "gate", "artifact", "vs", "value", "bound", "detail"], rows) if rows else "_no gates_"
 
@@ -175,17 +160,17 @@ def verdict_title(verdict: str, unchecked: int) -> str:
     return TITLES.get(verdict) or f"INCOMPLETE — {_plural(unchecked, 'gate')} not checked"
 
 
-def _gate_notes(manifest: dict[str, Any], verdict: str) -> list[str]:
+def _gate_notes(gates: list[GateRecord], verdict: str) -> list[str]:
     """What was breached, and what could not be checked with the reason."""
-    failed = [g for g in manifest["gates"] if gate_status(g) == "fail"]
-    unchecked = [g for g in manifest["gates"] if gate_status(g) == "not-checked"]
+    failed = [g for g in gates if g.status == "fail"]
+    unchecked = [g for g in gates if g.status == "not-checked"]
     out = []
     if failed:
-        out += ["Breached: " + "; ".join(f"{g['gate']} on `{g['artifact']}` ({g['detail']})" for g in failed), ""]
+        out += ["Breached: " + "; ".join(f"{g.gate} on `{g.artifact}` ({g.detail})" for g in failed), ""]
     if unchecked:
         head = "INCOMPLETE" if verdict == "INCOMPLETE" else "Also"
         out += [f"{head}: {_plural(len(unchecked), 'gate')} not checked (a gate not checked is not a pass):", ""]
-        out += [f"- {g['gate']} on `{g['artifact']}`: {g['detail']}" for g in unchecked] + [""]
+        out += [f"- {g.gate} on `{g.artifact}`: {g.detail}" for g in unchecked] + [""]
     return out
 
 
@@ -212,22 +197,23 @@ def render_unfinished(
     return "\n".join(out) + "\n"
 
 
-def render(manifest: dict[str, Any]) -> str:
-    m = manifest
-    verdict = run_verdict(m)
-    unchecked = sum(gate_status(g) == "not-checked" for g in m["gates"])
+def render(m: RunManifest) -> str:
+    if m.verdict is None:
+        raise ValueError("render() is for finished runs; render_unfinished() says why there is no verdict")
+    verdict = m.verdict
+    unchecked = sum(g.status == "not-checked" for g in m.gates)
     out = [
-        f"# {m['pipeline']['name']}: {verdict_title(verdict, unchecked)}",
+        f"# {m.pipeline['name']}: {verdict_title(verdict, unchecked)}",
         "",
-        f"Pipeline `{m['pipeline']['file']}`, family `{m['pipeline']['family']}`, baseline `{m['baseline']}`; "
-        f"made {m['created']} by compress {m['compress_version']}.",
+        f"Pipeline `{m.pipeline['file']}`, family `{m.pipeline['family']}`, baseline `{m.baseline}`; "
+        f"made {m.created} by compress {m.compress_version}.",
         "",
     ]
-    out += [f"> **Note.** {note}" for note in m.get("notes", [])] + ([""] if m.get("notes") else [])
+    out += [f"> **Note.** {note}" for note in m.notes] + ([""] if m.notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
-    out += ["## Gates", "", gates_table(m), ""] + _gate_notes(m, verdict)
-    if any(rec.get("bench") for rec in m["artifacts"]):
-        mach = m["machine"]
+    out += ["## Gates", "", gates_table(m), ""] + _gate_notes(list(m.gates), verdict)
+    if any(rec.bench for rec in m.artifacts):
+        mach = m.machine or {}
         llm = llm_table(m)
         bound = (
             " Bound: the time to read the weights a decode step uses once at the measured memory-copy "
@@ -241,31 +227,30 @@ def render(manifest: dict[str, Any]) -> str:
             llm or latency_table(m),
             "",
             f"Measured side by side in one run, each artifact in its own process, warm-up "
-            f"{m['bench_settings']['warmup']}, {m['bench_settings']['iterations']} iterations. "
+            f"{m.bench_settings['warmup']}, {m.bench_settings['iterations']} iterations. "
             f"CPU: {mach.get('cpu')} ({mach.get('cores')} cores; flags {', '.join(mach.get('cpu_flags', []))}); "
             f"torch {mach.get('torch')}, onnxruntime {mach.get('onnxruntime')}.{bound}",
             "",
         ]
         out += [f"![accuracy vs latency]({PLOT_FILE})", ""]
-    if m["skipped"]:
-        out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m["skipped"]] + [""]
+    if m.skipped:
+        out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m.skipped] + [""]
     out += ["## Stage details", ""]
-    for rec in m["artifacts"]:
-        art = rec["artifact"]
-        if art["info"]:
-            details = ", ".join(f"{k} {v}" for k, v in art["info"].items())
-            out.append(f"- `{art['name']}` ({art['stage']} from `{art['parent']}`): {details}")
-    out += ["", "## Data", ""] + [f"- {role}: sha256 `{h}`" for role, h in m["data"].items()] + [""]
+    for rec in m.artifacts:
+        if rec.info:
+            details = ", ".join(f"{k} {_detail(v)}" for k, v in rec.info.items())
+            out.append(f"- `{rec.name}` ({rec.artifact['stage']} from `{rec.parent}`): {details}")
+    out += ["", "## Data", ""] + [f"- {role}: sha256 `{h}`" for role, h in m.data.items()] + [""]
     return "\n".join(out)
 
 
-def write_report(manifest: dict[str, Any], run_dir: Path) -> dict[Path, str]:
+def write_report(manifest: RunManifest, run_dir: Path) -> dict[Path, str]:
     """Write the plot and report.md; return each file that could not be written, with why."""
     from compress.report.plots import plot_accuracy_vs_latency
 
     problems = {}
     outputs = [(run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest)))]
-    if any(rec.get("bench") for rec in manifest["artifacts"]):
+    if any(rec.bench for rec in manifest.artifacts):
         outputs.insert(0, (run_dir / PLOT_FILE, lambda path: plot_accuracy_vs_latency(manifest, path)))
     for path, write in outputs:
         try:
@@ -280,10 +265,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _find(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((r for r in manifest["artifacts"] if r["artifact"]["name"] == name), None)
+def _p50s(record: ArtifactRecord | None) -> list[float] | None:
+    if record is None or record.bench is None:
+        return None
+    return [lat.p50_ms for lat in record.bench.latency]
 
 
-def _p50s(record: dict[str, Any] | None) -> list[float] | None:
-    bench = (record or {}).get("bench")
-    return [lat["p50_ms"] for lat in bench["latency"]] if bench else None
+def _detail(value: Any) -> str:
+    """A stage's `info` value as the report shows it: a [before, after] pair as `before -> after`."""
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
+        return f"{value[0]} -> {value[1]}"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_detail(v)}" for k, v in value.items()) + ")"
+    return str(value)

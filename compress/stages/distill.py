@@ -195,7 +195,7 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "teacher": teacher_art.name,
         "kl_before": round(kl_before, 5),
         "kl_after": round(kl_after, 5),
-        "kl_data": f"calibration ({_rows(kl_data_batches)}, T=1)",
+        "kl_data": {"set": "calibration", **_rows(kl_data_batches), "temperature": 1},
         "steps": report.steps,
         "total_steps": report.total_steps,
         "resumed_from_step": report.resumed_from,
@@ -207,8 +207,8 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
     return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
 
 
-def _rows(batches: list[Any]) -> str:
+def _rows(batches: list[Any]) -> dict[str, int]:
     """What the KL is averaged over: images (vision batches are (inputs, labels)) or tokens (causal-lm)."""
     if isinstance(batches[0], tuple):
-        return f"{sum(len(labels) for _, labels in batches)} images"
-    return f"{sum(int(b['input_ids'].numel()) for b in batches)} tokens"
+        return {"images": sum(len(labels) for _, labels in batches)}
+    return {"tokens": sum(int(b["input_ids"].numel()) for b in batches)}

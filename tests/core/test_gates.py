@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from compress.adapters.causal_lm import CausalLMAdapter
+from compress.adapters.vision import VisionAdapter
 from compress.metrics.gates import _recovery
+
+PPL, TOP1 = CausalLMAdapter.quality, VisionAdapter.quality
 
 
 def _records(metric: str, **values: float) -> dict:
@@ -14,22 +18,22 @@ def _records(metric: str, **values: float) -> dict:
 
 def test_perplexity_recovery_is_the_share_of_the_rise_won_back() -> None:
     # pruning took perplexity 15 -> 115; distillation back to 55: (115 - 55) / (115 - 15) = 0.6
-    g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=55.0))
+    g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=55.0), PPL)
     assert g.value == pytest.approx(0.6) and g.status == "pass"
-    g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=70.0))
+    g = _recovery("distill", "prune", 0.5, "source", _records("ppl", source=15.0, prune=115.0, distill=70.0), PPL)
     assert g.value == pytest.approx(0.45) and g.status == "fail"
     assert "ppl: source 15.00, prune 115.00, distill 70.00" in g.detail
 
 
 def test_top1_recovery_and_edge_cases() -> None:
-    g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=70.0, distill=88.0))
+    g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=70.0, distill=88.0), TOP1)
     assert g.value == pytest.approx(0.9) and g.status == "pass"
     # nothing lost: nothing to win back, the gate holds and says why
-    g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=90.5, distill=89.0))
+    g = _recovery("distill", "prune", 0.5, "finetune", _records("top1", finetune=90.0, prune=90.5, distill=89.0), TOP1)
     assert g.status == "pass" and g.value is None and "lost nothing" in g.detail
     # an artifact without an evaluation: the gate is not checked (never a pass), and says which one
     records = {**_records("top1", finetune=90.0, prune=70.0), "distill": {"evaluation": None}}
-    g = _recovery("distill", "prune", 0.5, "finetune", records)
+    g = _recovery("distill", "prune", 0.5, "finetune", records, TOP1)
     assert g.status == "not-checked" and not g.passed and "'distill' is not evaluated" in g.detail
 
 
@@ -53,10 +57,11 @@ def test_metric_gates_on_empty_gates_nothing_and_unset_gates_branch_ends() -> No
 
 
 def test_verdict_is_pass_only_when_every_gate_was_checked_and_holds() -> None:
-    from compress.metrics.gates import GateResult, verdict
+    from compress.metrics.gates import verdict
+    from compress.records import GateRecord
 
-    def g(status: str) -> GateResult:
-        return GateResult("speedup_min", "int8", "onnx", None, ">= 1x", status, "")
+    def g(status: str) -> GateRecord:
+        return GateRecord("speedup_min", "int8", "onnx", None, ">= 1x", status, "")
 
     assert verdict([]) == "PASS"
     assert verdict([g("pass"), g("pass")]) == "PASS"

@@ -45,8 +45,8 @@ def test_pruned_llama_keeps_gqa_shapes_and_reloads(full_run) -> None:
     assert code == EXIT_OK
     info = rec["prune"]["artifact"]["info"]
     # tiny_llama: 4 query heads in 2 KV groups, MLP 128 wide; half of each goes, KV heads stay.
-    assert info["intermediate_size"] == "128 -> 64"
-    assert info["num_attention_heads"] == "4 -> 2" and info["num_key_value_heads"] == "2 -> 2"
+    assert info["intermediate_size"] == [128, 64]
+    assert info["num_attention_heads"] == [4, 2] and info["num_key_value_heads"] == [2, 2]
     assert info["params_after"] < info["params_before"] and 0 < info["macs_reduction"] < 1
     config = json.loads((run_dir / "prune" / "config.json").read_text())
     assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (64, 2, 2)
@@ -59,7 +59,7 @@ def test_distill_lowers_token_kl_and_perplexity_gap(full_run) -> None:
     _, rec, manifest, _ = full_run
     info = rec["distill"]["artifact"]["info"]
     assert info["teacher"] == "source"  # the input of the prune stage
-    assert info["kl_data"].endswith("tokens, T=1)"), info["kl_data"]
+    assert info["kl_data"]["set"] == "calibration" and info["kl_data"]["tokens"] > 0, info["kl_data"]
     # 30 steps on 12 windows must at least halve the KL pruning caused (seen: 0.05 -> 0.02)
     assert info["kl_after"] < info["kl_before"] / 2, info
     # the student still evaluates (perplexity on the evaluation windows) after training in place

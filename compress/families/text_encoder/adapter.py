@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec
+from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.errors import ConfigError
 from compress.families.text_encoder.options import (
     TextEncoderDataOptions,
@@ -43,7 +43,9 @@ class TextEncoderAdapter(Adapter):
     model_options = TextEncoderModelOptions
     data_options = TextEncoderDataOptions
     metric_names = ("cosine_pct", "recall@1", "recall@5", "mrr")
-    higher_is_better = True
+    quality = QualityMetric(
+        "cosine_pct", "points", "cosine_drop", higher_is_better=True, detail="cosine {ours:.2f}% vs {theirs:.2f}%"
+    )
     default_int8_method = "dynamic"
     #: GPTQ runs in one pass over all Linears (an encoder has no decoder-layer map); AWQ needs one
     int4_methods: ClassVar[frozenset[str]] = frozenset({"rtn", "gptq"})
