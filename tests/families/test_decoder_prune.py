@@ -196,7 +196,7 @@ def test_prune_stage_on_a_qwen3_with_explicit_head_dim(tmp_path) -> None:
     code, _, records = run_quietly(pipeline, tmp_path / "runs", "--no-bench")
     assert code == EXIT_OK
     info = records["prune"]["artifact"]["info"]
-    assert info["intermediate_size"] == "128 -> 64" and info["num_attention_heads"] == "4 -> 2"
+    assert info["intermediate_size"] == [128, 64] and info["num_attention_heads"] == [4, 2]  # [before, after]
     config = json.loads((tmp_path / "runs" / "prune-qwen3" / "prune" / "config.json").read_text())
     assert (config["model_type"], config["head_dim"], config["num_attention_heads"]) == ("qwen3", 24, 2)
     assert 1 < records["prune"]["evaluation"]["metrics"]["ppl"] < 1e6  # the saved folder reloads and evaluates
