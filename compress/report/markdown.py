@@ -212,6 +212,25 @@ def render_unfinished(
     return "\n".join(out) + "\n"
 
 
+def _float_notes(manifest: dict[str, Any]) -> list[str]:
+    """Which nodes an INT8 transformer graph kept in float, and why (from its info's `float_op_types`)."""
+    notes = []
+    for rec in manifest["artifacts"]:
+        art = rec["artifact"]
+        kept = art["info"].get("float_op_types")
+        if not kept:
+            continue
+        shown = ", ".join(f"{op} ×{n}" for op, n in kept.items())
+        quantized = "/".join(art["info"].get("quantized_op_types", []))
+        notes.append(
+            f"`{art['name']}` is INT8 on {quantized} only; these nodes stay float: {shown}. LayerNorm, Softmax, "
+            "GELU (Erf) and the residual Adds are where 8-bit per-tensor ranges cost a transformer its accuracy "
+            "(outlier channels into LayerNorm, Softmax values spanning orders of magnitude), and ONNX Runtime "
+            "and TensorRT run them no faster in INT8."
+        )
+    return notes
+
+
 def render(manifest: dict[str, Any]) -> str:
     m = manifest
     verdict = run_verdict(m)
@@ -223,7 +242,8 @@ def render(manifest: dict[str, Any]) -> str:
         f"made {m['created']} by compress {m['compress_version']}.",
         "",
     ]
-    out += [f"> **Note.** {note}" for note in m.get("notes", [])] + ([""] if m.get("notes") else [])
+    notes = [*m.get("notes", []), *_float_notes(m)]
+    out += [f"> **Note.** {note}" for note in notes] + ([""] if notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
     out += ["## Gates", "", gates_table(m), ""] + _gate_notes(m, verdict)
     if any(rec.get("bench") for rec in m["artifacts"]):

@@ -13,6 +13,12 @@ with MobileNetV2, see README):
   x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
 - `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
   explicit-quantization rules. Every artifact for this target is checked against those rules on CPU.
+
+Transformers (a graph with LayerNormalization or Softmax: ViTs, ConvNeXt) get Q/DQ on MatMul / Gemm /
+Conv only: LayerNorm, Softmax, GELU (Erf) and the residual Adds stay float, because 8-bit per-tensor
+ranges are where such models lose their accuracy (LayerNorm inputs carry outlier channels, Softmax spans
+orders of magnitude) and neither ONNX Runtime nor TensorRT runs those ops faster in INT8. The artifact's
+info lists the op types left float (`float_op_types`, node counts) and `report.md` says why.
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     tensorrt = options.target == "tensorrt"
     pre = ctx.outdir / "_preprocessed.onnx"
     quant_pre_process(str(artifact.main), str(pre), skip_symbolic_shape=False)
+    op_types = list(options.op_types) if options.op_types else _transformer_op_types(pre)
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -145,7 +152,7 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
             weight_type=QuantType.QInt8,
             calibrate_method=method,
             nodes_to_exclude=list(options.exclude_nodes) or None,
-            op_types_to_quantize=list(options.op_types) if options.op_types else None,
+            op_types_to_quantize=op_types,
             extra_options=extra,
         )
     pre.unlink()
@@ -156,6 +163,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
         "weights": "int8 symmetric per-channel" if options.per_channel else "int8 symmetric per-tensor",
     }
+    if op_types and not options.op_types:
+        info.update(quantized_op_types=op_types, float_op_types=_float_op_types(out, op_types))
     if tensorrt:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
@@ -163,3 +172,28 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         info["tensorrt_rules"] = "passed"
         ctx.reporter.log("  TensorRT Q/DQ rules: passed")
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=options.target)
+
+
+TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})  # the graph is a transformer's
+TRANSFORMER_QUANTIZED = ["Conv", "Gemm", "MatMul"]  # the ops a transformer gets in INT8
+
+
+def _transformer_op_types(path) -> list[str] | None:  # noqa: ANN001 - a Path
+    """MatMul/Gemm/Conv for a transformer's graph; None (every op ORT quantizes) for any other."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return TRANSFORMER_QUANTIZED if any(n.op_type in TRANSFORMER_OPS for n in graph.node) else None
+
+
+def _float_op_types(path, quantized: list[str]) -> dict[str, int]:  # noqa: ANN001 - a Path
+    """{op type: nodes} of the quantized graph's compute nodes left in float (Q/DQ and shape ops aside)."""
+    import onnx
+
+    skip = {"QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Reshape", "Transpose", "Gather",
+            "Unsqueeze", "Squeeze", "Concat", "Slice", "Flatten", "Expand", "Cast", *quantized}
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type not in skip:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
