@@ -385,7 +385,7 @@ class _TrainBatches(Sequence):
 
 
 def _weights_problem(path: Path) -> str | None:
-    """Why `path` cannot be a torch.save or safetensors file, from its first bytes and zip directory; None if it may be."""
+    """Why `path` cannot be a torch.save or safetensors file (from its first bytes and zip directory), or None."""
     import zipfile
 
     with path.open("rb") as fh:

@@ -122,7 +122,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     tensorrt = options.target == "tensorrt"
     pre = ctx.outdir / "_preprocessed.onnx"
     quant_pre_process(str(artifact.main), str(pre), skip_symbolic_shape=False)
-    op_types = list(options.op_types) if options.op_types else _transformer_op_types(pre)
+    transformer = None if options.op_types else _transformer_op_types(pre)
+    op_types = list(options.op_types) if options.op_types else transformer
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -135,6 +136,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         "CalibPercentile": options.percentile,
         "QuantizeBias": not tensorrt,
     }
+    if transformer:  # their outputs too: else the Add / Mul / Softmax after them would read 8-bit values
+        extra["OpTypesToExcludeOutputQuantization"] = transformer
     out = ctx.outdir / "model.onnx"
     start = time.perf_counter()
     with ctx.reporter.task(
@@ -163,8 +166,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
         "weights": "int8 symmetric per-channel" if options.per_channel else "int8 symmetric per-tensor",
     }
-    if op_types and not options.op_types:
-        info.update(quantized_op_types=op_types, float_op_types=_float_op_types(out, op_types))
+    if transformer:
+        info.update(quantized_op_types=transformer, float_op_types=_float_op_types(out, transformer))
     if tensorrt:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
@@ -176,6 +179,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
 
 TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})  # the graph is a transformer's
 TRANSFORMER_QUANTIZED = ["Conv", "Gemm", "MatMul"]  # the ops a transformer gets in INT8
+_LAYOUT = ("Shape", "Reshape", "Transpose", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Flatten", "Expand")
+_NOT_COMPUTE = frozenset(("QuantizeLinear", "DequantizeLinear", "Constant", "Cast", *_LAYOUT))
 
 
 def _transformer_op_types(path) -> list[str] | None:  # noqa: ANN001 - a Path
@@ -190,8 +195,7 @@ def _float_op_types(path, quantized: list[str]) -> dict[str, int]:  # noqa: ANN0
     """{op type: nodes} of the quantized graph's compute nodes left in float (Q/DQ and shape ops aside)."""
     import onnx
 
-    skip = {"QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Reshape", "Transpose", "Gather",
-            "Unsqueeze", "Squeeze", "Concat", "Slice", "Flatten", "Expand", "Cast", *quantized}
+    skip = {*_NOT_COMPUTE, *quantized}
     counts: dict[str, int] = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         if node.op_type not in skip:

@@ -62,7 +62,9 @@ class ConvNeXt(nn.Module):
                 features.append(nn.Sequential(LayerNorm2d(dims[i - 1], eps=_EPS), nn.Conv2d(dims[i - 1], dim, 2, 2)))
             features.append(nn.Sequential(*(CNBlock(dim) for _ in range(depth))))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(LayerNorm2d(dims[-1], eps=_EPS), nn.Flatten(1), nn.Linear(dims[-1], num_classes))
+        self.classifier = nn.Sequential(
+            LayerNorm2d(dims[-1], eps=_EPS), nn.Flatten(1), nn.Linear(dims[-1], num_classes)
+        )
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -59,7 +59,9 @@ class EfficientNet(nn.Module):
         features: list[nn.Module] = [_conv_bn(3, 32, 3, 2)]
         cin = 32
         for expand, kernel, stride, cout, repeats in _B0:
-            stage = [MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand) for i in range(repeats)]
+            stage = [
+                MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand) for i in range(repeats)
+            ]
             features.append(nn.Sequential(*stage))
             cin = cout
         features.append(_conv_bn(cin, 1280, 1))

@@ -80,4 +80,3 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV2:
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult)
-

@@ -95,7 +95,6 @@ class VisionTransformer(nn.Module):
         return self.heads(self.encoder(x)[:, 0])  # class token (B, D) -> (B, classes)
 
 
-
 def resize_pos_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
     """(1, 1 + n², D) -> (1, tokens, D): the patch grid resized bicubically, the class token kept."""
     old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(tokens - 1)
