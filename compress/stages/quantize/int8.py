@@ -7,18 +7,18 @@
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
 - `dynamic`: W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only).
 
+Transformers (a graph with LayerNormalization or Softmax: ViTs, ConvNeXt) get Q/DQ on MatMul / Gemm /
+Conv only: LayerNorm, Softmax, GELU (Erf) and the residual Adds stay float, because 8-bit per-tensor
+ranges are where such models lose their accuracy (LayerNorm inputs carry outlier channels, Softmax spans
+orders of magnitude) and neither ONNX Runtime nor TensorRT runs those ops faster in INT8. The artifact's
+info lists the op types left float (`float_op_types`, node counts) and `report.md` says why.
+
 The static Q/DQ flavour follows the deployment target, because the two disagree (measured on this CPU
 with MobileNetV2, see README):
 - `onnxruntime-cpu`: uint8 asymmetric activations, int8 symmetric per-channel weights. ONNX Runtime's
   x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
 - `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
   explicit-quantization rules. Every artifact for this target is checked against those rules on CPU.
-
-Transformers (a graph with LayerNormalization or Softmax: ViTs, ConvNeXt) get Q/DQ on MatMul / Gemm /
-Conv only: LayerNorm, Softmax, GELU (Erf) and the residual Adds stay float, because 8-bit per-tensor
-ranges are where such models lose their accuracy (LayerNorm inputs carry outlier channels, Softmax spans
-orders of magnitude) and neither ONNX Runtime nor TensorRT runs those ops faster in INT8. The artifact's
-info lists the op types left float (`float_op_types`, node counts) and `report.md` says why.
 """
 
 from __future__ import annotations
@@ -119,11 +119,12 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    transformer = None if options.op_types else _transformer_op_types(artifact.main)
+    if transformer:
+        options = options.model_copy(update={"op_types": tuple(transformer)})
     tensorrt = options.target == "tensorrt"
     pre = ctx.outdir / "_preprocessed.onnx"
     quant_pre_process(str(artifact.main), str(pre), skip_symbolic_shape=False)
-    transformer = None if options.op_types else _transformer_op_types(pre)
-    op_types = list(options.op_types) if options.op_types else transformer
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -155,7 +156,7 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
             weight_type=QuantType.QInt8,
             calibrate_method=method,
             nodes_to_exclude=list(options.exclude_nodes) or None,
-            op_types_to_quantize=op_types,
+            op_types_to_quantize=list(options.op_types) if options.op_types else None,
             extra_options=extra,
         )
     pre.unlink()
