@@ -108,9 +108,15 @@ def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
         else:  # (B, C_out, *spatial) outputs, each a dot product over C_in/groups x kernel
             total += output.numel() * (module.in_channels // module.groups) * int(np.prod(module.kernel_size))
 
+    _run_with_layer_hooks(model, example_inputs, lambda _name: hook)
+    return total // _as_tuple(example_inputs)[0].shape[0]  # per sample, as torch-pruning counts
+
+
+def _run_with_layer_hooks(model: nn.Module, example_inputs: Inputs, make_hook: Callable[[str], Callable]) -> None:
+    """One forward pass with `make_hook(name)` as the forward hook of every Conv/Linear instance."""
     hooks = [
-        module.register_forward_hook(hook)
-        for module in model.modules()
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
     ]
     try:
@@ -119,7 +125,6 @@ def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
     finally:
         for handle in hooks:
             handle.remove()
-    return total // _as_tuple(example_inputs)[0].shape[0]  # per sample, as torch-pruning counts
 
 
 def _uncounted_types(model: nn.Module) -> list[str]:
@@ -159,17 +164,7 @@ def output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
     Pruning its output channels would change the number of classes, so it is always kept.
     """
     order: list[str] = []
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            model(*_as_tuple(example_inputs))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_with_layer_hooks(model, example_inputs, lambda name: lambda _m, _i, _o: order.append(name))
     return order[-1:]
 
 
