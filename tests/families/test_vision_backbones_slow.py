@@ -29,7 +29,7 @@ def test_full_size_builtin_exports_and_quantizes(name: str, tmp_path: Path, fash
     path = pipeline_yaml(
         tmp_path, fashion_mnist, name=name, source=f"builtin:{name}", stages=STAGES, gates="top1_drop_max: 100"
     )
-    text = path.read_text().replace("input_size: 28", "input_size: 224").replace("num_classes: 10\n", "")
+    text = path.read_text().replace("input_size: 28", "input_size: 224").replace("  num_classes: 10\n", "")
     path.write_text(text.replace("samples: 300", "samples: 16"))  # the 1000-class head kept: evaluated as is
     code, _, records = run_quietly(path, tmp_path / "runs", "--no-bench")
     assert code == 0
