@@ -1,12 +1,16 @@
 """The `vision` adapter: image classifiers and backbones.
 
 Model sources:
-- `builtin:mobilenet_v2` — our own MobileNetV2 with torchvision's module names (no torchvision needed);
+- `builtin:NAME` — our own definitions with torchvision's module names, no torchvision needed
+  (`compress.families.vision.models.BUILTINS`: mobilenet_v2, resnet18/50, vit_b_16/s_16/ti_16,
+  efficientnet_b0, convnext_tiny);
+- `hf:FOLDER_OR_ID` — a Hugging Face image classifier (`AutoModelForImageClassification`; a local folder
+  loads offline, a hub id where a hub is reachable), exported as `input` -> `logits`;
 - `python:module:function` — any function returning an `nn.Module` (called with no arguments);
 - `torchvision:NAME`, `timm:NAME` — when those packages are installed (`pip install 'compress[vision]'`).
 
-`weights` loads a state dict (torchvision-named for the built-in) before the head is replaced for
-`num_classes` task classes.
+`weights` loads a state dict before the head is replaced for `num_classes` task classes; for a built-in,
+torchvision- and timm-format dicts both load (the format is told by the keys).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.adapters.sources import import_callable, module_file, resolve_path
 from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
+from compress.families.vision.models import BUILTINS
 from compress.hashing import file_fingerprint
 from compress.prune.options import VISION_PRUNING
 from compress.registry import register_adapter
@@ -40,8 +45,7 @@ if TYPE_CHECKING:
     from compress.prune.options import PruneOptions
 
 PRUNE_LAYERS_FILE = "_prune_layers.json"  # per-layer widths; "_" files are side files, not counted in the size
-BUILTIN_MODELS = ("mobilenet_v2",)
-SOURCE_SCHEMES = ("builtin", "python", "torchvision", "timm")
+SOURCE_SCHEMES = ("builtin", "hf", "python", "torchvision", "timm")
 
 
 class VisionModelOptions(BaseModel):
@@ -59,7 +63,9 @@ class VisionModelOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     family: Literal["vision"] = "vision"
-    source: str = Field(description="builtin:NAME | python:module:function | torchvision:NAME | timm:NAME")
+    source: str = Field(
+        description="builtin:NAME | hf:FOLDER_OR_ID | python:module:function | torchvision:NAME | timm:NAME"
+    )
     weights: str | None = Field(None, description="state dict file (path or pkg:DIST/PATH); omit for random init")
     num_classes: Count | None = Field(None, gt=0, description="replace the classifier head for this many classes")
     input_size: Count = Field(224, ge=16, le=1024, description="square input side in pixels")
@@ -120,10 +126,10 @@ class VisionAdapter(Adapter):
         scheme, _, name = self.model_cfg.source.partition(":")
         if scheme not in SOURCE_SCHEMES:
             problems.append((("model", "source"), f"unknown scheme '{scheme}'; allowed: {', '.join(SOURCE_SCHEMES)}"))
-        elif scheme == "builtin" and name not in BUILTIN_MODELS:
-            problems.append(
-                (("model", "source"), f"unknown built-in model '{name}'; allowed: {', '.join(BUILTIN_MODELS)}")
-            )
+        elif scheme == "builtin" and name not in BUILTINS:
+            problems.append((("model", "source"), f"unknown built-in model '{name}'; allowed: {', '.join(BUILTINS)}"))
+        elif scheme == "hf" and (problem := self._hf_problem(name)):
+            problems.append((("model", "source"), problem))
         elif scheme == "python":
             try:
                 import_callable(self.model_cfg.source)  # the user's own module, named in their pipeline
@@ -144,6 +150,19 @@ class VisionAdapter(Adapter):
         else:
             problems += self._dataset_problems(definition)
         return problems
+
+    def _hf_problem(self, name: str) -> str | None:
+        """A local folder must hold a config and name no code to run; anything else must look like a hub id."""
+        from compress.llm.sources import _HUB_ID, remote_code_problem
+
+        folder = resolve_path(name, self.base_dir)
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                return f"'{name}': folder {folder} has no config.json (save the model with save_pretrained)"
+            return remote_code_problem(f"hf:{folder}", trust_remote_code=False)
+        if not _HUB_ID.fullmatch(name):
+            return f"'{name}': no such folder ({folder}) and not a hub id of the form NAME or ORG/NAME"
+        return None
 
     def _dataset_problems(self, file: Path) -> list[tuple[tuple[str | int, ...], str]]:
         """The definition parses, every split named exists, and its files are where the root says."""
@@ -269,30 +288,25 @@ class VisionAdapter(Adapter):
         weights = module = None
         if m.weights:
             weights = file_fingerprint(resolve_path(m.weights, self.base_dir), self.cache_dir)
-        if m.source.startswith("python:") and (path := module_file(m.source)) is not None:
+        scheme, _, name = m.source.partition(":")
+        if scheme == "python" and (path := module_file(m.source)) is not None:
             module = file_fingerprint(path, self.cache_dir)
-        return {"source": m.source, "weights": weights, "module": module, "num_classes": m.num_classes}
+        elif scheme == "builtin" and name in BUILTINS:
+            module = file_fingerprint(Path(BUILTINS[name].file), self.cache_dir)
+        elif scheme == "hf":
+            from compress.llm.sources import source_fingerprint
+
+            module = source_fingerprint(f"hf:{_hf_target(name, self.base_dir)}", self.cache_dir)
+        key = {"source": m.source, "weights": weights, "module": module, "num_classes": m.num_classes}
+        if scheme == "builtin" and name in BUILTINS and BUILTINS[name].sized:
+            key["input_size"] = m.input_size  # a ViT's position embeddings follow it
+        return key
 
     def load_source(self) -> tuple[torch.nn.Module, bool]:
-        import torch
-
-        model = _build(self.model_cfg.source)
+        model = _build(self.model_cfg, self.base_dir)
         if self.model_cfg.weights:
             path = resolve_path(self.model_cfg.weights, self.base_dir)
-            # The user's own state dict (often a third-party .pth): the safe loader refuses anything but
-            # tensors and containers, so even this input cannot run code; run-folder files are never pickles.
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
-                size = path.stat().st_size
-                raise ConfigError(f"{path}: not a valid PyTorch weights file ({size} bytes read; {exc})") from None
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ConfigError(
-                    f"model.weights = {self.model_cfg.weights}: keys do not match the model "
-                    f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)"
-                )
+            _load_weights(model, _read_state(path), self.model_cfg)
         task_ready = True
         if self.model_cfg.num_classes is not None:
             task_ready = not replace_head(model, self.model_cfg.num_classes)
@@ -312,7 +326,7 @@ class VisionAdapter(Adapter):
 
     def _unpruned(self) -> torch.nn.Module:
         """The model the pipeline's source builds, with the task head: what a stored artifact's widths adjust."""
-        model = _build(self.model_cfg.source)
+        model = _build(self.model_cfg, self.base_dir)
         if self.model_cfg.num_classes is not None:
             replace_head(model, self.model_cfg.num_classes)
         return model
@@ -434,11 +448,14 @@ class _TrainBatches(Sequence):
 
 
 def _weights_problem(path: Path) -> str | None:
-    """Why `path` cannot be a torch.save file, from its first bytes and its zip directory; None if it may be."""
+    """Why `path` cannot be a torch.save or safetensors file (from its first bytes and zip directory), or None."""
     import zipfile
 
     with path.open("rb") as fh:
-        head = fh.read(4)
+        head = fh.read(9)
+    if path.suffix == ".safetensors":  # 8 bytes of header length, then the JSON header
+        return None if head[8:9] == b"{" else f"{path}: not a valid safetensors file (no JSON header)"
+    head = head[:4]
     if head == b"PK\x03\x04":
         if zipfile.is_zipfile(path):
             return None
@@ -455,17 +472,72 @@ def _forward_arg(model: torch.nn.Module) -> str:
     return params[0] if params else "x"
 
 
-def _build(source: str) -> torch.nn.Module:
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch.save file (tensors and containers only) or a safetensors file."""
     import torch
 
+    if path.suffix == ".safetensors":
+        from compress.tensorfile import read_tensors
+
+        try:
+            return read_tensors(path)[0]
+        except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+            raise ConfigError(f"{path}: not a valid safetensors file ({exc})") from None
+    # The user's own state dict (often a third-party .pth): the safe loader refuses anything but
+    # tensors and containers, so even this input cannot run code; run-folder files are never pickles.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
+        size = path.stat().st_size
+        raise ConfigError(f"{path}: not a valid PyTorch weights file ({size} bytes read; {exc})") from None
+    for wrapper in ("state_dict", "model"):  # training checkpoints (timm, DeiT) nest the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], m: VisionModelOptions) -> None:
+    """Load `state` with every key matched; a built-in's timm-format dict (told by its keys) is renamed first."""
+    formats = {"torchvision": state}
+    scheme, _, name = m.source.partition(":")
+    if scheme == "builtin" and (rename := BUILTINS[name].from_timm) is not None:
+        formats["timm"] = rename(state)
+    expected = set(model.state_dict())
+    fits = {fmt: (sorted(expected - set(keys)), sorted(set(keys) - expected)) for fmt, keys in formats.items()}
+    fmt = min(fits, key=lambda f: len(fits[f][0]) + len(fits[f][1]))  # the closest format names the mismatch
+    missing, unexpected = fits[fmt]
+    if missing or unexpected:
+        tried = " and ".join(f"{f} ({len(a) + len(b)} keys off)" for f, (a, b) in fits.items())
+        raise ConfigError(
+            f"model.weights = {m.weights}: keys do not match the model {m.source}; tried {tried}; "
+            f"as {fmt}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        model.load_state_dict(formats[fmt], strict=True)
+    except RuntimeError as exc:  # every key is there, a shape is not
+        raise ConfigError(f"model.weights = {m.weights}: {fmt}-format tensors do not fit {m.source}: {exc}") from None
+
+
+def _hf_target(name: str, base_dir: Path) -> str:
+    """A local folder (resolved like every path of a pipeline) or, when there is none, the hub id itself."""
+    folder = resolve_path(name, base_dir)
+    return str(folder) if folder.is_dir() else name
+
+
+def _build(m: VisionModelOptions, base_dir: Path) -> torch.nn.Module:
+    import torch
+
+    source = m.source
     scheme, _, name = source.partition(":")
     if scheme == "builtin":
-        from compress.adapters.models.mobilenet_v2 import mobilenet_v2
+        if name not in BUILTINS:
+            raise ConfigError(f"model.source = {source}: unknown built-in; allowed: {', '.join(BUILTINS)}")
+        return BUILTINS[name].build(m.input_size)
+    if scheme == "hf":
+        from compress.families.vision.hf import load_image_classifier
 
-        builders = {"mobilenet_v2": mobilenet_v2}
-        if name not in builders:
-            raise ConfigError(f"model.source = {source}: unknown built-in; allowed: {', '.join(builders)}")
-        return builders[name]()
+        return load_image_classifier(_hf_target(name, base_dir), source)
     if scheme == "python":
         model = import_callable(source)()
         if not isinstance(model, torch.nn.Module):

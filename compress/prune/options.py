@@ -55,9 +55,10 @@ class PruneTarget(BaseModel):
 
     `channels` is torch-pruning's `pruning_ratio` applied in one step (a fraction of the output channels
     of every prunable group, or of all of them when `scope` is global). `macs` is a reduction of
-    multiply-accumulates measured with `torch_pruning.utils.count_ops_and_params`: the pruner removes
-    channels in `steps` equal increments (torch-pruning's iterative pruning, its `linear_scheduler`) and
-    stops at the first step whose measured MACs reduction reaches the target.
+    multiply-accumulates of every Conv/Linear instance (`compress.prune.vision.count_macs`, cross-checked
+    against torch-pruning's counter): the pruner removes channels in `steps` equal increments
+    (torch-pruning's iterative pruning, its `linear_scheduler`) and stops at the first step whose measured
+    MACs reduction reaches the target.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -10,7 +10,8 @@ widths, and loads the tensors strictly:
     save_module(model, folder)
     again = load_module(folder, build=lambda: MyNet(num_classes=10))
 
-What the file cannot describe is refused with the module and its type.
+What the file cannot describe is refused with the module and its type. A module whose own parameter only
+follows its neighbours' widths (ConvNeXt's `layer_scale`) names it in `resizable_parameters`.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def _fit_tensors(model: nn.Module, state: dict[str, torch.Tensor], folder: Path)
             continue  # a missing or extra key is load_state_dict's (strict) to report
         owner, _, attr = key.rpartition(".")
         module = model.get_submodule(owner)
-        if not _width_names(module):
+        if not _width_names(module) and attr not in getattr(module, "resizable_parameters", ()):
             known = ", ".join(cls.__name__ for cls, _ in _WIDTHS)
             raise StageError(
                 f"{folder / MODULE_FILE}: '{key}' has shape {tuple(tensor.shape)}, but module '{owner}' "

@@ -26,6 +26,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +48,7 @@ class LayerChannels:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """What pruning removed, measured with `torch_pruning.utils.count_ops_and_params`."""
+    """What pruning removed: MACs of every Conv/Linear instance (`count_macs`), parameters of the model."""
 
     params_before: int
     params_after: int
@@ -87,14 +88,34 @@ def _layer_widths(model: nn.Module) -> dict[str, int]:
     return widths
 
 
-def output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
-    """Names of the last Conv/Linear executed in the forward pass: its outputs are the model's outputs.
+# torch-pruning's Conv/Linear counts add bias additions to ours; any larger gap means it does not see layers.
+MACS_TOLERANCE = 0.01
 
-    Pruning its output channels would change the number of classes, so it is always kept.
+
+def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
+    """Multiply-accumulates of every Conv and Linear instance, subclasses included, from one forward pass.
+
+    torch-pruning's counter looks modules up by exact type, so a `Conv2d` subclass (the "static same
+    padding" convolutions of EfficientNet ports) counts as zero there: a MACs target measured with it
+    removes far more than asked. Hooks on every instance see them all.
     """
-    order: list[str] = []
+    total = 0
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        else:  # (B, C_out, *spatial) outputs, each a dot product over C_in/groups x kernel
+            total += output.numel() * (module.in_channels // module.groups) * int(np.prod(module.kernel_size))
+
+    _run_with_layer_hooks(model, example_inputs, lambda _name: hook)
+    return total // _as_tuple(example_inputs)[0].shape[0]  # per sample, as torch-pruning counts
+
+
+def _run_with_layer_hooks(model: nn.Module, example_inputs: Inputs, make_hook: Callable[[str], Callable]) -> None:
+    """One forward pass with `make_hook(name)` as the forward hook of every Conv/Linear instance."""
     hooks = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
+        module.register_forward_hook(make_hook(name))
         for name, module in model.named_modules()
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
     ]
@@ -102,8 +123,48 @@ def output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
         with torch.no_grad():
             model(*_as_tuple(example_inputs))
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
+
+
+def _uncounted_types(model: nn.Module) -> list[str]:
+    """Conv/Linear subclasses torch-pruning's counter does not recognise (it matches exact types)."""
+    exact = {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear}
+    found = {
+        type(m).__name__
+        for m in model.modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and type(m) not in exact
+    }
+    return sorted(found)
+
+
+def _torch_pruning_count(model: nn.Module, example_inputs: Inputs) -> tuple[int, int]:
+    """(MACs torch-pruning's counter finds in Conv/Linear modules, parameters)."""
+    _, params, layer_macs, _ = _tp().utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    return int(sum(v or 0 for m, v in layer_macs.items() if isinstance(m, layers))), int(params)
+
+
+def _cross_check(ours: int, theirs: int, model: nn.Module) -> None:
+    """Refuse when torch-pruning's count of the same layers disagrees with ours: a target would be wrong."""
+    if abs(ours - theirs) <= MACS_TOLERANCE * ours:
+        return
+    skipped = _uncounted_types(model)
+    why = f"; its counter skips the Conv/Linear subclasses {', '.join(skipped)}" if skipped else ""
+    raise StageError(
+        f"prune: the MACs counts disagree: {ours:,} MACs in every Conv/Linear instance, torch-pruning finds "
+        f"{theirs:,}{why}. A MACs target measured by its count would be silently wrong: use plain "
+        "nn.Conv2d/nn.Linear modules (e.g. a port with symmetric padding), or a channels target"
+    )
+
+
+def output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
+    """Names of the last Conv/Linear executed in the forward pass: its outputs are the model's outputs.
+
+    Pruning its output channels would change the number of classes, so it is always kept.
+    """
+    order: list[str] = []
+    _run_with_layer_hooks(model, example_inputs, lambda name: lambda _m, _i, _o: order.append(name))
     return order[-1:]
 
 
@@ -119,6 +180,11 @@ def _ignored_modules(model: nn.Module, globs: Sequence[str], always: Sequence[st
             )
         chosen.update(hits)
     return [names[name] for name in sorted(chosen)]
+
+
+def _channel_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside Conv/Linear/norm layers that pruning resizes along dim 0 (ConvNeXt's layer_scale)."""
+    return [(getattr(m, name), 0) for m in model.modules() for name in getattr(m, "resizable_parameters", ())]
 
 
 def _importance(options: PruneOptions):  # noqa: ANN202 - a torch_pruning Importance
@@ -180,7 +246,10 @@ def prune_vision(
         keep = output_layers(model, example_inputs)
         ignored = _ignored_modules(model, options.ignored_layers, keep)
         widths_before = _layer_widths(model)
-        macs_before, params_before = tp.utils.count_ops_and_params(model, example_inputs)
+        tp_before, params_before = _torch_pruning_count(model, example_inputs)
+        macs_before = count_macs(model, example_inputs)
+        if options.target.macs is not None:  # a channels target is reported with our count, not steered by it
+            _cross_check(macs_before, tp_before, model)
 
         target = options.target
         if target.channels is not None:
@@ -197,6 +266,7 @@ def prune_vision(
             iterative_steps=steps,
             ignored_layers=ignored,
             round_to=options.round_to if options.round_to > 1 else None,
+            unwrapped_parameters=_channel_parameters(model),
         )
         macs_after, params_after, done = macs_before, params_before, 0
         for step in range(1, steps + 1):
@@ -204,7 +274,10 @@ def prune_vision(
                 _accumulate_gradients(model, calib_batches or (), loss_fn)
             pruner.step()
             done = step
-            macs_after, params_after = tp.utils.count_ops_and_params(model, example_inputs)
+            tp_after, params_after = _torch_pruning_count(model, example_inputs)
+            macs_after = count_macs(model, example_inputs)
+            if target.macs is not None:
+                _cross_check(macs_after, tp_after, model)
             reduction = 1.0 - macs_after / macs_before
             if progress is not None:
                 progress(step, steps, reduction)

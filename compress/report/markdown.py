@@ -197,6 +197,25 @@ def render_unfinished(
     return "\n".join(out) + "\n"
 
 
+def _float_notes(m: RunManifest) -> list[str]:
+    """Which nodes an INT8 transformer graph kept in float, and why (from its info's `float_op_types`)."""
+    notes = []
+    for rec in m.artifacts:
+        info = rec.artifact.get("info") or {}
+        kept = info.get("float_op_types")
+        if not kept:
+            continue
+        shown = ", ".join(f"{op} ×{n}" for op, n in kept.items())
+        quantized = "/".join(info.get("quantized_op_types", []))
+        notes.append(
+            f"`{rec.name}` is INT8 on {quantized} only; these nodes stay float: {shown}. LayerNorm, Softmax, "
+            "GELU (Erf) and the residual Adds are where 8-bit per-tensor ranges cost a transformer its accuracy "
+            "(outlier channels into LayerNorm, Softmax values spanning orders of magnitude), and ONNX Runtime "
+            "and TensorRT run them no faster in INT8."
+        )
+    return notes
+
+
 def render(m: RunManifest) -> str:
     if m.verdict is None:
         raise ValueError("render() is for finished runs; render_unfinished() says why there is no verdict")
@@ -209,7 +228,8 @@ def render(m: RunManifest) -> str:
         f"made {m.created} by compress {m.compress_version}.",
         "",
     ]
-    out += [f"> **Note.** {note}" for note in m.notes] + ([""] if m.notes else [])
+    notes = [*m.notes, *_float_notes(m)]
+    out += [f"> **Note.** {note}" for note in notes] + ([""] if notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
     out += ["## Gates", "", gates_table(m), ""] + _gate_notes(list(m.gates), verdict)
     if any(rec.bench for rec in m.artifacts):

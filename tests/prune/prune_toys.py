@@ -100,7 +100,7 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     """MobileNetV2 (Sandler et al. 2018) with torchvision's module names, for the fast tests; the slow test
-    uses the project's built-in copy (compress/adapters/models/mobilenet_v2.py) with real weights."""
+    uses the project's built-in copy (compress/families/vision/models/mobilenet_v2.py) with real weights."""
 
     def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()

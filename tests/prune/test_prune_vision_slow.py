@@ -21,7 +21,7 @@ def _weights() -> Path:
 
 
 def test_real_mobilenet_v2_prunes_40_percent_macs(tmp_path) -> None:
-    models = pytest.importorskip("compress.adapters.models.mobilenet_v2")
+    models = pytest.importorskip("compress.families.vision.models.mobilenet_v2")
     net = models.mobilenet_v2(num_classes=1000).eval()
     net.load_state_dict(torch.load(_weights(), map_location="cpu", weights_only=True))
     x = torch.randn(1, 3, 224, 224)

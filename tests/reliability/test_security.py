@@ -257,7 +257,7 @@ def test_pruned_tiny_models_round_trip_exactly(tmp_path) -> None:
 
 
 def test_pruned_builtin_mobilenet_v2_round_trips(tmp_path) -> None:
-    from compress.adapters.models.mobilenet_v2 import mobilenet_v2
+    from compress.families.vision.models.mobilenet_v2 import mobilenet_v2
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)

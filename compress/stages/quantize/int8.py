@@ -7,6 +7,12 @@
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
 - `dynamic`: W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only).
 
+Transformers (a graph with LayerNormalization or Softmax: ViTs, ConvNeXt) get Q/DQ on MatMul / Gemm /
+Conv only: LayerNorm, Softmax, GELU (Erf) and the residual Adds stay float, because 8-bit per-tensor
+ranges are where such models lose their accuracy (LayerNorm inputs carry outlier channels, Softmax spans
+orders of magnitude) and neither ONNX Runtime nor TensorRT runs those ops faster in INT8. The artifact's
+info lists the op types left float (`float_op_types`, node counts) and `report.md` says why.
+
 The static Q/DQ flavour follows the deployment target, because the two disagree (measured on this CPU
 with MobileNetV2, see README):
 - `onnxruntime-cpu`: uint8 asymmetric activations, int8 symmetric per-channel weights. ONNX Runtime's
@@ -147,6 +153,9 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
             quantize_static,
         )
 
+    transformer = None if options.op_types else _transformer_op_types(artifact.main)
+    if transformer:
+        options = options.model_copy(update={"op_types": tuple(transformer)})
     tensorrt = options.target == "tensorrt"
     # ONNX Runtime writes scratch files beside its input: the pre-processed graph lives in a folder of ours.
     pre = ctx.outdir / "_pre" / "model.onnx"
@@ -174,6 +183,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         "CalibPercentile": options.percentile,
         "QuantizeBias": not tensorrt,
     }
+    if transformer:  # their outputs too: else the Add / Mul / Softmax after them would read 8-bit values
+        extra["OpTypesToExcludeOutputQuantization"] = transformer
     out = ctx.outdir / "model.onnx"
     start = time.perf_counter()
     with ctx.reporter.task(
@@ -204,6 +215,8 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
         "weights": "int8 symmetric per-channel" if options.per_channel else "int8 symmetric per-tensor",
     }
+    if transformer:
+        info.update(quantized_op_types=transformer, float_op_types=_float_op_types(out, transformer))
     if tensorrt:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
@@ -236,3 +249,29 @@ def pre_process(src: str, dst: str, **kwargs) -> None:
                 (debris.parent / location).unlink(missing_ok=True)
             debris.unlink()
         quant_pre_process(src, dst, **{**kwargs, "skip_symbolic_shape": True})
+
+
+TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})  # the graph is a transformer's
+TRANSFORMER_QUANTIZED = ["Conv", "Gemm", "MatMul"]  # the ops a transformer gets in INT8
+_LAYOUT = ("Shape", "Reshape", "Transpose", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Flatten", "Expand")
+_NOT_COMPUTE = frozenset(("QuantizeLinear", "DequantizeLinear", "Constant", "Cast", *_LAYOUT))
+
+
+def _transformer_op_types(path) -> list[str] | None:  # noqa: ANN001 - a Path
+    """MatMul/Gemm/Conv for a transformer's graph; None (every op ORT quantizes) for any other."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return TRANSFORMER_QUANTIZED if any(n.op_type in TRANSFORMER_OPS for n in graph.node) else None
+
+
+def _float_op_types(path, quantized: list[str]) -> dict[str, int]:  # noqa: ANN001 - a Path
+    """{op type: nodes} of the quantized graph's compute nodes left in float (Q/DQ and shape ops aside)."""
+    import onnx
+
+    skip = {*_NOT_COMPUTE, *quantized}
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type not in skip:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,1 +1,0 @@
-"""Built-in model definitions that need no torchvision or timm."""
