@@ -232,6 +232,7 @@ def test_over_2gb_model_through_export_and_int8(tmp_path: Path, fashion_mnist: P
         assert np.isfinite(got).all()
         errors[name] = _relative_error(got, ref)
         assert errors[name] <= bound, (name, errors[name])  # the bounds of the fast test; fp32: K = 25088 sums
+    # Peak RSS is reported, not asserted: ru_maxrss covers the whole pytest process (earlier slow tests
+    # included), and memory targets belong in benchmark scripts, not in tests.
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(json.dumps({"peak_rss_gb": round(peak_gb, 2), "relative_errors": errors}))
-    assert peak_gb < 12  # GiB; see the docstring for where it goes
+    print(json.dumps({"peak_rss_gb_of_this_process": round(peak_gb, 2), "relative_errors": errors}))
