@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compress.data.jsonl import json_lines
 from compress.errors import ConfigError
 from compress.schema import Count
 
@@ -130,20 +131,13 @@ def _read_utf8(path: Path) -> str:
 
 def _jsonl_records(path: Path, field: str | None, limit: int | None) -> list[str]:
     parts = []
-    with path.open(encoding="utf-8", errors="strict") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ConfigError(f"{path}:{lineno}: no field {field!r}; record has {keys}")
-            parts.append(str(record[field]))
-            if limit is not None and len(parts) >= limit:
-                break
+    for lineno, record in json_lines(path):
+        if not isinstance(record, dict) or field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ConfigError(f"{path}:{lineno}: no field {field!r}; record has {keys}")
+        parts.append(str(record[field]))
+        if limit is not None and len(parts) >= limit:
+            break
     return parts
 
 

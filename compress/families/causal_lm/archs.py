@@ -106,6 +106,14 @@ class DecoderArch:
         return (self.qkv,) if self.qkv else (self.q, self.k)  # type: ignore[return-value]
 
 
+#: Gemma 2/3: the MLP reads its own pre-norm; post-norms sit on the sub-layers' outputs; RMSNorm is (1 + w)
+_GEMMA: dict[str, Any] = {
+    "mlp_norm": "pre_feedforward_layernorm",
+    "extra_norms": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "norm_offset": 1.0,
+    "sliding_window_layers": True,
+}
+
 ARCHITECTURES: dict[str, DecoderArch] = {
     arch.name: arch
     for arch in (
@@ -113,23 +121,8 @@ ARCHITECTURES: dict[str, DecoderArch] = {
         DecoderArch("mistral", ("mistral",)),
         DecoderArch("qwen2", ("qwen2",)),
         DecoderArch("qwen3", ("qwen3",), qk_norms=("self_attn.q_norm", "self_attn.k_norm")),
-        DecoderArch(
-            "gemma2",
-            ("gemma2",),
-            mlp_norm="pre_feedforward_layernorm",
-            extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-            norm_offset=1.0,
-            sliding_window_layers=True,
-        ),
-        DecoderArch(
-            "gemma3",
-            ("gemma3_text",),
-            mlp_norm="pre_feedforward_layernorm",
-            extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-            qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
-            norm_offset=1.0,
-            sliding_window_layers=True,
-        ),
+        DecoderArch("gemma2", ("gemma2",), **_GEMMA),
+        DecoderArch("gemma3", ("gemma3_text",), qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA),
         DecoderArch(
             "phi3",
             ("phi3",),

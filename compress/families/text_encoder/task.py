@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.data.jsonl import json_lines
 from compress.errors import ConfigError
 
 #: the sentences of a topic a query may be drawn from (a sentence encoder sees the start of a document)
@@ -115,17 +116,9 @@ def jsonl_set(path: Path, *, calibration: int, evaluation: int | None) -> Retrie
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """(query, positive) of every non-blank line; a line that is not such an object is named."""
     pairs = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"data.pairs.path = {path}: cannot read it ({exc})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    if not path.is_file():
+        raise ConfigError(f"data.pairs.path = {path}: no such file")
+    for lineno, record in json_lines(path):
         values = [record.get(k) if isinstance(record, dict) else None for k in ("query", "positive")]
         if not all(isinstance(v, str) and v.strip() for v in values):
             raise ConfigError(f'{path}:{lineno}: expected {{"query": "...", "positive": "..."}} with non-empty strings')
