@@ -15,7 +15,8 @@ Candidates (both from ONNX Runtime's own quantization tools, no hand-written ker
 
 The lm_head (the last MatMul, onto the vocabulary; a transposed copy of the embedding when tied) is
 included by default: on SmolLM2 it is 49152 x 576, ~20% of all MatMul weights. The embedding Gather is
-left in FP32 (quantizing it raised the opset and broke the graph, see docs/ASSETS).
+left in FP32 (quantizing it forced opset 21, and the re-versioned graph then failed to load in ONNX Runtime:
+"Unrecognized attribute: axes for operator ReduceMean").
 
 ``DEFAULT_INT8_METHOD = "weight_only"`` (``accuracy_level=4``, blocks of 32, lm_head included) was
 chosen by :func:`compare_int8` on this CPU (AVX512-VNNI/AMX, 1 thread, batch 1; reproduce with

@@ -8,7 +8,8 @@ weights when the group starts (as the reference implementation does), or once up
 ``static_groups`` (so act-order keeps contiguous groups and an export-friendly trivial ``g_idx``).
 
 Written here rather than borrowed: AutoGPTQ is end-of-life and needs CUDA; GPTQModel pins numpy and
-breaks across transformers versions; ORT's GPTQ path failed on small shapes (see ASSETS.md).
+breaks across transformers versions; ORT's `matmul_nbits_quantizer` GPTQ path failed on small
+shapes when tried on this project's CPU machine.
 
 Usage::
 
