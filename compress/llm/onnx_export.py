@@ -20,7 +20,8 @@ present.{i}.key            [batch, kv_heads, total_sequence, dim]  feed back as 
 The names follow Optimum / onnxruntime-genai so other tools can run the file. transformers 5 passes a
 ``Cache`` object rather than tuples, so a wrapper module turns the flat tensors into a ``DynamicCache`` and
 back. The TorchScript exporter (``dynamo=False``) is used: it exports this wrapper in seconds and was
-checked against HF generation (greedy tokens identical; tests/llm/test_onnx_export.py); the dynamo exporter is available as an option.
+checked against HF generation (greedy tokens identical; tests/llm/test_onnx_export.py); the dynamo
+exporter is available as an option.
 """
 
 from __future__ import annotations

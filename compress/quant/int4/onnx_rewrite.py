@@ -13,7 +13,8 @@ Targets:
 - ``tensorrt``: ``DequantizeLinear`` (opset 21, blocked, signed ``INT4``, no zero point) + the
   original ``MatMul``. Needs symmetric weights. Opset 21 is reached by *raising the opset import*
   of a graph exported at opset >= 18, never with ``onnx.version_converter`` (which rewrote a
-  ReduceMean wrongly: ORT then refused "Unrecognized attribute: axes"): between 18 and 21 the standard ops changed only by new types,
+  ReduceMean wrongly: ORT then refused "Unrecognized attribute: axes"): between 18 and 21 the
+  standard ops changed only by new types,
   except the few listed in ``_CHANGED_AFTER_18``, which are refused. Graphs below opset 18 (where
   ReduceMean/Split changed signature) are refused with the advice to export at opset 21.
 
