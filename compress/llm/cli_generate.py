@@ -63,13 +63,18 @@ def _options(args: argparse.Namespace) -> GenerationOptions:
 
 def _causal_lm_artifact(folder: Path) -> Artifact:
     """The artifact in `folder`, refused unless it is a complete causal-lm torch or ONNX artifact."""
-    from compress.artifact import read_artifact
+    from compress.artifact import read_artifact, verify_files
 
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such folder (give an artifact folder of a run, e.g. runs/NAME/int8)")
     artifact = read_artifact(folder)
     if artifact is None:
         raise ConfigError(f"{folder}: not a complete artifact folder (no artifact.json or its model file)")
+    if artifact.files:  # a folder written by the runner: its files are checked as a cache hit's would be
+        digests = folder.parent.parent / ".cache"  # runs/.cache, beside the run folders
+        problem = verify_files(artifact, digests if digests.is_dir() else None)
+        if problem is not None:
+            raise ConfigError(f"{folder}: damaged ({problem}); run its pipeline again to rebuild it")
     resolved = folder.parent / "pipeline.resolved.json"
     family = json.loads(resolved.read_text()).get("model", {}).get("family") if resolved.is_file() else None
     if family not in (None, "causal-lm") or (artifact.format == "torch" and artifact.file != "."):

@@ -409,6 +409,23 @@ def test_generate_refuses_a_vision_artifact(full_disk_run, capsys) -> None:
     _one_problem(capsys.readouterr().err, "a vision artifact; generate needs one of a causal-lm run")
 
 
+def test_generate_refuses_a_damaged_artifact(tmp_path, capsys) -> None:
+    """generate checks a run's artifact files as the runner does before reuse: a truncated model is named."""
+    from llm.llm_toys import tiny_pipeline  # tests/ is on sys.path
+
+    data = "{window: 32, evaluation_windows: 2, calibration_windows: 2, generation_tokens: 4, prompts: [def]}"
+    pipeline = tiny_pipeline(tmp_path, "gen", "\n  - export: {opset: 17}", data=data)
+    runs = tmp_path / "runs"
+    assert main(["run", str(pipeline), "--runs-dir", str(runs), "--quiet", "--no-eval", "--no-bench"]) == 0
+    folder = runs / "gen" / "export"
+    assert main(["generate", str(folder), "def", "--max-new-tokens", "2", "--threads", "1"]) == 0
+    capsys.readouterr()
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-100])
+    assert main(["generate", str(folder), "def", "--threads", "1"]) == EXIT_CONFIG
+    _one_problem(capsys.readouterr().err, f"{folder}: damaged (export/model.onnx: size")
+
+
 def test_generate_on_a_corrupt_onnx_file(tmp_path, capsys) -> None:
     from llm.llm_toys import tiny_tokenizer  # tests/ is on sys.path
 
