@@ -168,8 +168,8 @@ class CausalLMAdapter(Adapter):
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
         from compress.llm.sources import (
             SCHEMES,
-            _local_target,
             gguf_header_problem,
+            local_target,
             parse_source,
             remote_code_problem,
             source_decoder_problem,
@@ -177,7 +177,7 @@ class CausalLMAdapter(Adapter):
 
         problems = self._text_problems()
         try:
-            scheme, rest = _local_target(*parse_source(self.model_cfg.source))
+            scheme, rest = local_target(*parse_source(self.model_cfg.source))
             if scheme == "gguf":
                 path = Path(rest).expanduser()
                 if not path.is_file():
@@ -565,9 +565,9 @@ def gguf_weight_types(source: str) -> list[str]:
 
     if not _is_gguf(source):
         return []
-    from compress.llm.sources import _local_target, parse_source
+    from compress.llm.sources import local_target, parse_source
 
-    rest = _local_target(*parse_source(source))[1]
+    rest = local_target(*parse_source(source))[1]
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -578,6 +578,6 @@ def gguf_weight_types(source: str) -> list[str]:
 
 def _is_gguf(source: str) -> bool:
     """True for a source that is a GGUF file (`gguf:` or a `pkg:` path to one)."""
-    from compress.llm.sources import _local_target, parse_source
+    from compress.llm.sources import local_target, parse_source
 
-    return _local_target(*parse_source(source))[0] == "gguf"
+    return local_target(*parse_source(source))[0] == "gguf"

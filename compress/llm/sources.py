@@ -97,7 +97,7 @@ def resolve_pkg_path(spec: str) -> Path:
     return path
 
 
-def _local_target(scheme: str, rest: str) -> tuple[str, str]:
+def local_target(scheme: str, rest: str) -> tuple[str, str]:
     """Map pkg: sources to the gguf/hf scheme they stand for."""
     if scheme != "pkg":
         return scheme, rest
@@ -129,7 +129,7 @@ def source_fingerprint(source: str, cache_dir: Path | None = None) -> str:
             key["dist_version"] = importlib.metadata.version(dist_name)
         except importlib.metadata.PackageNotFoundError:
             key["dist_version"] = None
-        scheme, rest = _local_target(scheme, rest)
+        scheme, rest = local_target(scheme, rest)
     if scheme == "gguf":
         path = Path(rest)
         key["file"] = file_fingerprint(path, cache_dir) if path.is_file() else None
@@ -162,7 +162,7 @@ def load_causal_lm(
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    scheme, rest = _local_target(*parse_source(source))
+    scheme, rest = local_target(*parse_source(source))
     if scheme == "python":
         model, tok = _load_python(rest)
         return model.to(dtype).eval(), tok
@@ -177,7 +177,7 @@ def remote_code_problem(source: str, trust_remote_code: bool) -> str | None:
     opt in. transformers would quietly load its own class instead; we say so rather than run another model."""
     if trust_remote_code:
         return None
-    scheme, rest = _local_target(*parse_source(source))
+    scheme, rest = local_target(*parse_source(source))
     folder = Path(rest).expanduser()
     if scheme != "hf" or not folder.is_dir():
         return None
@@ -295,7 +295,7 @@ def source_decoder_problem(source: str) -> str | None:
     None when the source is fine or cannot be read this cheaply (a hub id, a python factory, no gguf
     package): those are checked when loaded.
     """
-    scheme, rest = _local_target(*parse_source(source))
+    scheme, rest = local_target(*parse_source(source))
     path = Path(rest).expanduser()
     if scheme == "hf" and (path / "config.json").is_file():
         try:
