@@ -2,17 +2,19 @@
 
 A stage is registered with `@register_stage(...)` in its own module under `compress/stages/`; the list
 of modules to import lives in `compress/stages/__init__.py`, so `registered_stages()` is complete after
-importing that package.
+importing that package. An adapter is registered with `@register_adapter(family)` in its family's
+`adapter` module; `ADAPTER_MODULES` lists those modules.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from compress.adapters.base import Adapter
+    from compress.families.base import Adapter
     from compress.stages.base import StageOptions
 
 
@@ -30,6 +32,13 @@ class StageSpec:
     version: int
     summary: str
 
+
+#: the module of each family's adapter (one per family; importing it registers the adapter)
+ADAPTER_MODULES = (
+    "compress.adapters.vision",
+    "compress.adapters.causal_lm",
+    "compress.families.text_encoder.adapter",
+)
 
 _STAGES: dict[str, StageSpec] = {}
 _ADAPTERS: dict[str, type[Adapter]] = {}
@@ -66,6 +75,7 @@ def registered_stages() -> dict[str, StageSpec]:
 
 
 def registered_adapters() -> dict[str, type[Adapter]]:
-    import compress.adapters  # noqa: F401  (registers every adapter)
+    for module in ADAPTER_MODULES:
+        importlib.import_module(module)  # registers the family's adapter
 
     return dict(_ADAPTERS)

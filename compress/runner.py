@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__
-from compress.adapters.base import Adapter, Evaluation
 from compress.artifact import (
     BENCH_FILE,
     EVAL_FILE,
@@ -41,6 +40,7 @@ from compress.backends import require_onnx_providers
 from compress.bench.harness import machine_info
 from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
+from compress.families.base import Adapter, Evaluation
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_file, sha256_json
 from compress.lock import run_lock

@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="evaluation threads (default: the pipeline's)")
     args = parser.parse_args(argv)
 
-    from compress.adapters.base import Evaluation
     from compress.adapters.causal_lm import OrtSessionLM
     from compress.bench.harness import machine_info
     from compress.config import load_pipeline
+    from compress.families.base import Evaluation
     from compress.llm.bench import bench_onnx
     from compress.progress import Reporter
     from compress.runner import make_adapter

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.errors import ConfigError
+from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.llm.text_data import TextSource
 from compress.progress import quiet_third_party
 from compress.prune.options import DECODER_PRUNING
@@ -127,7 +127,7 @@ class OrtSessionLM:
 
         self.lm = OrtCausalLM(path, threads=threads)
         if session_config:  # e.g. INT4 Q/DQ for TensorRT evaluated at float compute (see adapters.base)
-            from compress.adapters.base import apply_ort_session_config
+            from compress.families.base import apply_ort_session_config
 
             apply_ort_session_config(self.lm, path, session_config, threads=threads)
 
@@ -166,14 +166,8 @@ class CausalLMAdapter(Adapter):
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import (
-            SCHEMES,
-            gguf_header_problem,
-            local_target,
-            parse_source,
-            remote_code_problem,
-            source_decoder_problem,
-        )
+        from compress.llm.sources import gguf_header_problem, source_decoder_problem
+        from compress.sources import SCHEMES, local_target, parse_source, remote_code_problem
 
         problems = self._text_problems()
         try:
@@ -186,7 +180,7 @@ class CausalLMAdapter(Adapter):
                 if problem:
                     problems.append((("model", "source"), problem))
             elif scheme == "python":
-                from compress.adapters.sources import import_callable
+                from compress.sources import import_callable
 
                 import_callable(self.model_cfg.source)
         except ConfigError as exc:
@@ -215,7 +209,8 @@ class CausalLMAdapter(Adapter):
     # -- model ---------------------------------------------------------------------------------------
     @cached_property
     def _loaded(self) -> tuple[Any, Any]:
-        from compress.llm.sources import load_causal_lm, quiet_transformers
+        from compress.llm.sources import load_causal_lm
+        from compress.sources import quiet_transformers
 
         quiet_transformers()
         cached = " (a GGUF is converted once and cached)" if _is_gguf(self.model_cfg.source) else ""
@@ -234,7 +229,7 @@ class CausalLMAdapter(Adapter):
         return self._loaded[1]
 
     def source_fingerprint(self) -> dict[str, Any]:
-        from compress.llm.sources import source_fingerprint
+        from compress.sources import source_fingerprint
 
         fingerprint = source_fingerprint(self.model_cfg.source, cache_dir=self.cache_dir)
         return {"source": self.model_cfg.source, "fingerprint": fingerprint}
@@ -264,7 +259,7 @@ class CausalLMAdapter(Adapter):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from compress.llm.sources import quiet_transformers
+        from compress.sources import quiet_transformers
 
         quiet_transformers()
         return AutoModelForCausalLM.from_pretrained(
@@ -454,7 +449,7 @@ class CausalLMAdapter(Adapter):
         if artifact.format == "torch":
             return TorchCausalLM(self.load_torch(artifact), threads=threads)
         if artifact.format == "onnx":
-            from compress.adapters.base import ort_session_config
+            from compress.families.base import ort_session_config
 
             return OrtSessionLM(artifact.main, threads=threads, session_config=ort_session_config(artifact))
         raise ConfigError(f"no causal-lm backend for a {artifact.format} artifact")
@@ -565,7 +560,7 @@ def gguf_weight_types(source: str) -> list[str]:
 
     if not _is_gguf(source):
         return []
-    from compress.llm.sources import local_target, parse_source
+    from compress.sources import local_target, parse_source
 
     rest = local_target(*parse_source(source))[1]
     try:
@@ -578,6 +573,6 @@ def gguf_weight_types(source: str) -> list[str]:
 
 def _is_gguf(source: str) -> bool:
     """True for a source that is a GGUF file (`gguf:` or a `pkg:` path to one)."""
-    from compress.llm.sources import local_target, parse_source
+    from compress.sources import local_target, parse_source
 
     return local_target(*parse_source(source))[0] == "gguf"

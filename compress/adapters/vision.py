@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
-from compress.adapters.sources import import_callable, module_file, resolve_path
 from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
+from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.families.vision.models import BUILTINS
 from compress.hashing import file_fingerprint
 from compress.prune.options import VISION_PRUNING
 from compress.registry import register_adapter
 from compress.schema import Count, Real, Seed
+from compress.sources import import_callable, module_file, resolve_path
 
 if TYPE_CHECKING:
     import torch
@@ -153,14 +153,14 @@ class VisionAdapter(Adapter):
 
     def _hf_problem(self, name: str) -> str | None:
         """A local folder must hold a config and name no code to run; anything else must look like a hub id."""
-        from compress.llm.sources import _HUB_ID, remote_code_problem
+        from compress.sources import HUB_ID, remote_code_problem
 
         folder = resolve_path(name, self.base_dir)
         if folder.is_dir():
             if not (folder / "config.json").is_file():
                 return f"'{name}': folder {folder} has no config.json (save the model with save_pretrained)"
             return remote_code_problem(f"hf:{folder}", trust_remote_code=False)
-        if not _HUB_ID.fullmatch(name):
+        if not HUB_ID.fullmatch(name):
             return f"'{name}': no such folder ({folder}) and not a hub id of the form NAME or ORG/NAME"
         return None
 
@@ -294,7 +294,7 @@ class VisionAdapter(Adapter):
         elif scheme == "builtin" and name in BUILTINS:
             module = file_fingerprint(Path(BUILTINS[name].file), self.cache_dir)
         elif scheme == "hf":
-            from compress.llm.sources import source_fingerprint
+            from compress.sources import source_fingerprint
 
             module = source_fingerprint(f"hf:{_hf_target(name, self.base_dir)}", self.cache_dir)
         key = {"source": m.source, "weights": weights, "module": module, "num_classes": m.num_classes}

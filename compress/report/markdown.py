@@ -202,6 +202,18 @@ def _float_notes(m: RunManifest) -> list[str]:
     notes = []
     for rec in m.artifacts:
         info = rec.artifact.get("info") or {}
+        if (info.get("ort_session_config") or {}).get("session.disable_quant_qdq") == "1":
+            notes.append(
+                f"`{rec.name}` targets TensorRT: on CPU it is evaluated with ONNX Runtime's Q/DQ fusion off "
+                "(float ops between Quantize/DequantizeLinear, the arithmetic TensorRT's int8 kernels reproduce), "
+                "so its quality is TensorRT's, and its CPU latency is not an int8 latency."
+            )
+        if info.get("int8_dot_saturates"):
+            notes.append(
+                f"`{rec.name}` was quantized and measured on a CPU without VNNI, where ONNX Runtime's u8·s8 "
+                "kernels can saturate: its accuracy here may be lower than on a VNNI CPU (`reduce_range: true` "
+                "avoids the saturation at the cost of a 7-bit weight range)."
+            )
         kept = info.get("float_op_types")
         if not kept:
             continue

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from compress.paths import check_artifact_name
 
 if TYPE_CHECKING:
-    from compress.adapters.base import Adapter
     from compress.artifact import Artifact
+    from compress.families.base import Adapter
     from compress.progress import Reporter
 
 

@@ -43,7 +43,7 @@ from compress.stages.base import StageContext, StageOptions, StageOutput
 if TYPE_CHECKING:
     import onnx
 
-    from compress.adapters.base import Adapter, IOSpec
+    from compress.families.base import Adapter, IOSpec
     from compress.gpu.profiles import Profile
 
 DEFAULT_OPT_BATCH = 8  # the largest entry of BenchOptions' default batch_sizes (1, 8)

@@ -55,6 +55,8 @@ def test_end_to_end_outputs(first_run) -> None:
     assert records["onnx-fp32"]["evaluation"]["vs_baseline"]["agreement"] >= 99.0
     assert records["int8"]["artifact"]["precision"] == "int8"
     assert records["int8-trt"]["artifact"]["info"]["tensorrt_rules"] == "passed"
+    # a TensorRT-target graph is evaluated on CPU as TensorRT computes it: Q/DQ unfused, float ops between
+    assert records["int8-trt"]["artifact"]["info"]["ort_session_config"] == {"session.disable_quant_qdq": "1"}
     assert {g["gate"] for g in manifest["gates"]} == {"top1_drop_max", "speedup_min"}
     assert manifest["passed"] is runner.result.passed
     report = (run_dir / "report.md").read_text()

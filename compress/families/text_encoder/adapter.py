@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from compress.adapters.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.errors import ConfigError
+from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric
 from compress.families.text_encoder.options import (
     TextEncoderDataOptions,
     TextEncoderModelOptions,
@@ -64,12 +64,12 @@ class TextEncoderAdapter(Adapter):
         try:
             scheme, rest = parse_source(self.model_cfg.source)
             if scheme == "python":
-                from compress.adapters.sources import import_callable
+                from compress.sources import import_callable
 
                 import_callable(self.model_cfg.source)
             elif (folder := local_folder(rest, self.base_dir)) is not None:
                 problems += self._folder_problems(folder)
-            elif not _HUB_ID.fullmatch(rest):
+            elif not HUB_ID.fullmatch(rest):
                 problems.append((("model", "source"), f"'{rest}': no such folder, and not a hub id (NAME or ORG/NAME)"))
         except ConfigError as exc:
             problems.append((("model", "source"), str(exc)))
@@ -80,7 +80,7 @@ class TextEncoderAdapter(Adapter):
         return problems
 
     def _folder_problems(self, folder: Path) -> list[tuple[tuple[str | int, ...], str]]:
-        from compress.llm.sources import remote_code_problem
+        from compress.sources import remote_code_problem
 
         if not (folder / "config.json").is_file():
             return [(("model", "source"), f"{folder}: no config.json (expected a save_pretrained folder)")]
@@ -103,8 +103,8 @@ class TextEncoderAdapter(Adapter):
     # -- data ----------------------------------------------------------------------------------------
     @cached_property
     def retrieval_set(self) -> RetrievalSet:
-        from compress.adapters.sources import resolve_path
         from compress.families.text_encoder.task import jsonl_set, pydoc_set
+        from compress.sources import resolve_path
 
         d = self.data_cfg
         if d.pairs.kind == "pydoc":
@@ -188,7 +188,7 @@ class TextEncoderAdapter(Adapter):
 
     def source_fingerprint(self) -> dict[str, Any]:
         """The whole content of a local folder's files or a factory's module (see llm.sources), and `normalize`."""
-        from compress.llm.sources import source_fingerprint
+        from compress.sources import source_fingerprint
 
         m = self.model_cfg
         folder = self._folder()
@@ -282,4 +282,4 @@ class TextEncoderAdapter(Adapter):
         }
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

@@ -79,7 +79,7 @@ def load(
     """(SentenceEncoder in float32 eval mode, tokenizer) from a source string."""
     scheme, rest = parse_source(source)
     if scheme == "python":
-        from compress.adapters.sources import import_callable
+        from compress.sources import import_callable
 
         result = import_callable(source)()
         backbone, tokenizer = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
@@ -97,7 +97,7 @@ def load(
 def _load_hf(rest: str, source: str, base_dir: Path, cache_dir: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
-    from compress.llm.sources import quiet_transformers
+    from compress.sources import quiet_transformers
 
     quiet_transformers()
     folder = local_folder(rest, base_dir)
@@ -125,7 +125,7 @@ def load_saved(folder: Path, *, trust_remote_code: bool) -> SentenceEncoder:
     """A torch artifact written by `save`, in eval mode."""
     from transformers import AutoModel
 
-    from compress.llm.sources import quiet_transformers
+    from compress.sources import quiet_transformers
 
     quiet_transformers()
     spec = json.loads((folder / ENCODER_FILE).read_text())

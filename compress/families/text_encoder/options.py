@@ -83,7 +83,7 @@ def parse_source(source: str) -> tuple[str, str]:
 
 def local_folder(rest: str, base_dir: Path) -> Path | None:
     """The folder an `hf:` value names (relative to the pipeline's folder, then the cwd), or None (a hub id)."""
-    from compress.adapters.sources import resolve_path
+    from compress.sources import resolve_path
 
     path = resolve_path(rest, base_dir)
     return path if path.is_dir() else None

@@ -33,7 +33,7 @@ def load_image_classifier(target: str, source: str) -> ImageClassifier:
     """`target`: a local folder (offline) or a hub id; `source` names the pipeline's value in errors."""
     from transformers import AutoModelForImageClassification
 
-    from compress.llm.sources import quiet_transformers
+    from compress.sources import quiet_transformers
 
     quiet_transformers()
     local = Path(target).is_dir()

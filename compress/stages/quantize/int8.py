@@ -19,6 +19,15 @@ with MobileNetV2, see README):
   x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
 - `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
   explicit-quantization rules. Every artifact for this target is checked against those rules on CPU.
+  On CPU such an artifact is evaluated with ONNX Runtime's Q/DQ fusion off (`session.disable_quant_qdq`):
+  each DequantizeLinear feeds a float op, which is the arithmetic TensorRT's int8 kernels reproduce (int32
+  accumulation). ORT's own integer kernels would measure something else: on a CPU without VNNI they
+  saturate (below), which cost a tiny CNN 12 points of agreement with its FP32 graph where the float
+  simulation lost 4. Its CPU latency is therefore not an int8 latency (the report says so).
+
+On an x86 CPU without VNNI (AVX2 only) ONNX Runtime computes u8·s8 with VPMADDUBSW, whose int16 pair sums
+saturate; its documentation's remedy is `reduce_range: true` (7-bit weights) or evaluating on the CPU that
+will run the model. The stage says so in the log and in `info.int8_dot_saturates` when it runs on one.
 
 The input must be float (an INT4 or INT8 artifact is refused, at validate time where the plan shows it),
 and the output must hold quantized nodes: weight-only and dynamic quantize MatMul weights only, so on a
@@ -37,7 +46,9 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from compress.bench.harness import int8_dot_saturates
 from compress.errors import StageError
+from compress.families.base import ORT_SESSION_CONFIG
 from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.schema import Count, Real
@@ -45,6 +56,8 @@ from compress.stages.base import StageContext, StageOptions, StageOutput
 from compress.stages.quantize.common import input_problem, refuse_quantized_input, require_quantized
 
 CALIBRATORS = ("minmax", "entropy", "percentile")
+#: ONNX Runtime session entry: run Q/DQ pairs as written (no fusion into integer kernels)
+DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 
 
 class Int8Options(StageOptions):
@@ -63,6 +76,9 @@ class Int8Options(StageOptions):
     percentile: Real = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
     samples: Count = Field(256, gt=0, description="calibration samples drawn from data.calibration")
     per_channel: bool = Field(True, description="per-channel weight scales")
+    reduce_range: bool = Field(
+        False, description="static: 7-bit weights, avoids ONNX Runtime's u8·s8 saturation on CPUs without VNNI"
+    )
     exclude_nodes: tuple[str, ...] = Field((), description="node names kept in float")
     op_types: tuple[str, ...] | None = Field(
         None, description="only quantize these op types (default: all ORT supports)"
@@ -205,6 +221,7 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
                 nodes_to_exclude=list(options.exclude_nodes) or None,
                 op_types_to_quantize=list(options.op_types) if options.op_types else None,
                 use_external_data_format=large,
+                reduce_range=options.reduce_range,
                 extra_options=extra,
             )
     shutil.rmtree(pre.parent)
@@ -215,8 +232,19 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
         "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
         "weights": "int8 symmetric per-channel" if options.per_channel else "int8 symmetric per-tensor",
     }
+    if options.reduce_range:
+        info["weights"] += " (7-bit range)"
     if transformer:
         info.update(quantized_op_types=transformer, float_op_types=_float_op_types(out, transformer))
+    if tensorrt:
+        # evaluate on CPU what TensorRT computes (float ops between Q/DQ), not ORT's integer kernels
+        info[ORT_SESSION_CONFIG] = {DISABLE_QDQ_FUSION: "1"}
+    elif int8_dot_saturates():
+        info["int8_dot_saturates"] = True
+        ctx.reporter.log(
+            "  note: this CPU has no VNNI; ONNX Runtime's u8·s8 kernels may saturate here (if accuracy drops, "
+            "try reduce_range: true, or measure on the deployment CPU)"
+        )
     if tensorrt:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
