@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args.pipeline, args.show_config)
         if args.command == "generate":
-            from compress.llm.cli_generate import generate_command
+            from compress.cli_generate import generate_command
 
             return generate_command(args)
         if args.command == "list-stages":

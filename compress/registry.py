@@ -36,7 +36,7 @@ class StageSpec:
 #: the module of each family's adapter (one per family; importing it registers the adapter)
 ADAPTER_MODULES = (
     "compress.adapters.vision",
-    "compress.adapters.causal_lm",
+    "compress.families.causal_lm.adapter",
     "compress.families.text_encoder.adapter",
 )
 

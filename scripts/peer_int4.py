@@ -10,8 +10,8 @@ tied float embedding table stays for its Gather). `--accuracy-level` (default 4,
 into every MatMulNBits node so both sides use the same kernel: the comparison is about the weights.
 
 Each peer is evaluated with the same code as the run's artifacts: perplexity, agreement and greedy match
-through the causal-lm adapter's `evaluate` / `compare` on an `OrtSessionLM`, decode tokens/s and prefill
-through `compress.llm.bench` with the pipeline's `bench` settings. Our methods' figures are read from
+through the causal-lm adapter's `evaluate` / `compare` on an `OrtCausalLM` session, decode tokens/s and prefill
+through `compress.bench.decoder` with the pipeline's `bench` settings. Our methods' figures are read from
 `runs/smollm2-int4/manifest.json`; the table is printed as markdown. Peer files go to
 `runs/smollm2-int4/_peers/` (not artifacts of the run).
 """
@@ -91,11 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="evaluation threads (default: the pipeline's)")
     args = parser.parse_args(argv)
 
-    from compress.adapters.causal_lm import OrtSessionLM
+    from compress.bench.decoder import bench_decoder, file_bytes, onnx_weight_bytes
     from compress.bench.harness import machine_info
     from compress.config import load_pipeline
     from compress.families.base import Evaluation
-    from compress.llm.bench import bench_onnx
+    from compress.families.causal_lm.sessions import OrtCausalLM
     from compress.progress import Reporter
     from compress.runner import make_adapter
 
@@ -122,11 +122,15 @@ def main(argv: list[str] | None = None) -> None:
         name = f"{label}-g{block}"
         path = run_dir / "_peers" / name / "model.onnx"
         seconds = quantize_peer(fp32, path, algorithm, block, args.accuracy_level)
-        ev = adapter.evaluate(OrtSessionLM(path, threads=threads), reporter, name)
+        ev = adapter.evaluate(OrtCausalLM(path, threads=threads), reporter, name)
         cmp = adapter.compare(ev, baseline)
         with reporter.task(f"benchmark {name}", total=None):
-            res = bench_onnx(
-                path,
+            session = OrtCausalLM(path, threads=b.threads)
+            res = bench_decoder(
+                session,
+                vocab_size=int(session.info["vocab_size"]),
+                weight_bytes=onnx_weight_bytes(path),
+                size_bytes=file_bytes(path),
                 threads=b.threads,
                 prompt_lengths=b.prompt_lengths,
                 batch_sizes=b.batch_sizes,

@@ -8,6 +8,7 @@ its engines on first use; they are cached under the run cache so a later session
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ class OrtGpuSession:
         *,
         provider: str,
         threads: int,
+        session_config: Mapping[str, str] | None = None,
         int8: bool = False,
         engine_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -36,7 +38,9 @@ class OrtGpuSession:
             if engine_cache_dir is not None:
                 Path(engine_cache_dir).mkdir(parents=True, exist_ok=True)
                 options["engine_cache_dir"] = engine_cache_dir
-        self.session = make_gpu_session(path, provider, session_options=session_options(threads), **options)
+        self.session = make_gpu_session(
+            path, provider, session_options=session_options(threads, session_config), **options
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -71,6 +71,9 @@ class Adapter(ABC):
     int4_methods: ClassVar[frozenset[str]] = frozenset({"rtn", "gptq", "awq", "checkpoint"})
     #: what `compare()` returns, for the report: (key, label, sign applied for display)
     comparisons: ClassVar[tuple[tuple[str, str, int], ...]]
+    #: the session protocol of `compress.backends` this family's models run through: "tensors" (`run`) or a
+    #: kind a family registers (`register_session`), e.g. "decoder" (`logits`, prefill/decode, greedy)
+    session_kind: ClassVar[str] = "tensors"
     #: what `prune` (the method and the stage) reads of PruneOptions; None: the family cannot be pruned
     prune_support: ClassVar[PruneSupport | None] = None
 
@@ -158,19 +161,12 @@ class Adapter(ABC):
         """Facts about the source that a reader of the numbers must know; shown at the top of the report."""
         return []
 
-    def open_session(self, artifact: Artifact, *, threads: int, onnx_provider: str = "cpu") -> Session:
-        """A session running `artifact` on the backend of its format (torch eager, ONNX Runtime on
-        `onnx_provider`, TensorRT for engines).
-
-        ONNX Runtime session entries the artifact asks for (`info["ort_session_config"]`) are applied.
-        """
+    def open_session(self, artifact: Artifact, *, threads: int, onnx_provider: str = "cpu") -> Any:
+        """A session of `session_kind` running `artifact` on the backend of its format (torch eager, ONNX
+        Runtime on `onnx_provider`, TensorRT for engines), built by `compress.backends.open_session`."""
         from compress.backends import open_session
 
-        session = open_session(artifact, self, threads=threads, onnx_provider=onnx_provider)
-        config = ort_session_config(artifact)
-        if config and hasattr(session, "session"):
-            apply_ort_session_config(session, artifact.main, config, threads=threads)
-        return session
+        return open_session(artifact, self, threads=threads, onnx_provider=onnx_provider)
 
     def check_export(
         self,
@@ -218,36 +214,3 @@ class Adapter(ABC):
             )
             latency.append(lat.to_json())
         return {"latency": latency}
-
-
-#: `Artifact.info` key: ONNX Runtime session config entries a stage asks every session of the artifact to set,
-#: e.g. `{"session.qdq_matmulnbits_accuracy_level": "0"}` for INT4 Q/DQ graphs meant for TensorRT (without
-#: it ONNX Runtime fuses DequantizeLinear+MatMul into MatMulNBits with int8 activations).
-ORT_SESSION_CONFIG = "ort_session_config"
-
-
-def ort_session_config(artifact: Artifact) -> dict[str, str]:
-    """The ONNX Runtime session entries an ONNX artifact asks for (empty for other formats)."""
-    if artifact.format != "onnx":
-        return {}
-    return {str(k): str(v) for k, v in (artifact.info or {}).get(ORT_SESSION_CONFIG, {}).items()}
-
-
-def apply_ort_session_config(holder: Any, path: Path, config: dict[str, str], *, threads: int | None) -> None:
-    """Re-create `holder.session` (an onnxruntime.InferenceSession) with extra session config entries.
-
-    The sessions are built by classes outside the adapters (OrtSession, OrtCausalLM) that take no config;
-    re-creating keeps this a hook of the adapters only (one extra session build per artifact).
-    """
-    import onnxruntime as ort
-
-    old = holder.session
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    for key, value in config.items():
-        opts.add_session_config_entry(key, value)
-    holder.session = ort.InferenceSession(str(path), opts, providers=old.get_providers())

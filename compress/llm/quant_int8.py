@@ -52,7 +52,7 @@ from typing import Literal
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.llm.onnx_export import lm_head_matmul
+from compress.families.causal_lm.export import lm_head_matmul
 from compress.onnx_files import copy_model, model_bytes, wants_external_data, write_atomically
 from compress.progress import quiet_third_party
 
@@ -170,7 +170,7 @@ def measure_decoder(
     seed: int = 0,
 ) -> DecoderTiming:
     """Median decode-step latency (batch 1, ``past`` cached + 1 new) and prefill latency."""
-    from compress.llm.generate import OrtCausalLM
+    from compress.families.causal_lm.sessions import OrtCausalLM
 
     lm = OrtCausalLM(Path(onnx_path), threads=threads)
     vocab = int(lm.info["vocab_size"])

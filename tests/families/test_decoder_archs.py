@@ -18,7 +18,8 @@ import torch
 
 from compress.errors import ConfigError
 from compress.families.causal_lm.archs import ARCHITECTURES, arch_of
-from compress.llm.onnx_export import check_parity, export_decoder, lm_head_matmul
+from compress.families.causal_lm.export import check_parity, export_decoder, lm_head_matmul
+from compress.families.causal_lm.sessions import OrtCausalLM
 
 VOCAB = 1000
 ALTERNATING = ["sliding_attention", "full_attention"]
@@ -107,7 +108,7 @@ def exported(request, tmp_path_factory):
 def test_export_kv_cache_parity(exported) -> None:
     """Prefill + 8 cached decode steps within 1e-4 of torch (float32 reassociation only), same greedy tokens."""
     name, model, path = exported
-    report = check_parity(model, path, PROMPT, atol=1e-4, steps=8)
+    report = check_parity(model, OrtCausalLM(path), PROMPT, atol=1e-4, steps=8)
     assert report.ok and report.tokens_match, (name, report)
 
 
@@ -125,7 +126,6 @@ def test_tied_embedding_stored_once(exported) -> None:
 @pytest.mark.parametrize("method", ["weight_only", "dynamic"])
 def test_int8(exported, tmp_path, method) -> None:
     """INT8 logits of the ONNX decoder: weight-only >= 30 dB SQNR against float; dynamic W8A8 >= 15 dB."""
-    from compress.llm.generate import OrtCausalLM
     from compress.llm.quant_int8 import lm_head_nodes, quantize_int8
 
     name, model, path = exported
@@ -317,13 +317,13 @@ def test_int4_onnx_rewrite_parity(exported, tmp_path: Path) -> None:
     out = tmp_path / "int4.onnx"
     report = rewrite_onnx_file(path, out, qws, float_weights_of(model, list(qws)), accuracy_level=0)
     assert sorted(report.replaced) == sorted(qws), name
-    parity = check_parity(quantized, out, PROMPT, atol=1e-3, steps=4, raise_on_failure=False)
+    parity = check_parity(quantized, OrtCausalLM(out), PROMPT, atol=1e-3, steps=4, raise_on_failure=False)
     assert parity.ok, (name, parity)
 
 
 # -- refusals: a source without a map, a non-decoder ---------------------------------------------------------
 def _save(model, folder: Path) -> str:
-    from llm.llm_toys import tiny_tokenizer  # tests/ is on sys.path (tests/conftest.py)
+    from llm_toys import tiny_tokenizer  # tests/ is on sys.path (tests/conftest.py)
 
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -366,7 +366,7 @@ def test_validate_refuses_sources_without_a_map(foreign_folders, tmp_path, capsy
 
 def test_load_refuses_what_validate_could_not_see(foreign_folders, tmp_path) -> None:
     """At load: the config is read first, so a BERT folder is never built as BertLMHeadModel."""
-    from compress.llm.sources import load_causal_lm
+    from compress.families.causal_lm.model_io import load_causal_lm
 
     with pytest.raises(ConfigError, match="is not a decoder; the text-encoder family"):
         load_causal_lm(foreign_folders["bert"], cache_dir=tmp_path)
@@ -381,7 +381,7 @@ def bert_factory():
 
 
 def test_python_factory_of_a_non_decoder_is_refused(tmp_path) -> None:
-    from compress.llm.sources import load_causal_lm
+    from compress.families.causal_lm.model_io import load_causal_lm
 
     with pytest.raises(ConfigError, match=r"python:test_decoder_archs:bert_factory: model_type 'bert' \(BertModel\)"):
         load_causal_lm("python:test_decoder_archs:bert_factory", cache_dir=tmp_path)
@@ -391,7 +391,7 @@ def test_gguf_architecture_read_from_the_header(tmp_path) -> None:
     """A GGUF's general.architecture decides before conversion (llama.cpp's gemma3 is gemma3_text)."""
     from gguf import GGUFWriter
 
-    from compress.llm.sources import source_decoder_problem
+    from compress.families.causal_lm.model_io import source_decoder_problem
 
     def write(arch: str) -> Path:
         path = tmp_path / f"{arch}.gguf"
@@ -408,7 +408,7 @@ def test_gguf_architecture_read_from_the_header(tmp_path) -> None:
 
 
 def test_a_mapped_folder_passes_validate(tmp_path) -> None:
-    from compress.llm.sources import source_decoder_problem
+    from compress.families.causal_lm.model_io import source_decoder_problem
 
     source = _save(tiny_decoder("gemma3"), tmp_path / "gemma3")
     assert json.loads((tmp_path / "gemma3" / "config.json").read_text())["model_type"] == "gemma3_text"
@@ -486,4 +486,4 @@ def test_int4_head_and_tied_scaled_embedding_gemma2(tmp_path: Path) -> None:
         fp, tmp_path / "q.onnx", qws, weights, accuracy_level=0, embeddings={n: qws[s] for n, s in embeddings.items()}
     )
     assert sorted(report.replaced) == sorted([*qws, *embeddings])
-    assert check_parity(model, tmp_path / "q.onnx", PROMPT, atol=1e-3, steps=4, raise_on_failure=False).ok
+    assert check_parity(model, OrtCausalLM(tmp_path / "q.onnx"), PROMPT, atol=1e-3, steps=4, raise_on_failure=False).ok

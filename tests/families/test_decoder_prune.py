@@ -169,8 +169,8 @@ def test_a_decoder_without_a_map_is_refused_with_the_supported_ones() -> None:
 
 
 def _pipeline(tmp: Path, arch: str, prune: str, **overrides) -> Path:
-    from llm.llm_toys import VOCAB as TOKENIZER_VOCAB
-    from llm.llm_toys import tiny_tokenizer
+    from llm_toys import VOCAB as TOKENIZER_VOCAB
+    from llm_toys import tiny_tokenizer
 
     model_dir = tmp / f"model-{arch}"
     tiny_decoder(arch, vocab_size=TOKENIZER_VOCAB, **overrides).save_pretrained(model_dir)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from compress.errors import ConfigError
-from compress.llm.text_data import TextSource, bos_note, bos_token, encode_prompt, read_text, tokenize_windows
+from compress.families.causal_lm.options import TextSource
+from compress.families.causal_lm.task import bos_note, bos_token, encode_prompt, read_text, tokenize_windows
 
 pytest.importorskip("transformers")
 
@@ -57,7 +58,7 @@ def test_prompts_get_the_tokenizers_bos_and_never_a_trailing_eos() -> None:
 
 
 def _folder(tmp: Path, bos: bool) -> Path:
-    from llm.llm_toys import tiny_llama, tiny_tokenizer
+    from llm_toys import tiny_llama, tiny_tokenizer
 
     folder = tmp / ("bos" if bos else "plain")
     tiny_llama(tie=True).save_pretrained(folder)
@@ -114,7 +115,8 @@ def test_the_report_says_how_windows_start_and_prompts_are_part_of_the_evaluatio
 
 
 def test_adapter_windows_and_prompts_start_with_bos(folders) -> None:
-    from compress.adapters.causal_lm import CausalLMAdapter, CausalLMModelOptions, TextDataOptions
+    from compress.families.causal_lm.adapter import CausalLMAdapter
+    from compress.families.causal_lm.options import CausalLMModelOptions, TextDataOptions
     from compress.progress import Reporter
 
     adapter = CausalLMAdapter(
@@ -177,7 +179,7 @@ def test_globs_and_jsonl_folders_honour_max_records_across_files(corpus: Path) -
     ],
 )
 def test_a_text_path_that_reads_nothing_is_a_located_validate_error(corpus: Path, text: str, message: str) -> None:
-    from llm.llm_toys import tiny_pipeline
+    from llm_toys import tiny_pipeline
 
     from compress.config import load_pipeline
 

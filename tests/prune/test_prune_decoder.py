@@ -164,10 +164,14 @@ def test_planned_sizes_round_and_never_empty() -> None:
 
 
 def test_pruned_model_exports_to_onnx_with_kv_cache(tmp_path) -> None:
-    onnx_export = pytest.importorskip("compress.llm.onnx_export", reason="the LLM ONNX exporter is not present")
+    from compress.families.causal_lm.sessions import OrtCausalLM
+
+    onnx_export = pytest.importorskip(
+        "compress.families.causal_lm.export", reason="the LLM ONNX exporter is not present"
+    )
     model = _tiny_llama()
     prune_decoder(model, PruneOptions(mlp_ratio=0.5, heads_ratio=0.5))
     path = onnx_export.export_decoder(model, tmp_path / "pruned.onnx")
     # 1e-4: float32 ORT vs torch on a 2-layer model; greedy tokens must match exactly.
-    report = onnx_export.check_parity(model, path, np.arange(1, 9), atol=1e-4, steps=4)
+    report = onnx_export.check_parity(model, OrtCausalLM(path), np.arange(1, 9), atol=1e-4, steps=4)
     assert report.ok, report

@@ -277,7 +277,7 @@ def test_random_bytes_as_gguf(tmp_path, capsys) -> None:
 def test_gguf_cut_after_its_header_fails_at_load_with_the_same_message(tmp_path, capsys) -> None:
     pytest.importorskip("gguf")
     from compress.errors import ConfigError
-    from compress.llm.sources import convert_gguf
+    from compress.families.causal_lm.model_io import convert_gguf
 
     gguf = _gguf_header(tmp_path / "model.gguf")
     assert _validate(_gguf_pipeline(tmp_path, gguf), capsys)[0] == EXIT_OK  # the header itself is sound
@@ -411,7 +411,7 @@ def test_generate_refuses_a_vision_artifact(full_disk_run, capsys) -> None:
 
 def test_generate_refuses_a_damaged_artifact(tmp_path, capsys) -> None:
     """generate checks a run's artifact files as the runner does before reuse: a truncated model is named."""
-    from llm.llm_toys import tiny_pipeline  # tests/ is on sys.path
+    from llm_toys import tiny_pipeline  # tests/ is on sys.path
 
     data = "{window: 32, evaluation_windows: 2, calibration_windows: 2, generation_tokens: 4, prompts: [def]}"
     pipeline = tiny_pipeline(tmp_path, "gen", "\n  - export: {opset: 17}", data=data)
@@ -427,7 +427,7 @@ def test_generate_refuses_a_damaged_artifact(tmp_path, capsys) -> None:
 
 
 def test_generate_on_a_corrupt_onnx_file(tmp_path, capsys) -> None:
-    from llm.llm_toys import tiny_tokenizer  # tests/ is on sys.path
+    from llm_toys import tiny_tokenizer  # tests/ is on sys.path
 
     folder = tmp_path / "run" / "int8"
     folder.mkdir(parents=True)

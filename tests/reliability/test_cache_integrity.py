@@ -151,7 +151,7 @@ def test_damaged_evaluation_caches_are_remeasured(base_run, runs, capsys) -> Non
 
 
 def test_hf_folder_weights_are_verified(tmp_path, capsys) -> None:
-    from llm.llm_toys import tiny_pipeline
+    from llm_toys import tiny_pipeline
 
     data = "{window: 32, evaluation_windows: 2, calibration_windows: 2}"
     stages = "\n  - prune: {importance: l2, mlp_ratio: 0.5, round_to: 16}"

@@ -85,7 +85,7 @@ def test_a_vision_run_prints_only_our_lines(tmp_path: Path, fashion_mnist: Path)
 
 
 def test_a_causal_lm_run_prints_only_our_lines(tmp_path: Path) -> None:
-    from llm.llm_toys import tiny_llama, tiny_tokenizer
+    from llm_toys import tiny_llama, tiny_tokenizer
 
     folder = tmp_path / "model"
     tiny_llama(tie=True).save_pretrained(folder)

@@ -358,7 +358,7 @@ def test_architecture_file_names_no_code(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def remote_code_folder(tmp_path_factory) -> Path:
     """A tiny Llama folder whose config.json names code (auto_map) that writes a marker when imported."""
-    from llm.llm_toys import tiny_llama, tiny_tokenizer
+    from llm_toys import tiny_llama, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("remote-code") / "model"
     tiny_llama(tie=True).save_pretrained(folder)
@@ -386,7 +386,7 @@ stages:
 
 def test_auto_map_folder_is_refused_unless_the_pipeline_opts_in(remote_code_folder, tmp_path, capsys) -> None:
     from compress.config import load_pipeline
-    from compress.llm.sources import load_causal_lm
+    from compress.families.causal_lm.model_io import load_causal_lm
 
     marker = remote_code_folder.parent / "MARKER"
     assert main(["validate", str(_llm_pipeline(tmp_path, remote_code_folder, trust=False))]) == EXIT_CONFIG

@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from llm.llm_toys import tiny_pipeline
+from llm_toys import tiny_pipeline
 from toys import run_quietly
 
 from compress.cli import EXIT_OK

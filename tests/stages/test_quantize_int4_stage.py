@@ -11,15 +11,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from llm.llm_toys import tiny_llama, tiny_pipeline
+from llm_toys import tiny_llama, tiny_pipeline
 from onnx import numpy_helper
 from toys import pipeline_yaml, run_quietly
 
-from compress.adapters.causal_lm import TorchCausalLM
 from compress.artifact import read_artifact
 from compress.cli import EXIT_OK, main
 from compress.config import load_pipeline
 from compress.errors import ConfigError
+from compress.families.causal_lm.sessions import TorchCausalLM
 from compress.progress import Reporter
 from compress.quant.int4 import GPTQConfig, WeightQuantConfig, gptq_quantize_model, rtn_quantize_model
 from compress.quant.int4.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint

@@ -46,9 +46,9 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from compress.backends import ORT_SESSION_CONFIG
 from compress.bench.harness import int8_dot_saturates
 from compress.errors import StageError
-from compress.families.base import ORT_SESSION_CONFIG
 from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.schema import Count, Real

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress.llm.generate import GenerationOptions, OrtCausalLM, next_tokens
+from compress.families.causal_lm.generate import GenerationOptions, generate, next_tokens
+from compress.families.causal_lm.sessions import OrtCausalLM
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
 
@@ -22,33 +23,33 @@ def test_greedy_equals_hf_generate(untied_onnx, lm):
         ref = model.generate(
             torch.tensor([PROMPTS[0]]), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None
         )
-    got = lm.generate([PROMPTS[0]], GenerationOptions(max_new_tokens=16)).tokens[0]
+    got = generate(lm, [PROMPTS[0]], GenerationOptions(max_new_tokens=16)).tokens[0]
     assert got == ref[0, len(PROMPTS[0]) :].tolist()
 
 
 def test_left_padded_batch_equals_one_by_one(lm):
     opts = GenerationOptions(max_new_tokens=12)
-    batch = lm.generate(PROMPTS, opts).tokens
-    assert batch == [lm.generate([p], opts).tokens[0] for p in PROMPTS]
+    batch = generate(lm, PROMPTS, opts).tokens
+    assert batch == [generate(lm, [p], opts).tokens[0] for p in PROMPTS]
 
 
 def test_io_binding_and_numpy_paths_agree(untied_onnx, lm):
     plain = OrtCausalLM(untied_onnx[1], threads=1, io_binding=False)
     opts = GenerationOptions(max_new_tokens=10)
-    assert plain.generate(PROMPTS, opts).tokens == lm.generate(PROMPTS, opts).tokens
+    assert generate(plain, PROMPTS, opts).tokens == generate(lm, PROMPTS, opts).tokens
 
 
 def test_top_k_1_sampling_equals_greedy(lm):
-    greedy = lm.generate(PROMPTS, GenerationOptions(max_new_tokens=10)).tokens
-    sampled = lm.generate(
-        PROMPTS, GenerationOptions(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7, seed=3)
+    greedy = generate(lm, PROMPTS, GenerationOptions(max_new_tokens=10)).tokens
+    sampled = generate(
+        lm, PROMPTS, GenerationOptions(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7, seed=3)
     ).tokens
     assert sampled == greedy
 
 
 def test_seed_reproducible_and_different_seeds_differ(lm):
     def run(seed: int) -> list[list[int]]:
-        return lm.generate(PROMPTS, GenerationOptions(max_new_tokens=16, do_sample=True, seed=seed)).tokens
+        return generate(lm, PROMPTS, GenerationOptions(max_new_tokens=16, do_sample=True, seed=seed)).tokens
 
     assert run(7) == run(7)
     # 3 x 16 draws over ~1000 nearly-uniform tokens: equal outputs for two seeds would be a broken sampler.
@@ -56,9 +57,9 @@ def test_seed_reproducible_and_different_seeds_differ(lm):
 
 
 def test_repetition_penalty_changes_output_deterministically(lm):
-    base = lm.generate(PROMPTS, GenerationOptions(max_new_tokens=16)).tokens
+    base = generate(lm, PROMPTS, GenerationOptions(max_new_tokens=16)).tokens
     pen = GenerationOptions(max_new_tokens=16, repetition_penalty=3.0)
-    first, second = lm.generate(PROMPTS, pen).tokens, lm.generate(PROMPTS, pen).tokens
+    first, second = generate(lm, PROMPTS, pen).tokens, generate(lm, PROMPTS, pen).tokens
     assert first == second and first != base
 
     # The untied toy model repeats under greedy; a strong penalty must reduce repeats.
@@ -69,10 +70,10 @@ def test_repetition_penalty_changes_output_deterministically(lm):
 
 
 def test_stop_token_stops_row(lm):
-    greedy = lm.generate(PROMPTS, GenerationOptions(max_new_tokens=12)).tokens
+    greedy = generate(lm, PROMPTS, GenerationOptions(max_new_tokens=12)).tokens
     stop = greedy[0][2]
     cut = greedy[0].index(stop) + 1
-    res = lm.generate(PROMPTS, GenerationOptions(max_new_tokens=12, stop_token_ids=(stop,)))
+    res = generate(lm, PROMPTS, GenerationOptions(max_new_tokens=12, stop_token_ids=(stop,)))
     assert res.tokens[0] == greedy[0][:cut] and res.finish_reasons[0] == "stop"
     for row, ref, reason in zip(res.tokens[1:], greedy[1:], res.finish_reasons[1:], strict=True):
         expect = ref[: ref.index(stop) + 1] if stop in ref else ref

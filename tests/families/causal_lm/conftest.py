@@ -20,7 +20,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def exported(tiny_model, tmp_path_factory) -> tuple[object, Path]:
-    from compress.llm.onnx_export import export_decoder
+    from compress.families.causal_lm.export import export_decoder
 
     tie = "tied" if tiny_model.config.tie_word_embeddings else "untied"
     path = tmp_path_factory.mktemp(f"onnx-{tie}") / "decoder.onnx"
@@ -30,7 +30,7 @@ def exported(tiny_model, tmp_path_factory) -> tuple[object, Path]:
 
 @pytest.fixture(scope="session")
 def untied_onnx(tmp_path_factory) -> tuple[object, Path]:
-    from compress.llm.onnx_export import export_decoder
+    from compress.families.causal_lm.export import export_decoder
 
     model = tiny_llama(tie=False, seed=1)
     path = tmp_path_factory.mktemp("onnx-gen") / "decoder.onnx"

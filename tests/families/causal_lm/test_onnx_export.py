@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from compress.errors import StageError
-from compress.llm.generate import OrtCausalLM
-from compress.llm.onnx_export import check_parity, describe_io, export_decoder
+from compress.families.causal_lm.export import check_parity, describe_io, export_decoder
+from compress.families.causal_lm.sessions import OrtCausalLM
 
 # FP32 through the same ops in a different runtime: differences are rounding only (~1e-6 seen on
 # these logits of magnitude ~1); 1e-4 leaves room for summation order without hiding a wrong cache.
@@ -34,7 +34,7 @@ def test_describe_io_names_and_dynamic_dims(exported):
 
 def test_parity_prefill_decode_and_16_greedy_tokens(exported):
     model, path = exported
-    report = check_parity(model, path, list(range(5, 17)), atol=ATOL, steps=16)
+    report = check_parity(model, OrtCausalLM(path), list(range(5, 17)), atol=ATOL, steps=16)
     assert report.prefill_max_abs <= ATOL and report.decode_max_abs <= ATOL
     assert len(report.onnx_tokens) == 16 and report.onnx_tokens == report.torch_tokens
 
@@ -59,8 +59,8 @@ def test_parity_failure_raises_stage_error(exported):
     with torch.no_grad():
         other.model.norm.weight.mul_(1.5)
     with pytest.raises(StageError, match="parity failed"):
-        check_parity(other, path, [5, 6, 7], atol=ATOL, steps=2)
-    report = check_parity(other, path, [5, 6, 7], atol=ATOL, steps=2, raise_on_failure=False)
+        check_parity(other, OrtCausalLM(path), [5, 6, 7], atol=ATOL, steps=2)
+    report = check_parity(other, OrtCausalLM(path), [5, 6, 7], atol=ATOL, steps=2, raise_on_failure=False)
     assert not report.ok and report.prefill_max_abs > ATOL
 
 
@@ -90,6 +90,6 @@ def test_dynamo_exporter_parity(tmp_path):
 
     model = tiny_llama(tie=True)
     path = export_decoder(model, tmp_path / "dyn.onnx", dynamo=True, opset=18)
-    report = check_parity(model, path, list(range(5, 17)), atol=ATOL, steps=16)
+    report = check_parity(model, OrtCausalLM(path), list(range(5, 17)), atol=ATOL, steps=16)
     assert report.tokens_match
     assert describe_io(path)["num_layers"] == 2

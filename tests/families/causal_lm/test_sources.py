@@ -12,8 +12,8 @@ import torch
 from llm_toys import tiny_llama, tiny_tokenizer
 
 from compress.errors import ConfigError, MissingDependencyError
-from compress.llm import sources
-from compress.llm.sources import load_causal_lm
+from compress.families.causal_lm import model_io as sources
+from compress.families.causal_lm.model_io import load_causal_lm
 from compress.sources import resolve_pkg_path, source_fingerprint
 
 

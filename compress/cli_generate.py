@@ -16,7 +16,8 @@ from compress.errors import ConfigError
 
 if TYPE_CHECKING:
     from compress.artifact import Artifact
-    from compress.llm.generate import GenerationOptions, OrtCausalLM
+    from compress.families.causal_lm.generate import GenerationOptions
+    from compress.families.causal_lm.sessions import OrtCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -38,7 +39,7 @@ def _options(args: argparse.Namespace) -> GenerationOptions:
     """The sampling flags as GenerationOptions; a bad value is a one-line error naming the flag."""
     from pydantic import ValidationError
 
-    from compress.llm.generate import GenerationOptions
+    from compress.families.causal_lm.generate import GenerationOptions
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads = {args.threads}: must be at least 1 (omit it for all cores)")
@@ -88,11 +89,11 @@ def _open_onnx(path: Path, threads: int) -> OrtCausalLM:
     from google.protobuf.message import DecodeError
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
 
-    from compress.llm.generate import OrtCausalLM
+    from compress.families.causal_lm.sessions import OrtCausalLM
 
     try:
         return OrtCausalLM(path, threads=threads)
-    except (DecodeError, Fail, InvalidGraph, InvalidProtobuf) as exc:  # onnx.load's, then onnxruntime's
+    except (DecodeError, Fail, InvalidGraph, InvalidProtobuf, ValueError) as exc:  # onnx.load's, ORT's, ours
         raise ConfigError(f"{path}: not a valid ONNX file ({path.stat().st_size} bytes read; {exc})") from None
 
 
@@ -103,13 +104,14 @@ def generate_command(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(find_tokenizer_folder(args.artifact))
     threads = args.threads or os.cpu_count() or 1
-    from compress.llm.text_data import encode_prompt
+    from compress.families.causal_lm.generate import generate
+    from compress.families.causal_lm.task import encode_prompt
 
     prompts = [encode_prompt(tokenizer, p) for p in args.prompt]
     stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     options = options.model_copy(update={"stop_token_ids": stops, "pad_token_id": tokenizer.pad_token_id or 0})
     if artifact.format == "onnx":
-        result = _open_onnx(artifact.main, threads).generate(prompts, options)
+        result = generate(_open_onnx(artifact.main, threads), prompts, options)
         tokens, speed = result.tokens, result.decode_tokens_per_second
     else:
         tokens, speed = _torch_generate(artifact.path, prompts, options, threads), None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from llm.llm_toys import tiny_llama, tiny_tokenizer
+from llm_toys import tiny_llama, tiny_tokenizer
 
 from compress.cli import EXIT_OK, EXIT_STAGE, main
 

@@ -1,8 +1,9 @@
 """Export a Hugging Face decoder to ONNX with a KV cache, describe its I/O, and check parity with torch.
 
-    from compress.llm.onnx_export import export_decoder, check_parity
+    from compress.families.causal_lm.export import export_decoder, check_parity
     export_decoder(model, Path("model.onnx"))
-    report = check_parity(model, Path("model.onnx"), tokenizer_or_ids=[[1, 2, 3]], atol=1e-3, steps=16)
+    session = OrtCausalLM(Path("model.onnx"))                  # compress.families.causal_lm.sessions
+    report = check_parity(model, session, [[1, 2, 3]], atol=1e-3, steps=16)
 
 One graph serves prefill (``past_sequence = 0``) and decode (``sequence = 1``):
 
@@ -20,7 +21,7 @@ present.{i}.key            [batch, kv_heads, total_sequence, dim]  feed back as 
 The names follow Optimum / onnxruntime-genai so other tools can run the file. transformers 5 passes a
 ``Cache`` object rather than tuples, so a wrapper module turns the flat tensors into a ``DynamicCache`` and
 back. The TorchScript exporter (``dynamo=False``) is used: it exports this wrapper in seconds and was
-checked against HF generation (greedy tokens identical; tests/llm/test_onnx_export.py); the dynamo
+checked against HF generation (greedy tokens identical; tests/families/causal_lm/test_onnx_export.py); the dynamo
 exporter is available as an option.
 """
 
@@ -37,11 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compress.errors import ConfigError, StageError
+from compress.errors import StageError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+
+    from compress.backends import DecoderSession
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 TWO_GB = 2 * 1024**3
@@ -134,7 +137,7 @@ def export_decoder(
     import torch
 
     if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
-        raise ConfigError(f"export_decoder: {type(model).__name__} is not a transformers decoder")
+        raise ValueError(f"export_decoder: {type(model).__name__} is not a transformers decoder")
     layout = KVLayout.from_config(model.config)
     model = model.eval()
     wrapper = _wrapper(model)
@@ -328,35 +331,32 @@ class ParityReport:
 
 def check_parity(
     model: PreTrainedModel,
-    onnx_path: Path,
+    session: DecoderSession,
     tokenizer_or_ids: Any,
     *,
     atol: float = 1e-3,
     steps: int = 16,
-    threads: int | None = None,
     raise_on_failure: bool = True,
 ) -> ParityReport:
-    """Compare torch and ONNX Runtime logits at prefill and over ``steps`` cached greedy decode steps.
+    """Compare torch and an exported decoder's session (`sessions.OrtCausalLM`) at prefill and over
+    ``steps`` cached greedy decode steps.
 
     ``tokenizer_or_ids`` is a tokenizer (the prompt "The capital of France is" is used), a 1-D id list,
-    or an array (1, T). Torch runs its own cache; ONNX Runtime feeds its presents back as past, so this
+    or an array (1, T). Torch runs its own cache; the session feeds its presents back as past, so this
     checks the KV plumbing as well as the math. The greedy tokens must be identical. Raises
     :class:`StageError` when out of tolerance unless ``raise_on_failure=False``.
     """
     import torch
 
-    from compress.llm.generate import OrtCausalLM
-
     if hasattr(tokenizer_or_ids, "encode"):
         ids = np.asarray([tokenizer_or_ids.encode("The capital of France is")], dtype=np.int64)
     else:
         ids = np.asarray(tokenizer_or_ids, dtype=np.int64).reshape(1, -1)  # (1, T)
-    ort = OrtCausalLM(onnx_path, threads=threads)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), use_cache=True)
         t_logits = out.logits[:, -1].float().numpy()  # (1, V)
         past = out.past_key_values
-        o_logits, state = ort.prefill(ids)
+        o_logits, state = session.prefill(ids)
         prefill_err = float(np.abs(out.logits.float().numpy() - o_logits).max())
         o_last = o_logits[:, -1]
         decode_err = 0.0
@@ -373,13 +373,14 @@ def check_parity(
             out = model(input_ids=torch.from_numpy(step), past_key_values=past, use_cache=True)
             past = out.past_key_values
             t_logits = out.logits[:, -1].float().numpy()
-            o_step, state = ort.decode(step, state)
+            o_step, state = session.decode(step, state)
             o_last = o_step[:, -1]
             decode_err = max(decode_err, float(np.abs(t_logits - o_last).max()))
     report = ParityReport(prefill_err, decode_err, steps, atol, t_tokens, o_tokens)
     if raise_on_failure and not report.ok:
         raise StageError(
-            f"ONNX export parity failed for {onnx_path}: max |Δlogit| prefill {prefill_err:.3g}, "
+            f"ONNX export parity failed for {getattr(session, 'path', 'the session')}: "
+            f"max |Δlogit| prefill {prefill_err:.3g}, "
             f"decode {decode_err:.3g} (atol {atol}); greedy tokens identical: {report.tokens_match} "
             f"(torch {t_tokens}, onnx {o_tokens})"
         )

@@ -1,4 +1,5 @@
-"""Text for calibration and evaluation of causal LMs: read, tokenise into fixed windows, split, hash.
+"""The causal-lm task: text read, tokenised into fixed windows, split and hashed; perplexity, next-token
+agreement and greedy match, scored through any decoder session's `logits` / `continue_greedy`.
 
     text = read_text(TextSource(kind="pydoc"))
     windows = tokenize_windows(text, tokenizer, window=512)          # (N, 512) int64
@@ -31,45 +32,18 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.jsonl import json_lines
 from compress.errors import ConfigError
-from compress.schema import Count
+from compress.families.causal_lm.options import TextSource
 
 SEPARATOR = "\n\n"
-
-
-class TextSource(BaseModel):
-    """Where the text comes from."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["pydoc", "text", "jsonl"] = Field(description="pydoc topics, a text file, or JSONL.")
-    path: Path | None = Field(
-        None, description="A file, a folder (its *.txt / *.md, or *.jsonl files) or a glob (text and jsonl only)."
-    )
-    field: str | None = Field(None, description="JSONL key holding the text (jsonl only).")
-    max_records: Count | None = Field(
-        None, ge=1, description="Read at most this many records: pydoc topics, JSONL lines, text paragraphs."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> TextSource:
-        if self.kind == "pydoc" and (self.path or self.field):
-            raise ConfigError(f"text source pydoc takes no path/field; got path={self.path}, field={self.field}")
-        if self.kind in ("text", "jsonl") and self.path is None:
-            raise ConfigError(f"text source {self.kind} needs a path")
-        if self.kind == "jsonl" and not self.field:
-            raise ConfigError("text source jsonl needs field: the key of the text in each record")
-        if self.kind == "text" and self.field:
-            raise ConfigError(f"text source text takes no field; got {self.field!r}")
-        return self
 
 
 FOLDER_SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl",)}  # what a folder contributes, per kind
@@ -233,3 +207,106 @@ def token_hash(ids: np.ndarray) -> str:
     h = hashlib.sha256(json.dumps(list(arr.shape)).encode())
     h.update(arr.tobytes())
     return h.hexdigest()
+
+
+# -- metrics: one implementation, used by the adapter and the tests alike ----------------------------------
+# ``logits_fn(input_ids (B, T) int64) -> logits (B, T, V)``: a decoder session's ``logits`` (torch or ONNX
+# Runtime), so the number gated on is the number of the file shipped. Perplexity is exp of the mean
+# next-token negative log-likelihood over non-overlapping windows, each scored on its own (the "fixed-length,
+# non-overlapping" evaluation of the HF perplexity guide; it reads a little higher than a sliding window).
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood (B, T-1) of each next token, computed in float64 for stability."""
+    pred = logits[:, :-1].astype(np.float64)  # (B, T-1, V)
+    target = ids[:, 1:]  # (B, T-1)
+    peak = pred.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(pred - peak).sum(axis=-1)) + peak[..., 0]  # (B, T-1)
+    chosen = np.take_along_axis(pred, target[..., None], axis=-1)[..., 0]  # (B, T-1)
+    return lse - chosen
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity over windows, and the argmax at every position (what agreement compares)."""
+
+    perplexity: float
+    mean_nll: float
+    tokens: int
+    predictions: np.ndarray  # (N, T) int64
+
+    @property
+    def windows(self) -> int:
+        return len(self.predictions)
+
+
+def perplexity(
+    logits_fn: LogitsFn,
+    windows: np.ndarray,
+    *,
+    batch_size: int = 1,
+    advance: Callable[[int, float], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity over windows (N, T): every window predicts its tokens 1..T-1 from the ones before.
+
+    `advance(windows_done, running_ppl)` is called after each batch (progress display).
+    """
+    windows = np.asarray(windows, dtype=np.int64)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (N, T) with T >= 2 tokens; got shape {windows.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    total, count = 0.0, 0
+    predictions = np.empty(windows.shape, dtype=np.int64)  # (N, T)
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        logits = np.asarray(logits_fn(batch))
+        if logits.shape[:2] != batch.shape:
+            raise ValueError(f"logits_fn returned shape {logits.shape} for input {batch.shape}")
+        predictions[start : start + len(batch)] = logits.argmax(-1)
+        nll = token_nll(logits, batch)
+        total += float(nll.sum())
+        count += nll.size
+        if advance is not None:
+            advance(len(batch), float(np.exp(total / count)))
+    mean = total / count
+    return PerplexityResult(float(np.exp(mean)), mean, count, predictions)
+
+
+def top1_agreement(predictions_a: np.ndarray, predictions_b: np.ndarray) -> float:
+    """Share of positions with a next token (all but the last of each window) where both argmaxes agree."""
+    return float((predictions_a[:, :-1] == predictions_b[:, :-1]).mean())
+
+
+@dataclass(frozen=True)
+class GreedyMatch:
+    """Per prompt: first position where the continuations differ (None = identical)."""
+
+    first_divergence: tuple[int | None, ...]
+    max_new_tokens: int
+
+    @property
+    def identical(self) -> float:
+        """Share of prompts whose continuations are identical."""
+        return sum(d is None for d in self.first_divergence) / max(len(self.first_divergence), 1)
+
+    @property
+    def mean_matched_tokens(self) -> float:
+        """Mean length of the common prefix, in tokens."""
+        lens = [self.max_new_tokens if d is None else d for d in self.first_divergence]
+        return float(np.mean(lens)) if lens else 0.0
+
+
+def greedy_match(
+    continuations_a: Sequence[Sequence[int]], continuations_b: Sequence[Sequence[int]], max_new_tokens: int
+) -> GreedyMatch:
+    """Compare greedy continuations of the same prompts (e.g. from decoder sessions' `continue_greedy`)."""
+    firsts: list[int | None] = []
+    for a, b in zip(continuations_a, continuations_b, strict=True):
+        diff = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if diff is None and len(a) != len(b):
+            diff = min(len(a), len(b))
+        firsts.append(diff)
+    return GreedyMatch(tuple(firsts), max_new_tokens)

@@ -9,7 +9,8 @@ import pytest
 from llm_toys import tiny_tokenizer
 
 from compress.errors import ConfigError
-from compress.llm.text_data import TextSource, read_text, split_windows, token_hash, tokenize_windows
+from compress.families.causal_lm.options import TextSource
+from compress.families.causal_lm.task import read_text, split_windows, token_hash, tokenize_windows
 
 
 def test_pydoc_text_is_sorted_and_stable():

@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress.llm.generate import OrtCausalLM
-from compress.llm.metrics import (
-    greedy_from_logits,
-    greedy_match,
-    perplexity,
-    top1_agreement,
-    torch_logits_fn,
-)
+from compress.families.causal_lm.sessions import OrtCausalLM, TorchCausalLM
+from compress.families.causal_lm.task import greedy_match, perplexity, top1_agreement
 
 V = 50
 WINDOWS = np.random.default_rng(0).integers(0, V, size=(5, 12))
@@ -41,6 +35,7 @@ def test_uniform_model_perplexity_is_vocab_size():
     # log-softmax of equal logits is exactly -log V; 1e-3 relative is the brief's tolerance.
     assert res.perplexity == pytest.approx(V, rel=1e-3)
     assert res.tokens == 5 * 11 and res.windows == 5
+    assert (res.predictions == 0).all()  # argmax of equal logits is the first token
 
 
 def test_always_right_model_perplexity_is_one():
@@ -49,20 +44,13 @@ def test_always_right_model_perplexity_is_one():
 
 
 def test_top1_agreement_and_greedy_match():
-    assert top1_agreement(uniform, uniform, WINDOWS) == 1.0
-    oracle = oracle_for(WINDOWS)
-    agree = top1_agreement(uniform, oracle, WINDOWS)
-    # uniform argmax is token 0; the oracle's argmax is the next token (last position: 0 for both)
-    expect = np.mean(np.concatenate([WINDOWS[:, 1:] == 0, np.ones((5, 1), bool)], axis=1))
-    assert agree == pytest.approx(expect)
+    flat = perplexity(uniform, WINDOWS).predictions
+    assert top1_agreement(flat, flat) == 1.0
+    agree = top1_agreement(flat, perplexity(oracle_for(WINDOWS), WINDOWS).predictions)
+    # uniform argmax is token 0; the oracle's argmax is the next token; the last position has none to score
+    assert agree == pytest.approx(np.mean(WINDOWS[:, 1:] == 0))
 
-    def gen_a(prompt, n):
-        return [1, 2, 3, 4][:n]
-
-    def gen_b(prompt, n):
-        return [1, 2, 9, 4][:n] if prompt[0] == 0 else [1, 2, 3, 4][:n]
-
-    match = greedy_match(gen_a, gen_b, [[0], [1]], 4)
+    match = greedy_match([[1, 2, 3, 4], [1, 2, 3, 4]], [[1, 2, 9, 4], [1, 2, 3, 4]], 4)
     assert match.first_divergence == (2, None) and match.identical == 0.5
     assert match.mean_matched_tokens == 3.0
 
@@ -70,13 +58,20 @@ def test_top1_agreement_and_greedy_match():
 def test_ort_and_torch_perplexity_agree(exported):
     model, path = exported
     windows = np.random.default_rng(1).integers(0, 1000, size=(3, 16))
-    p_torch = perplexity(torch_logits_fn(model), windows).perplexity
+    p_torch = perplexity(TorchCausalLM(model).logits, windows).perplexity
     p_ort = perplexity(OrtCausalLM(path).logits, windows, batch_size=3).perplexity
     # Same FP32 model in two runtimes: logits agree to ~1e-6, so ppl to far better than 1e-4 relative.
     assert p_ort == pytest.approx(p_torch, rel=1e-4)
-    lm = OrtCausalLM(path)
-    expect = greedy_from_logits(torch_logits_fn(model), [5, 6, 7], 8)
-    assert greedy_from_logits(lm.logits, [5, 6, 7], 8) == expect
+
+
+def test_greedy_continuation_matches_a_no_cache_reference(exported):
+    """Both sessions' cached greedy loops give the tokens of re-running the whole sequence each step."""
+    model, path = exported
+    torch_lm, seq = TorchCausalLM(model), [5, 6, 7]
+    for _ in range(8):
+        seq.append(int(torch_lm.logits(np.asarray([seq]))[0, -1].argmax()))
+    assert torch_lm.continue_greedy([5, 6, 7], 8) == seq[3:]
+    assert OrtCausalLM(path).continue_greedy([5, 6, 7], 8) == seq[3:]
 
 
 def test_bad_windows_raise():
