@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -142,6 +142,9 @@ class OrtSessionLM:
 
 @register_adapter("causal-lm")
 class CausalLMAdapter(Adapter):
+    # -- what this family's models can take (see Adapter: stages and distillation ask these) ----------------
+    stage_kinds: ClassVar[frozenset[str]] = frozenset({"prune", "distill", "export", "quantize"})
+    distill_task: ClassVar[str | None] = "causal-lm"
     model_options = CausalLMModelOptions
     data_options = TextDataOptions
     metric_names = ("ppl",)
