@@ -58,7 +58,7 @@ class Adapter(ABC):
 
     family: ClassVar[str]
     # -- what the family's models can take: config, stages and distillation ask these, never a family name --
-    #: stage kinds a pipeline of this family may use (`compress list-stages`); config refuses the others
+    #: stage kinds a pipeline of this family may use; config refuses the others before any work
     stage_kinds: ClassVar[frozenset[str]] = frozenset({"export", "quantize"})
     #: name of the task in `compress.distill.tasks.TASKS` the `distill` stage trains with (None: no distill)
     distill_task: ClassVar[str | None] = None
