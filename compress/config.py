@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -21,6 +21,9 @@ from compress.registry import StageSpec, registered_adapters, registered_stages
 from compress.schema import Count, PositiveCount, Real, Seed, Threads
 from compress.stages.base import Ancestor, StageOptions
 from compress.yamlsrc import KeyPath, Located, format_path, load_yaml
+
+if TYPE_CHECKING:
+    from compress.families.base import Adapter, QualityMetric
 
 SOURCE = "source"  # name of the artifact the model source becomes
 
@@ -155,6 +158,7 @@ class PipelineConfig:
     file: Path
     name: str
     family: str
+    quality: QualityMetric  # the family's declared primary metric: what quality gates bound
     model: BaseModel
     data: BaseModel
     stages: tuple[StagePlan, ...]
@@ -236,74 +240,17 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     """Read and validate a pipeline file; raise one ConfigError listing every problem."""
     located = load_yaml(file)
     problems = _Problems(located)
-    if not isinstance(located.data, dict):
-        raise ConfigError(f"{file}: expected a mapping with name, model, data, stages")
-    _refuse_empty_values(located, problems)
-    problems.raise_if_any()
-    try:
-        top = PipelineModel.model_validate(located.data)
-    except ValidationError as exc:
-        problems.add_validation((), exc, PipelineModel)
-        problems.raise_if_any()
-        raise  # unreachable
-
-    adapters = registered_adapters()
-    family = top.model.get("family")
-    if family not in adapters:
-        problems.add(("model", "family"), f"unknown family; allowed: {', '.join(adapters)}", family, show_value=True)
-        problems.raise_if_any()
-    adapter_cls = adapters[family]
-    model = data = None
-    for key, cls in (("model", adapter_cls.model_options), ("data", adapter_cls.data_options)):
-        try:
-            value = cls.model_validate(getattr(top, key))
-        except ValidationError as exc:
-            problems.add_validation((key,), exc, cls)
-            continue
-        if key == "model":
-            model = value
-        else:
-            data = value
-
-    plans = _plan_stages(top.stages, family, problems)
+    top = _parse_top(file, located, problems)
+    family, adapter_cls = _family_adapter(top, problems)
+    model, data = _family_options(top, adapter_cls, problems)
+    plans = _plan_stages(top.stages, family, adapter_cls, problems)
     names = {SOURCE, *(p.name for p in plans)}
     baseline = top.baseline or next((p.name for p in plans if p.kind == "finetune"), SOURCE)
     if baseline not in names:
         problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
     _check_lineages(plans, baseline, problems)
-    for field in ("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min"):
-        for i, gate in enumerate(getattr(top.gates, field)):
-            for attr in ("artifact", "lost_by") if field == "recovery_min" else ("artifact", "vs"):
-                value = getattr(gate, attr)
-                if value not in names and not (attr == "vs" and value == "baseline"):  # only `vs` may say baseline
-                    problems.add(
-                        ("gates", field, i, attr),
-                        f"no artifact of that name; artifacts: {', '.join(sorted(names))}",
-                        value,
-                        True,
-                    )
-            if field in ("speedup_min", "decode_speedup_min") and gate.batch_size not in top.bench.batch_sizes:
-                problems.add(
-                    ("gates", field, i, "batch_size"),
-                    f"not measured; bench.batch_sizes = {list(top.bench.batch_sizes)}",
-                    gate.batch_size,
-                    True,
-                )
-    for i, value in enumerate(top.gates.metric_gates_on or ()):
-        if value not in names:
-            problems.add(
-                ("gates", "metric_gates_on", i),
-                f"no artifact of that name; artifacts: {', '.join(sorted(names))}",
-                value,
-                True,
-            )
-    if not adapter_cls.measures_decode and top.gates.decode_speedup_min:
-        decoders = ", ".join(name for name, cls in adapters.items() if cls.measures_decode)
-        problems.add(
-            ("gates", "decode_speedup_min"), f"applies to families that decode ({decoders}) only; use speedup_min"
-        )
-    _check_quality_gate(top.gates, adapter_cls.quality.alias, family, problems)
-
+    _check_gate_names(top, names, problems)
+    _check_family_gates(top.gates, family, adapter_cls, problems)
     if model is not None and data is not None:
         from compress.progress import Reporter
 
@@ -324,6 +271,7 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         file=Path(file),
         name=top.name,
         family=family,
+        quality=adapter_cls.quality,
         model=model,
         data=data,
         stages=tuple(plans),
@@ -335,6 +283,75 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
         resolved=resolved,
         warnings=tuple(_thread_warnings(located, top)),
     )
+
+
+def _parse_top(file: str | Path, located: Located, problems: _Problems) -> PipelineModel:
+    """The file's top-level keys, validated; the family's own blocks (model, data, stages) are still raw."""
+    if not isinstance(located.data, dict):
+        raise ConfigError(f"{file}: expected a mapping with name, model, data, stages")
+    _refuse_empty_values(located, problems)
+    problems.raise_if_any()
+    try:
+        return PipelineModel.model_validate(located.data)
+    except ValidationError as exc:
+        problems.add_validation((), exc, PipelineModel)
+        problems.raise_if_any()
+        raise  # unreachable
+
+
+def _family_adapter(top: PipelineModel, problems: _Problems) -> tuple[str, type[Adapter]]:
+    adapters = registered_adapters()
+    family = top.model.get("family")
+    if family not in adapters:
+        allowed = ", ".join(sorted(adapters))
+        problems.add(("model", "family"), f"unknown family; allowed: {allowed}", family, show_value=True)
+        problems.raise_if_any()
+    return family, adapters[family]
+
+
+def _family_options(
+    top: PipelineModel, adapter_cls: type[Adapter], problems: _Problems
+) -> tuple[BaseModel | None, BaseModel | None]:
+    """The `model` and `data` blocks validated by the family's own options types (None where invalid)."""
+    out: list[BaseModel | None] = []
+    for key, cls in (("model", adapter_cls.model_options), ("data", adapter_cls.data_options)):
+        try:
+            out.append(cls.model_validate(getattr(top, key)))
+        except ValidationError as exc:
+            problems.add_validation((key,), exc, cls)
+            out.append(None)
+    return out[0], out[1]
+
+
+def _check_gate_names(top: PipelineModel, names: set[str], problems: _Problems) -> None:
+    """Every artifact a gate names exists; a speed gate's batch size is one that is measured."""
+    unknown = f"no artifact of that name; artifacts: {', '.join(sorted(names))}"
+    for field in ("speedup_min", "decode_speedup_min", "size_ratio_max", "recovery_min"):
+        for i, gate in enumerate(getattr(top.gates, field)):
+            for attr in ("artifact", "lost_by") if field == "recovery_min" else ("artifact", "vs"):
+                value = getattr(gate, attr)
+                if value not in names and not (attr == "vs" and value == "baseline"):  # only `vs` may say baseline
+                    problems.add(("gates", field, i, attr), unknown, value, True)
+            if field in ("speedup_min", "decode_speedup_min") and gate.batch_size not in top.bench.batch_sizes:
+                problems.add(
+                    ("gates", field, i, "batch_size"),
+                    f"not measured; bench.batch_sizes = {list(top.bench.batch_sizes)}",
+                    gate.batch_size,
+                    True,
+                )
+    for i, value in enumerate(top.gates.metric_gates_on or ()):
+        if value not in names:
+            problems.add(("gates", "metric_gates_on", i), unknown, value, True)
+
+
+def _check_family_gates(gates: Gates, family: str, adapter_cls: type[Adapter], problems: _Problems) -> None:
+    """Gates that only some families' declarations allow: decode speed, the quality gate's alias."""
+    if not adapter_cls.measures_decode and gates.decode_speedup_min:
+        decoders = ", ".join(name for name, cls in registered_adapters().items() if cls.measures_decode)
+        problems.add(
+            ("gates", "decode_speedup_min"), f"applies to families that decode ({decoders}) only; use speedup_min"
+        )
+    _check_quality_gate(gates, adapter_cls.quality.alias, family, problems)
 
 
 def _check_quality_gate(gates: Gates, alias: str | None, family: str, problems: _Problems) -> None:
@@ -388,14 +405,14 @@ def _check_lineages(plans: list[StagePlan], baseline: str, problems: _Problems) 
         earlier[plan.name] = plan.output_format
 
 
-def _plan_stages(items: list[Any], family: str, problems: _Problems) -> list[StagePlan]:
+def _plan_stages(items: list[Any], family: str, adapter_cls: type[Adapter], problems: _Problems) -> list[StagePlan]:
     stages = registered_stages()
     plans: list[StagePlan] = []
     formats: dict[str, str | None] = {SOURCE: "torch"}
     precisions = {SOURCE: "fp32"}  # the precision chain: an int8 quantize of an int4 artifact is refused here
     previous = SOURCE
     for i, item in enumerate(items):
-        plan = _plan_one(i, item, previous, family, stages, formats, problems)
+        plan = _plan_one(i, item, previous, (family, adapter_cls), stages, formats, problems)
         if plan is None:
             # Later stages that follow this one are not order-checked: it would only repeat this problem.
             previous = f"<stage {i}>"
@@ -414,7 +431,7 @@ def _plan_one(
     i: int,
     item: Any,
     previous: str,
-    family: str,
+    family: tuple[str, type[Adapter]],
     stages: dict[str, StageSpec],
     formats: dict[str, str | None],
     problems: _Problems,
@@ -447,15 +464,15 @@ def _plan_one(
             (*path, kind, "input"), f"no earlier artifact of that name; earlier: {', '.join(known)}", source, True
         )
         return None
-    if family not in options.families:
-        problems.add(
-            (*path, kind), f"not available for family '{family}' (supports {', '.join(sorted(options.families))})"
-        )
+    name_of_family, adapter_cls = family
+    if kind not in adapter_cls.stage_kinds:
+        takes = ", ".join(k for k in stages if k in adapter_cls.stage_kinds)
+        problems.add((*path, kind), f"not available for family '{name_of_family}' (it takes: {takes})")
         return None
     fmt = formats[source]
     if fmt is None:
         return None
-    plan_problems = options.check_family(family)
+    plan_problems = options.check_family(adapter_cls)
     plan_problems += options.check_plan({n: f for n, f in formats.items() if f is not None})
     for key, message in plan_problems:
         problems.add((*path, kind, key), message, getattr(options, key, None), True)

@@ -20,7 +20,7 @@ import pickle
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,6 +104,9 @@ class VisionDataOptions(BaseModel):
 
 @register_adapter("vision")
 class VisionAdapter(Adapter):
+    # -- what this family's models can take (see Adapter: stages and distillation ask these) ----------------
+    stage_kinds: ClassVar[frozenset[str]] = frozenset({"finetune", "prune", "distill", "export", "quantize", "engine"})
+    distill_task: ClassVar[str | None] = "classification"
     model_options = VisionModelOptions
     data_options = VisionDataOptions
     metric_names = ("top1", "top5")

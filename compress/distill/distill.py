@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from compress.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from compress.distill.losses import feature_mse, next_token_ce, soft_kl
+from compress.distill.losses import feature_mse, soft_kl
 from compress.distill.options import DistillOptions
-from compress.errors import ConfigError, StageError
-
-Batch = Any  # classification: (inputs, labels); causal-lm: {"input_ids", "attention_mask"?} or input_ids
+from compress.distill.tasks import Batch, DistillTask, distill_task
+from compress.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -72,49 +71,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise StageError(f"distill: cannot find logits in a model output of type {type(output).__name__}")
-
-
-class _Task:
-    """How one family's batches are fed and scored."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def split(self, batch: Batch) -> tuple[Any, Any]:
-        """(model inputs, targets) of a batch."""
-        if self.kind == "classification":
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise StageError("distill(classification): a batch must be (inputs, labels)")
-            return batch[0], batch[1]
-        if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise StageError("distill(causal-lm): a batch must be input_ids or a dict with 'input_ids'")
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        return inputs, inputs
-
-    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        if self.kind == "classification":
-            return _logits(model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs))
-        return _logits(model(**inputs, use_cache=False))
-
-    def mask(self, targets: Any) -> torch.Tensor | None:
-        return targets.get("attention_mask") if self.kind == "causal-lm" else None
-
-    def task_loss(self, logits: torch.Tensor, targets: Any) -> torch.Tensor:
-        if self.kind == "classification":
-            return nn.functional.cross_entropy(logits.float(), targets)
-        return next_token_ce(logits, targets["input_ids"], targets.get("attention_mask"))
-
-
 class _FeatureTaps:
     """Forward hooks that keep the latest output of named modules (first tensor of a tuple output)."""
 
@@ -122,7 +78,7 @@ class _FeatureTaps:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
-            raise ConfigError(
+            raise StageError(
                 f"distill.features: {which} has no module {missing}; names look like {[n for n in modules if n][:8]}"
             )
         self.names = list(names)
@@ -195,8 +151,7 @@ def distill(
     """
     if len(data) == 0:
         raise StageError("distill: the training data is empty")
-    task = _Task(options.task)
-    total = total_steps(options, len(data))
+    task = distill_task(options.task)
     device = next(student.parameters()).device
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     torch.manual_seed(options.seed)
@@ -208,7 +163,8 @@ def distill(
     s_taps = _FeatureTaps(student, [f.student for f in options.features], "the student")
     t_taps = _FeatureTaps(teacher, [f.teacher for f in options.features], "the teacher")
     try:
-        return _run(student, teacher, data, options, task, total, device, folder, progress, s_taps, t_taps)
+        loop = _Loop(student, teacher, data, options, task, device, s_taps, t_taps)
+        return loop.run(folder, progress)
     finally:
         s_taps.remove()
         t_taps.remove()
@@ -217,20 +173,8 @@ def distill(
             p.requires_grad_(flag)
 
 
-def _run(
-    student: nn.Module,
-    teacher: nn.Module,
-    data: Sequence[Batch],
-    options: DistillOptions,
-    task: _Task,
-    total: int,
-    device: torch.device,
-    folder: Path | None,
-    progress: Callable[[DistillProgress], None] | None,
-    s_taps: _FeatureTaps,
-    t_taps: _FeatureTaps,
-) -> DistillReport:
-    n = len(data)
+def _batch_order(options: DistillOptions, n: int) -> Callable[[int], int]:
+    """step -> index into the data: `perm_e[step % n]`, `perm_e` seeded by `seed + step // n` (module docstring)."""
     perms: dict[int, list[int]] = {}
 
     def batch_index(step: int) -> int:
@@ -242,131 +186,171 @@ def _run(
             perms[epoch] = torch.randperm(n, generator=gen).tolist()
         return perms[epoch][pos]
 
-    cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-    use_cache: bool | None = None if options.teacher_cache_mb > 0 else False
+    return batch_index
 
-    def teacher_outputs(index: int, inputs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        nonlocal use_cache
-        if index in cache:
-            logits, feats = cache[index]
+
+class _TeacherOutputs:
+    """The teacher's logits and features per batch index, kept on the CPU when all of them fit the budget."""
+
+    def __init__(self, teacher: nn.Module, task: DistillTask, taps: _FeatureTaps, options: DistillOptions, n: int):
+        self.teacher, self.task, self.taps, self.n = teacher, task, taps, n
+        self.budget = options.teacher_cache_mb * 2**20
+        self.cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.use_cache: bool | None = None if options.teacher_cache_mb > 0 else False
+
+    def __call__(self, index: int, inputs: Any, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if index in self.cache:
+            logits, feats = self.cache[index]
             return logits.to(device), [f.to(device) for f in feats]
         with torch.no_grad():
-            logits = task.forward(teacher, inputs)
-            feats = t_taps.take()
-        if use_cache is None:  # decide once, from the first batch's size
+            logits = self.task.forward(self.teacher, inputs)
+            feats = self.taps.take()
+        if self.use_cache is None:  # decide once, from the first batch's size
             per_batch = logits.numel() * logits.element_size() + sum(f.numel() * f.element_size() for f in feats)
-            use_cache = per_batch * n <= options.teacher_cache_mb * 2**20
-        if use_cache:
-            cache[index] = (logits.detach().cpu(), [f.detach().cpu() for f in feats])
+            self.use_cache = per_batch * self.n <= self.budget
+        if self.use_cache:
+            self.cache[index] = (logits.detach().cpu(), [f.detach().cpu() for f in feats])
         return logits, feats
 
-    # Projection heads need the feature widths: probe once on batch 0 in eval mode (no dropout draws).
-    projections = nn.ModuleList()
-    if options.features:
-        probe_inputs, _ = task.split(_to_device(data[batch_index(0)], device))
-        student.eval()
+
+class _Loop:
+    """One distillation run: projections, optimizer and schedule, checkpoints, and the step loop."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        data: Sequence[Batch],
+        options: DistillOptions,
+        task: DistillTask,
+        device: torch.device,
+        s_taps: _FeatureTaps,
+        t_taps: _FeatureTaps,
+    ) -> None:
+        self.student, self.teacher, self.data, self.options, self.task = student, teacher, data, options, task
+        self.device, self.s_taps, self.t_taps = device, s_taps, t_taps
+        self.total = total_steps(options, len(data))
+        self.batch_index = _batch_order(options, len(data))
+        self.teacher_outputs = _TeacherOutputs(teacher, task, t_taps, options, len(data))
+        self.projections = self._projections()
+        self.params = [p for p in student.parameters() if p.requires_grad] + list(self.projections.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(options, self.total))
+        self.fingerprint = _fingerprint(options, self.total, len(data))
+
+    def _projections(self) -> nn.ModuleList:
+        """Projection heads need the feature widths: probe once on batch 0 in eval mode (no dropout draws)."""
+        projections = nn.ModuleList()
+        if not self.options.features:
+            return projections
+        probe_inputs, _ = self.task.split(_to_device(self.data[self.batch_index(0)], self.device))
+        self.student.eval()
         with torch.no_grad():
-            task.forward(student, probe_inputs)
-            task.forward(teacher, probe_inputs)
-        student.train()
-        for s_feat, t_feat in zip(s_taps.take(), t_taps.take(), strict=True):
+            self.task.forward(self.student, probe_inputs)
+            self.task.forward(self.teacher, probe_inputs)
+        self.student.train()
+        for s_feat, t_feat in zip(self.s_taps.take(), self.t_taps.take(), strict=True):
             cs, ct = _channels(s_feat), _channels(t_feat)
             projections.append(nn.Identity() if cs == ct else nn.Linear(cs, ct, bias=False))
-        projections.to(device)
+        return projections.to(self.device)
 
-    params = [p for p in student.parameters() if p.requires_grad] + list(projections.parameters())
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options, total))
-    fingerprint = _fingerprint(options, total, n)
-
-    step = 0
-    if folder is not None and (state := load_checkpoint(folder)) is not None:
-        if state["fingerprint"] != fingerprint:
+    def _resume(self, folder: Path | None) -> int:
+        """The step of the checkpoint in `folder` (state restored), 0 when there is none."""
+        if folder is None or (state := load_checkpoint(folder)) is None:
+            return 0
+        if state["fingerprint"] != self.fingerprint:
             raise StageError(
                 f"distill: the checkpoint in {folder} was made with other options or data "
-                f"({state['fingerprint']}); now {fingerprint}. Delete it to start afresh"
+                f"({state['fingerprint']}); now {self.fingerprint}. Delete it to start afresh"
             )
-        student.load_state_dict(state["student"])
-        projections.load_state_dict(state["projections"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        self.student.load_state_dict(state["student"])
+        self.projections.load_state_dict(state["projections"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        step = int(state["step"])
-    resumed_from = step
+        return int(state["step"])
 
-    def checkpoint() -> None:
+    def _checkpoint(self, folder: Path | None, step: int) -> None:
         if folder is None:
             return
-        save_checkpoint(
-            folder,
-            {
-                "student": student.state_dict(),
-                "projections": projections.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "rng": rng_state(),
-                "fingerprint": fingerprint,
-            },
-        )
+        state = {
+            "student": self.student.state_dict(),
+            "projections": self.projections.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": step,
+            "rng": rng_state(),
+            "fingerprint": self.fingerprint,
+        }
+        save_checkpoint(folder, state)
 
-    start = time.monotonic()
-    losses: list[float] = []
-    stopped_by = "steps"
-    while step < total:
-        if options.max_seconds is not None and time.monotonic() - start >= options.max_seconds:
-            stopped_by = "time"
-            break
-        index = batch_index(step)
-        inputs, targets = task.split(_to_device(data[index], device))
-        t_logits, t_feats = teacher_outputs(index, inputs)
-        s_logits = task.forward(student, inputs)
-        s_feats = s_taps.take()
-
-        mask = task.mask(targets)
-        kl = soft_kl(s_logits, t_logits, options.temperature, mask)
+    def _losses(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, kl, task loss, feature loss) of the batch of `step`."""
+        options, task = self.options, self.task
+        index = self.batch_index(step)
+        inputs, targets = task.split(_to_device(self.data[index], self.device))
+        t_logits, t_feats = self.teacher_outputs(index, inputs, self.device)
+        s_logits = task.forward(self.student, inputs)
+        s_feats = self.s_taps.take()
+        kl = soft_kl(s_logits, t_logits, options.temperature, task.mask(targets))
         hard = task.task_loss(s_logits, targets)
         feat = sum(
-            (feature_mse(s, t, proj) for s, t, proj in zip(s_feats, t_feats, projections, strict=True)),
-            start=torch.zeros((), device=device),
+            (feature_mse(s, t, proj) for s, t, proj in zip(s_feats, t_feats, self.projections, strict=True)),
+            start=torch.zeros((), device=self.device),
         )
         loss = (
             options.alpha * options.temperature**2 * kl + (1.0 - options.alpha) * hard + options.feature_weight * feat
         )
         if not torch.isfinite(loss):
             raise StageError(f"distill: the loss became {loss.item()} at step {step}; lower lr ({options.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if options.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-        optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        step += 1
-        losses.append(loss.item())
-        if options.checkpoint_every and step % options.checkpoint_every == 0:
-            checkpoint()
-        if progress is not None:
-            progress(DistillProgress(step, total, loss.item(), kl.item(), hard.item(), float(feat.detach()), lr))
-    checkpoint()
-    return DistillReport(
-        steps=step,
-        total_steps=total,
-        resumed_from=resumed_from,
-        stopped_by=stopped_by,
-        final_loss=losses[-1] if losses else float("nan"),
-        seconds=time.monotonic() - start,
-        teacher_cached=bool(use_cache),
-        losses=tuple(losses),
-    )
+        return loss, kl, hard, feat
+
+    def run(self, folder: Path | None, progress: Callable[[DistillProgress], None] | None) -> DistillReport:
+        options = self.options
+        step = resumed_from = self._resume(folder)
+        start = time.monotonic()
+        losses: list[float] = []
+        stopped_by = "steps"
+        while step < self.total:
+            if options.max_seconds is not None and time.monotonic() - start >= options.max_seconds:
+                stopped_by = "time"
+                break
+            loss, kl, hard, feat = self._losses(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if options.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, options.max_grad_norm)
+            self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            if options.checkpoint_every and step % options.checkpoint_every == 0:
+                self._checkpoint(folder, step)
+            if progress is not None:
+                values = (loss.item(), kl.item(), hard.item(), float(feat.detach()))
+                progress(DistillProgress(step, self.total, *values, lr))
+        self._checkpoint(folder, step)
+        return DistillReport(
+            steps=step,
+            total_steps=self.total,
+            resumed_from=resumed_from,
+            stopped_by=stopped_by,
+            final_loss=losses[-1] if losses else float("nan"),
+            seconds=time.monotonic() - start,
+            teacher_cached=bool(self.teacher_outputs.use_cache),
+            losses=tuple(losses),
+        )
 
 
 @torch.no_grad()
 def mean_kl(
     student: nn.Module, teacher: nn.Module, data: Sequence[Batch], task: str, temperature: float = 1.0
 ) -> float:
-    """Mean KL(teacher || student) per row (image or non-padding token) over `data`, both in eval mode."""
-    kind = _Task(task)
+    """Mean KL(teacher || student) per row (image or non-padding token) over `data`, both in eval mode.
+
+    `task` names a task of `compress.distill.tasks.TASKS` (the model family's `distill_task`)."""
+    kind = distill_task(task)
     device = next(student.parameters()).device
     modes = (student.training, teacher.training)
     student.eval()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel
 
-from compress.errors import ConfigError
+from compress.errors import StageError
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +57,11 @@ class Adapter(ABC):
     """One model family. Construct with the pipeline's validated `model` and `data` options."""
 
     family: ClassVar[str]
+    # -- what the family's models can take: config, stages and distillation ask these, never a family name --
+    #: stage kinds a pipeline of this family may use; config refuses the others before any work
+    stage_kinds: ClassVar[frozenset[str]] = frozenset({"export", "quantize"})
+    #: name of the task in `compress.distill.tasks.TASKS` the `distill` stage trains with (None: no distill)
+    distill_task: ClassVar[str | None] = None
     model_options: ClassVar[type[BaseModel]]
     data_options: ClassVar[type[BaseModel]]
     #: metric names, in report order; the first is the one plots use
@@ -141,11 +146,11 @@ class Adapter(ABC):
     def train_batches(self, batch_size: int, *, seed: int = 0) -> Sequence[Any]:
         """data.train as map-style batches in the form `compress.distill` takes for this family; batch `i` is
         the same on every access (a resumable loop indexes batches by step)."""
-        raise ConfigError(f"the {self.family} adapter cannot give training batches")
+        raise StageError(f"the {self.family} adapter cannot give training batches")
 
     def kl_batches(self) -> list[Any]:
         """Calibration batches (the `compress.distill` form) on which a distill stage reports the KL."""
-        raise ConfigError(f"the {self.family} adapter cannot give held-out distillation batches")
+        raise StageError(f"the {self.family} adapter cannot give held-out distillation batches")
 
     def prune(
         self, model: torch.nn.Module, options: PruneOptions, *, samples: int, batch_size: int, outdir: Path
@@ -155,7 +160,7 @@ class Adapter(ABC):
         `samples` / `batch_size`: calibration data for importances that read it. Side files (names starting
         with "_") may be written to `outdir`.
         """
-        raise ConfigError(f"the {self.family} family cannot be pruned")
+        raise StageError(f"the {self.family} family cannot be pruned")
 
     def notes(self) -> list[str]:
         """Facts about the source that a reader of the numbers must know; shown at the top of the report."""
@@ -183,7 +188,6 @@ class Adapter(ABC):
         (only report with `raise_on_failure=False`)."""
         from compress.backends.onnxruntime_backend import OrtSession
         from compress.backends.torch_backend import TorchSession
-        from compress.errors import StageError
 
         inputs = self.parity_inputs(samples)
         ref = TorchSession(model, list(self.io_spec().inputs), threads=threads).run(inputs)

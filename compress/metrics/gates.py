@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from compress.config import PipelineConfig
+from compress.config import PipelineConfig, SizeGate, SpeedupGate
 from compress.records import ArtifactRecord, GateRecord, Status, as_records
 
 if TYPE_CHECKING:
@@ -86,60 +86,51 @@ def check_gates(
     records: Mapping[str, ArtifactRecord | Mapping[str, Any]],
     coverage: Coverage | None = None,
 ) -> list[GateRecord]:
-    """Every configured gate on the run's records (entries in manifest JSON form are read as records)."""
+    """Every configured gate on the run's records (entries in manifest JSON form are read as records).
+
+    Quality gates bound the family's declared primary metric (`cfg.quality`, the adapter's `QualityMetric`)."""
     cov, recs = coverage or Coverage(), as_records(records)
-    out = _quality_gates(cfg, recs, cov)
-    base = cfg.baseline
-    for gate in cfg.gates.decode_speedup_min:
-        vs = base if gate.vs == "baseline" else gate.vs
-        a, b = _tps(recs.get(gate.artifact), gate.batch_size), _tps(recs.get(vs), gate.batch_size)
-        bound = f">= {gate.at_least}x"
-        if a is None or b is None:
-            why = _why_not_benched([gate.artifact, vs], recs, cov, f"decode speed at batch {gate.batch_size}")
-            out.append(_unchecked("decode_speedup_min", gate.artifact, vs, bound, why))
-            continue
-        detail = f"decode at batch {gate.batch_size}: {a:.1f} vs {b:.1f} tokens/s"
-        out.append(_judged("decode_speedup_min", gate.artifact, vs, a / b, bound, a / b >= gate.at_least, detail))
-    for gate in cfg.gates.speedup_min:
-        vs = base if gate.vs == "baseline" else gate.vs
-        a, b = _p50(recs.get(gate.artifact), gate.batch_size), _p50(recs.get(vs), gate.batch_size)
-        bound = f">= {gate.at_least}x"
-        if a is None or b is None:
-            why = _why_not_benched([gate.artifact, vs], recs, cov, f"latency at batch {gate.batch_size}")
-            out.append(_unchecked("speedup_min", gate.artifact, vs, bound, why))
-            continue
-        detail = f"p50 at batch {gate.batch_size}: {a:.2f} ms vs {b:.2f} ms"
-        out.append(_judged("speedup_min", gate.artifact, vs, b / a, bound, b / a >= gate.at_least, detail))
-    for gate in cfg.gates.size_ratio_max:
-        vs = base if gate.vs == "baseline" else gate.vs
-        bound = f"<= {gate.at_most}"
-        absent = _why_absent(gate.artifact, recs, cov) or _why_absent(vs, recs, cov)
-        if absent or not recs[gate.artifact].size_bytes or not recs[vs].size_bytes:
-            out.append(_unchecked("size_ratio_max", gate.artifact, vs, bound, absent or "artifact size unknown"))
-            continue
-        a, b = recs[gate.artifact].size_bytes, recs[vs].size_bytes
-        detail = f"{a / 1e6:.2f} MB vs {b / 1e6:.2f} MB"
-        out.append(_judged("size_ratio_max", gate.artifact, vs, a / b, bound, a / b <= gate.at_most, detail))
-    if cfg.gates.recovery_min:
-        quality = _family_quality(cfg.family)
-        for gate in cfg.gates.recovery_min:
-            out.append(_recovery(gate.artifact, gate.lost_by, gate.at_least, base, recs, quality, cov))
-    return out
+    base, gates = cfg.baseline, cfg.gates
+    return [
+        *_quality_gates(cfg, recs, cov),
+        *(_decode_speedup(g, base, recs, cov) for g in gates.decode_speedup_min),
+        *(_speedup(g, base, recs, cov) for g in gates.speedup_min),
+        *(_size_ratio(g, base, recs, cov) for g in gates.size_ratio_max),
+        *(_recovery(g.artifact, g.lost_by, g.at_least, base, recs, cfg.quality, cov) for g in gates.recovery_min),
+    ]
 
 
-def _family_quality(family: str) -> QualityMetric:
-    from compress.registry import registered_adapters
+def _decode_speedup(gate: SpeedupGate, base: str, recs: Records, cov: Coverage) -> GateRecord:
+    vs = base if gate.vs == "baseline" else gate.vs
+    a, b = _tps(recs.get(gate.artifact), gate.batch_size), _tps(recs.get(vs), gate.batch_size)
+    bound = f">= {gate.at_least}x"
+    if a is None or b is None:
+        why = _why_not_benched([gate.artifact, vs], recs, cov, f"decode speed at batch {gate.batch_size}")
+        return _unchecked("decode_speedup_min", gate.artifact, vs, bound, why)
+    detail = f"decode at batch {gate.batch_size}: {a:.1f} vs {b:.1f} tokens/s"
+    return _judged("decode_speedup_min", gate.artifact, vs, a / b, bound, a / b >= gate.at_least, detail)
 
-    return registered_adapters()[family].quality
+
+def _speedup(gate: SpeedupGate, base: str, recs: Records, cov: Coverage) -> GateRecord:
+    vs = base if gate.vs == "baseline" else gate.vs
+    a, b = _p50(recs.get(gate.artifact), gate.batch_size), _p50(recs.get(vs), gate.batch_size)
+    bound = f">= {gate.at_least}x"
+    if a is None or b is None:
+        why = _why_not_benched([gate.artifact, vs], recs, cov, f"latency at batch {gate.batch_size}")
+        return _unchecked("speedup_min", gate.artifact, vs, bound, why)
+    detail = f"p50 at batch {gate.batch_size}: {a:.2f} ms vs {b:.2f} ms"
+    return _judged("speedup_min", gate.artifact, vs, b / a, bound, b / a >= gate.at_least, detail)
 
 
-def _quality_of(key: str, cfg: PipelineConfig) -> QualityMetric:
-    """The metric a quality gate bounds: the family's, or for an alias the family that declares it."""
-    if key == "quality_drop_max":
-        return _family_quality(cfg.family)
-    from compress.registry import registered_adapters
-
-    return next(a.quality for a in registered_adapters().values() if a.quality.alias == key)
+def _size_ratio(gate: SizeGate, base: str, recs: Records, cov: Coverage) -> GateRecord:
+    vs = base if gate.vs == "baseline" else gate.vs
+    bound = f"<= {gate.at_most}"
+    absent = _why_absent(gate.artifact, recs, cov) or _why_absent(vs, recs, cov)
+    if absent or not recs[gate.artifact].size_bytes or not recs[vs].size_bytes:
+        return _unchecked("size_ratio_max", gate.artifact, vs, bound, absent or "artifact size unknown")
+    a, b = recs[gate.artifact].size_bytes, recs[vs].size_bytes
+    detail = f"{a / 1e6:.2f} MB vs {b / 1e6:.2f} MB"
+    return _judged("size_ratio_max", gate.artifact, vs, a / b, bound, a / b <= gate.at_most, detail)
 
 
 def _quality_gates(cfg: PipelineConfig, records: Records, cov: Coverage) -> list[GateRecord]:
@@ -147,8 +138,8 @@ def _quality_gates(cfg: PipelineConfig, records: Records, cov: Coverage) -> list
     given = cfg.gates.quality_bound()
     if given is None:
         return []
-    key, bound = given
-    quality = _quality_of(key, cfg)
+    key, bound = given  # the key written: quality_drop_max or the family's alias (config refuses another's)
+    quality = cfg.quality
     base, on = cfg.baseline, cfg.gates.metric_gates_on  # on: [] gates nothing; None gates every branch's end
     if on is None:
         # What each branch delivers among the artifacts that exist (a skipped optional engine leaves its input

@@ -1,4 +1,8 @@
-"""What every stage shares: the options base class, the context a stage runs in, and its output."""
+"""What every stage shares: the options base class, the context a stage runs in, and its output.
+
+A stage never names a model family: the family declares which stage kinds it takes (`Adapter.stage_kinds`)
+and what a stage reads of it (prune support, INT4 methods, distillation task, quality metric).
+"""
 
 from __future__ import annotations
 
@@ -41,8 +45,6 @@ class StageOptions(BaseModel):
 
     #: artifact formats the stage can start from
     accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
-    #: model families the stage supports
-    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm"})
     #: the stage needs the pipeline's training data
     needs_train_data: ClassVar[bool] = False
 
@@ -59,8 +61,10 @@ class StageOptions(BaseModel):
         """Problems only the input's ancestry shows (nearest first, ending at the source): [(key, message)]."""
         return []
 
-    def check_family(self, family: str) -> list[tuple[str, str]]:
-        """Problems with options that do not fit the pipeline's model family: [(key, message)]."""
+    def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
+        """Problems with options that do not fit what the pipeline's model family declares: [(key, message)].
+
+        Whether the family takes this stage at all is its own declaration (`Adapter.stage_kinds`)."""
         return []
 
     def output_precision(self, input_precision: str) -> str:

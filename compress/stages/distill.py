@@ -5,9 +5,10 @@
 - distill: {teacher: finetune, epochs: 1, checkpoint_every: 50}
 - distill: {max_steps: 200, lr: 1.0e-4, alpha: 1.0, batch_size: 4}    # causal-lm: token-level KL
 ```
-The task follows the model family: vision distils class logits (plus the label loss), causal-lm distils
-every next-token distribution over the training windows (`data.train_windows`, which never overlap the
-evaluation windows; the task loss is next-token cross-entropy on the same text).
+The task is the one the model family declares (`Adapter.distill_task`, a task of `compress.distill.tasks`):
+classification distils class logits (plus the label loss), causal-lm distils every next-token distribution
+over the training windows (`data.train_windows`, which never overlap the evaluation windows; the task loss
+is next-token cross-entropy on the same text).
 The teacher defaults to the model before the nearest `prune` among the student's ancestors (prune ->
 distill recovers what pruning lost, Hinton et al. 2015, arXiv 1503.02531), else the pipeline's baseline.
 The loop is `compress.distill.distill`; its checkpoints live in `<runs>/.cache/distill/<key>/`, outside
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from compress.distill.options import DistillOptions
-from compress.errors import ConfigError
+from compress.errors import StageError
 from compress.registry import register_stage
 from compress.schema import Count
 from compress.stages.base import Ancestor, StageContext, StageOptions, StageOutput
 
-TASKS = {"vision": "classification", "causal-lm": "causal-lm"}  # adapter family -> distill task
+if TYPE_CHECKING:
+    from compress.artifact import Artifact
+    from compress.families.base import Adapter
 
 
 class DistillStageOptions(StageOptions, DistillOptions):
@@ -50,7 +53,7 @@ class DistillStageOptions(StageOptions, DistillOptions):
         "lineage, else the baseline",
     )
     task: Literal["classification", "causal-lm"] | None = Field(
-        None, description="default: the model family's (vision: classification, causal-lm: causal-lm)"
+        None, description="default: the one the model family declares (the only one it takes)"
     )
     batch_size: Count = Field(64, gt=0, description="training batch size (images, or windows for causal-lm)")
     # A stage default unlike the library's 0 (end only): a killed stage should lose at most this many steps.
@@ -95,28 +98,34 @@ class DistillStageOptions(StageOptions, DistillOptions):
             raise ValueError("give max_steps or epochs (the cosine schedule needs a horizon)")
         return self
 
-    def check_family(self, family: str) -> list[tuple[str, str]]:
-        if self.task is not None and self.task != TASKS[family]:
-            return [("task", f"does not fit family '{family}'; leave it out or set '{TASKS[family]}'")]
+    def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
+        declared = adapter.distill_task
+        if declared is None:
+            return [("task", f"the {adapter.family} family declares no distillation task")]
+        if self.task is not None and self.task != declared:
+            return [("task", f"does not fit family '{adapter.family}'; leave it out or set '{declared}'")]
         return []
 
-    def library_options(self, family: str) -> DistillOptions:
-        """The options of `compress.distill` for a model family, without the stage's own keys."""
+    def library_options(self, task: str) -> DistillOptions:
+        """The options of `compress.distill` for the family's declared `task`, without the stage's own keys."""
         fields = self.model_dump(include=set(DistillOptions.model_fields))
-        return DistillOptions.model_validate({**fields, "task": TASKS[family]})
+        return DistillOptions.model_validate({**fields, "task": task})
 
     def cache_fields(self) -> dict:
         # How often to checkpoint and whether teacher outputs are kept in memory do not change the result.
         return {k: v for k, v in super().cache_fields().items() if k not in ("checkpoint_every", "teacher_cache_mb")}
 
 
-def find_teacher(artifact, options: DistillStageOptions, ctx: StageContext):  # -> Artifact
-    """The teacher artifact: `options.teacher`, else the input of the nearest prune in the lineage, else baseline."""
+def find_teacher(artifact: Artifact, options: DistillStageOptions, ctx: StageContext) -> Artifact:
+    """The teacher artifact: `options.teacher`, else the input of the nearest prune in the lineage, else baseline.
+
+    The plan already checked this (`check_plan`, `check_lineage`); a StageError here means the artifacts
+    the run holds differ from the plan's."""
     arts = ctx.artifacts
     earlier = ", ".join(arts)
     if options.teacher is not None:
         if options.teacher not in arts:
-            raise ConfigError(
+            raise StageError(
                 f"distill.teacher = {options.teacher!r}: no earlier artifact of that name; earlier: {earlier}"
             )
         teacher = arts[options.teacher]
@@ -129,18 +138,18 @@ def find_teacher(artifact, options: DistillStageOptions, ctx: StageContext):  # 
             node = arts.get(node.parent) if node.parent else None
         if teacher is None:
             if ctx.baseline is None:
-                raise ConfigError(
+                raise StageError(
                     f"distill: no teacher given, no prune before it and no baseline yet; set teacher (one of {earlier})"
                 )
             teacher = arts[ctx.baseline]
     if teacher.format != "torch":
-        raise ConfigError(
+        raise StageError(
             f"distill.teacher = {teacher.name!r} is a {teacher.format} artifact; a torch artifact is needed"
         )
     if teacher.name == artifact.name:
-        raise ConfigError(f"distill: the teacher {teacher.name!r} is the student itself; set teacher")
+        raise StageError(f"distill: the teacher {teacher.name!r} is the student itself; set teacher")
     if not teacher.task_ready:
-        raise ConfigError(
+        raise StageError(
             f"distill.teacher = {teacher.name!r} has an untrained head (task_ready false); add a finetune stage "
             "before it or name a trained teacher"
         )
@@ -154,10 +163,11 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
 
     from compress.distill import distill as run_distill
     from compress.distill import mean_kl, total_steps
+    from compress.distill.tasks import distill_task
     from compress.hashing import sha256_json
 
     adapter = ctx.adapter
-    loop = options.library_options(adapter.family)
+    loop = options.library_options(adapter.distill_task)
     teacher_art = find_teacher(artifact, options, ctx)
     torch.set_num_threads(ctx.threads)
     student = adapter.load_torch(artifact)
@@ -195,7 +205,7 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "teacher": teacher_art.name,
         "kl_before": round(kl_before, 5),
         "kl_after": round(kl_after, 5),
-        "kl_data": {"set": "calibration", **_rows(kl_data_batches), "temperature": 1},
+        "kl_data": {"set": "calibration", **distill_task(loop.task).rows(kl_data_batches), "temperature": 1},
         "steps": report.steps,
         "total_steps": report.total_steps,
         "resumed_from_step": report.resumed_from,
@@ -205,10 +215,3 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "distill_seconds": round(seconds, 1),
     }
     return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
-
-
-def _rows(batches: list[Any]) -> dict[str, int]:
-    """What the KL is averaged over: images (vision batches are (inputs, labels)) or tokens (causal-lm)."""
-    if isinstance(batches[0], tuple):
-        return {"images": sum(len(labels) for _, labels in batches)}
-    return {"tokens": sum(int(b["input_ids"].numel()) for b in batches)}

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from compress.errors import ConfigError
+from compress.errors import StageError
 from compress.registry import register_stage
 from compress.schema import Count, PositiveCount
 from compress.stages.base import StageContext, StageOptions, StageOutput
@@ -55,7 +55,6 @@ class EngineOptions(StageOptions):
     """Build a TensorRT engine from an ONNX artifact (needs the `tensorrt` extra and an NVIDIA GPU)."""
 
     accepts: ClassVar[frozenset[str]] = frozenset({"onnx"})
-    families: ClassVar[frozenset[str]] = frozenset({"vision"})
     backend: Literal["tensorrt"] = Field("tensorrt", description="engine builder; only TensorRT for now")
     precision: Literal["fp16", "int8", "int4", "fp32"] = Field(
         description="int8/int4: the input's Q/DQ (quantize with target: tensorrt), strongly typed; "
@@ -142,7 +141,7 @@ def resolve_profile(
                     by_axis[key] = ranges[dim]
     static = sorted(k for k in given if k in spec_names and k not in dynamic_names)
     if static:
-        raise ConfigError(
+        raise StageError(
             f"engine profiles {static}: that dimension is static in the ONNX file "
             f"(dynamic axes: {sorted(dynamic) or 'none'})"
         )

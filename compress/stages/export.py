@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import ClassVar
 
 from pydantic import Field
 
@@ -29,8 +28,6 @@ from compress.stages.base import StageContext, StageOptions, StageOutput
 
 class ExportOptions(StageOptions):
     """Export a torch artifact to ONNX and check it against torch."""
-
-    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm", "text-encoder"})
 
     opset: Count = Field(17, ge=13, le=23, description="ONNX opset (>= 18 with dynamo)")
     dynamo: bool = Field(False, description="use the torch.export-based exporter instead of TorchScript")

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from compress.errors import ConfigError
+from compress.errors import StageError
 from compress.registry import register_stage
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
@@ -23,7 +23,6 @@ from compress.stages.base import StageContext, StageOptions, StageOutput
 class FinetuneOptions(StageOptions):
     """Train on `data.train` with AdamW and a warm-up + cosine learning-rate schedule."""
 
-    families: ClassVar[frozenset[str]] = frozenset({"vision"})
     needs_train_data: ClassVar[bool] = True
     epochs: Real | None = Field(1.0, gt=0, description="passes over data.train (fractions allowed)")
     steps: Count | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
@@ -113,5 +112,5 @@ def _head(model):  # -> torch.nn.Module
         if isinstance(module, torch.nn.Linear):
             last = module
     if last is None:
-        raise ConfigError("finetune: the model has no nn.Linear classifier head")
+        raise StageError("finetune: the model has no nn.Linear classifier head")
     return last

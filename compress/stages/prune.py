@@ -19,6 +19,7 @@ faster than the unpruned one (see pipelines/mobilenetv2-fashion-full.yaml).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
@@ -27,6 +28,9 @@ from compress.prune.options import PruneOptions
 from compress.registry import register_stage
 from compress.schema import Count
 from compress.stages.base import StageContext, StageOptions, StageOutput
+
+if TYPE_CHECKING:
+    from compress.families.base import Adapter
 
 
 class PruneStageOptions(StageOptions, PruneOptions):
@@ -56,11 +60,11 @@ class PruneStageOptions(StageOptions, PruneOptions):
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("prune.target: ")) from None
 
-    def check_family(self, family: str) -> list[tuple[str, str]]:
+    def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
         from compress.registry import registered_adapters
 
-        adapters = registered_adapters()
-        support = adapters[family].prune_support
+        adapters, family = registered_adapters(), adapter.family
+        support = adapter.prune_support
         if support is None:
             return [("importance", f"the {family} family cannot be pruned")]
         problems = []

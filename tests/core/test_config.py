@@ -102,7 +102,7 @@ def test_family_gate_mismatch_and_unknown_family(tmp_path: Path) -> None:
     msg = _error(tmp_path, GOOD.replace("{top1_drop_max: 1.0}", "{ppl_rise_max: 1.0}"))
     assert "gates.ppl_rise_max: does not apply to family 'vision'; use top1_drop_max" in msg
     msg = _error(tmp_path, GOOD.replace("family: vision", "family: audio"))
-    assert "model.family = 'audio': unknown family; allowed: causal-lm, vision" in msg
+    assert "model.family = 'audio': unknown family; allowed: causal-lm, text-encoder, vision" in msg
 
 
 def test_duplicate_key_and_bad_yaml(tmp_path: Path) -> None:
@@ -122,3 +122,29 @@ def test_recovery_gate_names_are_checked(tmp_path: Path) -> None:
     assert "gates.recovery_min[0].lost_by = 'baseline': no artifact of that name" in _error(tmp_path, text)
     ok = GOOD.replace("{top1_drop_max: 1.0}", "{recovery_min: {artifact: quantize, lost_by: export, at_least: 0.5}}")
     assert load_pipeline(_write(tmp_path, ok)).gates.recovery_min[0].at_least == 0.5
+
+
+def test_a_stage_the_family_does_not_declare_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from compress.adapters.vision import VisionAdapter
+
+    monkeypatch.setattr(VisionAdapter, "stage_kinds", frozenset({"export", "quantize"}))
+    msg = _error(tmp_path, GOOD)
+    assert "p.yaml:9: stages[0].finetune: not available for family 'vision' (it takes: export, quantize)" in msg
+
+
+def test_family_declarations_name_registered_stages_and_distillation_tasks() -> None:
+    from typing import get_args
+
+    from compress.distill.options import DistillOptions
+    from compress.distill.tasks import TASKS
+    from compress.registry import registered_adapters, registered_stages
+
+    assert set(get_args(DistillOptions.model_fields["task"].annotation)) == set(TASKS)
+    declared = {}
+    for family, adapter in registered_adapters().items():
+        assert adapter.stage_kinds <= set(registered_stages()), family
+        assert (adapter.distill_task is not None) == ("distill" in adapter.stage_kinds), family
+        assert adapter.distill_task is None or adapter.distill_task in TASKS, family
+        declared[family] = sorted(adapter.stage_kinds)
+    assert declared["text-encoder"] == ["export", "quantize"]
+    assert declared["causal-lm"] == ["distill", "export", "prune", "quantize"]

@@ -50,9 +50,9 @@ def test_metric_gates_on_empty_gates_nothing_and_unset_gates_branch_ends() -> No
         }
 
     records = {"finetune": rec("source", 90.0), "prune": rec("finetune", 10.0), "distill": rec("prune", 89.5)}
-    unset = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0))
+    unset = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0), quality=TOP1)
     assert [(g.artifact, g.status) for g in check_gates(unset, records)] == [("distill", "pass")]  # prune: intermediate
-    none = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0, metric_gates_on=[]))
+    none = SimpleNamespace(baseline="finetune", gates=Gates(top1_drop_max=1.0, metric_gates_on=[]), quality=TOP1)
     assert check_gates(none, records) == []
 
 

@@ -134,6 +134,7 @@ class _CosineAdapter(VisionAdapter):
     model_options, data_options = _FakeModel, _FakeData
     metric_names = ("cosine",)
     quality = QualityMetric("cosine", "points", "cosine_drop", higher_is_better=True)
+    stage_kinds = frozenset({"export"})  # the family's own declaration: no stage needs to know it
 
     def preflight(self) -> list:
         return []
@@ -145,10 +146,9 @@ class _LossAdapter(_CosineAdapter):
 
 @pytest.fixture
 def text_encoder(monkeypatch):
-    from compress.stages.export import ExportOptions
 
+    registry.registered_adapters()  # the real one registers first, so that the stand-in replaces it
     monkeypatch.setitem(registry._ADAPTERS, "text-encoder", _CosineAdapter)
-    monkeypatch.setattr(ExportOptions, "families", ExportOptions.families | {"text-encoder"})
     return "text-encoder"
 
 
@@ -161,11 +161,11 @@ def test_quality_drop_max_applies_to_a_new_family_by_its_declaration(text_encode
         "source": _entry(None, {"cosine": 100.0}),
         "int8": _entry("source", {"cosine": 98.0}, {"cosine_drop": 2.0}),
     }
-    cfg = SimpleNamespace(family=text_encoder, baseline="source", gates=Gates(quality_drop_max=2.5))
+    cfg = SimpleNamespace(quality=_CosineAdapter.quality, baseline="source", gates=Gates(quality_drop_max=2.5))
     [gate] = check_gates(cfg, records)
     assert (gate.gate, gate.value, gate.bound, gate.status) == ("quality_drop_max", 2.0, "<= 2.5 points", "pass")
     assert gate.detail == "cosine 98.000 vs 100.000"
-    cfg = SimpleNamespace(family=text_encoder, baseline="source", gates=Gates(quality_drop_max=1.0))
+    cfg = SimpleNamespace(quality=_CosineAdapter.quality, baseline="source", gates=Gates(quality_drop_max=1.0))
     assert [g.status for g in check_gates(cfg, records)] == ["fail"]
     bare = {name: {"artifact": rec["artifact"]} for name, rec in records.items()}
     [gate] = check_gates(cfg, bare, Coverage(evaluation_off="--no-eval"))

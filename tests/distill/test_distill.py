@@ -96,7 +96,7 @@ def test_feature_matching_with_projection_pulls_features_together() -> None:
     distill(student, teacher, data, opts, progress=lambda p: losses.append(p.feature_loss))
     # Widths 16 vs 64 go through a learned Linear; its MSE must fall by half at least (seen: ~4x).
     assert losses[-1] < losses[0] / 2, (losses[0], losses[-1])
-    with pytest.raises(ConfigError, match="no module"):
+    with pytest.raises(StageError, match="no module"):
         distill(
             MLP(16),
             teacher,

@@ -103,6 +103,7 @@ def test_a_breach_outranks_a_gate_not_checked(toy) -> None:
 
 
 def test_missing_metric_and_perplexity_gate_without_evaluation() -> None:
+    from compress.adapters.causal_lm import CausalLMAdapter
     from compress.config import Gates
     from compress.metrics.gates import Coverage, check_gates
 
@@ -110,7 +111,7 @@ def test_missing_metric_and_perplexity_gate_without_evaluation() -> None:
         "source": {"artifact": {"parent": None}, "evaluation": {"metrics": {"ppl": 15.0}}},
         "int8": {"artifact": {"parent": "source"}, "evaluation": {"metrics": {"ppl": 15.5}, "vs_baseline": {}}},
     }
-    cfg = SimpleNamespace(baseline="source", gates=Gates(ppl_rise_max=10.0))
+    cfg = SimpleNamespace(baseline="source", gates=Gates(ppl_rise_max=10.0), quality=CausalLMAdapter.quality)
     [gate] = check_gates(cfg, records)
     assert gate.status == "not-checked" and gate.detail == "metric 'ppl_rise_pct' missing from the evaluation of 'int8'"
     bare = {name: {"artifact": rec["artifact"]} for name, rec in records.items()}

@@ -15,7 +15,7 @@ from toys import pipeline_yaml
 
 from compress.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_STAGE, main
 from compress.config import load_pipeline
-from compress.errors import ConfigError
+from compress.errors import ConfigError, StageError
 from compress.families.base import IOSpec
 from compress.gpu import availability
 from compress.gpu.availability import gpu_status
@@ -172,7 +172,7 @@ def test_profile_errors_and_causal_lm_defaults() -> None:
 
     vision = IOSpec(inputs={"x": ("batch", 3, 8, 8)}, outputs={}, dtypes={"x": "float32"})
     static = conv_model(batch=2)
-    with pytest.raises(ConfigError, match="static in the ONNX file"):
+    with pytest.raises(StageError, match="static in the ONNX file"):
         resolve_profile(static, vision, {"batch": (1, 2, 4)}, {})
     assert resolve_profile(static, vision, {}, default_dim_ranges(vision)).inputs[0].max == (2, 3, 8, 8)
     assert default_dim_ranges(vision, max_batch=4) == {"batch": (1, 8, 32)}

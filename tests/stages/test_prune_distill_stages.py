@@ -19,7 +19,7 @@ from compress import registry
 from compress.artifact import Artifact
 from compress.config import load_pipeline
 from compress.distill.checkpoint import CHECKPOINT_FILE
-from compress.errors import ConfigError
+from compress.errors import ConfigError, StageError
 from compress.progress import Reporter, Task
 from compress.runner import Runner
 from compress.stages.base import StageContext
@@ -162,12 +162,12 @@ def test_teacher_is_the_model_before_the_nearest_prune_else_the_baseline() -> No
     ctx = _ctx(arts, "finetune")
     options = DistillStageOptions(max_steps=1)
     assert find_teacher(arts[3], options, ctx).name == "prune"  # the nearest prune's input, not the first
-    with pytest.raises(ConfigError, match="is the student itself"):
+    with pytest.raises(StageError, match="is the student itself"):
         find_teacher(arts[1], options, ctx)
     assert find_teacher(arts[2], options.model_copy(update={"teacher": "finetune"}), ctx).name == "finetune"
-    with pytest.raises(ConfigError, match="no earlier artifact of that name; earlier: source, finetune"):
+    with pytest.raises(StageError, match="no earlier artifact of that name; earlier: source, finetune"):
         find_teacher(arts[2], options.model_copy(update={"teacher": "finetun"}), ctx)
-    with pytest.raises(ConfigError, match="is a onnx artifact"):
+    with pytest.raises(StageError, match="is a onnx artifact"):
         find_teacher(arts[2], options.model_copy(update={"teacher": "onnx"}), ctx)
-    with pytest.raises(ConfigError, match="untrained head"):
+    with pytest.raises(StageError, match="untrained head"):
         find_teacher(arts[1], options, _ctx(arts[:2], "source"))

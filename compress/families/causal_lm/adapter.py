@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 @register_adapter("causal-lm")
 class CausalLMAdapter(Adapter):
+    # -- what this family's models can take (see Adapter: stages and distillation ask these) ----------------
+    stage_kinds: ClassVar[frozenset[str]] = frozenset({"prune", "distill", "export", "quantize"})
+    distill_task: ClassVar[str | None] = "causal-lm"
     model_options = CausalLMModelOptions
     data_options = TextDataOptions
     metric_names = ("ppl",)

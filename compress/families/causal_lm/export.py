@@ -270,7 +270,8 @@ def lm_head_matmul(graph: Any) -> Any:
 
 
 def _dynamo_shapes(num_layers: int) -> tuple[Any, ...]:
-    """Dynamic shapes for ``dynamo=True``: the mask gets its own dim (ASSETS: a derived dim fails)."""
+    """Dynamic shapes for ``dynamo=True``: the attention mask needs its own dim (``total_sequence``); one derived
+    from ``sequence`` and ``past_sequence`` does not export."""
     from torch.export import Dim
 
     b, s, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")

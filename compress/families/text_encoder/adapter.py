@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 @register_adapter("text-encoder")
 class TextEncoderAdapter(Adapter):
+    # -- what this family's models can take (see Adapter: stages and distillation ask these) ----------------
+    stage_kinds: ClassVar[frozenset[str]] = frozenset({"export", "quantize"})
+    distill_task: ClassVar[str | None] = None
     model_options = TextEncoderModelOptions
     data_options = TextEncoderDataOptions
     metric_names = ("cosine_pct", "recall@1", "recall@5", "mrr")

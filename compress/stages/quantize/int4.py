@@ -49,7 +49,7 @@ import fnmatch
 import shutil
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -57,6 +57,9 @@ from pydantic import Field
 from compress.errors import ConfigError, StageError
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
+
+if TYPE_CHECKING:
+    from compress.families.base import Adapter
 
 #: ONNX Runtime session entry that keeps DQ+MatMul fusions at float compute (what TensorRT does)
 ORT_QDQ_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
@@ -66,7 +69,6 @@ class Int4Options(StageOptions):
     """INT4 weight-only quantization of a torch artifact's Linear layers, exported to ONNX."""
 
     accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
-    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm", "text-encoder"})
     precision: Literal["int4"]
     method: Literal["rtn", "gptq", "awq", "checkpoint"] = Field(
         "gptq",
@@ -121,14 +123,12 @@ class Int4Options(StageOptions):
     def export_opset(self) -> int:
         return self.opset if self.opset is not None else (20 if self.target == "tensorrt" else 17)
 
-    def check_family(self, family: str) -> list[tuple[str, str]]:
+    def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
         """The family declares the INT4 algorithms its models can take (AWQ needs a decoder's layer map)."""
-        from compress.registry import registered_adapters
-
-        allowed = registered_adapters()[family].int4_methods
+        allowed = adapter.int4_methods
         if self.method in allowed:
             return []
-        return [("method", f"not available for family '{family}'; allowed: {', '.join(sorted(allowed))}")]
+        return [("method", f"not available for family '{adapter.family}'; allowed: {', '.join(sorted(allowed))}")]
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
         """Combinations no single field can refuse: TensorRT's INT4 rules, method-specific keys."""

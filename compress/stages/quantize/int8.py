@@ -64,7 +64,6 @@ class Int8Options(StageOptions):
     """Calibrated static INT8 (Q/DQ) for an ONNX artifact."""
 
     accepts: ClassVar[frozenset[str]] = frozenset({"onnx"})
-    families: ClassVar[frozenset[str]] = frozenset({"vision", "causal-lm", "text-encoder"})
     precision: Literal["int8"]
     method: Literal["auto", "static", "weight-only", "dynamic"] = Field(
         "auto", description="auto: the model family's best (vision: static, causal-lm: weight-only)"
