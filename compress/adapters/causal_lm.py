@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import ConfigError
-from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric
+from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric, ReportView
 from compress.llm.text_data import TextSource
 from compress.progress import quiet_third_party
 from compress.prune.options import DECODER_PRUNING
@@ -461,12 +461,14 @@ class CausalLMAdapter(Adapter):
         bs = self.data_cfg.batch_size
         nll_sum, count = 0.0, 0
         predictions = np.empty(windows.shape, dtype=np.int64)  # (N, T) argmax at every position
+        window_nll = np.empty(len(windows), dtype=np.float64)  # (N,) mean NLL per window
         with reporter.task(f"evaluate {label} (perplexity)", total=len(windows)) as task:
             for start in range(0, len(windows), bs):
                 batch = windows[start : start + bs]
                 logits = np.asarray(session.logits(batch))  # (B, T, V)
                 predictions[start : start + len(batch)] = logits.argmax(-1)
                 nll = _token_nll(logits, batch)  # (B, T-1)
+                window_nll[start : start + len(batch)] = nll.mean(axis=1)
                 nll_sum += float(nll.sum())
                 count += nll.size
                 task.advance(len(batch), info=f"running ppl {np.exp(nll_sum / count):.1f}")
@@ -474,7 +476,19 @@ class CausalLMAdapter(Adapter):
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
             generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
         metrics = {"ppl": float(np.exp(nll_sum / count)), "tokens": count}
-        return Evaluation(metrics, predictions, {"greedy": generated})
+        return Evaluation(metrics, predictions, {"greedy": generated}, samples={"window_nll": window_nll})
+
+    def report_view(self) -> ReportView:
+        d = self.data_cfg
+        card = {
+            "text": d.text.model_dump(mode="json"),
+            "windows": len(self.windows["evaluation"]),
+            "window tokens": d.window,
+        }
+        return ReportView(
+            decode=lambda ids: [self.tokenizer.decode([i]) for i in ids],
+            data_card={"evaluation": card, "prompts": len(self.prompt_ids)},
+        )
 
     def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
         first = []
