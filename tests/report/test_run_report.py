@@ -152,3 +152,34 @@ def test_damaged_samples_are_re_evaluated(run: Path, tmp_path: Path, fashion_mni
     assert code == 0
     _, samples = _evidence(runs / "toy" / "int8")
     assert samples["labels"].shape == (300,)
+
+
+def test_compare_exit_4_when_a_threshold_cannot_be_checked(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "toy"
+    shutil.copytree(run, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for record in manifest["artifacts"]:
+        record.pop("bench", None)  # as after `--no-bench` without cached results
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert _compare(run, copy, "latency_rise_pct>10") == 4
+    assert _compare(run, copy, "latency_rise_pct>10", "top1_drop>-1000") == 1  # a breach outranks it
+
+
+def test_a_picture_that_fails_is_a_warning_and_the_rest_is_drawn(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress.families.base import Evaluation
+    from compress.records import RunManifest
+    from compress.report.html import Evidence, render_html
+
+    manifest = RunManifest.from_json(json.loads((run / "manifest.json").read_text()))
+    evals = {}
+    for name in ("finetune", "int8"):
+        preds, samples = _evidence(run / name)
+        evals[name] = Evaluation({}, preds, {}, samples)
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(vision, "confusion_figure", broken)
+    page, problems = render_html(manifest, run, Evidence(evaluations=evals))
+    assert problems == ["vision: RuntimeError: no fonts"]
+    assert "The vision section could not be drawn: no fonts" in page and "Model card" in page
