@@ -219,6 +219,8 @@ def _llm(m: RunManifest, ev: Evidence) -> list[str]:
             tokens = decode(greedy[n][p])
             at = None if reference is None else llm_report.first_divergence(greedy[n][p], reference[p])
             text = "".join(f"<mark>{_e(t)}</mark>" if i == at else _e(t) for i, t in enumerate(tokens))
+            if at is not None and at >= len(tokens):  # stopped before the baseline did
+                text += "<mark>[ends here]</mark>"
             cells.append(f"<td><pre>{text}</pre></td>")
         rows.append(f"<tr><td>{p}</td>{''.join(cells)}</tr>")
     head = "".join(f"<th>{_e(n)}</th>" for n in ["prompt", *names])
