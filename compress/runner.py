@@ -325,7 +325,10 @@ class Runner:
         if predictions is None:
             self.reporter.log(f"[yellow]damaged[/]    {art.name}/{PREDICTIONS_FILE}: re-evaluating")
             return None
-        samples = load_arrays(art.path / SAMPLES_FILE, hit.get("samples_sha256"))
+        if "samples_sha256" not in hit:  # cached before per-sample arrays were kept
+            self.reporter.log(f"[yellow]stale[/]      evaluation of {art.name} has no {SAMPLES_FILE}: re-evaluating")
+            return None
+        samples = load_arrays(art.path / SAMPLES_FILE, hit["samples_sha256"])
         if samples is None:
             self.reporter.log(f"[yellow]damaged[/]    {art.name}/{SAMPLES_FILE}: re-evaluating")
             return None
