@@ -22,7 +22,9 @@ from compress.hashing import cached_sha256, sha256_file, sha256_json
 Format = Literal["torch", "onnx", "engine"]
 MANIFEST = "artifact.json"
 EVAL_FILE, BENCH_FILE, PREDICTIONS_FILE = "_evaluation.json", "_bench.json", "_predictions.npy"
-RUNNER_FILES = frozenset({MANIFEST, EVAL_FILE, BENCH_FILE, PREDICTIONS_FILE})  # not model files: own integrity
+SAMPLES_FILE = "_samples.npz"  # per-sample arrays of the evaluation (labels, confidences, window NLLs)
+# not model files: each has its own integrity check
+RUNNER_FILES = frozenset({MANIFEST, EVAL_FILE, BENCH_FILE, PREDICTIONS_FILE, SAMPLES_FILE})
 
 
 @dataclass(frozen=True)

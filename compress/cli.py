@@ -5,6 +5,7 @@
     compress list-stages
     compress generate runs/smollm2-int8/int8 "The capital of France is"
     compress inspect runs/mobilenetv2-fashion-int8
+    compress compare runs-old/mobilenetv2-fashion-int8 runs/mobilenetv2-fashion-int8 --fail-on 'top1_drop>0.2'
 
 Exit codes (one meaning each; README "Exit codes"):
     0  every gate was checked and holds
@@ -15,6 +16,8 @@ Exit codes (one meaning each; README "Exit codes"):
     5  internal error (a bug in compress): one paragraph here, the traceback in the run's log or with --debug
     6  the run folder is locked by another `compress run`
   130  interrupted (Ctrl-C); every finished artifact is intact
+`compress compare`: 0 no --fail-on threshold breached, 1 one is breached, 2 a bad folder or --fail-on,
+    4 a threshold could not be checked (a value missing on one side) and none is breached.
 """
 
 from __future__ import annotations
@@ -114,6 +117,24 @@ def _parser() -> argparse.ArgumentParser:
         choices=("artifacts", "latency", "llm", "gates"),
         help="print only this table of a run's report (markdown, e.g. for a README)",
     )
+    cmp = sub.add_parser(
+        "compare",
+        help="compare two runs (or two artifacts): metrics, size, latency, flips; --fail-on for CI",
+        description="Compare every artifact two run folders share (or two artifact folders): metrics, size and "
+        "p50 latency with deltas (B minus A) and prediction flips. Exit 0: no --fail-on threshold breached; "
+        "1: one is; 2: a bad folder or --fail-on; 4: a threshold could not be checked and none is breached.",
+    )
+    cmp.add_argument("a", type=Path, metavar="RUN_A", help="run folder (or artifact folder) A, the reference")
+    cmp.add_argument("b", type=Path, metavar="RUN_B", help="run folder (or artifact folder) B, the candidate")
+    cmp.add_argument(
+        "--fail-on",
+        action="append",
+        default=[],
+        metavar="NAME OP NUMBER",
+        help="exit 1 when a value of B against A crosses it, e.g. 'top1_drop>0.2', 'latency_rise_pct>=10', "
+        "'flips_pct>1'; names: <metric>_drop, <metric>_rise, <metric>_rise_pct, size_rise_pct, "
+        "latency_rise_pct, flips_pct, right_to_wrong, wrong_to_right; repeatable",
+    )
     return p
 
 
@@ -133,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list_stages()
         if args.command == "inspect":
             return _inspect(args.path, args.table)
+        if args.command == "compare":
+            return _compare(args.a, args.b, args.fail_on)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -311,6 +334,27 @@ def _inspect(path: Path, table: str | None = None) -> int:
         print((path / "artifact.json").read_text())
         return EXIT_OK
     raise ConfigError(f"{path}: neither a run folder (manifest.json) nor an artifact folder (artifact.json)")
+
+
+def _compare(a: Path, b: Path, fail_on: list[str]) -> int:
+    from compress.report import compare
+
+    try:
+        thresholds = [compare.Threshold.parse(t) for t in fail_on]
+        side_a, side_b = compare.open_side(a), compare.open_side(b)
+        rows = compare.compare_sides(side_a, side_b)
+        breaches, unchecked = compare.check(rows, thresholds)
+    except compare.CompareInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(compare.render(side_a, side_b, rows))
+    for line in breaches:
+        print(f"FAIL {line}")
+    for line in unchecked:
+        print(f"NOT CHECKED {line}")
+    if breaches:
+        return EXIT_GATE
+    return EXIT_INCOMPLETE if unchecked else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ REPORT_HTML_FILE = "report.html"
 RESOLVED_FILE = "pipeline.resolved.json"
 LOG_FILE = "run.log"
 PLOT_FILE = "accuracy_vs_latency.png"
+PRUNE_LAYERS_FILE = "_prune_layers.json"  # in a pruned artifact: per-layer widths ("_" files are side files)
 RUN_FILES = (MANIFEST_FILE, REPORT_FILE, REPORT_HTML_FILE, RESOLVED_FILE, LOG_FILE, PLOT_FILE)
 
 _NAME = re.compile(NAME_PATTERN)

@@ -29,26 +29,29 @@ from compress.artifact import (
     BENCH_FILE,
     EVAL_FILE,
     PREDICTIONS_FILE,
+    SAMPLES_FILE,
     Artifact,
     commit_artifact,
     load_manifest,
     temp_folder,
     verify_files,
 )
-from compress.atomic import atomic_path, write_json_atomic
+from compress.atomic import write_json_atomic
 from compress.backends import require_onnx_providers
 from compress.bench.harness import machine_info
+from compress.cachefiles import load_arrays, load_predictions, read_cached, save_arrays, save_predictions, write_cached
 from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.errors import CompressError, MissingDependencyError, StageError
-from compress.families.base import Adapter, Evaluation
+from compress.families.base import Adapter, Evaluation, ReportView
 from compress.gpu.availability import GpuUnavailableError
-from compress.hashing import sha256_file, sha256_json
+from compress.hashing import sha256_json
 from compress.lock import run_lock
 from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
-from compress.paths import MANIFEST_FILE, REPORT_FILE, RESOLVED_FILE, inside
+from compress.paths import MANIFEST_FILE, REPORT_FILE, REPORT_HTML_FILE, RESOLVED_FILE, inside
 from compress.progress import Reporter
 from compress.records import ArtifactRecord, BenchRecord, Comparison, EvaluationRecord, RunManifest, as_records
 from compress.registry import registered_adapters
+from compress.report.html import Evidence
 from compress.report.journal import RunJournal
 from compress.report.markdown import verdict_title, write_report
 from compress.stages.base import StageContext
@@ -103,6 +106,7 @@ class Runner:
         # manifest.json's entries (ArtifactRecord.to_json) while the run fills them in; read back as records
         self.records: dict[str, dict[str, Any]] = {}
         self.skipped: list[dict[str, str]] = []
+        self.evaluations: dict[str, Evaluation] = {}  # for the report's per-sample pictures
         self.step = "preparing the run"  # what the run is doing, for the message when it fails
         self.journal = RunJournal(self.run_dir, cfg.name, cfg.file, self.reporter)
 
@@ -269,6 +273,7 @@ class Runner:
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
         evals = {name: self._evaluation(art) for name, art in self.artifacts.items() if art.task_ready}
+        self.evaluations = evals
         base = evals.get(self.cfg.baseline)
         for name, art in self.artifacts.items():
             ev = evals.get(name)
@@ -296,8 +301,9 @@ class Runner:
             art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
         )
         ev = self.adapter.evaluate(session, self.reporter, art.name)
-        predictions_sha256 = _save_predictions(art.path / PREDICTIONS_FILE, ev.predictions)
-        _write_cached(
+        predictions_sha256 = save_predictions(art.path / PREDICTIONS_FILE, ev.predictions)
+        samples_sha256 = save_arrays(art.path / SAMPLES_FILE, ev.samples)
+        write_cached(
             art.path / EVAL_FILE,
             key,
             {
@@ -305,20 +311,28 @@ class Runner:
                 "outputs": ev.outputs,
                 "backend": session.backend,
                 "predictions_sha256": predictions_sha256,
+                "samples_sha256": samples_sha256,
             },
         )
         return ev
 
     def _cached_evaluation(self, art: Artifact, key: str) -> Evaluation | None:
         """The cached evaluation of `art`, or None (re-evaluate) when it is missing, stale or damaged."""
-        hit = _read_cached(art.path / EVAL_FILE, key)
+        hit = read_cached(art.path / EVAL_FILE, key)
         if hit is None:
             return None
-        predictions = _load_predictions(art.path / PREDICTIONS_FILE, hit.get("predictions_sha256"))
+        predictions = load_predictions(art.path / PREDICTIONS_FILE, hit.get("predictions_sha256"))
         if predictions is None:
             self.reporter.log(f"[yellow]damaged[/]    {art.name}/{PREDICTIONS_FILE}: re-evaluating")
             return None
-        return Evaluation(hit["metrics"], predictions, hit.get("outputs", {}))
+        if "samples_sha256" not in hit:  # cached before per-sample arrays were kept
+            self.reporter.log(f"[yellow]stale[/]      evaluation of {art.name} has no {SAMPLES_FILE}: re-evaluating")
+            return None
+        samples = load_arrays(art.path / SAMPLES_FILE, hit["samples_sha256"])
+        if samples is None:
+            self.reporter.log(f"[yellow]damaged[/]    {art.name}/{SAMPLES_FILE}: re-evaluating")
+            return None
+        return Evaluation(hit["metrics"], predictions, hit.get("outputs", {}), samples)
 
     # -- benchmarks ----------------------------------------------------------------------------------
     def _bench_all(self, measure: bool) -> None:
@@ -333,7 +347,7 @@ class Runner:
                 {"artifact": art.key, "content": art.content_digest, "bench": bench_cfg, "machine": machine_key}
             )
             cache = art.path / BENCH_FILE
-            hit = _read_cached(cache, key) if "bench" not in self.force else None
+            hit = read_cached(cache, key) if "bench" not in self.force else None
             if hit is not None:
                 self.reporter.log(f"[green]cache hit[/]  benchmark of {name}")
                 self.records[name]["bench"] = BenchRecord.from_json(hit["result"]).to_json()
@@ -347,7 +361,7 @@ class Runner:
             ):
                 result = _bench_subprocess(self.cfg, art, self.cache_dir, self.machine)
             result["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            _write_cached(cache, key, {"result": result})
+            write_cached(cache, key, {"result": result})
             bench = BenchRecord.from_json(result)
             self.records[name]["bench"] = bench.to_json()
             b1 = bench.latency[0]
@@ -394,60 +408,37 @@ class Runner:
         title = verdict_title(outcome, sum(g.status == "not-checked" for g in gates))
         report = inside(self.run_dir, REPORT_FILE)
         written = not problems.keys() & {report, inside(self.run_dir, MANIFEST_FILE)}
-        where = f"report: {report}" if written else "report.md not written (see the warning above)"
+        where = (
+            f"report: {report} and {REPORT_HTML_FILE}" if written else "report.md not written (see the warning above)"
+        )
         self.reporter.log(f"[{colour}]{title}[/]; {where}")
         return RunResult(self.run_dir, outcome, manifest.to_json(), dict(self.artifacts))
+
+    def _evidence(self) -> Evidence:
+        """What report.html reads beyond the manifest. A family view that fails leaves its pictures out."""
+        try:
+            view = self.adapter.report_view()
+        except Exception as exc:  # the report's pictures may never change a verdict
+            self.reporter.log(f"[yellow]warning[/]: report.html without class names, images or cards: {exc}")
+            view = ReportView()
+        return Evidence(
+            evaluations=dict(self.evaluations),
+            view=view,
+            model=self.cfg.model.model_dump(mode="json"),
+            command=f"compress run {self.cfg.file}",
+        )
 
     def _write_outputs(self, manifest: RunManifest) -> dict[Path, str]:
         """manifest.json, the plot and report.md; what failed becomes a warning, since the verdict stands."""
         path = inside(self.run_dir, MANIFEST_FILE)
         try:
             write_json_atomic(path, manifest.to_json())
-            problems = write_report(manifest, self.run_dir)
+            problems = write_report(manifest, self.run_dir, evidence=self._evidence())
         except OSError as exc:
             problems = {path: f"{type(exc).__name__}: {exc}"}
         for file, why in problems.items():
             self.reporter.log(f"[yellow]warning[/]: could not write {file}: {why}; the verdict below stands")
         return problems
-
-
-def _write_cached(path: Path, key: str, payload: dict[str, Any]) -> None:
-    """Write a cache file for `key` atomically, with a checksum of its payload."""
-    payload = json.loads(json.dumps(payload, default=str))  # checksum what a reader will see
-    write_json_atomic(path, {"key": key, "sha256": sha256_json(payload), **payload})
-
-
-def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
-    """The payload `_write_cached` wrote for `key`; None when missing, stale, unreadable or altered."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("key") != key:
-        return None
-    payload = {k: v for k, v in data.items() if k not in ("key", "sha256")}
-    return payload if data.get("sha256") == sha256_json(payload) else None
-
-
-def _save_predictions(path: Path, predictions: Any) -> str:
-    """np.save under a temporary name, renamed when complete; returns the file's sha256."""
-    import numpy as np
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, predictions, allow_pickle=False)
-    return sha256_file(path)
-
-
-def _load_predictions(path: Path, sha256: str | None) -> Any:
-    """The saved predictions when the file is there and matches `sha256`, else None."""
-    import numpy as np
-
-    try:
-        if sha256 is None or sha256_file(path) != sha256:
-            return None
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
 
 
 def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machine: dict[str, Any]) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import ConfigError, MissingDependencyError
-from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric
+from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric, ReportView
 from compress.families.vision.models import BUILTINS
 from compress.hashing import file_fingerprint
+from compress.paths import PRUNE_LAYERS_FILE
 from compress.prune.options import VISION_PRUNING
 from compress.registry import register_adapter
 from compress.schema import Count, Real, Seed
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from compress.progress import Reporter
     from compress.prune.options import PruneOptions
 
-PRUNE_LAYERS_FILE = "_prune_layers.json"  # per-layer widths; "_" files are side files, not counted in the size
 SOURCE_SCHEMES = ("builtin", "hf", "python", "torchvision", "timm")
 
 
@@ -411,16 +411,31 @@ class VisionAdapter(Adapter):
         bs = self.data_cfg.batch_size
         correct1 = correct5 = 0
         predictions = np.empty(len(data), dtype=np.int64)
+        confidence = np.empty(len(data), dtype=np.float32)  # softmax max, for calibration (ECE)
         with reporter.task(f"evaluate {label}", total=len(data)) as task:
             for i, (x, y) in enumerate(self.batches("evaluation", bs)):
                 logits = session.run({"input": x})[0]
                 top5 = np.argsort(-logits, axis=1)[:, :5]
                 predictions[i * bs : i * bs + len(y)] = top5[:, 0]
+                shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+                confidence[i * bs : i * bs + len(y)] = 1.0 / shifted.sum(axis=1)  # max of the softmax
                 correct1 += int((top5[:, 0] == y).sum())
                 correct5 += int((top5 == y[:, None]).any(axis=1).sum())
                 task.advance(len(y), info=f"running top1 {100 * correct1 / (i * bs + len(y)):.1f}%")
         n = len(data)
-        return Evaluation({"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "samples": n}, predictions)
+        metrics = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "samples": n}
+        return Evaluation(metrics, predictions, samples={"labels": data.labels, "confidence": confidence})
+
+    def report_view(self) -> ReportView:
+        from compress.data.datasets import dataset_card
+
+        data = self.subset("evaluation")
+        file = resolve_path(self.data_cfg.dataset, self.base_dir)
+        return ReportView(
+            class_names=data.classes,
+            examples=lambda idx: data.images[idx],
+            data_card=dataset_card(file, self.subsets),
+        )
 
     def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
         return {

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +53,25 @@ class DatasetDefinition(BaseModel):
     splits: dict[str, IdxFiles | str] = Field(description="split name -> IDX files, or sub-folder for image-folder")
     classes: list[str] | None = Field(None, description="class names in label order")
     install_hint: str | None = Field(None, description="what to install when the files are missing")
+    licence: str | None = Field(None, description="the data's licence, for the report's data card")
+    source: str | None = Field(None, description="where the data comes from (paper, URL, package)")
+
+
+def dataset_card(file: Path, subsets: Mapping[str, LabelledImages]) -> dict[str, Any]:
+    """The report's data card: the definition's facts and, per role, split, size and sha256."""
+    from compress.yamlsrc import load_yaml
+
+    definition = DatasetDefinition.model_validate(load_yaml(file).data)
+    return {
+        "dataset": definition.name,
+        "definition": str(file),
+        "licence": definition.licence or "not stated in the dataset definition",
+        "source": definition.source or "not stated in the dataset definition",
+        "classes": len(definition.classes or []) or None,
+        "roles": {
+            role: {"split": sub.split, "samples": len(sub), "sha256": sub.sha256} for role, sub in subsets.items()
+        },
+    }
 
 
 @dataclass(frozen=True)

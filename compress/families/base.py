@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,6 +30,20 @@ class Evaluation:
     metrics: dict[str, float]
     predictions: np.ndarray = field(repr=False)  # per-sample (vision) or per-token (LLM) top-1 ids
     outputs: dict[str, Any] = field(default_factory=dict, repr=False)  # JSON-able extras (e.g. generated ids)
+    #: per-sample arrays the report draws (vision: `labels`, `confidence` = softmax max; causal-lm:
+    #: `window_nll` = mean NLL of each evaluation window); cached beside the predictions
+    samples: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """What the report needs of a family beyond the records: names, the evaluation images, a detokenizer and
+    the data card. Everything is optional; a picture whose input is missing is left out."""
+
+    class_names: tuple[str, ...] = ()
+    examples: Callable[[np.ndarray], np.ndarray] | None = None  # evaluation images by index, uint8 (N, H, W[, C])
+    decode: Callable[[Sequence[int]], list[str]] | None = None  # token ids -> one string per token
+    data_card: Mapping[str, Any] = field(default_factory=dict)  # dataset, splits, sizes, licence, source
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,10 @@ class Adapter(ABC):
         with "_") may be written to `outdir`.
         """
         raise StageError(f"the {self.family} family cannot be pruned")
+
+    def report_view(self) -> ReportView:
+        """Names, images, a detokenizer and the data card for report.html (default: none of them)."""
+        return ReportView()
 
     def notes(self) -> list[str]:
         """Facts about the source that a reader of the numbers must know; shown at the top of the report."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.atomic import atomic_path
-from compress.paths import PLOT_FILE, REPORT_FILE
+from compress.paths import PLOT_FILE, REPORT_FILE, REPORT_HTML_FILE
 from compress.records import ArtifactRecord, Comparison, GateRecord, RunManifest
+
+if TYPE_CHECKING:
+    from compress.report.html import Evidence
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -23,6 +26,11 @@ def _fmt(value: Any, spec: str = ".2f", missing: str = "–") -> str:
 
 def artifacts_table(manifest: RunManifest) -> str:
     """One row per artifact: format, size, metrics, changes vs baseline and vs parent, p50 latency."""
+    return _table(*artifacts_rows(manifest))
+
+
+def artifacts_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
+    """The artifacts table as (header, rows) of display strings (report.md and report.html show the same)."""
     comparisons = manifest.comparisons
     batches = manifest.bench_settings.get("batch_sizes", [])
     first = comparisons[0]
@@ -60,7 +68,7 @@ def artifacts_table(manifest: RunManifest) -> str:
                 _fmt(speed, ".2f") + ("×" if speed else ""),
             ]
         )
-    return _table(header, rows)
+    return header, rows
 
 
 def _signed(values: Mapping[str, float], column: Comparison) -> str:
@@ -71,6 +79,10 @@ def _signed(values: Mapping[str, float], column: Comparison) -> str:
 
 
 def latency_table(manifest: RunManifest) -> str:
+    return _table(*latency_rows(manifest))
+
+
+def latency_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     rows = []
     for rec in manifest.artifacts:
         bench = rec.bench
@@ -90,9 +102,7 @@ def latency_table(manifest: RunManifest) -> str:
                     _fmt(bench.peak_rss_mb, ".0f"),
                 ]
             )
-    return _table(
-        ["artifact", "backend", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "peak RSS MB"], rows
-    )
+    return ["artifact", "backend", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "peak RSS MB"], rows
 
 
 def llm_table(manifest: RunManifest) -> str:
@@ -145,11 +155,16 @@ UNFINISHED = {"running": "run in progress", "failed": "run failed", "interrupted
 
 
 def gates_table(manifest: RunManifest) -> str:
+    header, rows = gates_rows(manifest)
+    return _table(header, rows) if rows else "_no gates_"
+
+
+def gates_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     rows = [
         [STATUS_LABELS[g.status], g.gate, g.artifact, g.vs, _fmt(g.value, ".3g"), g.bound, g.detail]
         for g in manifest.gates
     ]
-    return _table(["status", "gate", "artifact", "vs", "value", "bound", "detail"], rows) if rows else "_no gates_"
+    return ["status", "gate", "artifact", "vs", "value", "bound", "detail"], rows
 
 
 def _plural(n: int, what: str) -> str:
@@ -276,19 +291,28 @@ def render(m: RunManifest) -> str:
     return "\n".join(out)
 
 
-def write_report(manifest: RunManifest, run_dir: Path) -> dict[Path, str]:
-    """Write the plot and report.md; return each file that could not be written, with why."""
+def write_report(manifest: RunManifest, run_dir: Path, evidence: Evidence | None = None) -> dict[Path, str]:
+    """Write the plot, report.md and report.html; return each file that could not be written (or a section of
+    report.html that could not be drawn), with why."""
+    from compress.report.html import Evidence, write_html
     from compress.report.plots import plot_accuracy_vs_latency
 
     problems = {}
-    outputs = [(run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest)))]
+    html_path = run_dir / REPORT_HTML_FILE
+    outputs = [
+        (run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest))),
+        (html_path, lambda path: write_html(manifest, run_dir, evidence or Evidence(), path)),
+    ]
     if any(rec.bench for rec in manifest.artifacts):
         outputs.insert(0, (run_dir / PLOT_FILE, lambda path: plot_accuracy_vs_latency(manifest, path)))
     for path, write in outputs:
         try:
-            write(path)
+            sections = write(path)
         except Exception as exc:  # neither a full disk nor a bug in plotting or rendering may flip a verdict
             problems[path] = f"{type(exc).__name__}: {exc}"
+            continue
+        if sections:
+            problems[path] = "written without " + "; ".join(sections)
     return problems
 
 

@@ -1,36 +1,89 @@
-"""Accuracy vs latency: one point per artifact, so the trade-off of each stage is visible at a glance."""
+"""Run-level plots: the primary metric vs latency and vs size (one point per artifact, so each stage's
+trade-off is visible at a glance), latency vs batch size, and the per-layer widths a prune stage kept."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from compress.records import RunManifest
+from compress.atomic import atomic_path
+from compress.paths import PRUNE_LAYERS_FILE
+from compress.records import ArtifactRecord, RunManifest
+from compress.report.figures import png_bytes, pyplot
 
 
 def plot_accuracy_vs_latency(manifest: RunManifest, path: Path) -> None:
-    import matplotlib
+    """accuracy_vs_latency.png, the picture report.md shows."""
+    data = metric_vs_latency(manifest)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    metric = manifest.metric_names[0]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for rec in manifest.artifacts:
-        y = rec.metric(metric)
-        if y is None or rec.bench is None:
-            continue
-        x = rec.bench.latency[0].p50_ms
-        ax.scatter([x], [y], s=40)
-        label = f"{rec.name} ({rec.artifact['precision']}, {rec.bench.backend})"
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+def metric_vs_latency(manifest: RunManifest) -> bytes:
     b = manifest.bench_settings
-    ax.set_xlabel(f"p50 latency at batch {b['batch_sizes'][0]}, {b['threads']} thread(s) [ms, log scale]")
+    xlabel = f"p50 latency at batch {b['batch_sizes'][0]}, {b['threads']} thread(s) [ms, log scale]"
+    points = [(rec, rec.bench.latency[0].p50_ms) for rec in manifest.artifacts if rec.bench and rec.bench.latency]
+    return _scatter(manifest, points, xlabel, "latency")
+
+
+def metric_vs_size(manifest: RunManifest) -> bytes:
+    points = [(rec, rec.size_bytes / 1e6) for rec in manifest.artifacts if rec.size_bytes]
+    return _scatter(manifest, points, "size on disk [MB, log scale]", "size")
+
+
+def _scatter(manifest: RunManifest, points: list[tuple[ArtifactRecord, float]], xlabel: str, what: str) -> bytes:
+    plt = pyplot()
+    metric = manifest.metric_names[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for rec, x in points:
+        y = rec.metric(metric)
+        if y is None:
+            continue
+        ax.scatter([x], [y], s=40)
+        backend = f", {rec.bench.backend}" if rec.bench else ""
+        label = f"{rec.name} ({rec.artifact['precision']}{backend})"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{manifest.pipeline['name']}: {metric} vs latency")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    ax.set_title(f"{manifest.pipeline['name']}: {metric} vs {what}")
+    return png_bytes(fig)
+
+
+def latency_vs_batch(manifest: RunManifest) -> bytes | None:
+    """p50 latency per item at each batch size, one line per benchmarked artifact; None without benchmarks."""
+    recs = [r for r in manifest.artifacts if r.bench is not None and r.bench.latency]
+    if not recs:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for rec in recs:
+        rows = rec.bench.latency
+        ax.plot([r.batch_size for r in rows], [r.p50_ms for r in rows], marker="o", label=rec.name)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("p50 latency per batch [ms]")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return png_bytes(fig)
+
+
+def kept_widths(manifest: RunManifest, run_dir: Path) -> dict[str, bytes]:
+    """Per pruned artifact: kept fraction of every layer's width (from its per-layer widths file)."""
+    out = {}
+    for rec in manifest.artifacts:
+        path = run_dir / rec.name / PRUNE_LAYERS_FILE
+        if rec.artifact.get("stage") != "prune" or not path.is_file():
+            continue
+        layers = json.loads(path.read_text())
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(layers)), 3.5), dpi=100)
+        ax.bar(range(len(layers)), [lc["after"] / lc["before"] for lc in layers])
+        ax.set_xticks(range(len(layers)), [lc["name"] for lc in layers], rotation=75, fontsize=6, ha="right")
+        ax.set_ylabel("kept width (fraction)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{rec.name}: per-layer kept width", fontsize=9)
+        out[rec.name] = png_bytes(fig)
+    return out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric
+from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric, ReportView
 from compress.families.causal_lm import sessions  # noqa: F401  (registers the decoder sessions with backends)
 from compress.families.causal_lm.model_io import is_gguf
 from compress.families.causal_lm.options import CausalLMModelOptions, TextDataOptions
@@ -349,7 +349,19 @@ class CausalLMAdapter(Adapter):
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
             generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
         metrics = {"ppl": result.perplexity, "tokens": result.tokens}
-        return Evaluation(metrics, result.predictions, {"greedy": generated})
+        return Evaluation(metrics, result.predictions, {"greedy": generated}, samples={"window_nll": result.window_nll})
+
+    def report_view(self) -> ReportView:
+        d = self.data_cfg
+        card = {
+            "text": d.text.model_dump(mode="json"),
+            "windows": len(self.windows["evaluation"]),
+            "window tokens": d.window,
+        }
+        return ReportView(
+            decode=lambda ids: [self.tokenizer.decode([i]) for i in ids],
+            data_card={"evaluation": card, "prompts": len(self.prompt_ids)},
+        )
 
     def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
         from compress.families.causal_lm.task import greedy_match, top1_agreement

@@ -236,6 +236,7 @@ class PerplexityResult:
     mean_nll: float
     tokens: int
     predictions: np.ndarray  # (N, T) int64
+    window_nll: np.ndarray  # (N,) float64: mean next-token NLL of each window (the report's per-window plot)
 
     @property
     def windows(self) -> int:
@@ -260,6 +261,7 @@ def perplexity(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     total, count = 0.0, 0
     predictions = np.empty(windows.shape, dtype=np.int64)  # (N, T)
+    window_nll = np.empty(len(windows), dtype=np.float64)  # (N,) mean NLL of each window
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         logits = np.asarray(logits_fn(batch))
@@ -267,12 +269,13 @@ def perplexity(
             raise ValueError(f"logits_fn returned shape {logits.shape} for input {batch.shape}")
         predictions[start : start + len(batch)] = logits.argmax(-1)
         nll = token_nll(logits, batch)
+        window_nll[start : start + len(batch)] = nll.mean(axis=1)
         total += float(nll.sum())
         count += nll.size
         if advance is not None:
             advance(len(batch), float(np.exp(total / count)))
     mean = total / count
-    return PerplexityResult(float(np.exp(mean)), mean, count, predictions)
+    return PerplexityResult(float(np.exp(mean)), mean, count, predictions, window_nll)
 
 
 def top1_agreement(predictions_a: np.ndarray, predictions_b: np.ndarray) -> float:
