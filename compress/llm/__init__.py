@@ -5,7 +5,6 @@
 - ``metrics``: perplexity, top-1 agreement, greedy match over any ``logits_fn``.
 - ``onnx_export``: KV-cache ONNX export, ``describe_io``, ``check_parity``.
 - ``generate``: ``OrtCausalLM`` (ONNX Runtime prefill/decode, sampling options).
-- ``quant_int8``: INT8 candidates for the ONNX decoder, chosen by measurement.
 - ``bench``: prefill / TTFT / decode tokens/s / RSS / size / bandwidth bound, ORT and torch.
 
 Submodules import torch, transformers and onnxruntime lazily where they can; this package imports nothing.

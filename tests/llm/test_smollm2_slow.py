@@ -16,9 +16,9 @@ from compress.errors import ConfigError
 from compress.llm.generate import GenerationOptions, OrtCausalLM
 from compress.llm.metrics import perplexity, top1_agreement, torch_logits_fn
 from compress.llm.onnx_export import check_parity, export_decoder
-from compress.llm.quant_int8 import quantize_int8
 from compress.llm.sources import load_causal_lm
 from compress.llm.text_data import TextSource, read_text, tokenize_windows
+from compress.quant.algorithms.int8_matmul import quantize_int8
 from compress.sources import resolve_pkg_path
 
 pytestmark = pytest.mark.slow

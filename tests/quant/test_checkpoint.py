@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from compress.errors import ConfigError
-from compress.quant.int4.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
-from compress.quant.int4.gptq import GPTQConfig, gptq_quantize_model
-from compress.quant.int4.packing import pack_gptq
+from compress.quant.algorithms.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
+from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
+from compress.quant.primitives.packing import pack_gptq
 
 from .conftest import calib_batches, make_tiny_llama
 

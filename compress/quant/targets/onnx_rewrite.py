@@ -38,12 +38,18 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.errors import ConfigError, StageError
-from compress.quant.int4.packing import matmul_nbits_block_size, pack_dq_int4, pack_matmul_nbits, pack_nibbles
-from compress.quant.int4.weight import QuantizedWeight
+from compress.quant.primitives.packing import matmul_nbits_block_size, pack_dq_int4, pack_matmul_nbits, pack_nibbles
+from compress.quant.primitives.weight import QuantizedWeight
 
 Target = Literal["onnxruntime", "tensorrt"]
 MS_DOMAIN = "com.microsoft"
 _CHANGED_AFTER_18 = frozenset({"GridSample", "DFT"})  # signature/semantics changed in opsets 19-21
+
+
+def float_weights_of(model: torch.nn.Module, names: Mapping[str, object] | list[str]) -> dict[str, torch.Tensor]:
+    """``{name: module.weight}`` for the given module names (what ``quantize_onnx_weights`` matches on)."""
+    modules = dict(model.named_modules())
+    return {n: modules[n].weight.detach().clone() for n in names}
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import ConfigError, MissingDependencyError
-from compress.quant.int4.packing import GPTQ_FORMATS, GPTQTensors, pack_gptq, unpack_gptq
-from compress.quant.int4.weight import QuantizedWeight
+from compress.quant.primitives.packing import GPTQ_FORMATS, GPTQTensors, pack_gptq, unpack_gptq
+from compress.quant.primitives.weight import QuantizedWeight
 
 _SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
