@@ -18,6 +18,11 @@ class NamedOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def __repr__(self) -> str:
+        """As the pipeline file writes it: the name and the keys that were given."""
+        given = [f"{k}: {getattr(self, k)}" for k in self.model_fields if k in self.model_fields_set and k != "name"]
+        return "{" + ", ".join([f"name: {getattr(self, 'name', '?')}", *given]) + "}"
+
 
 def registry(entries: Iterable[type[NamedOptions]], vocabulary: tuple[str, ...]) -> dict[str, type[NamedOptions]]:
     """{name: options model}; refuses an entry whose name the vocabulary does not list."""

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from compress.bench.harness import int8_dot_saturates
 from compress.llm.generate import OrtCausalLM
 from compress.quant.algorithms.int8_matmul import (
     INT8_METHODS,
@@ -21,9 +22,21 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+#: ONNX Runtime's dynamic u8·s8 MatMulInteger on an x86 CPU without VNNI sums int16 pairs that saturate
+#: (`compress.stages.quantize.int8`); the bound below holds only where it does not.
+_SATURATES = pytest.mark.xfail(
+    int8_dot_saturates(), reason="u8·s8 int16 pair sums saturate on a CPU without VNNI", strict=True
+)
+
+
 @pytest.mark.parametrize(
     ("method", "head"),
-    [("dynamic", True), ("weight-only", True), ("dynamic", False), ("weight-only", False)],
+    [
+        pytest.param("dynamic", True, marks=_SATURATES),
+        ("weight-only", True),
+        pytest.param("dynamic", False, marks=_SATURATES),
+        ("weight-only", False),
+    ],
     ids=["dynamic", "weight-only", "dynamic-no-lm-head", "weight-only-no-lm-head"],
 )
 def test_int8_runs_and_stays_close(exported, tmp_path, method, head):
