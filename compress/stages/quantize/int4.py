@@ -2,22 +2,25 @@
 
 ```yaml
 - quantize: {precision: int4, method: gptq, group_size: 128, name: int4-gptq-g128}
-- quantize: {precision: int4, method: awq, then: gptq, input: source, name: int4-awq-g128}
+- quantize: {precision: int4, method: {name: awq, then: gptq}, input: source, name: int4-awq-g128}
 - quantize: {precision: int4, method: rtn, symmetric: true, target: tensorrt, input: source}
-- quantize: {precision: int4, method: checkpoint, checkpoint: /models/smollm2-gptq, input: source}
+- quantize: {precision: int4, method: {name: checkpoint, folder: /models/smollm2-gptq}, input: source}
 ```
 
-Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.int4`; each weight
+Scheme keys (`group_size`, `symmetric`, `lm_head`, `keep`) at the top; the algorithm's own keys under
+`method:` (`compress.quant.algorithms`), the target's under `target:` (`compress.quant.targets`).
+
+Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.algorithms`; each weight
 then holds its dequantized value) -> export that model with the adapter into `_fp.onnx` -> replace every
 quantized Linear's MatMul/Gemm by its INT4 form (`rewrite_onnx_file`, matched by weight value) into
-`model.onnx` -> parity of ONNX Runtime against the dequantized torch model -> for `target: tensorrt` the
+`model.onnx` (`compress.quant.targets.onnx_rewrite`) -> parity of ONNX Runtime against the dequantized torch model -> for `target: tensorrt` the
 TensorRT Q/DQ rules (`compress.checks.tensorrt`).
 
 Targets:
 - `onnxruntime-cpu`: `com.microsoft.MatMulNBits` (asymmetric or symmetric, any opset >= 13; default 17).
   `accuracy_level` 4 computes with int8 activations inside the kernel (fastest on AVX512-VNNI).
 - `tensorrt`: standard ONNX, opset 21: blocked signed-INT4 `DequantizeLinear` + `MatMul`. Symmetric weights
-  only (TensorRT's INT4 has no zero point). The adapter exports at `opset` (default 20, the highest the
+  only (TensorRT's INT4 has no zero point). The adapter exports at `target.opset` (default 20, the highest the
   TorchScript exporter supports; 21 works with `dynamo: true`); the library raises the opset import of a
   graph exported at 18..20 to 21 (no standard op used here changed meaning in 19..21) and refuses one below
   18 (ReduceMean/Split changed signature at 18). ONNX Runtime would fuse
@@ -32,12 +35,13 @@ onnxruntime-cpu a tied table is then untied in the exported graph so the embeddi
 8/4-bit codes (`GatherBlockQuantized`) and no float copy stays; TensorRT takes INT4 weights on MatMul/Gemm
 only, so there the embedding Gather keeps a float table (holding the dequantized values).
 
-Families: causal-lm (calibration windows of `data`) and vision (calibration images in batches of 8);
+Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
+`calibration_batch_size` says how many inputs go in one calibration forward (vision 8, others 1);
 only `nn.Linear` layers are quantized: convolutions stay as they are (said in the log and in `info`).
 AWQ folds its scales into the op before each Linear and needs a decoder with an architecture map
 (`compress.families.causal_lm.archs`).
 
-`method: checkpoint` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
+`method: {name: checkpoint, folder: FOLDER}` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
 `qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
 re-quantizing. The torch artifact supplies the architecture (e.g. the same HF folder as the checkpoint's
 base model); other tensors stored in the folder (norms, embeddings, biases) replace the artifact's.

@@ -1,8 +1,10 @@
-"""INT8 on the ONNX side. Three methods; `auto` asks the adapter (vision: static, causal-lm: weight-only):
+"""INT8 on the ONNX side. Three methods (`compress.quant.algorithms`, each with its own keys under
+`method: {name: ...}`); `auto` asks the adapter (vision: static, causal-lm: weight-only, text-encoder: dynamic):
 
 - `static`: calibrated Q/DQ with `onnxruntime.quantization.quantize_static` (CNNs: activations are
   quantized too, and ONNX Runtime runs the convolutions in INT8).
-- `weight-only`: `MatMulNBits` with 8-bit blocked weights (`accuracy_level` 4 computes with INT8
+- `weight-only`: `MatMulNBits` with 8-bit weights in groups of the scheme's `group_size` (the target's
+  `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
 - `dynamic`: W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only).
@@ -13,8 +15,8 @@ ranges are where such models lose their accuracy (LayerNorm inputs carry outlier
 orders of magnitude) and neither ONNX Runtime nor TensorRT runs those ops faster in INT8. The artifact's
 info lists the op types left float (`float_op_types`, node counts) and `report.md` says why.
 
-The static Q/DQ flavour follows the deployment target, because the two disagree (measured on this CPU
-with MobileNetV2, see README):
+The static Q/DQ flavour follows the deployment target (`compress.quant.targets`), because the two disagree
+(measured on this CPU with MobileNetV2, see README):
 - `onnxruntime-cpu`: uint8 asymmetric activations, int8 symmetric per-channel weights. ONNX Runtime's
   x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
 - `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
