@@ -10,11 +10,11 @@
 Scheme keys (`group_size`, `symmetric`, `lm_head`, `keep`) at the top; the algorithm's own keys under
 `method:` (`compress.quant.algorithms`), the target's under `target:` (`compress.quant.targets`).
 
-Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.algorithms`; each weight
-then holds its dequantized value) -> export that model with the adapter into `_fp.onnx` -> replace every
-quantized Linear's MatMul/Gemm by its INT4 form (`rewrite_onnx_file`, matched by weight value) into
-`model.onnx` (`compress.quant.targets.onnx_rewrite`) -> parity of ONNX Runtime against the dequantized torch model -> for `target: tensorrt` the
-TensorRT Q/DQ rules (`compress.checks.tensorrt`).
+Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.algorithms`; each
+weight then holds its dequantized value) -> export that model with the adapter into `_fp.onnx` -> replace
+every quantized Linear's MatMul/Gemm by its INT4 form (`compress.quant.targets.onnx_rewrite`, matched by
+weight value) into `model.onnx` -> parity of ONNX Runtime against the dequantized torch model -> for
+`target: tensorrt` the TensorRT Q/DQ rules (`compress.checks.tensorrt`).
 
 Targets:
 - `onnxruntime-cpu`: `com.microsoft.MatMulNBits` (asymmetric or symmetric, any opset >= 13; default 17).
@@ -41,8 +41,8 @@ only `nn.Linear` layers are quantized: convolutions stay as they are (said in th
 AWQ folds its scales into the op before each Linear and needs a decoder with an architecture map
 (`compress.families.causal_lm.archs`).
 
-`method: {name: checkpoint, folder: FOLDER}` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
-`qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
+`method: {name: checkpoint, folder: FOLDER}` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json`
++ `*.safetensors` with `qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
 re-quantizing. The torch artifact supplies the architecture (e.g. the same HF folder as the checkpoint's
 base model); other tensors stored in the folder (norms, embeddings, biases) replace the artifact's.
 """
