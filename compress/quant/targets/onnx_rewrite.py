@@ -37,7 +37,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.errors import ConfigError, StageError
+from compress.errors import StageError
 from compress.quant.primitives.packing import matmul_nbits_block_size, pack_dq_int4, pack_matmul_nbits, pack_nibbles
 from compress.quant.primitives.weight import QuantizedWeight
 
@@ -252,7 +252,7 @@ def _raise_opset_for_int4(model: onnx.ModelProto, report: RewriteReport) -> None
     if v >= 21:
         return
     if v < 18:
-        raise ConfigError(
+        raise ValueError(
             f"the graph is at opset {v}; INT4 DequantizeLinear needs opset 21 and ops changed signature "
             "at 18 (ReduceMean axes, Split): export the model at opset 21 "
             "(torch.onnx.export(..., opset_version=21))"
@@ -261,7 +261,7 @@ def _raise_opset_for_int4(model: onnx.ModelProto, report: RewriteReport) -> None
         {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _CHANGED_AFTER_18}
     )
     if bad:
-        raise ConfigError(f"ops {bad} changed between opset {v} and 21; export the model at opset 21")
+        raise ValueError(f"ops {bad} changed between opset {v} and 21; export the model at opset 21")
     _set_opset(model, "", 21)
     report.opset_raised_to = 21
 

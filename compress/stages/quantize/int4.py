@@ -370,7 +370,10 @@ def _load_checkpoint(model: Any, checkpoint: str, target: targets.TargetOptions,
     folder = Path(checkpoint).expanduser()
     if not folder.is_dir():
         raise StageError(f"quantize int4: method.folder = {checkpoint}: no such folder")
-    qws, cfg = read_gptq_checkpoint(folder)
+    try:
+        qws, cfg = read_gptq_checkpoint(folder)
+    except ValueError as exc:  # the folder is not a GPTQ checkpoint this reader takes
+        raise StageError(f"quantize int4: method.folder: {exc}") from None
     if target.symmetric_int4 and not cfg.sym:
         raise StageError(f"{folder}: an asymmetric GPTQ checkpoint (sym: false) cannot target {target.name}")
     if target.symmetric_int4 and not all(qw.has_trivial_g_idx() for qw in qws.values()):
