@@ -436,12 +436,11 @@ def test_pipeline_export_int8_int4_awq(name: str, tmp_path: Path) -> None:
                     {
                         "quantize": {
                             "precision": "int4",
-                            "method": "awq",
+                            "method": {"name": "awq", "samples": 2},
                             "group_size": 32,
-                            "samples": 2,
                             "input": "source",
                             "name": "int4-awq",
-                            "accuracy_level": 0,
+                            "target": {"name": "onnxruntime-cpu", "accuracy_level": 0},
                             "parity_atol": 1e-3,
                         }
                     },

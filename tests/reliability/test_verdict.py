@@ -233,12 +233,11 @@ def test_quant_invariants_raise_internal_errors() -> None:
         QuantizedWeight(qw.qweight, qw.scales[:, :0], qw.zeros, 32, 4)  # (8, 0) scales for one group of 32
 
 
-def test_inconsistent_gptq_checkpoint_is_a_config_error_naming_the_folder(tmp_path) -> None:
-    """A checkpoint folder is user input: tensors that contradict each other get a ConfigError naming it."""
+def test_inconsistent_gptq_checkpoint_is_a_value_error_naming_the_folder(tmp_path) -> None:
+    """A checkpoint folder is user input: tensors that contradict each other get a ValueError naming it."""
     import torch
     from safetensors.numpy import load_file, save_file
 
-    from compress.errors import ConfigError
     from compress.quant.algorithms.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
     from compress.quant.algorithms.rtn import rtn_quantize
     from compress.quant.primitives.weight import WeightQuantConfig
@@ -249,5 +248,5 @@ def test_inconsistent_gptq_checkpoint_is_a_config_error_naming_the_folder(tmp_pa
     tensors = load_file(str(file))
     tensors["fc.scales"] = tensors["fc.scales"][:1]  # one group of scales where the weight has two
     save_file(tensors, str(file))
-    with pytest.raises(ConfigError, match=f"{tmp_path}: fc: scales"):
+    with pytest.raises(ValueError, match=f"{tmp_path}: fc: scales"):
         read_gptq_checkpoint(tmp_path)

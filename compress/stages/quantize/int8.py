@@ -172,8 +172,8 @@ _NOTHING_QUANTIZED = {
 
 
 def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
-    method = options.method_for(ctx.adapter.default_int8_method)
     refuse_quantized_input(artifact, "quantize int8")
+    method = options.method_for(ctx.adapter.default_int8_method)
     if isinstance(method, algorithms.StaticOptions):
         out = _static(artifact, options, method, ctx)
     else:
