@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from compress.errors import ConfigError
 from compress.paths import NAME_PATTERN
+from compress.quant.vocab import AUTO, INT4_ALGORITHMS, INT8_METHODS, QUANT_PRECISIONS, TARGETS
 from compress.registry import StageSpec, registered_adapters, registered_stages
 from compress.schema import Count, PositiveCount, Real, Seed, Threads
 from compress.stages.base import Ancestor, StageOptions
@@ -212,7 +213,8 @@ class _Problems:
             raise ConfigError(f"{n} problem{'s' if n > 1 else ''} in the pipeline file:\n  " + "\n  ".join(self.items))
 
 
-_TAGS = {"int8", "int4", "function-after", "function-before"}
+#: discriminator tags pydantic puts in an error's location (not keys the user wrote)
+_TAGS = {AUTO, *QUANT_PRECISIONS, *TARGETS, *INT4_ALGORITHMS, *INT8_METHODS, "function-after", "function-before"}
 
 
 def _allowed_keys(model: Any, loc: tuple) -> list[str]:

@@ -63,9 +63,9 @@ def our_rows(manifest: dict) -> list[dict]:
         if art["format"] != "onnx":
             continue
         info, cfg = art["info"], art["config"]
-        method = cfg.get("method", "fp32") if art["precision"] == "int4" else "fp32"
+        method = info.get("method", "fp32") if art["precision"] == "int4" else "fp32"
         if method == "awq":
-            method = f"awq+{cfg.get('then')}"
+            method = f"awq+{info.get('then')}"
         rows.append(
             {
                 "artifact": art["name"],

@@ -70,8 +70,9 @@ def pipeline_yaml(
         or """
   - finetune: {steps: 40, lr: 1.0e-2, batch_size: 32}
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, calibrator: minmax, samples: 64, name: int8}
-  - quantize: {precision: int8, target: tensorrt, samples: 64, name: int8-trt, input: onnx-fp32}"""
+  - quantize: {precision: int8, method: {name: static, calibrator: minmax, samples: 64}, name: int8}
+  - quantize: {precision: int8, target: tensorrt, method: {name: static, samples: 64},
+      name: int8-trt, input: onnx-fp32}"""
     )
     text = f"""name: {name}
 model:

@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from compress.errors import StageError
+from compress.quant.vocab import INT4_ALGORITHMS, Int8Method
 
 if TYPE_CHECKING:
     import torch
@@ -85,9 +86,11 @@ class Adapter(ABC):
     #: True if `benchmark()` measures decode tokens/s (the `llm` block that `decode_speedup_min` bounds)
     measures_decode: ClassVar[bool] = False
     #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
-    default_int8_method: ClassVar[str] = "static"
+    default_int8_method: ClassVar[Int8Method] = "static"
     #: INT4 algorithms (`quantize: {precision: int4, method: ...}`) this family's models can take
-    int4_methods: ClassVar[frozenset[str]] = frozenset({"rtn", "gptq", "awq", "checkpoint"})
+    int4_methods: ClassVar[frozenset[str]] = frozenset(INT4_ALGORITHMS)
+    #: inputs per forward pass when INT4 GPTQ / AWQ calibrate on this family's models
+    calibration_batch_size: ClassVar[int] = 8
     #: what `compare()` returns, for the report: (key, label, sign applied for display)
     comparisons: ClassVar[tuple[tuple[str, str, int], ...]]
     #: the session protocol of `compress.backends` this family's models run through: "tensors" (`run`) or a

@@ -1,4 +1,12 @@
-"""Quantization math and formats that the `quantize` stage calls (torch side; ONNX rewriting in `int4`).
+"""Quantization the `quantize` stage composes: a scheme, an algorithm and a target, each defined once.
 
-Importing this package is light: it pulls in nothing beyond torch/numpy until a submodule is used.
+- `vocab`: the names (precisions, targets, INT4 algorithms, INT8 methods); `scheme`: the group-size rule.
+- `algorithms/`: rtn, gptq, awq, checkpoint (torch side) and the INT8 MatMul methods (ONNX side), each
+  with an options model registered by name.
+- `targets/`: onnxruntime-cpu and tensorrt (their Q/DQ flavour, session settings), and the INT4 ONNX
+  rewrite (`onnx_rewrite`).
+- `primitives/`: qparams, packing and the quantized-weight record (pure tensor math).
+
+Importing this package (and `vocab`, `scheme`, `algorithms`, `targets`) pulls in only pydantic; the
+submodules that compute import torch / onnx.
 """

@@ -61,8 +61,10 @@ def test_unknown_key_names_line_path_and_allowed_keys(tmp_path: Path) -> None:
 
 
 def test_wrong_choice_lists_allowed_values(tmp_path: Path) -> None:
-    msg = _error(tmp_path, GOOD.replace("{precision: int8}", "{precision: int8, calibrator: kl}"))
-    assert "stages[2].quantize.calibrator = 'kl'" in msg
+    msg = _error(
+        tmp_path, GOOD.replace("{precision: int8}", "{precision: int8, method: {name: static, calibrator: kl}}")
+    )
+    assert "stages[2].quantize.method.calibrator = 'kl'" in msg
     assert "'minmax', 'entropy' or 'percentile'" in msg
 
 

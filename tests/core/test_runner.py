@@ -81,7 +81,8 @@ def test_second_run_is_all_cache_hits(first_run, monkeypatch) -> None:
 def test_changed_option_rebuilds_that_stage_and_its_children_only(first_run, tmp_path) -> None:
     pipeline, runs, _ = first_run
     text = pipeline.read_text().replace(
-        "calibrator: minmax, samples: 64, name: int8}", "calibrator: minmax, samples: 32, name: int8}"
+        "method: {name: static, calibrator: minmax, samples: 64}, name: int8}",
+        "method: {name: static, calibrator: minmax, samples: 32}, name: int8}",
     )
     changed = pipeline.with_name("toy-changed.yaml")
     changed.write_text(text)

@@ -123,32 +123,28 @@ def test_tied_embedding_stored_once(exported) -> None:
     assert len(tables) == (1 if model.config.tie_word_embeddings else 2), (name, tables)
 
 
-@pytest.mark.parametrize("method", ["weight_only", "dynamic"])
+@pytest.mark.parametrize("method", ["weight-only", "dynamic"])
 def test_int8(exported, tmp_path, method) -> None:
     """INT8 logits of the ONNX decoder: weight-only >= 30 dB SQNR against float; dynamic W8A8 >= 15 dB."""
-    from compress.llm.quant_int8 import lm_head_nodes, quantize_int8
+    from compress.quant.algorithms.int8_matmul import lm_head_nodes, quantize_int8
 
     name, model, path = exported
     out = quantize_int8(path, tmp_path / "int8.onnx", method=method)
     ids = np.asarray([PROMPT], dtype=np.int64)
     ref = torch.from_numpy(OrtCausalLM(path, threads=1).logits(ids))
     got = torch.from_numpy(OrtCausalLM(out, threads=1).logits(ids))
-    assert sqnr_db(ref, got) >= (30 if method == "weight_only" else 15), name
-    assert lm_head_nodes(path), f"{name}: the lm_head MatMul is not found (include_lm_head: false would be ignored)"
+    assert sqnr_db(ref, got) >= (30 if method == "weight-only" else 15), name
+    assert lm_head_nodes(path), f"{name}: the lm_head MatMul is not found (lm_head: float would be ignored)"
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 @pytest.mark.parametrize("name", TINY)
 def test_int4_logits_close(name: str, method: str) -> None:
     """INT4 g32 logits against float on held-out tokens: >= 10 dB SQNR (4-bit weights give ~15-20 dB here)."""
-    from compress.quant.int4 import (
-        AWQConfig,
-        GPTQConfig,
-        WeightQuantConfig,
-        awq_quantize_model,
-        gptq_quantize_model,
-        rtn_quantize_model,
-    )
+    from compress.quant.algorithms.awq import AWQConfig, awq_quantize_model
+    from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
+    from compress.quant.algorithms.rtn import rtn_quantize_model
+    from compress.quant.primitives.weight import WeightQuantConfig
 
     model = tiny_decoder(name)
     held_out = calib(2, seed=1)
@@ -166,7 +162,7 @@ def test_int4_logits_close(name: str, method: str) -> None:
 
 def _fold_all(model, scales: dict[tuple[int, int], torch.Tensor], inverse: bool = False) -> list[str]:
     """Apply every applicable scale group of the map with `scales[(layer, group)]`; names of those skipped."""
-    from compress.quant.int4.awq import _producer_rows, fold_scale
+    from compress.quant.algorithms.awq import _producer_rows, fold_scale
 
     arch = arch_of(model)
     skipped = []
@@ -210,7 +206,7 @@ def test_awq_fold_is_exact(name: str, kv_heads: int) -> None:
 
 
 def test_awq_reports_groups_it_cannot_fold() -> None:
-    from compress.quant.int4 import AWQConfig, awq_quantize_model
+    from compress.quant.algorithms.awq import AWQConfig, awq_quantize_model
 
     skipped: list[str] = []
     awq_quantize_model(
@@ -238,7 +234,7 @@ def _same(a, b) -> bool:
 
 
 def test_each_layer_gets_the_arguments_the_model_gives_it() -> None:
-    from compress.quant.int4.sequential import capture_layer_calls
+    from compress.quant.algorithms.sequential import capture_layer_calls
 
     model = tiny_decoder("gemma3")
     batches = calib(2)
@@ -258,8 +254,8 @@ def test_each_layer_gets_the_arguments_the_model_gives_it() -> None:
 
 def _reference_gptq(model, batches, cfg):
     """GPTQ by groups with each group's Hessian from a full-model forward: the true inputs, slowly."""
-    from compress.quant.int4.gptq import _quantize_with_hooks
-    from compress.quant.int4.sequential import default_filter, layer_linear_groups
+    from compress.quant.algorithms.gptq import _quantize_with_hooks
+    from compress.quant.algorithms.sequential import default_filter, layer_linear_groups
 
     arch = arch_of(model)
     result = {}
@@ -271,8 +267,8 @@ def _reference_gptq(model, batches, cfg):
 
 def _reference_awq(model, batches, cfg):
     """AWQ layer by layer on the inputs the (partly quantized) model really gives each layer."""
-    from compress.quant.int4.awq import awq_quantize_layer
-    from compress.quant.int4.sequential import default_filter
+    from compress.quant.algorithms.awq import awq_quantize_layer
+    from compress.quant.algorithms.sequential import default_filter
 
     arch = arch_of(model)
     result = {}
@@ -285,7 +281,8 @@ def _reference_awq(model, batches, cfg):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_sequential_quantization_matches_true_per_layer_inputs(method: str) -> None:
     """The driver's codes equal a reference fed by the model's own per-layer inputs (all but rare ties)."""
-    from compress.quant.int4 import AWQConfig, GPTQConfig, awq_quantize_model, gptq_quantize_model
+    from compress.quant.algorithms.awq import AWQConfig, awq_quantize_model
+    from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
 
     model = tiny_decoder("gemma3")
     reference_model = copy.deepcopy(model)
@@ -309,7 +306,9 @@ def test_sequential_quantization_matches_true_per_layer_inputs(method: str) -> N
 def test_int4_onnx_rewrite_parity(exported, tmp_path: Path) -> None:
     """Every quantized Linear of the float export becomes MatMulNBits (found by its float value, as the stage
     does); ONNX logits then match the dequantized torch model within 1e-3."""
-    from compress.quant.int4 import WeightQuantConfig, float_weights_of, rewrite_onnx_file, rtn_quantize_model
+    from compress.quant.algorithms.rtn import rtn_quantize_model
+    from compress.quant.primitives.weight import WeightQuantConfig
+    from compress.quant.targets.onnx_rewrite import float_weights_of, rewrite_onnx_file
 
     name, model, path = exported
     quantized = copy.deepcopy(model)
@@ -437,12 +436,11 @@ def test_pipeline_export_int8_int4_awq(name: str, tmp_path: Path) -> None:
                     {
                         "quantize": {
                             "precision": "int4",
-                            "method": "awq",
+                            "method": {"name": "awq", "samples": 2},
                             "group_size": 32,
-                            "samples": 2,
                             "input": "source",
                             "name": "int4-awq",
-                            "accuracy_level": 0,
+                            "target": {"name": "onnxruntime-cpu", "accuracy_level": 0},
                             "parity_atol": 1e-3,
                         }
                     },
@@ -464,13 +462,9 @@ def test_pipeline_export_int8_int4_awq(name: str, tmp_path: Path) -> None:
 def test_int4_head_and_tied_scaled_embedding_gemma2(tmp_path: Path) -> None:
     """lm_head at 4 bits on Gemma 2: the untied (V, H) table becomes a quantized Gather feeding the sqrt(H)
     scaling, and the soft-capped logits still match the dequantized torch model within 1e-3."""
-    from compress.quant.int4 import (
-        WeightQuantConfig,
-        float_weights_of,
-        rewrite_onnx_file,
-        rtn_quantize,
-        rtn_quantize_model,
-    )
+    from compress.quant.algorithms.rtn import rtn_quantize, rtn_quantize_model
+    from compress.quant.primitives.weight import WeightQuantConfig
+    from compress.quant.targets.onnx_rewrite import float_weights_of, rewrite_onnx_file
     from compress.stages.quantize.int4 import _untie_for_export
 
     model = tiny_decoder("gemma2")

@@ -87,7 +87,7 @@ def te_run(bert_dir, tmp_path_factory):
     """The recipe plus a GPTQ branch; speed and size gates set to hold on a model this small."""
     tmp = tmp_path_factory.mktemp("te-run")
     stages = yaml.safe_load(RECIPE.read_text())["stages"]
-    stages.append({"quantize": {"precision": "int4", "method": "gptq", "group_size": 32, "samples": 8,
+    stages.append({"quantize": {"precision": "int4", "method": {"name": "gptq", "samples": 8}, "group_size": 32,
                                 "name": "int4-gptq", "input": "source"}})  # fmt: skip
     gates = {
         "speedup_min": [{"artifact": "int8", "vs": "onnx-fp32", "at_least": 0.01}],
@@ -241,7 +241,10 @@ def test_bert_from_a_python_factory(tmp_path: Path, monkeypatch) -> None:
     """Through the vision family's `python:` source this model fails at export with `TypeError: BertModel.forward()
     got multiple values for argument 'use_cache'`; the text-encoder family takes it."""
     monkeypatch.chdir(tmp_path)  # where ONNX Runtime's failed symbolic shape inference drops its files
-    stages = [{"export": {"name": "onnx-fp32"}}, {"quantize": {"precision": "int8", "method": "static", "samples": 16}}]
+    stages = [
+        {"export": {"name": "onnx-fp32"}},
+        {"quantize": {"precision": "int8", "method": {"name": "static", "samples": 16}}},
+    ]
     pipeline = recipe(tmp_path, "python:test_text_encoder:bert_factory", name="bert-python", stages=stages, gates={})
     code, _, records = run_quietly(pipeline, tmp_path / "runs", "--no-bench")
     assert code == EXIT_OK

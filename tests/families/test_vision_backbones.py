@@ -159,8 +159,9 @@ def test_resnet18_exports_to_onnx_with_parity(tmp_path: Path) -> None:
 # -- ViT through the pipeline: timm weights at 224 px into a 32 px model, export, INT8 for both targets ---
 VIT_STAGES = """
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, samples: 16, name: int8}
-  - quantize: {precision: int8, target: tensorrt, samples: 16, name: int8-trt, input: onnx-fp32}"""
+  - quantize: {precision: int8, method: {name: static, samples: 16}, name: int8}
+  - quantize: {precision: int8, target: tensorrt, method: {name: static, samples: 16},
+      name: int8-trt, input: onnx-fp32}"""
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_vit_int8_keeps_layernorm_softmax_gelu_and_adds_float(vit_run, artifact:
 HF_STAGES = """
   - finetune: {steps: 2, lr: 1.0e-3, batch_size: 16}
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, samples: 16, name: int8}"""
+  - quantize: {precision: int8, method: {name: static, samples: 16}, name: int8}"""
 
 
 def _hf_folder(kind: str, folder: Path) -> Path:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 STAGES = """
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, samples: 8, name: int8}"""
+  - quantize: {precision: int8, method: {name: static, samples: 8}, name: int8}"""
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_tiny"])

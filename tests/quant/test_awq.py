@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 from compress.errors import StageError
-from compress.quant.int4.awq import (
+from compress.quant.algorithms.awq import (
     AWQConfig,
     awq_quantize_model,
     awq_search_clip,
     awq_search_scale,
     fold_scale,
 )
-from compress.quant.int4.rtn import rtn_quantize
-from compress.quant.int4.weight import WeightQuantConfig
+from compress.quant.algorithms.rtn import rtn_quantize
+from compress.quant.primitives.weight import WeightQuantConfig
 
 from .conftest import calib_batches, correlated_inputs, make_tiny_llama
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.quant.int4.gptq import GPTQConfig, HessianAccumulator, gptq_quantize_model, gptq_quantize_weight
-from compress.quant.int4.model import rtn_quantize_model
-from compress.quant.int4.rtn import rtn_quantize
-from compress.quant.int4.weight import WeightQuantConfig
+from compress.quant.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize_model, gptq_quantize_weight
+from compress.quant.algorithms.rtn import rtn_quantize, rtn_quantize_model
+from compress.quant.primitives.weight import WeightQuantConfig
 
 from .conftest import calib_batches, correlated_inputs, make_tiny_llama
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from compress.quant.int4.gptq import GPTQConfig, gptq_quantize_weight
-from compress.quant.int4.packing import (
+from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_weight
+from compress.quant.algorithms.rtn import rtn_quantize
+from compress.quant.primitives.packing import (
     GPTQTensors,
     pack_dq_int4,
     pack_gptq,
@@ -18,8 +19,7 @@ from compress.quant.int4.packing import (
     unpack_matmul_nbits,
     unpack_nibbles,
 )
-from compress.quant.int4.rtn import rtn_quantize
-from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
+from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 from .conftest import correlated_inputs
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compress.quant.int4.rtn import rtn_quantize
-from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
-from compress.quant.qparams import column_groups
+from compress.quant.algorithms.rtn import rtn_quantize
+from compress.quant.primitives.qparams import column_groups
+from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 
 @pytest.mark.parametrize("in_f,group", [(128, 32), (128, 64), (576, 128), (96, 64), (100, -1)])

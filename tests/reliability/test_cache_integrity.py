@@ -24,7 +24,7 @@ from compress.hashing import cached_sha256, sha256_file
 STAGES = """
   - finetune: {steps: 10, lr: 1.0e-2, batch_size: 32}
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, calibrator: minmax, samples: 64, name: int8}"""
+  - quantize: {precision: int8, method: {name: static, calibrator: minmax, samples: 64}, name: int8}"""
 ALL = ("source", "finetune", "onnx-fp32", "int8")
 
 

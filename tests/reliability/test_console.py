@@ -70,8 +70,9 @@ def test_a_vision_run_prints_only_our_lines(tmp_path: Path, fashion_mnist: Path)
         stages="""
   - finetune: {steps: 5, lr: 1.0e-2, batch_size: 32}
   - export: {opset: 17, name: onnx-fp32, parity_samples: 4}
-  - quantize: {precision: int8, calibrator: percentile, samples: 16, name: int8}
-  - quantize: {precision: int8, target: tensorrt, calibrator: entropy, samples: 16, name: int8-trt, input: onnx-fp32}
+  - quantize: {precision: int8, method: {name: static, calibrator: percentile, samples: 16}, name: int8}
+  - quantize: {precision: int8, target: tensorrt, method: {name: static, calibrator: entropy, samples: 16},
+      name: int8-trt, input: onnx-fp32}
   - quantize: {precision: int8, method: dynamic, name: int8-dyn, input: onnx-fp32}
   - engine: {backend: tensorrt, precision: int8, input: int8-trt, optional: true}""",
         gates="top1_drop_max: 100",

@@ -31,7 +31,7 @@ from compress.runner import make_adapter
 
 ONNX_STAGES = """
   - export: {opset: 17, name: onnx-fp32, parity_samples: 4}
-  - quantize: {precision: int8, method: static, samples: 8, name: int8}
+  - quantize: {precision: int8, method: {name: static, samples: 8}, name: int8}
   - quantize: {precision: int8, method: weight-only, name: int8-wo, input: onnx-fp32}"""
 FAST_STAGES = (
     ONNX_STAGES

@@ -31,7 +31,7 @@ def weight_only_run(tmp_path_factory, fashion_mnist):
         name="wo",
         stages="""
   - export: {opset: 17, name: onnx-fp32, parity_samples: 4}
-  - quantize: {precision: int8, samples: 16, name: int8}
+  - quantize: {precision: int8, method: {name: static, samples: 16}, name: int8}
   - quantize: {precision: int8, method: weight-only, name: int8-wo, input: onnx-fp32}""",
     )
     err = io.StringIO()  # capsys is function-scoped; the run is shared by the tests below
@@ -60,13 +60,13 @@ def test_quantized_node_count_is_recorded(weight_only_run) -> None:
         (  # implicit input: the int4 artifact made just before
             """
   - quantize: {precision: int4, method: rtn, group_size: 32, name: int4}
-  - quantize: {precision: int8, samples: 16, name: int8}""",
+  - quantize: {precision: int8, method: {name: static, samples: 16}, name: int8}""",
             "int4",
         ),
         (  # explicit input: an int8 artifact
             """
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, samples: 16, name: int8}
+  - quantize: {precision: int8, method: {name: static, samples: 16}, name: int8}
   - quantize: {precision: int8, method: dynamic, name: twice, input: int8}""",
             "int8",
         ),

@@ -25,7 +25,7 @@ from compress.runner import Runner
 STAGES = """
   - finetune: {steps: 5, lr: 1.0e-2, batch_size: 32}
   - export: {opset: 17, parity_samples: 8, name: onnx-fp32}
-  - quantize: {precision: int8, target: tensorrt, samples: 32, name: int8}
+  - quantize: {precision: int8, target: tensorrt, method: {name: static, samples: 32}, name: int8}
   - engine: {precision: int8, optional: true}"""
 PASSING = "top1_drop_max: 100.0"
 NO_TRT = pytest.mark.skipif(gpu_status("tensorrt").available, reason="TensorRT is here: the engine is built")
@@ -222,9 +222,9 @@ def test_quant_invariants_raise_internal_errors() -> None:
     import torch
 
     from compress.errors import CompressError
-    from compress.quant.int4.packing import pack_matmul_nbits
-    from compress.quant.int4.rtn import rtn_quantize
-    from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
+    from compress.quant.algorithms.rtn import rtn_quantize
+    from compress.quant.primitives.packing import pack_matmul_nbits
+    from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
     qw = rtn_quantize(torch.randn(8, 32), WeightQuantConfig(group_size=32))
     overflow = dataclasses.replace(qw, zeros=torch.full_like(qw.zeros, 16))  # 16 does not fit in 4 bits
@@ -235,15 +235,14 @@ def test_quant_invariants_raise_internal_errors() -> None:
         QuantizedWeight(qw.qweight, qw.scales[:, :0], qw.zeros, 32, 4)  # (8, 0) scales for one group of 32
 
 
-def test_inconsistent_gptq_checkpoint_is_a_config_error_naming_the_folder(tmp_path) -> None:
-    """A checkpoint folder is user input: tensors that contradict each other get a ConfigError naming it."""
+def test_inconsistent_gptq_checkpoint_is_a_value_error_naming_the_folder(tmp_path) -> None:
+    """A checkpoint folder is user input: tensors that contradict each other get a ValueError naming it."""
     import torch
     from safetensors.numpy import load_file, save_file
 
-    from compress.errors import ConfigError
-    from compress.quant.int4.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
-    from compress.quant.int4.rtn import rtn_quantize
-    from compress.quant.int4.weight import WeightQuantConfig
+    from compress.quant.algorithms.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
+    from compress.quant.algorithms.rtn import rtn_quantize
+    from compress.quant.primitives.weight import WeightQuantConfig
 
     qw = rtn_quantize(torch.randn(16, 64), WeightQuantConfig(group_size=32, symmetric=True))
     write_gptq_checkpoint(tmp_path, {"fc": qw}, checkpoint_format="gptq_v2")
@@ -251,5 +250,5 @@ def test_inconsistent_gptq_checkpoint_is_a_config_error_naming_the_folder(tmp_pa
     tensors = load_file(str(file))
     tensors["fc.scales"] = tensors["fc.scales"][:1]  # one group of scales where the weight has two
     save_file(tensors, str(file))
-    with pytest.raises(ConfigError, match=f"{tmp_path}: fc: scales"):
+    with pytest.raises(ValueError, match=f"{tmp_path}: fc: scales"):
         read_gptq_checkpoint(tmp_path)

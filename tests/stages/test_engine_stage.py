@@ -29,10 +29,10 @@ HINT = "pip install 'compress[tensorrt]'"
 # No finetune: the toy's new head is untrained, so nothing is evaluated or benchmarked and a run is seconds.
 TRT_STAGES = """
   - export: {{opset: 17, parity_samples: 8, name: onnx-fp32}}
-  - quantize: {{precision: int8, target: tensorrt, samples: 32, name: int8-trt}}
+  - quantize: {{precision: int8, target: tensorrt, method: {{name: static, samples: 32}}, name: int8-trt}}
   - engine: {{precision: int8, optional: {optional}}}{after}"""
 # A stage after the engine: it must not run when a required engine fails.
-AFTER = "\n  - quantize: {precision: int8, samples: 32, name: late, input: onnx-fp32}"
+AFTER = "\n  - quantize: {precision: int8, method: {name: static, samples: 32}, name: late, input: onnx-fp32}"
 
 
 def _pipeline(tmp: Path, fashion: Path, *, optional: bool, gates: str = "{}", after: str = "") -> Path:
@@ -126,7 +126,7 @@ def test_rule_breaking_graph_fails_on_cpu_naming_the_node(tmp_path, fashion_mnis
     rules: the engine stage fails even when optional and with no tensorrt installed, naming a node."""
     stages = """
   - export: {opset: 17, parity_samples: 8, name: onnx-fp32}
-  - quantize: {precision: int8, target: onnxruntime-cpu, samples: 32, name: int8}
+  - quantize: {precision: int8, target: onnxruntime-cpu, method: {name: static, samples: 32}, name: int8}
   - engine: {precision: int8, optional: true}"""
     pipeline = pipeline_yaml(tmp_path, fashion_mnist, name="cpuq", stages=stages, gates="{}")
     assert _run(pipeline, tmp_path / "runs", "--no-eval") == EXIT_STAGE

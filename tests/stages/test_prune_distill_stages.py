@@ -30,7 +30,7 @@ PRUNE_DISTILL = """
   - prune: {importance: l2, target: {macs: 0.3}, round_to: 1}
   - distill: {max_steps: 40, lr: 3.0e-3, temperature: 2.0, alpha: 0.9, batch_size: 32}
   - export: {opset: 17}
-  - quantize: {precision: int8, calibrator: minmax, samples: 64, name: int8}"""
+  - quantize: {precision: int8, method: {name: static, calibrator: minmax, samples: 64}, name: int8}"""
 
 
 def _run(pipeline: Path, runs: Path, reporter: Reporter | None = None) -> Runner:

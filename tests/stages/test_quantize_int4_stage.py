@@ -21,9 +21,11 @@ from compress.config import load_pipeline
 from compress.errors import ConfigError
 from compress.families.causal_lm.sessions import TorchCausalLM
 from compress.progress import Reporter
-from compress.quant.int4 import GPTQConfig, WeightQuantConfig, gptq_quantize_model, rtn_quantize_model
-from compress.quant.int4.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
-from compress.quant.int4.packing import pack_matmul_nbits
+from compress.quant.algorithms.checkpoint import read_gptq_checkpoint, write_gptq_checkpoint
+from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
+from compress.quant.algorithms.rtn import rtn_quantize_model
+from compress.quant.primitives.packing import pack_matmul_nbits
+from compress.quant.primitives.weight import WeightQuantConfig
 from compress.runner import make_adapter
 
 # hidden 64, 2 layers: q/o 64x64, k/v 32x64, gate/up 128x64, down 64x128 per layer
@@ -31,10 +33,10 @@ LINEAR_PARAMS = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
 STAGES = """
   - export: {opset: 17, name: onnx-fp32}
   - quantize: {precision: int4, method: rtn, group_size: 32, name: rtn, input: source}
-  - quantize: {precision: int4, method: gptq, group_size: 32, samples: 2, name: gptq, input: source}
+  - quantize: {precision: int4, method: {name: gptq, samples: 2}, group_size: 32, name: gptq, input: source}
   - quantize: {precision: int4, method: rtn, group_size: 32, symmetric: true, target: tensorrt, name: rtn-trt,
                input: source}
-  - quantize: {precision: int4, method: gptq, group_size: 32, symmetric: true, samples: 2, target: tensorrt,
+  - quantize: {precision: int4, method: {name: gptq, samples: 2}, group_size: 32, symmetric: true, target: tensorrt,
                name: gptq-trt, input: source}"""
 
 
@@ -132,7 +134,7 @@ def test_tensorrt_with_asymmetric_weights_is_a_config_error(tmp_path) -> None:
 
 def test_vision_int4_quantizes_linear_head_only(tmp_path, fashion_mnist) -> None:
     stages = """
-  - quantize: {precision: int4, method: gptq, group_size: 32, samples: 16, name: int4}
+  - quantize: {precision: int4, method: {name: gptq, samples: 16}, group_size: 32, name: int4}
   - quantize: {precision: int4, method: rtn, group_size: 32, symmetric: true, target: tensorrt, name: int4-trt,
                input: source}"""
     path = pipeline_yaml(tmp_path, fashion_mnist, name="cnn4", stages=stages, gates="{}")
@@ -153,7 +155,7 @@ def test_gptq_checkpoint_import_is_bit_exact(tmp_path) -> None:
     batches = [torch.randint(0, 1000, (1, 32), generator=g) for _ in range(2)]
     qws = gptq_quantize_model(model, batches, config=GPTQConfig(group_size=32, symmetric=False))
     folder = write_gptq_checkpoint(tmp_path / "gptq", qws, other_tensors={"model.norm.weight": model.model.norm.weight})
-    stages = f"\n  - quantize: {{precision: int4, method: checkpoint, checkpoint: {folder}, name: imported}}"
+    stages = f"\n  - quantize: {{precision: int4, method: {{name: checkpoint, folder: {folder}}}, name: imported}}"
     pipeline = _llm_pipeline(tmp_path, stages, name="ckpt")
     assert main(["run", str(pipeline), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-bench"]) == EXIT_OK
     graph = onnx.load(str(tmp_path / "runs" / "ckpt" / "imported" / "model.onnx")).graph

@@ -54,6 +54,7 @@ class CausalLMAdapter(Adapter):
     measures_decode = True
     session_kind = "decoder"
     default_int8_method = "weight-only"
+    calibration_batch_size = 1  # one window per forward
     comparisons = (
         ("ppl_rise_pct", "perplexity rise %", 1),
         ("agreement", "next-token agreement %", 1),

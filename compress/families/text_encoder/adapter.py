@@ -50,6 +50,7 @@ class TextEncoderAdapter(Adapter):
         "cosine_pct", "points", "cosine_drop", higher_is_better=True, detail="cosine {ours:.2f}% vs {theirs:.2f}%"
     )
     default_int8_method = "dynamic"
+    calibration_batch_size = 1  # one text (input_ids + attention_mask) per forward
     #: GPTQ runs in one pass over all Linears (an encoder has no decoder-layer map); AWQ needs one
     int4_methods: ClassVar[frozenset[str]] = frozenset({"rtn", "gptq"})
     comparisons = (

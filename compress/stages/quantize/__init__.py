@@ -1,7 +1,10 @@
 """`quantize`: one stage name, one options key (`precision`) choosing the scheme; one file per scheme.
 
+Scheme keys at the top; `method:` and `target:` take a name or `{name: ..., <its keys>}`
+(`compress.quant.algorithms`, `compress.quant.targets`).
+
 ```yaml
-- quantize: {precision: int8, calibrator: percentile, target: onnxruntime-cpu}
+- quantize: {precision: int8, method: {name: static, calibrator: percentile}, target: onnxruntime-cpu}
 - quantize: {precision: int4, method: gptq, group_size: 128}
 ```
 """

@@ -8,11 +8,38 @@ turns that into a stage failure with the reason, and the count goes into the art
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
 
 from compress.errors import StageError
+from compress.quant import targets
+from compress.quant.registry import named, owner_of
+from compress.quant.vocab import FLOAT_PRECISIONS
 
-FLOAT_PRECISIONS = frozenset({"fp32", "fp16", "bf16"})
+#: `target:` of either precision: a name or `{name: ..., <its keys>}`
+TargetField = Annotated[
+    targets.OnnxruntimeCpu | targets.TensorRT,
+    Field(discriminator="name"),
+    BeforeValidator(named(targets.TARGET_OPTIONS, "target")),
+]
+
+
+def refuse_flat_keys(data: Any, own: Mapping[str, Any], methods: Mapping[str, type]) -> Any:
+    """A model_validator(mode="before"): an algorithm's or a target's key written at the top is refused
+    with its new place (one way to write each option, no alias)."""
+    if not isinstance(data, Mapping):
+        return data
+    for key in data:
+        where = None if key in own else owner_of(key, {"method": methods, "target": targets.TARGET_OPTIONS})
+        if where:
+            kind, name = where.split(" ", 1)
+            raise ValueError(f"'{key}' is a key of {where}: write {kind}: {{name: {name}, {key}: ...}}")
+    return data
+
+
 #: ONNX ops that compute on, or produce, quantized tensors
 QUANTIZED_OPS = frozenset(
     {

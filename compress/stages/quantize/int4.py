@@ -2,22 +2,25 @@
 
 ```yaml
 - quantize: {precision: int4, method: gptq, group_size: 128, name: int4-gptq-g128}
-- quantize: {precision: int4, method: awq, then: gptq, input: source, name: int4-awq-g128}
+- quantize: {precision: int4, method: {name: awq, then: gptq}, input: source, name: int4-awq-g128}
 - quantize: {precision: int4, method: rtn, symmetric: true, target: tensorrt, input: source}
-- quantize: {precision: int4, method: checkpoint, checkpoint: /models/smollm2-gptq, input: source}
+- quantize: {precision: int4, method: {name: checkpoint, folder: /models/smollm2-gptq}, input: source}
 ```
 
-Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.int4`; each weight
-then holds its dequantized value) -> export that model with the adapter into `_fp.onnx` -> replace every
-quantized Linear's MatMul/Gemm by its INT4 form (`rewrite_onnx_file`, matched by weight value) into
-`model.onnx` -> parity of ONNX Runtime against the dequantized torch model -> for `target: tensorrt` the
-TensorRT Q/DQ rules (`compress.checks.tensorrt`).
+Scheme keys (`group_size`, `symmetric`, `lm_head`, `keep`) at the top; the algorithm's own keys under
+`method:` (`compress.quant.algorithms`), the target's under `target:` (`compress.quant.targets`).
+
+Flow: load the torch artifact -> quantize its Linear layers in place (`compress.quant.algorithms`; each
+weight then holds its dequantized value) -> export that model with the adapter into `_fp.onnx` -> replace
+every quantized Linear's MatMul/Gemm by its INT4 form (`compress.quant.targets.onnx_rewrite`, matched by
+weight value) into `model.onnx` -> parity of ONNX Runtime against the dequantized torch model -> for
+`target: tensorrt` the TensorRT Q/DQ rules (`compress.checks.tensorrt`).
 
 Targets:
 - `onnxruntime-cpu`: `com.microsoft.MatMulNBits` (asymmetric or symmetric, any opset >= 13; default 17).
   `accuracy_level` 4 computes with int8 activations inside the kernel (fastest on AVX512-VNNI).
 - `tensorrt`: standard ONNX, opset 21: blocked signed-INT4 `DequantizeLinear` + `MatMul`. Symmetric weights
-  only (TensorRT's INT4 has no zero point). The adapter exports at `opset` (default 20, the highest the
+  only (TensorRT's INT4 has no zero point). The adapter exports at `target.opset` (default 20, the highest the
   TorchScript exporter supports; 21 works with `dynamo: true`); the library raises the opset import of a
   graph exported at 18..20 to 21 (no standard op used here changed meaning in 19..21) and refuses one below
   18 (ReduceMean/Split changed signature at 18). ONNX Runtime would fuse
@@ -32,13 +35,14 @@ onnxruntime-cpu a tied table is then untied in the exported graph so the embeddi
 8/4-bit codes (`GatherBlockQuantized`) and no float copy stays; TensorRT takes INT4 weights on MatMul/Gemm
 only, so there the embedding Gather keeps a float table (holding the dequantized values).
 
-Families: causal-lm (calibration windows of `data`) and vision (calibration images in batches of 8);
+Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
+`calibration_batch_size` says how many inputs go in one calibration forward (vision 8, others 1);
 only `nn.Linear` layers are quantized: convolutions stay as they are (said in the log and in `info`).
 AWQ folds its scales into the op before each Linear and needs a decoder with an architecture map
 (`compress.families.causal_lm.archs`).
 
-`method: checkpoint` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json` + `*.safetensors` with
-`qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
+`method: {name: checkpoint, folder: FOLDER}` reads an AutoGPTQ / GPTQModel folder (`quantize_config.json`
++ `*.safetensors` with `qweight/qzeros/scales/g_idx`) and exports exactly those codes, scales and zero points without
 re-quantizing. The torch artifact supplies the architecture (e.g. the same HF folder as the checkpoint's
 base model); other tensors stored in the folder (norms, embeddings, biases) replace the artifact's.
 """
@@ -49,49 +53,47 @@ import fnmatch
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BeforeValidator, Field, model_validator
 
-from compress.errors import ConfigError, StageError
+from compress.errors import StageError
+from compress.quant import algorithms, targets
+from compress.quant.registry import named
+from compress.quant.scheme import GroupSize
+from compress.quant.vocab import LmHead
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
+from compress.stages.quantize.common import TargetField, refuse_flat_keys
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
 
-#: ONNX Runtime session entry that keeps DQ+MatMul fusions at float compute (what TensorRT does)
-ORT_QDQ_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+Int4Method = Annotated[
+    algorithms.RtnOptions | algorithms.GptqOptions | algorithms.AwqOptions | algorithms.CheckpointOptions,
+    Field(discriminator="name"),
+    BeforeValidator(named(algorithms.INT4, "method")),
+]
 
 
 class Int4Options(StageOptions):
-    """INT4 weight-only quantization of a torch artifact's Linear layers, exported to ONNX."""
+    """INT4 weight-only quantization of a torch artifact's Linear layers, exported to ONNX.
+
+    Scheme keys at the top (`group_size`, `symmetric`, `lm_head`, `keep`); the algorithm's own keys under
+    `method: {name: ...}`, the target's under `target: {name: ...}`.
+    """
 
     accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
     precision: Literal["int4"]
-    method: Literal["rtn", "gptq", "awq", "checkpoint"] = Field(
-        "gptq",
-        description="rtn: round to nearest; gptq: second-order (arXiv 2210.17323); awq: activation-aware "
-        "scales (arXiv 2306.00978); checkpoint: read an AutoGPTQ/GPTQModel folder (`checkpoint`)",
+    method: Int4Method = Field(
+        algorithms.GptqOptions(),
+        description="rtn | gptq | awq | checkpoint, or a mapping {name: ..., <its keys>}",
     )
-    then: Literal["rtn", "gptq"] | None = Field(
-        None, description="awq: quantizer applied to the scaled weights (default rtn)"
-    )
-    checkpoint: str | None = Field(None, description="method checkpoint: the GPTQ folder (relative to the cwd)")
-    group_size: Literal[32, 64, 128] = Field(128, description="input columns sharing one scale / zero point")
+    target: TargetField = Field(targets.OnnxruntimeCpu(), description="onnxruntime-cpu | tensorrt, or a mapping")
+    group_size: GroupSize = Field(128, description="input columns sharing one scale / zero point")
     symmetric: bool = Field(False, description="zero point fixed at 8; required by target tensorrt")
-    act_order: bool = Field(True, description="gptq: columns by decreasing Hessian diagonal (groups kept contiguous)")
-    damp: Real = Field(0.01, gt=0, le=1, description="gptq: dampening added to diag(H), fraction of its mean")
-    samples: Count = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision) for gptq / awq")
-    target: Literal["onnxruntime-cpu", "tensorrt"] = Field(
-        "onnxruntime-cpu",
-        description="onnxruntime-cpu: MatMulNBits; tensorrt: opset-21 INT4 DequantizeLinear (symmetric only)",
-    )
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="onnxruntime-cpu: MatMulNBits compute type (0 = float, 4 = int8 activations)"
-    )
-    lm_head: Literal["float", "int8", "int4"] = Field(
+    lm_head: LmHead = Field(
         "float",
         description="output projection (and a tied embedding): float, or RTN at 8 / 4 bits; 4 bits cost "
         "~3.7 perplexity on SmolLM2-135M (14.70 -> ~18.4 on top of the body's loss)",
@@ -99,13 +101,6 @@ class Int4Options(StageOptions):
     keep: tuple[str, ...] = Field(
         (), description="module-name globs kept at float, e.g. 'model.layers.0.*' (their bytes are reported)"
     )
-    opset: Count | None = Field(
-        None,
-        ge=13,
-        le=23,
-        description="export opset; default 17 (onnxruntime-cpu) or 20 (tensorrt: >= 18 needed, raised to 21)",
-    )
-    dynamo: bool = Field(False, description="export with the torch.export-based exporter (opset >= 18)")
     parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
     parity_atol: Real | None = Field(
         None,
@@ -113,57 +108,52 @@ class Int4Options(StageOptions):
         description="fail the stage if max |onnx - dequantized torch| logit exceeds this; default: report only",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        return refuse_flat_keys(data, cls.model_fields, algorithms.INT4)
+
     def output_format(self, input_format: str) -> str:
         return "onnx"
 
     def output_precision(self, input_precision: str) -> str:
         return "int4"
 
-    @property
-    def export_opset(self) -> int:
-        return self.opset if self.opset is not None else (20 if self.target == "tensorrt" else 17)
-
     def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
         """The family declares the INT4 algorithms its models can take (AWQ needs a decoder's layer map)."""
         allowed = adapter.int4_methods
-        if self.method in allowed:
+        if self.method.name in allowed:
             return []
         return [("method", f"not available for family '{adapter.family}'; allowed: {', '.join(sorted(allowed))}")]
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
-        """Combinations no single field can refuse: TensorRT's INT4 rules, method-specific keys."""
+        """Combinations no single field can refuse: the target's INT4 rules, method-specific keys."""
         problems: list[tuple[str, str]] = []
-        if self.target == "tensorrt":
-            if not self.symmetric and self.method != "checkpoint":
-                problems.append(
-                    (
-                        "symmetric",
-                        "target tensorrt needs symmetric INT4 (TensorRT has no INT4 zero point); "
-                        "set symmetric: true or target: onnxruntime-cpu",
-                    )
+        target, checkpoint = self.target, self.method.name == "checkpoint"
+        if target.symmetric_int4 and not self.symmetric and not checkpoint:
+            problems.append(
+                (
+                    "symmetric",
+                    f"target {target.name} needs symmetric INT4 (no INT4 zero point); "
+                    "set symmetric: true or target: onnxruntime-cpu",
                 )
-            if self.export_opset < 18:
-                problems.append(("opset", "target tensorrt needs opset >= 18 (raised to 21); default 21"))
-            if self.lm_head == "int8":
-                problems.append(("lm_head", "target tensorrt carries 4-bit weights only; allowed: float, int4"))
-        if self.dynamo and self.export_opset < 18:
-            problems.append(("opset", "dynamo: true needs opset >= 18"))
-        if self.method == "checkpoint" and not self.checkpoint:
-            problems.append(("checkpoint", "method checkpoint needs checkpoint: FOLDER (an AutoGPTQ/GPTQModel folder)"))
-        if self.method != "checkpoint" and self.checkpoint:
-            problems.append(("checkpoint", f"only read by method checkpoint (method is {self.method})"))
-        if self.method == "checkpoint" and self.keep:
+            )
+        if target.tensorrt_rules and target.export_opset < 18:
+            problems.append(("target", "target tensorrt needs opset >= 18 (raised to 21); default 20"))
+        if not target.contrib_ops and self.lm_head == "int8":
+            problems.append(("lm_head", f"target {target.name} carries 4-bit weights only; allowed: float, int4"))
+        if target.dynamo and target.export_opset < 18:
+            problems.append(("target", "dynamo: true needs opset >= 18"))
+        if checkpoint and self.keep:
             problems.append(("keep", "method checkpoint exports the folder's layers as they are; remove keep"))
-        if self.method != "awq" and self.then is not None:
-            problems.append(("then", f"only used by method awq (method is {self.method})"))
         return problems
 
     def cache_fields(self) -> dict[str, Any]:
         fields = super().cache_fields()
-        if self.method == "checkpoint" and self.checkpoint:
+        if isinstance(self.method, algorithms.CheckpointOptions):
             from compress.hashing import file_fingerprint
 
-            folder = Path(self.checkpoint).expanduser()
+            folder = Path(self.method.folder).expanduser()
             files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
             fields["checkpoint_files"] = [file_fingerprint(f) for f in files]
         return fields
@@ -173,10 +163,9 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     """Quantize, export, rewrite to INT4, check parity (and TensorRT rules)."""
     import torch
 
-    adapter = ctx.adapter
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)
-    model = adapter.load_torch(artifact)
+    model = ctx.adapter.load_torch(artifact)
     convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if convs:
         ctx.reporter.log(f"  only Linear layers are quantized: {convs} convolution(s) stay as they are")
@@ -190,31 +179,10 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     if options.keep:
         ctx.reporter.log(f"  kept at float by `keep`: {len(kept)} Linear(s), {kept_bytes / 1e6:.2f} MB")
 
-    fp = ctx.outdir / "_fp" / "model.onnx"
     out = ctx.outdir / "model.onnx"
-    from compress.quant.int4 import float_weights_of, rewrite_onnx_file
-    from compress.stages.export import export_to
-    from compress.stages.quantize.common import op_counts, quantized_nodes
-
-    with ctx.reporter.task(f"export + INT4 rewrite ({options.target}, opset {options.export_opset})", total=None):
-        # TensorRT's INT4 is for MatMul/Gemm weights only: a tied table stays one float initializer there
-        embeddings = _untie_for_export(model, head) if head and options.target != "tensorrt" else {}
-        fp.parent.mkdir()
-        export_to(adapter, model, fp, opset=options.export_opset, dynamo=options.dynamo)
-        report = rewrite_onnx_file(
-            fp,
-            out,
-            qws,
-            float_weights_of(model, list(qws) + list(embeddings)),
-            target="tensorrt" if options.target == "tensorrt" else "onnxruntime",
-            accuracy_level=options.accuracy_level if options.target == "onnxruntime-cpu" else None,
-            embeddings={name: qws[src] for name, src in embeddings.items()},
-        )
-        shutil.rmtree(fp.parent)
-    ctx.reporter.log(f"  INT4 rewrite: {report.summary()}")
-
-    session_config = {ORT_QDQ_ACCURACY: "0"} if options.target == "tensorrt" else {}
-    parity = adapter.check_export(
+    report, embeddings = _export_rewrite(model, qws, head, out, options, ctx)
+    target = options.target
+    parity = ctx.adapter.check_export(
         model,
         out,
         samples=options.parity_samples,
@@ -224,51 +192,89 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         raise_on_failure=options.parity_atol is not None,
     )
     ctx.reporter.log(f"  parity: max |onnx - dequantized torch| logit = {parity['parity_max_abs_diff']:.3g}")
-
-    info: dict[str, Any] = {
-        "method": options.method,
-        "group_size": next(iter(qws.values())).group_size if loaded else options.group_size,
-        "symmetric": next(iter(qws.values())).symmetric if loaded else options.symmetric,
-        "target": options.target,
-        "opset": options.export_opset,
-        "layers_quantized": len([n for n in report.replaced if n in qws]),
-        "quantized_nodes": quantized_nodes(op_counts(out)),
-        "embedding_quantized": sorted(embeddings),
-        "layers_kept": sorted(kept),
-        "kept_float_bytes": kept_bytes,
-        "lm_head": options.lm_head,
-        "rewrite": report.summary(),
-        "size_before_bytes": report.size_before,
-        "size_after_bytes": report.size_after,
-        "quantize_seconds": round(quantize_seconds, 1),
+    info = _info(options, qws, loaded, report, out)
+    info.update(
+        embedding_quantized=sorted(embeddings),
+        layers_kept=sorted(kept),
+        kept_float_bytes=kept_bytes,
+        quantize_seconds=round(quantize_seconds, 1),
         **parity,
-        "parity_session": "onnxruntime defaults (tensorrt target: DQ+MatMul fused, int8 activations)"
-        if session_config
-        else f"MatMulNBits accuracy level {options.accuracy_level}",
-    }
-    if options.method == "gptq":
-        info.update(act_order=options.act_order, damp=options.damp)
-    if options.method == "awq":
-        info.update(then=options.then or "rtn", awq_groups_unscaled=unscaled)
-    if options.method in ("gptq", "awq"):
-        info["calibration_samples"] = options.samples
-    if loaded:
-        info["checkpoint"] = loaded
+    )
+    if isinstance(options.method, algorithms.AwqOptions):
+        info["awq_groups_unscaled"] = unscaled
     if convs:
         info["convolutions_untouched"] = convs
-    if report.opset_raised_to:
-        info["opset"] = report.opset_raised_to
-    if session_config:
-        info["ort_session_config"] = session_config
-    if options.target == "onnxruntime-cpu":
-        info["accuracy_level"] = options.accuracy_level
-    if options.target == "tensorrt":
+    if target.tensorrt_rules:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
         assert_tensorrt_ready(str(out), source=f"quantize int4 → {artifact.name}")
         info["tensorrt_rules"] = "passed"
         ctx.reporter.log("  TensorRT Q/DQ rules: passed")
-    return StageOutput(file="model.onnx", format="onnx", precision="int4", info=info, target=options.target)
+    return StageOutput(file="model.onnx", format="onnx", precision="int4", info=info, target=target.name)
+
+
+def _export_rewrite(
+    model: Any, qws: dict[str, Any], head: str | None, out: Path, options: Int4Options, ctx: StageContext
+) -> tuple[Any, dict[str, str]]:
+    """Export the dequantized model, then rewrite its quantized MatMuls in the target's INT4 form at `out`.
+
+    Returns (RewriteReport, {embedding module: head module} untied for a quantized gather)."""
+    from compress.quant.targets.onnx_rewrite import float_weights_of, rewrite_onnx_file
+    from compress.stages.export import export_to
+
+    target = options.target
+    fp = ctx.outdir / "_fp" / "model.onnx"
+    with ctx.reporter.task(f"export + INT4 rewrite ({target.name}, opset {target.export_opset})", total=None):
+        # TensorRT's INT4 is for MatMul/Gemm weights only: a tied table stays one float initializer there
+        embeddings = _untie_for_export(model, head) if head and target.contrib_ops else {}
+        fp.parent.mkdir()
+        export_to(ctx.adapter, model, fp, opset=target.export_opset, dynamo=target.dynamo)
+        report = rewrite_onnx_file(
+            fp,
+            out,
+            qws,
+            float_weights_of(model, list(qws) + list(embeddings)),
+            target=target.rewrite,
+            accuracy_level=getattr(target, "accuracy_level", None),
+            embeddings={name: qws[src] for name, src in embeddings.items()},
+        )
+        shutil.rmtree(fp.parent)
+    ctx.reporter.log(f"  INT4 rewrite: {report.summary()}")
+    return report, embeddings
+
+
+def _info(options: Int4Options, qws: dict[str, Any], loaded: str | None, report: Any, out: Path) -> dict[str, Any]:
+    """The artifact's info: scheme, algorithm and target as resolved, and what the rewrite did."""
+    from compress.stages.quantize.common import op_counts, quantized_nodes
+
+    target, first = options.target, next(iter(qws.values()))
+    session_config = target.int4_session_config()
+    info: dict[str, Any] = {
+        **options.method.model_dump(mode="json", exclude={"name"}),
+        "method": options.method.name,
+        "group_size": first.group_size if loaded else options.group_size,
+        "symmetric": first.symmetric if loaded else options.symmetric,
+        "target": target.name,
+        "opset": report.opset_raised_to or target.export_opset,
+        "layers_quantized": len([n for n in report.replaced if n in qws]),
+        "quantized_nodes": quantized_nodes(op_counts(out)),
+        "lm_head": options.lm_head,
+        "rewrite": report.summary(),
+        "size_before_bytes": report.size_before,
+        "size_after_bytes": report.size_after,
+        "parity_session": "onnxruntime defaults (tensorrt target: DQ+MatMul fused, int8 activations)"
+        if session_config
+        else f"MatMulNBits accuracy level {getattr(target, 'accuracy_level', 0)}",
+    }
+    if "samples" in info:
+        info["calibration_samples"] = info.pop("samples")
+    if loaded:
+        info["checkpoint"] = info.pop("folder")
+    if session_config:
+        info["ort_session_config"] = session_config
+    if hasattr(target, "accuracy_level"):
+        info["accuracy_level"] = target.accuracy_level
+    return info
 
 
 # -- quantization -------------------------------------------------------------------------------------------
@@ -296,9 +302,8 @@ def _calibration(ctx: StageContext, samples: int) -> list[Any]:
     import torch
 
     names = list(ctx.adapter.io_spec().inputs)
-    batch_size = 1 if len(names) > 1 else 8  # causal-lm: one window per forward; vision: 8 images
     batches = []
-    for batch in ctx.adapter.calibration_inputs(samples, batch_size=batch_size):
+    for batch in ctx.adapter.calibration_inputs(samples, batch_size=ctx.adapter.calibration_batch_size):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
         batches.append((tensors[names[0]],) if len(names) == 1 else tensors)
     if not batches:
@@ -312,42 +317,38 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
     Returns ({name: QuantizedWeight}, checkpoint folder or None, AWQ scale groups left unscaled).
     """
     from compress.families.causal_lm.archs import find_arch
-    from compress.quant.int4 import (
-        AWQConfig,
-        GPTQConfig,
-        WeightQuantConfig,
-        awq_quantize_model,
-        gptq_quantize_model,
-        rtn_quantize_model,
-    )
+    from compress.quant.algorithms.awq import AWQConfig, awq_quantize_model
+    from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
+    from compress.quant.algorithms.rtn import rtn_quantize_model
+    from compress.quant.primitives.weight import WeightQuantConfig
 
-    if options.method == "checkpoint":
-        return _load_checkpoint(model, options, ctx), str(options.checkpoint), []
+    method = options.method
+    if isinstance(method, algorithms.CheckpointOptions):
+        return _load_checkpoint(model, method.folder, options.target, ctx), method.folder, []
     keep = _keep_filter(options)
     base = {"group_size": options.group_size, "symmetric": options.symmetric}
     arch = find_arch(model)
-    total = len(model.get_submodule(arch.layers)) if arch is not None and options.method != "rtn" else 1
-    then = options.then or "rtn"
+    total = len(model.get_submodule(arch.layers)) if arch is not None and method.name != "rtn" else 1
     skipped: list[str] = []
-    label = options.method + (f"+{then}" if options.method == "awq" else "")
+    label = method.name + (f"+{method.then}" if isinstance(method, algorithms.AwqOptions) else "")
     with ctx.reporter.task(f"quantize int4 {label} g{options.group_size}", total=total) as task:
 
         def progress(done: int, of: int, message: str) -> None:
             task.advance(1, info=message)
 
-        if options.method == "rtn":
+        if isinstance(method, algorithms.RtnOptions):
             qws = rtn_quantize_model(model, layers_filter=keep, config=WeightQuantConfig(**base))
             task.advance(1)
-        elif options.method == "gptq":
-            cfg = GPTQConfig(**base, act_order=options.act_order, percdamp=options.damp)
+        elif isinstance(method, algorithms.GptqOptions):
+            cfg = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
             qws = gptq_quantize_model(
-                model, _calibration(ctx, options.samples), layers_filter=keep, config=cfg, progress=progress
+                model, _calibration(ctx, method.samples), layers_filter=keep, config=cfg, progress=progress
             )
         else:
-            cfg = AWQConfig(**base, quantizer=then, seed=ctx.seed)
+            cfg = AWQConfig(**base, quantizer=method.then, seed=ctx.seed)
             qws = awq_quantize_model(
                 model,
-                _calibration(ctx, options.samples),
+                _calibration(ctx, method.samples),
                 layers_filter=keep,
                 config=cfg,
                 progress=progress,
@@ -360,21 +361,24 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
     return qws, None, skipped
 
 
-def _load_checkpoint(model: Any, options: Int4Options, ctx: StageContext) -> dict[str, Any]:
+def _load_checkpoint(model: Any, checkpoint: str, target: targets.TargetOptions, ctx: StageContext) -> dict[str, Any]:
     """Read a GPTQ folder; its quantized Linears get their dequantized weights, other tensors are copied."""
     import torch
 
-    from compress.quant.int4 import read_gptq_checkpoint
+    from compress.quant.algorithms.checkpoint import read_gptq_checkpoint
 
-    folder = Path(str(options.checkpoint)).expanduser()
+    folder = Path(checkpoint).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"quantize int4: checkpoint = {options.checkpoint}: no such folder")
-    qws, cfg = read_gptq_checkpoint(folder)
-    if options.target == "tensorrt" and not cfg.sym:
-        raise ConfigError(f"{folder}: an asymmetric GPTQ checkpoint (sym: false) cannot target tensorrt")
-    if options.target == "tensorrt" and not all(qw.has_trivial_g_idx() for qw in qws.values()):
-        raise ConfigError(
-            f"{folder}: an act-order GPTQ checkpoint (desc_act without static groups) cannot target tensorrt; "
+        raise StageError(f"quantize int4: method.folder = {checkpoint}: no such folder")
+    try:
+        qws, cfg = read_gptq_checkpoint(folder)
+    except ValueError as exc:  # the folder is not a GPTQ checkpoint this reader takes
+        raise StageError(f"quantize int4: method.folder: {exc}") from None
+    if target.symmetric_int4 and not cfg.sym:
+        raise StageError(f"{folder}: an asymmetric GPTQ checkpoint (sym: false) cannot target {target.name}")
+    if target.symmetric_int4 and not all(qw.has_trivial_g_idx() for qw in qws.values()):
+        raise StageError(
+            f"{folder}: an act-order GPTQ checkpoint (desc_act without static groups) cannot target {target.name}; "
             "use target: onnxruntime-cpu"
         )
     modules = dict(model.named_modules())
@@ -382,7 +386,7 @@ def _load_checkpoint(model: Any, options: Int4Options, ctx: StageContext) -> dic
         mod = modules.get(name)
         if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != qw.shape:
             got = tuple(mod.weight.shape) if isinstance(mod, torch.nn.Linear) else type(mod).__name__
-            raise ConfigError(
+            raise StageError(
                 f"{folder}: {name} {qw.shape} does not match the model's module ({got}); the torch input must "
                 "be the checkpoint's base model"
             )
@@ -411,12 +415,13 @@ def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any]) -> str
     """RTN the output projection at 8/4 bits when asked; returns its module name (None when float)."""
     if options.lm_head == "float":
         return None
-    from compress.quant.int4 import WeightQuantConfig, rtn_quantize
+    from compress.quant.algorithms.rtn import rtn_quantize
+    from compress.quant.primitives.weight import WeightQuantConfig
 
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get else None
     if head is None:
-        raise ConfigError(f"lm_head = {options.lm_head}: this model has no output projection; use lm_head: float")
+        raise StageError(f"lm_head = {options.lm_head}: this model has no output projection; use lm_head: float")
     name = next(n for n, m in model.named_modules() if m is head)
     cfg = WeightQuantConfig(
         bits=8 if options.lm_head == "int8" else 4, group_size=options.group_size, symmetric=options.symmetric

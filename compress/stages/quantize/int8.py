@@ -1,8 +1,10 @@
-"""INT8 on the ONNX side. Three methods; `auto` asks the adapter (vision: static, causal-lm: weight-only):
+"""INT8 on the ONNX side. Three methods (`compress.quant.algorithms`, each with its own keys under
+`method: {name: ...}`); `auto` asks the adapter (vision: static, causal-lm: weight-only, text-encoder: dynamic):
 
 - `static`: calibrated Q/DQ with `onnxruntime.quantization.quantize_static` (CNNs: activations are
   quantized too, and ONNX Runtime runs the convolutions in INT8).
-- `weight-only`: `MatMulNBits` with 8-bit blocked weights (`accuracy_level` 4 computes with INT8
+- `weight-only`: `MatMulNBits` with 8-bit weights in groups of the scheme's `group_size` (the target's
+  `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
 - `dynamic`: W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only).
@@ -13,8 +15,8 @@ ranges are where such models lose their accuracy (LayerNorm inputs carry outlier
 orders of magnitude) and neither ONNX Runtime nor TensorRT runs those ops faster in INT8. The artifact's
 info lists the op types left float (`float_op_types`, node counts) and `report.md` says why.
 
-The static Q/DQ flavour follows the deployment target, because the two disagree (measured on this CPU
-with MobileNetV2, see README):
+The static Q/DQ flavour follows the deployment target (`compress.quant.targets`), because the two disagree
+(measured on this CPU with MobileNetV2, see README):
 - `onnxruntime-cpu`: uint8 asymmetric activations, int8 symmetric per-channel weights. ONNX Runtime's
   x86 kernels (VNNI) are fast for u8·s8; symmetric s8 activations were slower than FP32 here.
 - `tensorrt`: int8 symmetric activations (per-tensor) and weights (per-channel), zero point 0 — TensorRT's
@@ -41,50 +43,104 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from compress.backends import ORT_SESSION_CONFIG
 from compress.bench.harness import int8_dot_saturates
 from compress.errors import StageError
 from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
-from compress.schema import Count, Real
+from compress.quant import algorithms, targets
+from compress.quant.registry import NamedOptions, named
+from compress.quant.scheme import GroupSize
+from compress.quant.vocab import AUTO, LmHead
 from compress.stages.base import StageContext, StageOptions, StageOutput
-from compress.stages.quantize.common import input_problem, refuse_quantized_input, require_quantized
+from compress.stages.quantize.common import (
+    TargetField,
+    input_problem,
+    refuse_flat_keys,
+    refuse_quantized_input,
+    require_quantized,
+)
 
-CALIBRATORS = ("minmax", "entropy", "percentile")
-#: ONNX Runtime session entry: run Q/DQ pairs as written (no fusion into integer kernels)
-DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
+
+class AutoMethod(NamedOptions):
+    """`method: auto`: the family's default INT8 method (`Adapter.default_int8_method`) with its defaults."""
+
+    name: Literal["auto"] = AUTO
+
+
+_METHODS = {AUTO: AutoMethod, **algorithms.INT8}
+Int8MethodField = Annotated[
+    AutoMethod | algorithms.StaticOptions | algorithms.WeightOnlyOptions | algorithms.DynamicOptions,
+    Field(discriminator="name"),
+    BeforeValidator(named(_METHODS, "method")),
+]
+#: scheme keys and the methods they apply to
+_APPLIES = {"group_size": ("weight-only",), "lm_head": ("weight-only", "dynamic", "static")}
 
 
 class Int8Options(StageOptions):
-    """Calibrated static INT8 (Q/DQ) for an ONNX artifact."""
+    """INT8 of an ONNX artifact: calibrated static Q/DQ, weight-only MatMulNBits or dynamic W8A8.
+
+    ```yaml
+    - quantize: {precision: int8, method: {name: static, calibrator: percentile, samples: 512}, target: tensorrt}
+    - quantize: {precision: int8, method: weight-only, group_size: 32}
+    ```
+    """
 
     accepts: ClassVar[frozenset[str]] = frozenset({"onnx"})
     precision: Literal["int8"]
-    method: Literal["auto", "static", "weight-only", "dynamic"] = Field(
-        "auto", description="auto: the model family's best (vision: static, causal-lm: weight-only)"
+    method: Int8MethodField = Field(
+        AutoMethod(),
+        description="auto (the family's best: vision static, causal-lm weight-only, text-encoder dynamic) | "
+        "static | weight-only | dynamic, or a mapping {name: ..., <its keys>}",
     )
-    target: Literal["onnxruntime-cpu", "tensorrt"] = Field("onnxruntime-cpu", description="deployment target")
-    calibrator: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="how activation ranges are chosen"
-    )
-    percentile: Real = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
-    samples: Count = Field(256, gt=0, description="calibration samples drawn from data.calibration")
-    per_channel: bool = Field(True, description="per-channel weight scales")
-    reduce_range: bool = Field(
-        False, description="static: 7-bit weights, avoids ONNX Runtime's u8·s8 saturation on CPUs without VNNI"
-    )
-    exclude_nodes: tuple[str, ...] = Field((), description="node names kept in float")
-    op_types: tuple[str, ...] | None = Field(
-        None, description="only quantize these op types (default: all ORT supports)"
-    )
-    block_size: Count = Field(32, ge=16, description="weight-only: weights per scale along K (a power of two)")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="weight-only: MatMulNBits compute type; 4 = INT8")
-    include_lm_head: bool = Field(True, description="weight-only / dynamic: quantize the output projection too")
+    target: TargetField = Field(targets.OnnxruntimeCpu(), description="onnxruntime-cpu | tensorrt, or a mapping")
+    group_size: GroupSize = Field(32, description="weight-only: weights per scale along K")
+    lm_head: LmHead = Field("int8", description="output projection: int8 (quantized like the rest) or float")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        return refuse_flat_keys(data, cls.model_fields, algorithms.INT8)
+
+    @field_validator("lm_head")
+    @classmethod
+    def _lm_head(cls, value: str) -> str:
+        if value == "int4":
+            raise ValueError(
+                "precision int8 quantizes the output projection at 8 bits or not at all; allowed: float, int8"
+            )
+        return value
+
+    def method_for(self, family_default: str) -> algorithms.NamedOptions:
+        """The method's options, `auto` resolved to the family's default (with that method's defaults)."""
+        return algorithms.INT8[family_default]() if isinstance(self.method, AutoMethod) else self.method
+
+    def check_family(self, family: str) -> list[tuple[str, str]]:
+        """Keys that do not apply to the method (with `auto` resolved for this family) are refused."""
+        from compress.registry import registered_adapters
+
+        method = self.method_for(registered_adapters()[family].default_int8_method).name
+        problems = [
+            (key, f"applies to method {' / '.join(methods)} only (method is {method}); remove it")
+            for key, methods in _APPLIES.items()
+            if key in self.model_fields_set and method not in methods
+        ]
+        for key in ("opset", "dynamo"):
+            if key in self.target.model_fields_set:
+                problems.append(("target", f"{key}: int8 starts from an ONNX artifact (opset is export's); remove it"))
+        if "accuracy_level" in self.target.model_fields_set and method != "weight-only":
+            problems.append(("target", f"accuracy_level applies to method weight-only only (method is {method})"))
+        if method != "static" and not self.target.contrib_ops:
+            problems.append(
+                ("method", f"method {method} writes com.microsoft ops that {self.target.name} cannot build; use static")
+            )
+        return problems
 
     def output_precision(self, input_precision: str) -> str:
         return "int8"
@@ -115,50 +171,103 @@ _NOTHING_QUANTIZED = {
 
 
 def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
-    method = ctx.adapter.default_int8_method if options.method == "auto" else options.method
     refuse_quantized_input(artifact, "quantize int8")
-    out = _static(artifact, options, ctx) if method == "static" else _matmul(artifact, options, method, ctx)
+    method = options.method_for(ctx.adapter.default_int8_method)
+    if isinstance(method, algorithms.StaticOptions):
+        out = _static(artifact, options, method, ctx)
+    else:
+        out = _matmul(artifact, options, method, ctx)
     nodes = require_quantized(
-        ctx.outdir / out.file, artifact.main, f"quantize int8 ({method})", _NOTHING_QUANTIZED[method]
+        ctx.outdir / out.file, artifact.main, f"quantize int8 ({method.name})", _NOTHING_QUANTIZED[method.name]
     )
     out.info["quantized_nodes"] = nodes
     return out
 
 
-def _matmul(artifact, options: Int8Options, method: str, ctx: StageContext) -> StageOutput:
+def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx: StageContext) -> StageOutput:
     """Weight-only (MatMulNBits) or dynamic (MatMulInteger) INT8 of the MatMul weights."""
-    if options.target == "tensorrt":
+    target = options.target
+    if not target.contrib_ops:
         raise StageError(
-            f"quantize int8: method '{method}' writes com.microsoft ops that TensorRT cannot build; "
-            "use method: static for target: tensorrt"
+            f"quantize int8: method '{method.name}' writes com.microsoft ops that {target.name} cannot build; "
+            f"use method: static for target: {target.name}"
         )
-    from compress.llm.quant_int8 import quantize_dynamic_int8, quantize_weight_only_int8
+    from compress.quant.algorithms.int8_matmul import quantize_dynamic_int8, quantize_weight_only_int8
 
     start = time.perf_counter()
     out = ctx.outdir / "model.onnx"
-    with ctx.reporter.task(f"quantize int8 ({method})", total=None):
-        if method == "weight-only":
+    head = options.lm_head == "int8"
+    with ctx.reporter.task(f"quantize int8 ({method.name})", total=None):
+        if isinstance(method, algorithms.WeightOnlyOptions):
+            level = getattr(target, "accuracy_level", None)
             quantize_weight_only_int8(
-                artifact.main,
-                out,
-                block_size=options.block_size,
-                accuracy_level=options.accuracy_level,
-                include_lm_head=options.include_lm_head,
+                artifact.main, out, group_size=options.group_size, accuracy_level=level, lm_head=head
             )
             info = {
-                "weights": f"int8 symmetric, blocks of {options.block_size} (MatMulNBits)",
-                "accuracy_level": options.accuracy_level,
+                "weights": f"int8 symmetric, groups of {options.group_size} (MatMulNBits)",
+                "group_size": options.group_size,
+                "accuracy_level": level,
             }
         else:
-            quantize_dynamic_int8(
-                artifact.main, out, per_channel=options.per_channel, include_lm_head=options.include_lm_head
-            )
+            quantize_dynamic_int8(artifact.main, out, per_channel=method.per_channel, lm_head=head)
             info = {"weights": "int8 per-channel", "activations": "int8 dynamic per-row"}
-    info.update(method=method, seconds=round(time.perf_counter() - start, 1), lm_head=options.include_lm_head)
-    return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=options.target)
+    info.update(method=method.name, seconds=round(time.perf_counter() - start, 1), lm_head=options.lm_head)
+    return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
 
 
-def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
+def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ctx: StageContext) -> StageOutput:
+    """Calibrated Q/DQ in the target's flavour; a transformer's LayerNorm / Softmax / GELU stay float."""
+    transformer = None if method.op_types else _transformer_op_types(artifact.main)
+    if transformer:
+        method = method.model_copy(update={"op_types": tuple(transformer)})
+    exclude = list(method.exclude_nodes)
+    if options.lm_head == "float":
+        from compress.quant.algorithms.int8_matmul import lm_head_nodes
+
+        exclude += lm_head_nodes(artifact.main)
+    target = options.target
+    out = ctx.outdir / "model.onnx"
+    start = time.perf_counter()
+    _calibrate_static(artifact.main, out, method, target, exclude, transformer, ctx)
+    info = {
+        "method": "static",
+        "calibration_seconds": round(time.perf_counter() - start, 1),
+        "calibrator": method.calibrator,
+        "activations": "int8 symmetric" if target.symmetric_activations else "uint8 asymmetric",
+        "weights": "int8 symmetric per-channel" if method.per_channel else "int8 symmetric per-tensor",
+        "lm_head": options.lm_head,
+    }
+    if method.reduce_range:
+        info["weights"] += " (7-bit range)"
+    if transformer:
+        info.update(quantized_op_types=transformer, float_op_types=_float_op_types(out, transformer))
+    if target.int8_session_config():
+        info[ORT_SESSION_CONFIG] = target.int8_session_config()
+    elif int8_dot_saturates():
+        info["int8_dot_saturates"] = True
+        ctx.reporter.log(
+            "  note: this CPU has no VNNI; ONNX Runtime's u8·s8 kernels may saturate here (if accuracy drops, "
+            "try reduce_range: true, or measure on the deployment CPU)"
+        )
+    if target.tensorrt_rules:
+        from compress.checks.tensorrt import assert_tensorrt_ready
+
+        assert_tensorrt_ready(str(out), source=f"quantize → {artifact.name}")
+        info["tensorrt_rules"] = "passed"
+        ctx.reporter.log("  TensorRT Q/DQ rules: passed")
+    return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
+
+
+def _calibrate_static(
+    src: Path,
+    out: Path,
+    method: algorithms.StaticOptions,
+    target: targets.TargetOptions,
+    exclude: list[str],
+    transformer: list[str] | None,
+    ctx: StageContext,
+) -> None:
+    """Pre-process `src`, calibrate on the adapter's inputs and write the Q/DQ graph at `out`."""
     with quiet_third_party():  # importing ORT's quantization configures root logging
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -168,44 +277,33 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
             quantize_static,
         )
 
-    transformer = None if options.op_types else _transformer_op_types(artifact.main)
-    if transformer:
-        options = options.model_copy(update={"op_types": tuple(transformer)})
-    tensorrt = options.target == "tensorrt"
     # ONNX Runtime writes scratch files beside its input: the pre-processed graph lives in a folder of ours.
     pre = ctx.outdir / "_pre" / "model.onnx"
     pre.parent.mkdir()
-    large = wants_external_data(artifact.main)
+    large = wants_external_data(src)
     with quiet_third_party():
         # Symbolic shape inference keeps the graph in one proto, which cannot be saved beyond 2 GB.
         pre_process(
-            str(artifact.main),
+            str(src),
             str(pre),
             skip_symbolic_shape=large,
             save_as_external_data=large,
             all_tensors_to_one_file=True,
             external_data_location=data_file(pre).name,
         )
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[options.calibrator]
+    symmetric = target.symmetric_activations
     # TensorRT takes biases in float (it fuses them itself); an INT32 bias DequantizeLinear breaks its rules.
     extra = {
         "WeightSymmetric": True,
-        "ActivationSymmetric": tensorrt,
-        "CalibPercentile": options.percentile,
-        "QuantizeBias": not tensorrt,
+        "ActivationSymmetric": symmetric,
+        "CalibPercentile": method.percentile,
+        "QuantizeBias": not symmetric,
     }
     if transformer:  # their outputs too: else the Add / Mul / Softmax after them would read 8-bit values
         extra["OpTypesToExcludeOutputQuantization"] = transformer
-    out = ctx.outdir / "model.onnx"
-    start = time.perf_counter()
-    with ctx.reporter.task(
-        f"calibrate ({options.calibrator}, {options.samples} samples)", total=options.samples
-    ) as task:
-        reader = _Reader(ctx.adapter.calibration_inputs(options.samples, batch_size=8), options.samples, task)
+    label = f"calibrate ({method.calibrator}, {method.samples} samples)"
+    with ctx.reporter.task(label, total=method.samples) as task:
+        reader = _Reader(ctx.adapter.calibration_inputs(method.samples, batch_size=8), method.samples, task)
         CalibrationDataReader.register(_Reader)
         with quiet_third_party():
             quantize_static(
@@ -213,44 +311,20 @@ def _static(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
                 str(out),
                 reader,
                 quant_format=QuantFormat.QDQ,
-                per_channel=options.per_channel,
-                activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
+                per_channel=method.per_channel,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=method,
-                nodes_to_exclude=list(options.exclude_nodes) or None,
-                op_types_to_quantize=list(options.op_types) if options.op_types else None,
+                calibrate_method=getattr(CalibrationMethod, _CALIBRATORS[method.calibrator]),
+                nodes_to_exclude=exclude or None,
+                op_types_to_quantize=list(method.op_types) if method.op_types else None,
                 use_external_data_format=large,
-                reduce_range=options.reduce_range,
+                reduce_range=method.reduce_range,
                 extra_options=extra,
             )
     shutil.rmtree(pre.parent)
-    info = {
-        "method": "static",
-        "calibration_seconds": round(time.perf_counter() - start, 1),
-        "calibrator": options.calibrator,
-        "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
-        "weights": "int8 symmetric per-channel" if options.per_channel else "int8 symmetric per-tensor",
-    }
-    if options.reduce_range:
-        info["weights"] += " (7-bit range)"
-    if transformer:
-        info.update(quantized_op_types=transformer, float_op_types=_float_op_types(out, transformer))
-    if tensorrt:
-        # evaluate on CPU what TensorRT computes (float ops between Q/DQ), not ORT's integer kernels
-        info[ORT_SESSION_CONFIG] = {DISABLE_QDQ_FUSION: "1"}
-    elif int8_dot_saturates():
-        info["int8_dot_saturates"] = True
-        ctx.reporter.log(
-            "  note: this CPU has no VNNI; ONNX Runtime's u8·s8 kernels may saturate here (if accuracy drops, "
-            "try reduce_range: true, or measure on the deployment CPU)"
-        )
-    if tensorrt:
-        from compress.checks.tensorrt import assert_tensorrt_ready
 
-        assert_tensorrt_ready(str(out), source=f"quantize → {artifact.name}")
-        info["tensorrt_rules"] = "passed"
-        ctx.reporter.log("  TensorRT Q/DQ rules: passed")
-    return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=options.target)
+
+_CALIBRATORS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 #: what ONNX Runtime's symbolic shape inference leaves in the working directory when it gives up

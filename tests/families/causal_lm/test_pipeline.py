@@ -7,7 +7,7 @@ import json
 import pytest
 from llm_toys import tiny_llama, tiny_tokenizer
 
-from compress.cli import EXIT_OK, EXIT_STAGE, main
+from compress.cli import EXIT_CONFIG, EXIT_OK, main
 
 
 @pytest.fixture(scope="module")
@@ -73,4 +73,4 @@ def test_weight_only_int8_cannot_target_tensorrt(llm_run, tmp_path) -> None:
     bad.write_text(
         pipeline.read_text().replace("{precision: int8, name: int8}", "{precision: int8, name: int8, target: tensorrt}")
     )
-    assert main(["run", str(bad), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-bench"]) == EXIT_STAGE
+    assert main(["run", str(bad), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-bench"]) == EXIT_CONFIG

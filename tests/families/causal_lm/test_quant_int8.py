@@ -6,13 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from compress.errors import ConfigError
+from compress.bench.harness import int8_dot_saturates
 from compress.families.causal_lm.generate import generate
 from compress.families.causal_lm.sessions import OrtCausalLM
-from compress.llm.quant_int8 import (
+from compress.quant.algorithms.int8_matmul import (
     INT8_METHODS,
     lm_head_nodes,
-    measure_decoder,
     quantize_int8,
     quantize_weight_only_int8,
 )
@@ -24,14 +23,26 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+#: ONNX Runtime's dynamic u8·s8 MatMulInteger on an x86 CPU without VNNI sums int16 pairs that saturate
+#: (`compress.stages.quantize.int8`); the bound below holds only where it does not.
+_SATURATES = pytest.mark.xfail(
+    int8_dot_saturates(), reason="u8·s8 int16 pair sums saturate on a CPU without VNNI", strict=True
+)
+
+
 @pytest.mark.parametrize(
     ("method", "head"),
-    [("dynamic", True), ("weight_only", True), ("dynamic", False)],
-    ids=["dynamic", "weight_only", "dynamic-no-lm-head"],
+    [
+        pytest.param("dynamic", True, marks=_SATURATES),
+        ("weight-only", True),
+        pytest.param("dynamic", False, marks=_SATURATES),
+        ("weight-only", False),
+    ],
+    ids=["dynamic", "weight-only", "dynamic-no-lm-head", "weight-only-no-lm-head"],
 )
 def test_int8_runs_and_stays_close(exported, tmp_path, method, head):
     _, fp32 = exported
-    out = quantize_int8(fp32, tmp_path / "int8.onnx", method=method, include_lm_head=head)
+    out = quantize_int8(fp32, tmp_path / "int8.onnx", method=method, lm_head=head)
     ref = OrtCausalLM(fp32).logits(IDS)
     got = OrtCausalLM(out).logits(IDS)
     # 8-bit weights (and activations for dynamic) on a random 2-layer model: errors seen ~1e-2 on logits
@@ -59,18 +70,12 @@ def test_int8_greedy_generation_close(exported, tmp_path):
 
 
 def test_every_method_is_listed():
-    assert sorted(INT8_METHODS) == ["dynamic", "weight_only"]
+    assert sorted(INT8_METHODS) == ["dynamic", "weight-only"]
 
 
 def test_bad_options(exported, tmp_path):
     _, fp32 = exported
-    with pytest.raises(ConfigError, match="allowed: dynamic, weight_only"):
+    with pytest.raises(ValueError, match="allowed: dynamic, weight-only"):
         quantize_int8(fp32, tmp_path / "x.onnx", method="static")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="power of two"):
-        quantize_weight_only_int8(fp32, tmp_path / "x.onnx", block_size=48)
-
-
-def test_measure_decoder_reports_positive_times(exported):
-    _, fp32 = exported
-    t = measure_decoder(fp32, threads=1, past=15, prefill_tokens=16, warmup=1, iterations=3)
-    assert t.decode_ms > 0 and t.prefill_ms > 0 and t.past == 15 and t.size_mb > 0
+    with pytest.raises(ValueError, match="group_size = 48; allowed: a power of two >= 16"):
+        quantize_weight_only_int8(fp32, tmp_path / "x.onnx", group_size=48)

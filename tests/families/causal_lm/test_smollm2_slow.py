@@ -19,7 +19,7 @@ from compress.families.causal_lm.model_io import load_causal_lm
 from compress.families.causal_lm.options import TextSource
 from compress.families.causal_lm.sessions import OrtCausalLM, TorchCausalLM
 from compress.families.causal_lm.task import perplexity, read_text, tokenize_windows, top1_agreement
-from compress.llm.quant_int8 import quantize_int8
+from compress.quant.algorithms.int8_matmul import quantize_int8
 from compress.sources import resolve_pkg_path
 
 pytestmark = pytest.mark.slow

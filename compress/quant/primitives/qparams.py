@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from compress.quant.scheme import group_size_problem
+
 ALLOWED_BITS = (4, 8)
 
 
@@ -29,8 +31,9 @@ def check_bits_group(bits: int, group_size: int) -> None:
     """Raise ValueError unless ``bits`` and ``group_size`` are supported (pydantic validators report it by key)."""
     if bits not in ALLOWED_BITS:
         raise ValueError(f"bits = {bits}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
-    if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
-        raise ValueError(f"group_size = {group_size}; allowed: -1 (per row) or a power of two >= 16 (e.g. 32, 64, 128)")
+    problem = None if group_size == -1 else group_size_problem(group_size)
+    if problem:
+        raise ValueError(f"{problem}, or -1 (per row)")
 
 
 def n_groups(in_features: int, group_size: int) -> int:

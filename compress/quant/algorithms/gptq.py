@@ -28,7 +28,7 @@ from torch import nn
 
 from compress.errors import StageError
 from compress.families.causal_lm.archs import find_arch
-from compress.quant.int4.sequential import (
+from compress.quant.algorithms.sequential import (
     LinearFilter,
     Progress,
     all_linears,
@@ -38,8 +38,8 @@ from compress.quant.int4.sequential import (
     run_layer,
     walk_layers,
 )
-from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
-from compress.quant.qparams import check_bits_group, choose_qparams, quantize_codes
+from compress.quant.primitives.qparams import check_bits_group, choose_qparams, quantize_codes
+from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 
 class GPTQConfig(WeightQuantConfig):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compress.quant.qparams import ALLOWED_BITS, check_bits_group, column_groups, n_groups
+from compress.quant.primitives.qparams import ALLOWED_BITS, check_bits_group, column_groups, n_groups
 
 
 class WeightQuantConfig(BaseModel):

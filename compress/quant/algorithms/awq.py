@@ -39,9 +39,9 @@ from torch import nn
 
 from compress.errors import StageError
 from compress.families.causal_lm.archs import DecoderArch, ScaleGroup, find_arch, supported_model_types
-from compress.quant.int4.gptq import GPTQConfig, HessianAccumulator, gptq_quantize_weight
-from compress.quant.int4.rtn import rtn_quantize
-from compress.quant.int4.sequential import (
+from compress.quant.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize_weight
+from compress.quant.algorithms.rtn import rtn_quantize
+from compress.quant.algorithms.sequential import (
     LayerInputs,
     LinearFilter,
     Progress,
@@ -49,7 +49,7 @@ from compress.quant.int4.sequential import (
     run_layer,
     walk_layers,
 )
-from compress.quant.int4.weight import QuantizedWeight, WeightQuantConfig
+from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 
 class AWQConfig(WeightQuantConfig):

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compress.quant.int4.weight import QuantizedWeight
-from compress.quant.qparams import column_groups, n_groups
+from compress.quant.primitives.qparams import column_groups, n_groups
+from compress.quant.primitives.weight import QuantizedWeight
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 

@@ -5,7 +5,7 @@ and ``*.safetensors`` with ``<module>.qweight / .qzeros / .scales / .g_idx`` per
 (layout in ``packing``). ``checkpoint_format`` ``gptq`` (v1, the default when absent: AutoGPTQ and
 what GPTQModel saves for compatibility) stores zero points minus one; ``gptq_v2`` stores them as is.
 Other formats (``marlin``, ``bitblas``, ``awq`` GEMM packing) and per-layer ``dynamic`` overrides are
-refused with a ConfigError rather than misread.
+refused with a ValueError (naming the folder and the key) rather than misread.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.errors import ConfigError, MissingDependencyError
-from compress.quant.int4.packing import GPTQ_FORMATS, GPTQTensors, pack_gptq, unpack_gptq
-from compress.quant.int4.weight import QuantizedWeight
+from compress.errors import MissingDependencyError
+from compress.quant.primitives.packing import GPTQ_FORMATS, GPTQTensors, pack_gptq, unpack_gptq
+from compress.quant.primitives.weight import QuantizedWeight
 
 _SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -57,17 +57,17 @@ def read_gptq_config(folder: str | Path) -> GPTQCheckpointConfig:
     ):
         raw = json.loads((folder / "config.json").read_text())["quantization_config"]
     else:
-        raise ConfigError(f"{folder}: no quantize_config.json nor config.json with quantization_config")
+        raise ValueError(f"{folder}: no quantize_config.json nor config.json with quantization_config")
     if raw.get("quant_method", "gptq") != "gptq":
-        raise ConfigError(f"{folder}: quant_method = {raw['quant_method']!r}; allowed: gptq")
+        raise ValueError(f"{folder}: quant_method = {raw['quant_method']!r}; allowed: gptq")
     if raw.get("dynamic"):
-        raise ConfigError(f"{folder}: per-layer 'dynamic' overrides are not supported")
+        raise ValueError(f"{folder}: per-layer 'dynamic' overrides are not supported")
     fmt = raw.get("checkpoint_format") or raw.get("meta", {}).get("checkpoint_format") or "gptq"
     cfg = GPTQCheckpointConfig(**{**raw, "checkpoint_format": fmt})
     if cfg.checkpoint_format not in GPTQ_FORMATS:
-        raise ConfigError(f"{folder}: checkpoint_format = {fmt!r}; allowed: {', '.join(GPTQ_FORMATS)}")
+        raise ValueError(f"{folder}: checkpoint_format = {fmt!r}; allowed: {', '.join(GPTQ_FORMATS)}")
     if cfg.bits != 4:
-        raise ConfigError(f"{folder}: bits = {cfg.bits}; allowed: 4")
+        raise ValueError(f"{folder}: bits = {cfg.bits}; allowed: 4")
     return cfg
 
 
@@ -78,7 +78,7 @@ def read_gptq_checkpoint(folder: str | Path) -> tuple[dict[str, QuantizedWeight]
     load_file, _ = _safetensors()
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ConfigError(f"{folder}: no *.safetensors file")
+        raise ValueError(f"{folder}: no *.safetensors file")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         tensors.update(load_file(str(f)))
@@ -87,7 +87,7 @@ def read_gptq_checkpoint(folder: str | Path) -> tuple[dict[str, QuantizedWeight]
     for name in names:
         missing = [s for s in _SUFFIXES[:3] if f"{name}.{s}" not in tensors]
         if missing:
-            raise ConfigError(f"{folder}: {name} lacks {missing}")
+            raise ValueError(f"{folder}: {name} lacks {missing}")
         k = tensors[f"{name}.qweight"].shape[0] * 8
         g_idx = tensors.get(f"{name}.g_idx")
         if g_idx is None:
@@ -102,7 +102,7 @@ def read_gptq_checkpoint(folder: str | Path) -> tuple[dict[str, QuantizedWeight]
         try:
             out[name] = unpack_gptq(t, cfg.group_size, cfg.sym, cfg.checkpoint_format)
         except ValueError as exc:  # tensors that disagree with each other or with quantize_config.json
-            raise ConfigError(f"{folder}: {name}: {exc}") from None
+            raise ValueError(f"{folder}: {name}: {exc}") from None
     return out, cfg
 
 

@@ -27,7 +27,7 @@ Unused float initializers are dropped so the file is really 4-bit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,13 +37,19 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.errors import ConfigError, StageError
-from compress.quant.int4.packing import matmul_nbits_block_size, pack_dq_int4, pack_matmul_nbits, pack_nibbles
-from compress.quant.int4.weight import QuantizedWeight
+from compress.errors import StageError
+from compress.quant.primitives.packing import matmul_nbits_block_size, pack_dq_int4, pack_matmul_nbits, pack_nibbles
+from compress.quant.primitives.weight import QuantizedWeight
 
 Target = Literal["onnxruntime", "tensorrt"]
 MS_DOMAIN = "com.microsoft"
 _CHANGED_AFTER_18 = frozenset({"GridSample", "DFT"})  # signature/semantics changed in opsets 19-21
+
+
+def float_weights_of(model: torch.nn.Module, names: Mapping[str, object] | list[str]) -> dict[str, torch.Tensor]:
+    """``{name: module.weight}`` for the given module names (what ``quantize_onnx_weights`` matches on)."""
+    modules = dict(model.named_modules())
+    return {n: modules[n].weight.detach().clone() for n in names}
 
 
 @dataclass
@@ -58,6 +64,17 @@ class RewriteReport:
     opset_raised_to: int | None = None
     size_before: int | None = None
     size_after: int | None = None
+
+    def record(self, name: str, hits: list[str], reasons: list[str]) -> None:
+        """File one weight's outcome: replaced (with notes on other readers), unsupported, or unmatched."""
+        if hits:
+            self.replaced[name] = hits
+            if reasons:  # e.g. a tied embedding Gather: that float copy stays unless quantized as embedding
+                self.notes[name] = "; ".join(reasons)
+        elif reasons:
+            self.unsupported[name] = "; ".join(reasons)
+        else:
+            self.unmatched.append(name)
 
     def summary(self) -> str:
         s = (
@@ -235,7 +252,7 @@ def _raise_opset_for_int4(model: onnx.ModelProto, report: RewriteReport) -> None
     if v >= 21:
         return
     if v < 18:
-        raise ConfigError(
+        raise ValueError(
             f"the graph is at opset {v}; INT4 DequantizeLinear needs opset 21 and ops changed signature "
             "at 18 (ReduceMean axes, Split): export the model at opset 21 "
             "(torch.onnx.export(..., opset_version=21))"
@@ -244,7 +261,7 @@ def _raise_opset_for_int4(model: onnx.ModelProto, report: RewriteReport) -> None
         {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _CHANGED_AFTER_18}
     )
     if bad:
-        raise ConfigError(f"ops {bad} changed between opset {v} and 21; export the model at opset 21")
+        raise ValueError(f"ops {bad} changed between opset {v} and 21; export the model at opset 21")
     _set_opset(model, "", 21)
     report.opset_raised_to = 21
 
@@ -311,116 +328,130 @@ def quantize_onnx_weights(
     if target == "tensorrt":
         _raise_opset_for_int4(model, report)
     G = _Graph(model)
-    by_key: dict[str, list[str]] = {}
-    for name, init in G.inits.items():
-        if init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(init.dims) == 2:
-            by_key.setdefault(_key(numpy_helper.to_array(init)), []).append(name)
-
-    def inits_matching(t: torch.Tensor) -> list[str]:
-        return sorted({n for k in _keys(t) for n in by_key.get(k, [])})
-
+    matching = _weight_index(G)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # index of replaced node -> replacement
     index = {id(n): i for i, n in enumerate(G.g.node)}
     for lname, qw in quantized.items():
         w = float_weights[lname]
         if tuple(w.shape) != qw.shape:
             raise ValueError(f"{lname}: float weight {tuple(w.shape)} vs quantized {qw.shape}")
-        base = lname.replace(".", "_")
+        rewrite = _Int4MatMul(G, qw, lname.replace(".", "_"), target, accuracy_level)
         hits: list[str] = []
         reasons: list[str] = []
-        sites: list[tuple[onnx.NodeProto, str]] = []  # (node, how B is given)
-        for iname in inits_matching(w.T):  # stored as Wᵀ [in, out]
-            sites += [(n, "BT") for n in G.consumers(iname)]
-        for iname in inits_matching(w):  # stored as W [out, in]
-            for n in G.consumers(iname):
-                if n.op_type == "Transpose" and [a.ints for a in n.attribute if a.name == "perm"] in (
-                    [[1, 0]],
-                    [],
-                ):
-                    sites += [(c, "BT") for c in G.consumers(n.output[0])]
-                else:
-                    sites.append((n, "W"))
-        for node, how in sites:
+        for node, how in _weight_sites(G, matching, w):
             i = index[id(node)]
             if i in new_nodes:
                 continue
-            b_input = node.input[1] if len(node.input) > 1 else ""
-            if node.op_type == "MatMul" and how == "BT":
-                a, out = node.input[0], node.output[0]
-                if target == "onnxruntime":
-                    new_nodes[i] = _matmulnbits_nodes(G, a, out, qw, base, accuracy_level)
-                else:
-                    dq, wt = _dq_nodes(G, qw, base)
-                    new_nodes[i] = [
-                        *dq,
-                        helper.make_node("MatMul", [a, wt], [out], name=G.fresh(base + "_MatMul")),
-                    ]
-                hits.append(node.name or node.output[0])
-            elif node.op_type == "Gemm":
-                attrs = {a.name: a for a in node.attribute}
-                trans_b = attrs["transB"].i if "transB" in attrs else 0
-                ok = (
-                    (attrs["alpha"].f if "alpha" in attrs else 1.0) == 1.0
-                    and (attrs["beta"].f if "beta" in attrs else 1.0) == 1.0
-                    and (attrs["transA"].i if "transA" in attrs else 0) == 0
-                    and ((how == "W" and trans_b == 1) or (how == "BT" and trans_b == 0))
-                    and b_input in G.inits
-                )
-                if not ok:
-                    reasons.append(f"Gemm {node.name!r} with alpha/beta/transA/transB not (1, 1, 0, W)")
-                    continue
-                a, out = node.input[0], node.output[0]
-                mm_out = G.fresh(base + "_mm") if len(node.input) > 2 else out
-                if target == "onnxruntime":
-                    nodes = _matmulnbits_nodes(G, a, mm_out, qw, base, accuracy_level)
-                else:
-                    dq, wt = _dq_nodes(G, qw, base)
-                    nodes = [
-                        *dq,
-                        helper.make_node("MatMul", [a, wt], [mm_out], name=G.fresh(base + "_MatMul")),
-                    ]
-                if len(node.input) > 2:
-                    nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=G.fresh(base + "_bias")))
+            nodes, reason = rewrite.replace(node, how)
+            if nodes is not None:
                 new_nodes[i] = nodes
                 hits.append(node.name or node.output[0])
-            elif node.op_type != "Transpose":
-                reasons.append(f"weight also read by {node.op_type} {node.name!r} (only MatMul/Gemm handled)")
-        if hits:
-            report.replaced[lname] = hits
-            if reasons:  # e.g. a tied embedding Gather: that float copy stays unless quantized as embedding
-                report.notes[lname] = "; ".join(reasons)
-        elif reasons:
-            report.unsupported[lname] = "; ".join(reasons)
-        else:
-            report.unmatched.append(lname)
-
+            elif reason:
+                reasons.append(reason)
+        report.record(lname, hits, reasons)
     for ename, qw in embeddings.items():
         hits = []
-        for iname in inits_matching(float_weights[ename]):
+        for iname in matching(float_weights[ename]):
             for node in G.consumers(iname):
                 if node.op_type == "Gather" and node.input[0] == iname:
                     make = _gather_block_quantized if target == "onnxruntime" else _dq_gather
                     new_nodes[index[id(node)]] = make(G, node, qw, ename.replace(".", "_"))
                     hits.append(node.name or node.output[0])
-        if hits:
-            report.replaced[ename] = hits
-        else:
-            report.unmatched.append(ename)
-
+        report.record(ename, hits, [])
     if strict and (report.unmatched or report.unsupported):
         raise StageError(
             f"INT4 rewrite could not place {len(report.unmatched) + len(report.unsupported)} weight(s): "
             f"unmatched {report.unmatched}, unsupported {report.unsupported}"
         )
+    _splice(G, new_nodes)
+    if target == "onnxruntime":
+        _set_opset(model, MS_DOMAIN, 1)
+    report.dropped_initializers = _prune(model)
+    return model, report
+
+
+def _weight_index(G: _Graph) -> Callable[[torch.Tensor], list[str]]:
+    """A lookup: the names of the graph's 2-D float initializers equal to a tensor (by content hash)."""
+    by_key: dict[str, list[str]] = {}
+    for name, init in G.inits.items():
+        if init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(init.dims) == 2:
+            by_key.setdefault(_key(numpy_helper.to_array(init)), []).append(name)
+
+    def matching(t: torch.Tensor) -> list[str]:
+        return sorted({n for k in _keys(t) for n in by_key.get(k, [])})
+
+    return matching
+
+
+def _weight_sites(
+    G: _Graph, matching: Callable[[torch.Tensor], list[str]], w: torch.Tensor
+) -> list[tuple[onnx.NodeProto, str]]:
+    """Nodes reading weight ``w`` [out, in], with how B is given: "BT" (Wᵀ, [in, out]) or "W"."""
+    sites: list[tuple[onnx.NodeProto, str]] = []
+    for iname in matching(w.T):  # stored as Wᵀ [in, out]
+        sites += [(n, "BT") for n in G.consumers(iname)]
+    for iname in matching(w):  # stored as W [out, in]
+        for n in G.consumers(iname):
+            if n.op_type == "Transpose" and [a.ints for a in n.attribute if a.name == "perm"] in ([[1, 0]], []):
+                sites += [(c, "BT") for c in G.consumers(n.output[0])]
+            else:
+                sites.append((n, "W"))
+    return sites
+
+
+@dataclass
+class _Int4MatMul:
+    """The INT4 replacement of one quantized Linear's MatMul / Gemm, in the target's form."""
+
+    G: _Graph
+    qw: QuantizedWeight
+    base: str
+    target: Target
+    accuracy_level: int | None
+
+    def matmul(self, a: str, out: str) -> list[onnx.NodeProto]:
+        if self.target == "onnxruntime":
+            return _matmulnbits_nodes(self.G, a, out, self.qw, self.base, self.accuracy_level)
+        dq, wt = _dq_nodes(self.G, self.qw, self.base)
+        return [*dq, helper.make_node("MatMul", [a, wt], [out], name=self.G.fresh(self.base + "_MatMul"))]
+
+    def replace(self, node: onnx.NodeProto, how: str) -> tuple[list[onnx.NodeProto] | None, str | None]:
+        """(replacement nodes, None), or (None, why not) / (None, None) for a node that is not a consumer."""
+        if node.op_type == "MatMul" and how == "BT":
+            return self.matmul(node.input[0], node.output[0]), None
+        if node.op_type == "Gemm":
+            attrs = {a.name: a for a in node.attribute}
+            trans_b = attrs["transB"].i if "transB" in attrs else 0
+            ok = (
+                (attrs["alpha"].f if "alpha" in attrs else 1.0) == 1.0
+                and (attrs["beta"].f if "beta" in attrs else 1.0) == 1.0
+                and (attrs["transA"].i if "transA" in attrs else 0) == 0
+                and ((how == "W" and trans_b == 1) or (how == "BT" and trans_b == 0))
+                and len(node.input) > 1
+                and node.input[1] in self.G.inits
+            )
+            if not ok:
+                return None, f"Gemm {node.name!r} with alpha/beta/transA/transB not (1, 1, 0, W)"
+            out = node.output[0]
+            mm_out = self.G.fresh(self.base + "_mm") if len(node.input) > 2 else out
+            nodes = self.matmul(node.input[0], mm_out)
+            if len(node.input) > 2:
+                nodes.append(
+                    helper.make_node("Add", [mm_out, node.input[2]], [out], name=self.G.fresh(self.base + "_bias"))
+                )
+            return nodes, None
+        if node.op_type != "Transpose":
+            return None, f"weight also read by {node.op_type} {node.name!r} (only MatMul/Gemm handled)"
+        return None, None
+
+
+def _splice(G: _Graph, new_nodes: Mapping[int, list[onnx.NodeProto]]) -> None:
+    """Put each replacement where its node was (the graph's topological order is kept)."""
     rebuilt: list[onnx.NodeProto] = []
     for i, n in enumerate(G.g.node):
         rebuilt.extend(new_nodes.get(i, [n]))
     del G.g.node[:]
     G.g.node.extend(rebuilt)
-    if target == "onnxruntime":
-        _set_opset(model, MS_DOMAIN, 1)
-    report.dropped_initializers = _prune(model)
-    return model, report
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path, *, external: bool = False) -> int:

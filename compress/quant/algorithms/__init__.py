@@ -1,0 +1,89 @@
+"""Quantization algorithms, each an options model registered by name (`method:` of the quantize stage).
+
+INT4 (torch side, weight-only): `rtn`, `gptq`, `awq`, `checkpoint` (an AutoGPTQ/GPTQModel folder).
+INT8 (ONNX side): `static` (calibrated Q/DQ), `weight-only` (MatMulNBits, 8 bits), `dynamic` (W8A8).
+The math lives in this package's modules (`rtn`, `gptq`, `awq`, `checkpoint`, `sequential`,
+`int8_matmul`); importing this package loads only these options models.
+
+```yaml
+method: gptq                                        # shorthand for {name: gptq}
+method: {name: gptq, damp: 0.02, act_order: false, samples: 32}
+method: {name: static, calibrator: percentile, samples: 512}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from compress.quant.registry import NamedOptions, registry
+from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS
+from compress.schema import Count, Real
+
+
+class RtnOptions(NamedOptions):
+    """Round to nearest: no calibration data."""
+
+    name: Literal["rtn"] = "rtn"
+
+
+class GptqOptions(NamedOptions):
+    """GPTQ (arXiv 2210.17323): second-order, layer by layer on calibration data."""
+
+    name: Literal["gptq"] = "gptq"
+    act_order: bool = Field(True, description="columns by decreasing Hessian diagonal (groups kept contiguous)")
+    damp: Real = Field(0.01, gt=0, le=1, description="dampening added to diag(H), fraction of its mean")
+    samples: Count = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision)")
+
+
+class AwqOptions(NamedOptions):
+    """AWQ (arXiv 2306.00978): activation-aware scales folded into the op before each Linear."""
+
+    name: Literal["awq"] = "awq"
+    then: Literal["rtn", "gptq"] = Field("rtn", description="quantizer applied to the scaled weights")
+    samples: Count = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision)")
+
+
+class CheckpointOptions(NamedOptions):
+    """Export the codes, scales and zero points of an AutoGPTQ / GPTQModel folder as they are."""
+
+    name: Literal["checkpoint"] = "checkpoint"
+    folder: str = Field(description="the GPTQ folder (`quantize_config.json` + `*.safetensors`), relative to the cwd")
+
+
+class StaticOptions(NamedOptions):
+    """Calibrated Q/DQ (`onnxruntime.quantization.quantize_static`): activations quantized too."""
+
+    name: Literal["static"] = "static"
+    calibrator: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="how ranges are chosen")
+    percentile: Real = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
+    samples: Count = Field(256, gt=0, description="calibration samples drawn from data.calibration")
+    per_channel: bool = Field(True, description="per-channel weight scales")
+    reduce_range: bool = Field(
+        False, description="7-bit weights: avoids ONNX Runtime's u8·s8 saturation on CPUs without VNNI"
+    )
+    exclude_nodes: tuple[str, ...] = Field((), description="node names kept in float")
+    op_types: tuple[str, ...] | None = Field(
+        None, description="only quantize these op types (default: all ORT supports)"
+    )
+
+
+class WeightOnlyOptions(NamedOptions):
+    """`MatMulNBits` with 8-bit blocked weights (blocks of the scheme's `group_size`)."""
+
+    name: Literal["weight-only"] = "weight-only"
+
+
+class DynamicOptions(NamedOptions):
+    """W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only)."""
+
+    name: Literal["dynamic"] = "dynamic"
+    per_channel: bool = Field(True, description="per-channel weight scales")
+
+
+INT4 = registry((RtnOptions, GptqOptions, AwqOptions, CheckpointOptions), INT4_ALGORITHMS)
+INT8 = registry((StaticOptions, WeightOnlyOptions, DynamicOptions), INT8_METHODS)
+#: algorithms that read calibration data
+CALIBRATED = frozenset({"gptq", "awq", "static"})
