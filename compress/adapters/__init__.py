@@ -1,1 +1,1 @@
-"""Temporary home of the vision and causal-lm adapters while they move into `compress/families/`."""
+"""Temporary home of the causal-lm adapter while it moves into `compress/families/`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from compress.adapters.causal_lm import CausalLMAdapter
-from compress.adapters.vision import VisionAdapter
+from compress.families.vision.adapter import VisionAdapter
 from compress.metrics.gates import _recovery
 
 PPL, TOP1 = CausalLMAdapter.quality, VisionAdapter.quality
