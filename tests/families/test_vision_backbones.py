@@ -79,7 +79,11 @@ def test_registry_lists_every_definition_and_each_matches_the_published_size() -
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_names_and_shapes_are_torchvisions(name: str) -> None:
     model = _on_meta(name)
-    assert _shapes(model.state_dict()) == TORCHVISION[name]
+    reference = TORCHVISION[name]
+    if (rename := BUILTINS[name].from_torchvision) is not None:  # ViT: in_proj_weight/bias are the qkv Linear
+        reference = rename(reference)
+        assert reference != TORCHVISION[name]
+    assert _shapes(model.state_dict()) == reference
     load_weights(model, _meta_state(TORCHVISION[name]), _options(name))  # strict: every key used
 
 
@@ -101,13 +105,13 @@ def test_a_state_dict_of_neither_format_names_missing_and_unexpected_keys() -> N
 
 
 def test_timm_tensors_land_where_their_names_say() -> None:
-    """qkv stacks q, k, v like in_proj_weight; ConvNeXt's gamma (C,) becomes layer_scale (C, 1, 1)."""
+    """timm's qkv is our qkv Linear; ConvNeXt's gamma (C,) becomes layer_scale (C, 1, 1)."""
     torch.manual_seed(0)
     vit = {k: torch.randn(s) for k, s in TIMM["vit_ti_16"]["keys"].items()}
     model = BUILTINS["vit_ti_16"].build(224)
     load_weights(model, vit, _options("vit_ti_16"))
     block = model.encoder.layers.encoder_layer_3
-    assert torch.equal(block.self_attention.in_proj_weight, vit["blocks.3.attn.qkv.weight"])
+    assert torch.equal(block.self_attention.qkv.weight, vit["blocks.3.attn.qkv.weight"])
     assert torch.equal(block.mlp[3].weight, vit["blocks.3.mlp.fc2.weight"])
     assert torch.equal(model.encoder.pos_embedding, vit["pos_embed"])
     gamma = torch.randn(384)

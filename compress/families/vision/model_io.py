@@ -122,8 +122,11 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], m: Visi
     """Load `state` with every key matched; a built-in's timm-format dict (told by its keys) is renamed first."""
     formats = {"torchvision": state}
     scheme, _, name = m.source.partition(":")
-    if scheme == "builtin" and (rename := BUILTINS[name].from_timm) is not None:
-        formats["timm"] = rename(state)
+    if scheme == "builtin":
+        if (rename := BUILTINS[name].from_torchvision) is not None:
+            formats["torchvision"] = rename(state)
+        if (rename := BUILTINS[name].from_timm) is not None:
+            formats["timm"] = rename(state)
     expected = set(model.state_dict())
     fits = {fmt: (sorted(expected - set(keys)), sorted(set(keys) - expected)) for fmt, keys in formats.items()}
     fmt = min(fits, key=lambda f: len(fits[f][0]) + len(fits[f][1]))  # the closest format names the mismatch
