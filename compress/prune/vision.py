@@ -379,7 +379,8 @@ def _pruner(
     steps: int = 1,
     heads: dict[nn.Linear, int] | None = None,
 ):  # noqa: ANN202 - a torch_pruning BasePruner
-    """torch-pruning's pruner; with `heads`, it removes `options.heads_ratio` of each one's heads (whole heads).
+    """torch-pruning's pruner; with `heads`, it removes `options.heads_ratio` of each one's heads (whole heads),
+    per layer whatever the scope (a global ranking can take most heads of one layer and none of another).
 
     The layers coupled with a `pinned_widths` parameter are ignored: their widths stay.
     """
@@ -389,7 +390,7 @@ def _pruner(
         model,
         example_inputs,
         importance=importance,
-        global_pruning=options.scope == "global",
+        global_pruning=options.scope == "global" and not heads,  # heads: the same fraction of every layer's
         pruning_ratio=ratio,
         max_pruning_ratio=options.max_layer_ratio,
         iterative_steps=steps,
