@@ -107,7 +107,7 @@ def test_a_pruned_vit_reloads_bit_exact_and_exports_with_parity(tmp_path: Path) 
 
 def test_global_scope_still_removes_the_same_fraction_of_every_layers_heads() -> None:
     vit, x = tiny_vit(), _image()
-    with torch.no_grad():  # block 0's heads far weaker: a global ranking removes 1 head there, 3 in block 1
+    with torch.no_grad():  # uneven blocks: measured, a global ranking took 1 head of block 0 and 3 of block 1
         vit.encoder.layers[0].self_attention.qkv.weight.mul_(1e-3)
     prune_vision(vit, x, PruneOptions(target={"channels": 0.25}, heads_ratio=0.5, scope="global", round_to=1))
     assert [b.self_attention.heads for b in vit.encoder.layers] == [2, 2]
