@@ -106,8 +106,9 @@ class VisionAdapter(Adapter):
         return {role: subset.sha256 for role, subset in self.subsets.items()}
 
     def subset(self, role: str) -> LabelledImages:
+        """A role's subset; a role the pipeline does not set is its mistake (exit 2), found when a stage asks."""
         if role not in self.subsets:
-            raise ValueError(f"data.{role} is not set, but a stage needs it; add data.{role}: {{split: ...}}")
+            raise ConfigError(f"data.{role} is not set, but a stage needs it; add data.{role}: {{split: ...}}")
         return self.subsets[role]
 
     def batches(
