@@ -35,7 +35,7 @@ class StageSpec:
 
 #: the module of each family's adapter (one per family; importing it registers the adapter)
 ADAPTER_MODULES = (
-    "compress.adapters.vision",
+    "compress.families.vision.adapter",
     "compress.families.causal_lm.adapter",
     "compress.families.text_encoder.adapter",
 )

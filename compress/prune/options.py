@@ -10,7 +10,7 @@ YAML, as a `prune` stage would receive it::
       round_to: 8
       # causal-lm only
       mlp_ratio: 0.25         # fraction of MLP intermediate channels removed in every layer
-      heads_ratio: 0.33       # fraction of attention heads removed in every layer
+      heads_ratio: 0.33       # fraction of attention heads removed in every layer (vision: ViTs too)
       head_unit: query        # query: remove query heads evenly inside each KV group; kv_group: whole groups
 """
 
@@ -41,7 +41,9 @@ class PruneSupport:
 
 VISION_PRUNING = PruneSupport(
     VISION_IMPORTANCES,
-    frozenset({"importance", "target", "steps", "scope", "max_layer_ratio", "ignored_layers", "round_to"}),
+    frozenset(
+        {"importance", "target", "steps", "scope", "max_layer_ratio", "ignored_layers", "round_to", "heads_ratio"}
+    ),
 )
 DECODER_PRUNING = PruneSupport(
     LLM_IMPORTANCES,
@@ -120,7 +122,10 @@ class PruneOptions(BaseModel):
         0.0, ge=0.0, lt=1.0, description="causal-lm: fraction of MLP intermediate channels removed per layer."
     )
     heads_ratio: Real = Field(
-        0.0, ge=0.0, lt=1.0, description="causal-lm: fraction of attention heads removed per layer."
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of attention heads removed per layer (causal-lm; vision: ViTs, rounded up, one step).",
     )
     head_unit: Literal["query", "kv_group"] = Field(
         "query",

@@ -11,6 +11,17 @@ Run on a toy model::
     from compress.prune import PruneOptions, prune_vision
     report = prune_vision(model, torch.randn(1, 3, 224, 224), PruneOptions(target={"macs": 0.4}))
 
+Vision Transformers: an attention module that declares `prunable_heads` (the name of its packed q, k, v
+`nn.Linear`) and `head_dim` loses whole heads through torch-pruning's own head pruning (`num_heads`,
+`prune_num_heads`; `PruneOptions.heads_ratio` of every layer's heads, rounded up as torch-pruning does),
+and its MLP hidden width is pruned as channels by `target`; heads keep their `head_dim`. A model naming
+parameters in `pinned_widths` (a ViT's class token and position embeddings) keeps the width of every
+layer those parameters are coupled with (the residual stream). A parameter outside the layers
+torch-pruning resizes (e.g. a packed `in_proj_weight` that is not a Linear's), neither `pinned_widths` nor
+`resizable_parameters`, is refused before any pruning: torch-pruning would cut it along its last
+dimension blindly and the result could not be rebuilt from architecture.json. MACs here are those of
+Conv/Linear layers: attention's Q·Kᵀ and ·V products, which shrink with the heads, are not counted.
+
 Known limitation (torch-pruning 1.6.1): with `round_to` > 1, a channel group that feeds a grouped
 (not depthwise) conv is rounded per conv-group against the conv's whole width and may be left unpruned;
 use `round_to: 1` for such models. Depthwise convs (MobileNet, EfficientNet) are not affected.
@@ -23,6 +34,7 @@ layer now has beside its state dict (`compress.prune.serialize.save_module`; nev
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.errors import ConfigError, MissingDependencyError, StageError
+from compress.errors import MissingDependencyError, StageError
 from compress.prune.options import VISION_IMPORTANCES, PruneOptions
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -174,7 +186,7 @@ def _ignored_modules(model: nn.Module, globs: Sequence[str], always: Sequence[st
     for pattern in globs:
         hits = [name for name in names if name and fnmatch.fnmatchcase(name, pattern)]
         if not hits:
-            raise ConfigError(
+            raise StageError(
                 f"prune.ignored_layers: '{pattern}' matches no module; module names look like "
                 f"{[n for n in names if n][:6]}"
             )
@@ -187,6 +199,72 @@ def _channel_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return [(getattr(m, name), 0) for m in model.modules() for name in getattr(m, "resizable_parameters", ())]
 
 
+def _pinned_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters a module names in `pinned_widths` (paths below it): the widths they are coupled with stay."""
+    return [m.get_parameter(path) for m in model.modules() for path in getattr(m, "pinned_widths", ())]
+
+
+def _check_parameters(model: nn.Module) -> None:
+    """Refuse parameters torch-pruning would cut along their last dimension without knowing what they are.
+
+    These are its "unwrapped parameters": outside every layer type it has a pruner for, and not declared
+    `resizable_parameters` (pruned along dim 0) or `pinned_widths` (kept).
+    """
+    tp = _tp()
+    types = set(tp.pruner.function.PrunerBox)
+    wrapped = {id(p) for m in model.modules() if tp.ops.module2type(m) in types for p in m.parameters()}
+    declared = {id(p) for p, _ in _channel_parameters(model)} | {id(p) for p in _pinned_parameters(model)}
+    loose = [
+        f"{name} {tuple(p.shape)}"
+        for name, p in model.named_parameters()
+        if id(p) not in wrapped | declared and sum(size > 1 for size in p.shape) > 0
+    ]
+    if loose:
+        raise StageError(
+            f"prune: {len(loose)} parameter(s) lie outside the layers torch-pruning resizes: "
+            f"{', '.join(loose[:4])}{' ...' if len(loose) > 4 else ''}. It would cut them along their last "
+            "dimension blindly (a packed attention in_proj_weight, a class token), and the pruned model could "
+            "not be rebuilt from architecture.json. Keep q, k, v in an nn.Linear and declare the module's "
+            "`prunable_heads` and `head_dim` (see compress/families/vision/models/vit.py), name parameters "
+            "that fix a width in the model's `pinned_widths`, or ones that follow their layer's channels "
+            "in `resizable_parameters`"
+        )
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Linear, int]:
+    """{packed q, k, v Linear: number of heads} of every module that declares `prunable_heads` and `head_dim`."""
+    heads: dict[nn.Linear, int] = {}
+    for name, module in model.named_modules():
+        attr = getattr(module, "prunable_heads", None)
+        if attr is None:
+            continue
+        qkv, head_dim = getattr(module, attr, None), getattr(module, "head_dim", None)
+        if not isinstance(qkv, nn.Linear) or not isinstance(head_dim, int) or qkv.out_features % (3 * head_dim):
+            raise StageError(
+                f"prune: module '{name}' ({type(module).__name__}) declares prunable_heads = {attr!r}, but "
+                f"'{attr}' is not an nn.Linear with 3 x heads x head_dim outputs (head_dim = {head_dim!r})"
+            )
+        heads[qkv] = qkv.out_features // (3 * head_dim)
+    return heads
+
+
+def _check_heads(heads: dict[nn.Linear, int], ratio: float) -> None:
+    """`ratio` of every layer's heads, rounded up (torch-pruning's count), must leave at least one head."""
+    if ratio == 0:
+        return
+    if not heads:
+        raise StageError(
+            f"prune.heads_ratio = {ratio}: the model has no attention whose heads can be pruned (a module "
+            "declaring `prunable_heads` and `head_dim`, as the built-in ViTs do); remove heads_ratio"
+        )
+    for count in sorted(set(heads.values())):
+        if math.ceil(ratio * count) >= count:
+            raise StageError(
+                f"prune.heads_ratio = {ratio}: of {count} heads, torch-pruning removes ceil({ratio} x {count}) = "
+                f"{math.ceil(ratio * count)}, leaving none; use heads_ratio < {(count - 1) / count:.3f}"
+            )
+
+
 def _importance(options: PruneOptions):  # noqa: ANN202 - a torch_pruning Importance
     tp = _tp()
     if options.importance == "l1":
@@ -197,7 +275,7 @@ def _importance(options: PruneOptions):  # noqa: ANN202 - a torch_pruning Import
         return tp.importance.BNScaleImportance()
     if options.importance == "taylor":
         return tp.importance.TaylorImportance()
-    raise ConfigError(
+    raise ValueError(
         f"prune.importance = {options.importance!r} is not available for vision models; "
         f"allowed: {', '.join(VISION_IMPORTANCES)}"
     )
@@ -231,15 +309,19 @@ def prune_vision(
     """Prune `model` in place to `options.target` and report params/MACs before and after.
 
     `calib_batches` (inputs, labels) and `loss_fn` (default cross-entropy) are needed for `taylor`
-    importance only; gradients are recomputed before every pruning step. With a `macs` target the pruner
-    removes channels in `options.steps` increments up to `max_layer_ratio` (uniform) or that fraction of
-    all channels (global) and stops at the first step that reaches the target; if none does, StageError.
+    importance only; gradients are recomputed before every pruning step. `heads_ratio` first removes that
+    fraction of every attention layer's heads in one step. With a `macs` target the pruner then removes
+    channels in `options.steps` increments up to `max_layer_ratio` (uniform) or that fraction of all
+    channels (global) and stops at the first step that reaches the target (heads included); if none does,
+    StageError. A model that cannot be pruned correctly is refused (StageError) before anything changes.
     """
-    tp = _tp()
     importance = _importance(options)
     if options.importance == "taylor" and not calib_batches:
-        raise ConfigError("prune.importance = 'taylor' needs calibration batches with labels; none were given")
-    loss_fn = loss_fn or nn.functional.cross_entropy
+        raise ValueError("prune.importance = 'taylor' needs calibration batches with labels; none were given")
+    heads = attention_heads(model)
+    _check_heads(heads, options.heads_ratio)
+    _check_parameters(model)
+    gradients = _gradient_fn(model, options, calib_batches, loss_fn or nn.functional.cross_entropy)
     was_training = model.training
     model.eval()  # tracing and counting must not update BatchNorm statistics
     try:
@@ -250,47 +332,14 @@ def prune_vision(
         macs_before = count_macs(model, example_inputs)
         if options.target.macs is not None:  # a channels target is reported with our count, not steered by it
             _cross_check(macs_before, tp_before, model)
-
-        target = options.target
-        if target.channels is not None:
-            ratio, steps = target.channels, 1
-        else:
-            ratio, steps = options.max_layer_ratio, options.steps
-        pruner = tp.pruner.BasePruner(
-            model,
-            example_inputs,
-            importance=importance,
-            global_pruning=options.scope == "global",
-            pruning_ratio=ratio,
-            max_pruning_ratio=options.max_layer_ratio,
-            iterative_steps=steps,
-            ignored_layers=ignored,
-            round_to=options.round_to if options.round_to > 1 else None,
-            unwrapped_parameters=_channel_parameters(model),
-        )
-        macs_after, params_after, done = macs_before, params_before, 0
-        for step in range(1, steps + 1):
-            if options.importance == "taylor":
-                _accumulate_gradients(model, calib_batches or (), loss_fn)
+        if options.heads_ratio > 0:  # only the q, k, v layers are roots: every other group stays as it is
+            layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            others = [*ignored, *(m for m in layers if m not in heads)]
+            pruner = _pruner(model, example_inputs, options, importance, others, ratio=options.heads_ratio, heads=heads)
+            gradients()
             pruner.step()
-            done = step
-            tp_after, params_after = _torch_pruning_count(model, example_inputs)
-            macs_after = count_macs(model, example_inputs)
-            if target.macs is not None:
-                _cross_check(macs_after, tp_after, model)
-            reduction = 1.0 - macs_after / macs_before
-            if progress is not None:
-                progress(step, steps, reduction)
-            if target.macs is not None and reduction >= target.macs:
-                break
-        else:
-            if target.macs is not None:
-                raise StageError(
-                    f"prune: MACs target {target.macs:.3f} not reached; after {steps} steps the reduction is "
-                    f"{1.0 - macs_after / macs_before:.3f}. Raise max_layer_ratio "
-                    f"({options.max_layer_ratio}), "
-                    f"use scope: global, or ignore fewer layers"
-                )
+        counts = _prune_channels(model, example_inputs, options, importance, [*ignored, *heads], gradients)
+        done, macs_after, params_after = counts(macs_before, params_before, progress)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -305,3 +354,101 @@ def prune_vision(
         steps=done,
         layers=layers,
     )
+
+
+def _gradient_fn(
+    model: nn.Module,
+    options: PruneOptions,
+    calib_batches: Sequence[tuple[Inputs, torch.Tensor]] | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[], None]:
+    """What to run before a pruning step: fill `.grad` for taylor importance, nothing for the others."""
+    if options.importance != "taylor":
+        return lambda: None
+    return lambda: _accumulate_gradients(model, calib_batches or (), loss_fn)
+
+
+def _pruner(
+    model: nn.Module,
+    example_inputs: Inputs,
+    options: PruneOptions,
+    importance: object,
+    ignored: list[nn.Module],
+    *,
+    ratio: float,
+    steps: int = 1,
+    heads: dict[nn.Linear, int] | None = None,
+):  # noqa: ANN202 - a torch_pruning BasePruner
+    """torch-pruning's pruner; with `heads`, it removes `options.heads_ratio` of each one's heads (whole heads),
+    per layer whatever the scope (a global ranking can take most heads of one layer and none of another).
+
+    The layers coupled with a `pinned_widths` parameter are ignored: their widths stay.
+    """
+    tp = _tp()
+    pinned = _pinned_parameters(model)
+    pruner = tp.pruner.BasePruner(
+        model,
+        example_inputs,
+        importance=importance,
+        global_pruning=options.scope == "global" and not heads,  # heads: the same fraction of every layer's
+        pruning_ratio=ratio,
+        max_pruning_ratio=options.max_layer_ratio,
+        iterative_steps=steps,
+        ignored_layers=ignored,
+        round_to=options.round_to if options.round_to > 1 else None,
+        unwrapped_parameters=[*_channel_parameters(model), *((p, p.dim() - 1) for p in pinned)],
+        num_heads=dict(heads or {}),
+        prune_num_heads=bool(heads),
+        prune_head_dims=False,
+        head_pruning_ratio=options.heads_ratio if heads else 0.0,
+    )
+    for param in pinned:  # every layer whose output channels are coupled with a pinned parameter keeps them
+        group = pruner.DG.get_pruning_group(param, tp.prune_parameter_out_channels, [0])
+        for dep, _ in group:
+            if pruner.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module):
+                pruner.ignored_layers.append(dep.target.module)
+    return pruner
+
+
+def _prune_channels(
+    model: nn.Module,
+    example_inputs: Inputs,
+    options: PruneOptions,
+    importance: object,
+    ignored: list[nn.Module],
+    gradients: Callable[[], None],
+) -> Callable[[int, int, ProgressFn | None], tuple[int, int, int]]:
+    """The channel steps toward `options.target`, as a function of the counts before any pruning."""
+    target = options.target
+    if target.channels is not None:
+        ratio, steps = target.channels, 1
+    else:
+        ratio, steps = options.max_layer_ratio, options.steps
+    pruner = _pruner(model, example_inputs, options, importance, ignored, ratio=ratio, steps=steps)
+
+    def run(macs_before: int, params_before: int, progress: ProgressFn | None) -> tuple[int, int, int]:
+        macs_after, params_after, done = count_macs(model, example_inputs), params_before, 0
+        for step in range(1, steps + 1):
+            if target.macs is not None and 1.0 - macs_after / macs_before >= target.macs:
+                break  # heads alone reached it
+            gradients()
+            pruner.step()
+            done = step
+            tp_after, params_after = _torch_pruning_count(model, example_inputs)
+            macs_after = count_macs(model, example_inputs)
+            if target.macs is not None:
+                _cross_check(macs_after, tp_after, model)
+            if progress is not None:
+                progress(step, steps, 1.0 - macs_after / macs_before)
+        else:
+            if target.macs is not None and 1.0 - macs_after / macs_before < target.macs:
+                raise StageError(
+                    f"prune: MACs target {target.macs:.3f} not reached; after {steps} steps the reduction is "
+                    f"{1.0 - macs_after / macs_before:.3f}. Raise max_layer_ratio ({options.max_layer_ratio}), "
+                    "use scope: global, or ignore fewer layers"
+                )
+        if done == 0:
+            params_after = _torch_pruning_count(model, example_inputs)[1]
+        return done, macs_after, params_after
+
+    return run

@@ -127,7 +127,7 @@ def test_recovery_gate_names_are_checked(tmp_path: Path) -> None:
 
 
 def test_a_stage_the_family_does_not_declare_is_refused(tmp_path: Path, monkeypatch) -> None:
-    from compress.adapters.vision import VisionAdapter
+    from compress.families.vision.adapter import VisionAdapter
 
     monkeypatch.setattr(VisionAdapter, "stage_kinds", frozenset({"export", "quantize"}))
     msg = _error(tmp_path, GOOD)

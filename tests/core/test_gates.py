@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from compress.adapters.vision import VisionAdapter
 from compress.families.causal_lm.adapter import CausalLMAdapter
+from compress.families.vision.adapter import VisionAdapter
 from compress.metrics.gates import _recovery
 
 PPL, TOP1 = CausalLMAdapter.quality, VisionAdapter.quality

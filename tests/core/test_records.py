@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict
 from toys import pipeline_yaml, run_quietly
 
 from compress import registry
-from compress.adapters.vision import VisionAdapter
 from compress.cli import EXIT_CONFIG, EXIT_OK, main
 from compress.config import Gates, load_pipeline
 from compress.errors import ConfigError
 from compress.families.base import QualityMetric
+from compress.families.vision.adapter import VisionAdapter
 from compress.metrics.gates import Coverage, _recovery, check_gates
 from compress.records import ArtifactRecord, GateRecord, RunManifest
 from compress.report import markdown

@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 from toys import pipeline_yaml, run_quietly
 
-from compress.adapters.vision import VisionModelOptions, _load_weights, replace_head
 from compress.cli import main
-from compress.errors import ConfigError, StageError
+from compress.errors import StageError
+from compress.families.vision.model_io import load_weights, replace_head
 from compress.families.vision.models import BUILTINS
+from compress.families.vision.options import VisionModelOptions
 from compress.prune import PruneOptions, load_module, prune_vision, save_module
 from compress.prune.vision import count_macs
 
@@ -78,41 +79,45 @@ def test_registry_lists_every_definition_and_each_matches_the_published_size() -
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_names_and_shapes_are_torchvisions(name: str) -> None:
     model = _on_meta(name)
-    assert _shapes(model.state_dict()) == TORCHVISION[name]
-    _load_weights(model, _meta_state(TORCHVISION[name]), _options(name))  # strict: every key used
+    reference = TORCHVISION[name]
+    if (rename := BUILTINS[name].from_torchvision) is not None:  # ViT: in_proj_weight/bias are the qkv Linear
+        reference = rename(reference)
+        assert reference != TORCHVISION[name]
+    assert _shapes(model.state_dict()) == reference
+    load_weights(model, _meta_state(TORCHVISION[name]), _options(name))  # strict: every key used
 
 
 @pytest.mark.parametrize("name", sorted(TIMM))
 def test_timm_state_dicts_load_after_renaming(name: str) -> None:
     model = _on_meta(name)
-    _load_weights(model, _meta_state(TIMM[name]["keys"]), _options(name))  # told by its keys; strict
+    load_weights(model, _meta_state(TIMM[name]["keys"]), _options(name))  # told by its keys; strict
 
 
 def test_a_state_dict_of_neither_format_names_missing_and_unexpected_keys() -> None:
     keys = dict(TIMM["convnext_tiny"]["keys"])
     keys.pop("head.fc.weight")
     keys["head.extra.weight"] = [3]
-    with pytest.raises(ConfigError) as err:
-        _load_weights(_on_meta("convnext_tiny"), _meta_state(keys), _options("convnext_tiny"))
+    with pytest.raises(ValueError) as err:
+        load_weights(_on_meta("convnext_tiny"), _meta_state(keys), _options("convnext_tiny"))
     text = str(err.value)
     assert "as timm: missing ['classifier.2.weight']" in text and "unexpected ['head.extra.weight']" in text
     assert "tried torchvision (" in text and "model.weights = w.pth" in text
 
 
 def test_timm_tensors_land_where_their_names_say() -> None:
-    """qkv stacks q, k, v like in_proj_weight; ConvNeXt's gamma (C,) becomes layer_scale (C, 1, 1)."""
+    """timm's qkv is our qkv Linear; ConvNeXt's gamma (C,) becomes layer_scale (C, 1, 1)."""
     torch.manual_seed(0)
     vit = {k: torch.randn(s) for k, s in TIMM["vit_ti_16"]["keys"].items()}
     model = BUILTINS["vit_ti_16"].build(224)
-    _load_weights(model, vit, _options("vit_ti_16"))
+    load_weights(model, vit, _options("vit_ti_16"))
     block = model.encoder.layers.encoder_layer_3
-    assert torch.equal(block.self_attention.in_proj_weight, vit["blocks.3.attn.qkv.weight"])
+    assert torch.equal(block.self_attention.qkv.weight, vit["blocks.3.attn.qkv.weight"])
     assert torch.equal(block.mlp[3].weight, vit["blocks.3.mlp.fc2.weight"])
     assert torch.equal(model.encoder.pos_embedding, vit["pos_embed"])
     gamma = torch.randn(384)
     keys = {k: torch.zeros(s) for k, s in TIMM["convnext_tiny"]["keys"].items()} | {"stages.2.blocks.4.gamma": gamma}
     convnext = BUILTINS["convnext_tiny"].build(224)
-    _load_weights(convnext, keys, _options("convnext_tiny"))
+    load_weights(convnext, keys, _options("convnext_tiny"))
     assert torch.equal(convnext.features[5][4].layer_scale.flatten(), gamma)
 
 
@@ -120,7 +125,7 @@ def test_a_224_px_vit_checkpoint_loads_at_32_px() -> None:
     """The 14x14 position grid is resized to 2x2 (plus the class token, kept as is)."""
     state = BUILTINS["vit_ti_16"].build(224).state_dict()
     small = BUILTINS["vit_ti_16"].build(32)
-    _load_weights(small, state, _options("vit_ti_16"))
+    load_weights(small, state, _options("vit_ti_16"))
     assert small.encoder.pos_embedding.shape == (1, 5, 192)
     assert torch.equal(small.encoder.pos_embedding[:, 0], state["encoder.pos_embedding"][:, 0])
 

@@ -147,13 +147,13 @@ def test_taylor_uses_gradients_not_magnitude() -> None:
     assert all(p.grad is None for p in net.parameters()), "gradients used for ranking are cleared"
 
 
-def test_taylor_without_calibration_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="taylor"):
+def test_taylor_without_calibration_is_refused() -> None:
+    with pytest.raises(ValueError, match="taylor"):
         prune_vision(TwoConvNet(), torch.randn(1, 3, 8, 8), PruneOptions(importance="taylor"))
 
 
 def test_wanda_is_rejected_for_vision() -> None:
-    with pytest.raises(ConfigError, match="allowed: l1, l2, bn_scale, taylor"):
+    with pytest.raises(ValueError, match="allowed: l1, l2, bn_scale, taylor"):
         prune_vision(TwoConvNet(), torch.randn(1, 3, 8, 8), PruneOptions(importance="wanda"))
 
 
@@ -162,7 +162,7 @@ def test_ignored_layers_are_kept_and_unknown_globs_fail() -> None:
     x = torch.randn(1, 3, 16, 16)
     report = prune_vision(net, x, PruneOptions(target={"channels": 0.5}, ignored_layers=("grouped.*",)))
     assert {layer.name: layer.after for layer in report.layers}["grouped.0"] == 32
-    with pytest.raises(ConfigError, match="'nothing.*' matches no module"):
+    with pytest.raises(StageError, match="'nothing.*' matches no module"):
         prune_vision(tiny_net(), x, PruneOptions(ignored_layers=("nothing.*",)))
 
 

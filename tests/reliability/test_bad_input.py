@@ -345,7 +345,7 @@ def test_runs_dir_on_a_read_only_file_system(tmp_path, fashion_mnist, capsys, mo
 @pytest.fixture(scope="module")
 def full_disk_run(tmp_path_factory, fashion_mnist) -> tuple[int, str, Path]:
     """A run into a runs dir that does not exist yet, whose export stage meets a full disk."""
-    import compress.adapters.vision as vision
+    import compress.families.vision.adapter as vision
 
     tmp = tmp_path_factory.mktemp("full-disk")
     path = pipeline_yaml(tmp, fashion_mnist, name="full", stages=EXPORT)

@@ -103,9 +103,8 @@ def test_a_breach_outranks_a_gate_not_checked(toy) -> None:
 
 
 def test_missing_metric_and_perplexity_gate_without_evaluation() -> None:
-    from compress.adapters.causal_lm import CausalLMAdapter
-
     from compress.config import Gates
+    from compress.families.causal_lm.adapter import CausalLMAdapter
     from compress.metrics.gates import Coverage, check_gates
 
     records = {

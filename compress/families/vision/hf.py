@@ -4,7 +4,7 @@ transformers' models take `pixel_values=` and return an output object; the pipel
 evaluates a module whose one argument is the image batch and whose one output is the logits, so the model
 is wrapped. Remote code is never run (`trust_remote_code` stays off; a folder whose config names code is
 refused before this is reached). The classifier head is the last `nn.Linear`, which
-`compress.adapters.vision.replace_head` replaces for `num_classes`.
+`compress.families.vision.model_io.replace_head` replaces for `num_classes`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from compress.errors import ConfigError
 
 
 class ImageClassifier(nn.Module):
@@ -41,8 +39,8 @@ def load_image_classifier(target: str, source: str) -> ImageClassifier:
     try:
         model = AutoModelForImageClassification.from_pretrained(target, **kwargs)
     except ValueError as exc:  # a config transformers maps to no image classifier (a BERT, a decoder)
-        raise ConfigError(f"model.source = {source}: not an image classifier ({exc})".replace("\n", " ")) from None
+        raise ValueError(f"model.source = {source}: not an image classifier ({exc})".replace("\n", " ")) from None
     except OSError as exc:
         where = "folder" if local else "hub id (is the hub reachable? a local folder works offline)"
-        raise ConfigError(f"model.source = {source}: could not load the {where}: {exc}") from None
+        raise ValueError(f"model.source = {source}: could not load the {where}: {exc}") from None
     return ImageClassifier(model.eval())

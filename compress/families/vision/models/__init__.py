@@ -1,7 +1,8 @@
 """Built-in vision backbones (no torchvision or timm needed): the one list of them, `BUILTINS`.
 
 Each backbone is one file here with torchvision's module names (so torchvision state dicts load as they
-are) and a `from_timm(state)` that renames a timm state dict to them. Adding one = its file, one entry
+are, or through its `from_torchvision(state)` where a layer is laid out for pruning) and a
+`from_timm(state)` that renames a timm state dict to them. Adding one = its file, one entry
 below, one tiny test. Importing this module imports no torch: a definition is imported when it is built.
 """
 
@@ -36,6 +37,11 @@ class Builtin:
     def from_timm(self) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
         """Renames a timm state dict to this definition's keys; None where no map is written (MobileNetV2)."""
         return getattr(self._module(), "from_timm", None)
+
+    @property
+    def from_torchvision(self) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        """Renames a torchvision state dict where this definition's keys differ (ViT's packed q, k, v); else None."""
+        return getattr(self._module(), "from_torchvision", None)
 
     @property
     def file(self) -> str:

@@ -3,9 +3,17 @@
 ViT-B/16 is torchvision's `vit_b_16`; ViT-S/16 and ViT-Ti/16 (DeiT's sizes, Touvron et al. 2020, arXiv
 2012.12877) are timm's `vit_small_patch16_224` / `vit_tiny_patch16_224` under the same names:
 `class_token`, `conv_proj`, `encoder.pos_embedding`, `encoder.layers.encoder_layer_N.{ln_1, self_attention
-.{in_proj_weight, in_proj_bias, out_proj}, ln_2, mlp.{0,3}}`, `encoder.ln`, `heads.head`. Attention is
+.{qkv, out_proj}, ln_2, mlp.{0,3}}`, `encoder.ln`, `heads.head`; torchvision's packed
+`self_attention.in_proj_{weight,bias}` load as `self_attention.qkv` (`from_torchvision`). Attention is
 written out (Q·Kᵀ, Softmax, ·V) rather than `nn.MultiheadAttention`, so the ONNX graph has the plain
 MatMul / Softmax nodes INT8 quantization keeps apart (see compress/stages/quantize/int8.py).
+
+Structured pruning (`compress.prune.vision`): q, k, v are one `nn.Linear` (timm's layout), which
+torch-pruning's head pruning (`num_heads`, `prune_num_heads`) removes whole heads of, and the MLP's hidden
+width is a Linear pair it prunes as channels. The number of heads follows the weights
+(`qkv.out_features // (3 * head_dim)`), so a pruned model rebuilds from its Linear widths alone. The
+residual width is pinned (`pinned_widths`): the class token and position embeddings are plain parameters
+of that width.
 
 `image_size` fixes the number of position embeddings; a checkpoint trained at another size is
 interpolated on load (`resize_pos_embedding`), as torchvision's `interpolate_embeddings` does.
@@ -23,24 +31,31 @@ _EPS = 1e-6  # LayerNorm epsilon of both torchvision and timm ViTs
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names (q, k, v stacked in that order)."""
+    """Multi-head self-attention; `qkv` stacks q, k, v (each `heads * head_dim` wide) like torchvision's
+    `in_proj_weight` and timm's `qkv`."""
+
+    prunable_heads = "qkv"  # the packed q, k, v Linear whose heads compress.prune.vision may remove
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+
+    @property
+    def heads(self) -> int:
+        return self.qkv.out_features // (3 * self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3D)
-        qkv = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))  # (B, nh, T, T)
+        b, t, _ = x.shape
+        nh, hs = self.heads, self.head_dim
+        qkv = self.qkv(x).view(b, t, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = qkv.unbind(0)  # (B, nh, T, hs) each
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
         y = att.softmax(dim=-1) @ v  # (B, nh, T, hs)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, nh * hs))  # (B, T, D)
 
 
 class EncoderBlock(nn.Module):
@@ -89,6 +104,9 @@ class VisionTransformer(nn.Module):
         self.heads = nn.Sequential()
         self.heads.add_module("head", nn.Linear(dim, num_classes))
 
+    #: the residual width is that of these parameters, which no pruner resizes (compress.prune.vision)
+    pinned_widths = ("class_token", "encoder.pos_embedding")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, N, D)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
@@ -123,7 +141,7 @@ _TIMM = (  # (timm pattern, torchvision replacement), applied in order
     (r"^patch_embed\.proj\.", "conv_proj."),
     (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.encoder_layer_\1.ln_1."),
     (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.encoder_layer_\1.ln_2."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_\2"),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.encoder_layer_\1.self_attention.qkv."),
     (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.encoder_layer_\1.self_attention.out_proj."),
     (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layers.encoder_layer_\1.mlp.0."),
     (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layers.encoder_layer_\1.mlp.3."),
@@ -133,10 +151,23 @@ _TIMM = (  # (timm pattern, torchvision replacement), applied in order
 
 
 def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm's `vit_*_patch16_*` keys -> ours; timm's qkv Linear stacks q, k, v as in_proj_weight does."""
+    """timm's `vit_*_patch16_*` keys -> ours; timm's qkv Linear is ours."""
+    return _renamed(state, _TIMM)
+
+
+_TORCHVISION = ((r"\.self_attention\.in_proj_(weight|bias)$", r".self_attention.qkv.\1"),)
+
+
+def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's `vit_*` keys -> ours: its packed `in_proj_weight`/`in_proj_bias` are our `qkv` Linear."""
+    return _renamed(state, _TORCHVISION)
+
+
+def _renamed(state: dict[str, torch.Tensor], rules: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+    """Each key renamed by the first rule that matches it (rules are tried in order)."""
     out = {}
     for key, value in state.items():
-        for pattern, repl in _TIMM:
+        for pattern, repl in rules:
             key, n = re.subn(pattern, repl, key)
             if n:
                 break
