@@ -71,16 +71,10 @@ def load_causal_lm(
 
 
 def _load_python(spec: str) -> tuple[Any, Any]:
-    module_name, sep, func_name = spec.partition(":")
-    if not sep or not module_name or not func_name:
-        raise ConfigError(f"model source python:{spec}: expected python:MODULE:FUNCTION")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model source python:{spec}: cannot import module {module_name!r}: {exc}") from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ConfigError(f"model source python:{spec}: {module_name} has no callable {func_name!r}")
+    from compress.sources import import_callable
+
+    func = import_callable(f"python:{spec}")
+    func_name = spec.rpartition(":")[2]
     result = func()
     model, tok = result if isinstance(result, tuple) else (result, None)
     if not hasattr(model, "forward") or not hasattr(model, "config"):

@@ -22,6 +22,14 @@ from compress.quant.registry import NamedOptions, registry
 from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS
 from compress.schema import Count, Real
 
+#: 7-bit weights for ONNX Runtime's CPU integer kernels; `auto` resolves, when the options are validated, to
+#: true on a CPU without VNNI (where u8·s8 int16 pair sums saturate: ORT's documented remedy) and false
+#: elsewhere or for a TensorRT target, and the resolved value is what the cache key and report record.
+ReduceRange = bool | Literal["auto"]
+REDUCE_RANGE = Field(
+    "auto", description="7-bit weights (avoids u8·s8 saturation on CPUs without VNNI); auto: true on such a CPU"
+)
+
 
 class RtnOptions(NamedOptions):
     """Round to nearest: no calibration data."""
@@ -61,9 +69,7 @@ class StaticOptions(NamedOptions):
     percentile: Real = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
     samples: Count = Field(256, gt=0, description="calibration samples drawn from data.calibration")
     per_channel: bool = Field(True, description="per-channel weight scales")
-    reduce_range: bool = Field(
-        False, description="7-bit weights: avoids ONNX Runtime's u8·s8 saturation on CPUs without VNNI"
-    )
+    reduce_range: ReduceRange = REDUCE_RANGE
     exclude_nodes: tuple[str, ...] = Field((), description="node names kept in float")
     op_types: tuple[str, ...] | None = Field(
         None, description="only quantize these op types (default: all ORT supports)"
@@ -81,6 +87,7 @@ class DynamicOptions(NamedOptions):
 
     name: Literal["dynamic"] = "dynamic"
     per_channel: bool = Field(True, description="per-channel weight scales")
+    reduce_range: ReduceRange = REDUCE_RANGE
 
 
 INT4 = registry((RtnOptions, GptqOptions, AwqOptions, CheckpointOptions), INT4_ALGORITHMS)

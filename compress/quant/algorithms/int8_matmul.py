@@ -60,8 +60,13 @@ def lm_head_nodes(onnx_path: Path) -> list[str]:
     return [head.name] if head is not None else []
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, lm_head: bool = True) -> Path:
+def quantize_dynamic_int8(
+    src: Path, dst: Path, *, per_channel: bool = True, lm_head: bool = True, reduce_range: bool = False
+) -> Path:
     """W8A8 dynamic quantization of every constant-weight MatMul (``onnxruntime.quantization``).
+
+    ``reduce_range``: 7-bit weights, so ONNX Runtime's u8·s8 kernels cannot saturate on a CPU without VNNI
+    (``compress.bench.harness.int8_dot_saturates``).
 
     ONNX Runtime writes a scratch copy beside its input, so it reads a copy of ``src`` in our own
     folder (``copy_model``), never writing into the folder of ``src``.
@@ -78,6 +83,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, lm_
                 op_types_to_quantize=["MatMul"],
                 per_channel=per_channel,
                 weight_type=QuantType.QInt8,
+                reduce_range=reduce_range,
                 nodes_to_exclude=exclude,
                 use_external_data_format=wants_external_data(Path(src)),
                 extra_options={"MatMulConstBOnly": True},

@@ -28,8 +28,11 @@ The static Q/DQ flavour follows the deployment target (`compress.quant.targets`)
   simulation lost 4. Its CPU latency is therefore not an int8 latency (the report says so).
 
 On an x86 CPU without VNNI (AVX2 only) ONNX Runtime computes u8·s8 with VPMADDUBSW, whose int16 pair sums
-saturate; its documentation's remedy is `reduce_range: true` (7-bit weights) or evaluating on the CPU that
-will run the model. The stage says so in the log and in `info.int8_dot_saturates` when it runs on one.
+saturate (a tiny CNN's static INT8 logits: 8.5% relative error here against ~1% on a VNNI CPU; dynamic
+W8A8 on a tiny Llama: 10-22% of the logit range against 1-3% with 7-bit weights). ORT's documented remedy
+is `reduce_range` (7-bit weights): `reduce_range: auto` (the default of static and dynamic) turns it on
+when the stage runs on such a CPU for an ONNX Runtime target, and the resolved value is recorded
+(`info.reduce_range`, cache key). Set it `false` to build for a VNNI CPU elsewhere (then measure there).
 
 The input must be float (an INT4 or INT8 artifact is refused, at validate time where the plan shows it),
 and the output must hold quantized nodes: weight-only and dynamic quantize MatMul weights only, so on a
@@ -43,7 +46,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -65,6 +68,9 @@ from compress.stages.quantize.common import (
     refuse_quantized_input,
     require_quantized,
 )
+
+if TYPE_CHECKING:
+    from compress.families.base import Adapter
 
 
 class AutoMethod(NamedOptions):
@@ -117,15 +123,25 @@ class Int8Options(StageOptions):
             )
         return value
 
+    @model_validator(mode="after")
+    def _resolve_reduce_range(self) -> Int8Options:
+        """`reduce_range: auto` -> a bool for this CPU and target (see the module docstring)."""
+        if getattr(self.method, "reduce_range", None) == "auto":
+            on = bool(not self.target.int8_session_config() and int8_dot_saturates())
+            # the options are frozen once validated; this validator is the last step of building them
+            object.__setattr__(self, "method", self.method.model_copy(update={"reduce_range": on}))
+        return self
+
     def method_for(self, family_default: str) -> algorithms.NamedOptions:
         """The method's options, `auto` resolved to the family's default (with that method's defaults)."""
-        return algorithms.INT8[family_default]() if isinstance(self.method, AutoMethod) else self.method
+        if not isinstance(self.method, AutoMethod):
+            return self.method
+        resolved = Int8Options(precision="int8", method=family_default, target=self.target)
+        return resolved.method
 
-    def check_family(self, family: str) -> list[tuple[str, str]]:
+    def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
         """Keys that do not apply to the method (with `auto` resolved for this family) are refused."""
-        from compress.registry import registered_adapters
-
-        method = self.method_for(registered_adapters()[family].default_int8_method).name
+        method = self.method_for(adapter.default_int8_method).name
         problems = [
             (key, f"applies to method {' / '.join(methods)} only (method is {method}); remove it")
             for key, methods in _APPLIES.items()
@@ -209,8 +225,14 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
                 "accuracy_level": level,
             }
         else:
-            quantize_dynamic_int8(artifact.main, out, per_channel=method.per_channel, lm_head=head)
-            info = {"weights": "int8 per-channel", "activations": "int8 dynamic per-row"}
+            quantize_dynamic_int8(
+                artifact.main, out, per_channel=method.per_channel, lm_head=head, reduce_range=method.reduce_range
+            )
+            info = {
+                "weights": "int8 per-channel" + (" (7-bit range)" if method.reduce_range else ""),
+                "activations": "int8 dynamic per-row",
+                "reduce_range": method.reduce_range,
+            }
     info.update(method=method.name, seconds=round(time.perf_counter() - start, 1), lm_head=options.lm_head)
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
 
@@ -237,13 +259,14 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
         "weights": "int8 symmetric per-channel" if method.per_channel else "int8 symmetric per-tensor",
         "lm_head": options.lm_head,
     }
+    info["reduce_range"] = method.reduce_range
     if method.reduce_range:
         info["weights"] += " (7-bit range)"
     if transformer:
         info.update(quantized_op_types=transformer, float_op_types=_float_op_types(out, transformer))
     if target.int8_session_config():
         info[ORT_SESSION_CONFIG] = target.int8_session_config()
-    elif int8_dot_saturates():
+    elif int8_dot_saturates() and not method.reduce_range:
         info["int8_dot_saturates"] = True
         ctx.reporter.log(
             "  note: this CPU has no VNNI; ONNX Runtime's u8·s8 kernels may saturate here (if accuracy drops, "

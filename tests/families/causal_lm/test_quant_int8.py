@@ -12,6 +12,7 @@ from compress.families.causal_lm.sessions import OrtCausalLM
 from compress.quant.algorithms.int8_matmul import (
     INT8_METHODS,
     lm_head_nodes,
+    quantize_dynamic_int8,
     quantize_int8,
     quantize_weight_only_int8,
 )
@@ -23,26 +24,24 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
-#: ONNX Runtime's dynamic u8·s8 MatMulInteger on an x86 CPU without VNNI sums int16 pairs that saturate
-#: (`compress.stages.quantize.int8`); the bound below holds only where it does not.
-_SATURATES = pytest.mark.xfail(
-    int8_dot_saturates(), reason="u8·s8 int16 pair sums saturate on a CPU without VNNI", strict=True
-)
-
-
 @pytest.mark.parametrize(
     ("method", "head"),
     [
-        pytest.param("dynamic", True, marks=_SATURATES),
+        ("dynamic", True),
         ("weight-only", True),
-        pytest.param("dynamic", False, marks=_SATURATES),
+        ("dynamic", False),
         ("weight-only", False),
     ],
     ids=["dynamic", "weight-only", "dynamic-no-lm-head", "weight-only-no-lm-head"],
 )
 def test_int8_runs_and_stays_close(exported, tmp_path, method, head):
     _, fp32 = exported
-    out = quantize_int8(fp32, tmp_path / "int8.onnx", method=method, lm_head=head)
+    if method == "dynamic":
+        # 7-bit weights where ONNX Runtime's u8·s8 kernels saturate (no VNNI), as the stage's `reduce_range: auto`
+        # does: with 8-bit weights the error here was 0.10-0.22 of the logit range (0.01-0.03 with 7)
+        out = quantize_dynamic_int8(fp32, tmp_path / "int8.onnx", lm_head=head, reduce_range=int8_dot_saturates())
+    else:
+        out = quantize_int8(fp32, tmp_path / "int8.onnx", method=method, lm_head=head)
     ref = OrtCausalLM(fp32).logits(IDS)
     got = OrtCausalLM(out).logits(IDS)
     # 8-bit weights (and activations for dynamic) on a random 2-layer model: errors seen ~1e-2 on logits
