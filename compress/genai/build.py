@@ -20,7 +20,9 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
   MatMulNBits ``block_size`` (-1 becomes ``in_features``, which MatMulNBits accepts only as a power of two
   >= 16). It dequantizes to fp16 and re-quantizes with the same scales and zero points (the codes come
   back unchanged), always writes zero points (symmetric weights get an explicit 8), and keeps ``g_idx``
-  as a MatMulNBits input only when ``desc_act`` is true. ``sym`` is not read.
+  as a MatMulNBits input only when ``desc_act`` is true; ONNX Runtime's CPU MatMulNBits then gives
+  logits far from the weights' (tests/genai), so act-order weights without static groups are refused
+  here. ``sym`` is not read.
 - lm_head and tied embeddings: a quantized ``lm_head.qweight`` becomes a MatMulNBits; without one the
   float lm_head (and every other float MatMul) is quantized by the builder's own RTN pass (``to_nbits``:
   ``block_size`` default 32, ``is_symmetric`` default true, ``accuracy_level`` default 4 on CPU, 0
@@ -34,7 +36,8 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
 
 Our weights enter through a temporary AutoGPTQ-layout folder written with ``pack_gptq`` (v1 zero points,
 stored modulo 16, so a zero point of 0 survives the builder's ``+1``); the scales are rounded to fp16
-(the format's type), the only difference between the graph's weights and ours.
+(the format's type), the only difference between the graph's weights and ours. One graph fix follows
+(``rewrite``): 2-D scales / zero points for the tied embedding's GatherBlockQuantized.
 """
 
 from __future__ import annotations
@@ -129,6 +132,11 @@ def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str) -> Qua
                 f"quantized[{name!r}].group_size = {qw.group_size}; the builder uses it as MatMulNBits block_size: "
                 "allowed a power of two >= 16"
             )
+        if not qw.has_trivial_g_idx():
+            raise ValueError(
+                f"quantized[{name!r}] has an act-order g_idx; the builder hands it to MatMulNBits, whose CPU "
+                "result then disagrees with the weights (tests/genai); quantize with static_groups=True"
+            )
         if (qw.group_size, qw.symmetric) != (first.group_size, first.symmetric):
             raise ValueError(
                 f"quantized[{name!r}]: group_size/symmetric = {(qw.group_size, qw.symmetric)} differ from "
@@ -177,7 +185,7 @@ def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedW
         "quant_method": "gptq",
         "bits": 4,
         "group_size": first.group_size,
-        "desc_act": any(not qw.has_trivial_g_idx() for qw in quantized.values()),
+        "desc_act": False,  # act-order g_idx is refused above
         "sym": first.symmetric,
         "checkpoint_format": "gptq",
     }

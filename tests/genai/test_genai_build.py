@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,8 @@ def untied(tmp_path_factory):
     return _save(tmp_path_factory.mktemp("genai") / "hf-untied", tie=False)
 
 
-def _graph(out: Path) -> onnx.ModelProto:
-    return onnx.load(str(out / "model.onnx"))
+def _graph(out: Path, *, data: bool = True) -> onnx.ModelProto:
+    return onnx.load(str(out / "model.onnx"), load_external_data=data)
 
 
 def _ops(model: onnx.ModelProto) -> collections.Counter:
@@ -127,6 +128,10 @@ def test_int4_from_our_weights_is_our_weights(tied, tmp_path, method):
     model = tiny_llama(tie=True)
     if method == "rtn-asym":
         qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+        name = "model.layers.0.self_attn.q_proj"  # the extreme zero points AutoGPTQ v1 cannot store: 0 and 15
+        zeros = qws[name].zeros.clone()
+        zeros[0, 0], zeros[1, 0] = 0, 15
+        qws[name] = replace(qws[name], zeros=zeros)
     else:
         batches = [torch.from_numpy(np.random.default_rng(s).integers(3, VOCAB, size=(2, 24))) for s in range(4)]
         cfg = GPTQConfig(group_size=32, symmetric=True)
@@ -153,3 +158,148 @@ def test_int4_from_our_weights_is_our_weights(tied, tmp_path, method):
             modules[name].weight.copy_(_ours_fp16_scales(qw))
     # accuracy_level 1 = fp32 activations: only summation order differs (measured <1e-5)
     np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=1e-4, rtol=0)
+
+
+def test_default_accuracy_level_int8_activations_stay_close(tied, tmp_path):
+    folder, _ = tied
+    model = tiny_llama(tie=True)
+    qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+    out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws)
+    levels = {
+        a.i
+        for n in _graph(out).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+    assert levels == {4}  # the builder's CPU default: activations quantized to int8 per block
+    ours, theirs = _ort_logits(out), _torch_logits(model)
+    # int8 activations against an fp32 torch model: measured 5.4e-3 on logits of magnitude ~1.4
+    np.testing.assert_allclose(ours, theirs, atol=2e-2, rtol=0)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.9
+
+
+def test_cuda_flavour_is_built_not_run(tied, tmp_path):
+    folder, _ = tied
+    qws = rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+    out = build_fused_decoder(folder, tmp_path / "cuda", precision="int4", quantized=qws, execution_provider="cuda")
+    graph = _graph(out)
+    ops = _ops(graph)
+    assert ops["MatMulNBits"] == 11 and ops["GroupQueryAttention"] == 2 and ops["GatherBlockQuantized"] == 1
+    logits = next(o for o in graph.graph.output if o.name == "logits")
+    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # fp16 I/O for the CUDA kernels
+    assert {
+        a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"
+    } == {0}
+    session = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert "cuda" in session["provider_options"][0]
+    assert set(_nbits_weights(graph)) == set(_expected_nodes(qws))
+
+
+def _external_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    return {
+        t.name: int({e.key: e.value for e in t.external_data}["length"])
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+
+
+def test_tied_embedding_stored_once_in_int4_file(tied, tmp_path):
+    folder, _ = tied
+    qws = rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+    out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws)
+    graph = _graph(out, data=False)
+    sizes = _external_bytes(graph)
+    assert sum(sizes.values()) <= (out / "model.onnx.data").stat().st_size <= sum(sizes.values()) + 4096 * len(sizes)
+    inits = {t.name: list(t.dims) for t in graph.graph.initializer}
+    n_blocks = HIDDEN // 32
+    vocab_sized = sorted(n for n, d in inits.items() if d and d[0] in (VOCAB, VOCAB * n_blocks))  # per-token rows
+    assert vocab_sized == ["lm_head.MatMulNBits.qweight", "lm_head.MatMulNBits.qzeros", "lm_head.MatMulNBits.scales"]
+    table = VOCAB * HIDDEN // 2 + VOCAB * n_blocks * 4 + VOCAB * -(-n_blocks // 2)  # codes + fp32 scales + zeros
+    assert sum(sizes[n] for n in vocab_sized) == table
+    readers = [n.op_type for n in graph.graph.node if "lm_head.MatMulNBits.qweight" in n.input]
+    assert sorted(readers) == ["MatMulNBits", "Reshape"]  # the Reshape feeds GatherBlockQuantized
+
+
+def test_float_lm_head_keeps_one_float_table(tied, tmp_path):
+    folder, model = tied
+    qws = rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=32))  # lm_head not included
+    out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws, float_lm_head=True)
+    graph = _graph(out)
+    tables = [t.name for t in graph.graph.initializer if list(t.dims) == [HIDDEN, VOCAB]]
+    assert tables == ["lm_head.MatMul.weight"] and _ops(graph)["GatherBlockQuantized"] == 0
+    assert set(_nbits_weights(graph)) == set(_expected_nodes(qws))
+
+
+def test_untied_int4_from_our_weights(untied, tmp_path):
+    folder, _ = untied
+    model = tiny_llama(tie=False)
+    qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+    out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws, accuracy_level=1)
+    got = _nbits_weights(_graph(out))
+    assert all(torch.equal(got[n], w) for n, w in _expected_nodes(qws).items())
+    # the separate embedding table goes through the builder's own pass; compare with the float embedding
+    np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=5e-2, rtol=0)
+
+
+def _rtn(group_size: int = 32, symmetric: bool = False):
+    return rtn_quantize_model(
+        tiny_llama(tie=True), config=WeightQuantConfig(group_size=group_size, symmetric=symmetric)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(64)["model.layers.0.mlp.up_proj"]}, "differ from"),
+        (lambda q: _rtn(-1), "allowed a power of two >= 16"),
+        (lambda q: {"model.layers.0.mlp.nope": q["model.layers.0.mlp.up_proj"]}, "name no Linear weight"),
+    ],
+    ids=["mixed-groups", "per-row", "unknown-name"],
+)
+def test_weights_the_builder_cannot_take_are_refused(tied, tmp_path, change, message):
+    folder, _ = tied
+    with pytest.raises(ValueError, match=message):
+        build_fused_decoder(folder, tmp_path / "x", precision="int4", quantized=change(_rtn()))
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []  # no half-built folder left behind
+
+
+def test_act_order_g_idx_is_refused(tied, tmp_path):
+    folder, _ = tied
+    batches = [torch.from_numpy(np.random.default_rng(s).integers(3, VOCAB, size=(2, 24))) for s in range(2)]
+    qws = gptq_quantize_model(tiny_llama(tie=True), batches, config=GPTQConfig(group_size=32, static_groups=False))
+    assert any(not qw.has_trivial_g_idx() for qw in qws.values())
+    with pytest.raises(ValueError, match="static_groups=True"):
+        build_fused_decoder(folder, tmp_path / "x", precision="int4", quantized=qws)
+
+
+def test_bad_options_are_named(tied, tmp_path):
+    folder, _ = tied
+    with pytest.raises(ValueError, match="need precision='int4'"):
+        build_fused_decoder(folder, tmp_path / "x", precision="fp32", quantized=_rtn())
+    with pytest.raises(ValueError, match="execution_provider = 'dml'; allowed: cpu, cuda"):
+        build_fused_decoder(folder, tmp_path / "x", execution_provider="dml")
+    with pytest.raises(ValueError, match="accuracy_level = 7"):
+        build_fused_decoder(folder, tmp_path / "x", precision="int4", accuracy_level=7)
+    config = json.loads((folder / "config.json").read_text())
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        build_fused_decoder(other, tmp_path / "x")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="taken: exists"):
+        build_fused_decoder(folder, tmp_path / "taken")
+
+
+def test_builder_failure_leaves_no_folder(tied, tmp_path, monkeypatch):
+    from onnxruntime_genai.models import builder
+
+    def boom(*args, **kwargs):
+        print("builder log line")
+        raise NotImplementedError("The model is not currently supported.")
+
+    monkeypatch.setattr(builder, "create_model", boom)
+    with pytest.raises(RuntimeError, match="not currently supported(.|\n)*builder log line"):
+        build_fused_decoder(tied[0], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
