@@ -236,10 +236,14 @@ def test_untied_int4_from_our_weights(untied, tmp_path):
     model = tiny_llama(tie=False)
     qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
     out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws, accuracy_level=1)
-    got = _nbits_weights(_graph(out))
+    graph = _graph(out)
+    got = _nbits_weights(graph)
     assert all(torch.equal(got[n], w) for n, w in _expected_nodes(qws).items())
-    # the separate embedding table goes through the builder's own pass; compare with the float embedding
-    np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=5e-2, rtol=0)
+    assert [
+        list(t.dims) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and VOCAB in t.dims
+    ] == [[VOCAB, HIDDEN]]  # the embedding stays float; only the lm_head is 4-bit
+    # torch keeps fp32 scales, the graph fp16 ones: measured 2.4e-4 on logits of magnitude ~1.4
+    np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=1e-3, rtol=0)
 
 
 def _rtn(group_size: int = 32, symmetric: bool = False):
