@@ -89,7 +89,8 @@ GENAI_ARCHITECTURES = frozenset(
         "SmolLM3ForCausalLM",
     }
 )
-#: Architectures whose quantized tensors the builder's GPTQ loader names like Llama's (checked here).
+#: Architectures whose checkpoints use the Llama tensor names the builder's GPTQ loader matches
+#: (``model.layers.N.self_attn.q_proj`` ...); tested on Llama (tests/genai), the others share its names.
 GPTQ_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 _HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -126,7 +127,10 @@ def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str) -> Qua
     first = next(iter(quantized.values()))
     for name, qw in quantized.items():
         if qw.bits != 4:
-            raise ValueError(f"quantized[{name!r}].bits = {qw.bits}; allowed: 4 (GatherBlockQuantized is INT4 only)")
+            raise ValueError(
+                f"quantized[{name!r}].bits = {qw.bits}; allowed: 4 (pack_gptq writes 4-bit AutoGPTQ tensors, and "
+                "the builder's GatherBlockQuantized for a tied embedding is INT4 only)"
+            )
         if qw.group_size == -1 or qw.group_size & (qw.group_size - 1) or qw.group_size < 16:
             raise ValueError(
                 f"quantized[{name!r}].group_size = {qw.group_size}; the builder uses it as MatMulNBits block_size: "

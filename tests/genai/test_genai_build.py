@@ -246,10 +246,8 @@ def test_untied_int4_from_our_weights(untied, tmp_path):
     np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=1e-3, rtol=0)
 
 
-def _rtn(group_size: int = 32, symmetric: bool = False):
-    return rtn_quantize_model(
-        tiny_llama(tie=True), config=WeightQuantConfig(group_size=group_size, symmetric=symmetric)
-    )
+def _rtn(group_size: int = 32, bits: int = 4):
+    return rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=group_size, bits=bits))
 
 
 @pytest.mark.parametrize(
@@ -257,9 +255,10 @@ def _rtn(group_size: int = 32, symmetric: bool = False):
     [
         (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(64)["model.layers.0.mlp.up_proj"]}, "differ from"),
         (lambda q: _rtn(-1), "allowed a power of two >= 16"),
+        (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(bits=8)["model.layers.0.mlp.up_proj"]}, "allowed: 4"),
         (lambda q: {"model.layers.0.mlp.nope": q["model.layers.0.mlp.up_proj"]}, "name no Linear weight"),
     ],
-    ids=["mixed-groups", "per-row", "unknown-name"],
+    ids=["mixed-groups", "per-row", "8-bit", "unknown-name"],
 )
 def test_weights_the_builder_cannot_take_are_refused(tied, tmp_path, change, message):
     folder, _ = tied
