@@ -233,7 +233,7 @@ def _run_builder(source: Path, out: Path, precision: str, ep: str, extra: list[s
         with quiet, quiet_err:
             options = builder.parse_extra_options(None, str(source), str(out), precision, ep, str(cache), extra)
             builder.create_model(None, str(source), str(out), precision, ep, str(cache), **options)
-    except (NotImplementedError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the external tool, re-raised with its log
         tail = "\n".join(log.getvalue().splitlines()[-20:])
         raise RuntimeError(f"onnxruntime-genai builder failed on {source} ({precision}, {ep}): {e}\n{tail}") from e
     finally:

@@ -106,9 +106,10 @@ def _expected_nodes(qws) -> dict[str, torch.Tensor]:
     return expected
 
 
-def test_fp32_fused_graph_matches_torch(tied, tmp_path):
+def test_fp32_fused_graph_matches_torch(tied, tmp_path, capsys):
     folder, model = tied
     out = build_fused_decoder(folder, tmp_path / "fp32", precision="fp32")
+    assert capsys.readouterr() == ("", "")  # the builder's prints and progress bars stay quiet
     graph = _graph(out)
     ops = _ops(graph)
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] >= 3
