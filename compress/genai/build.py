@@ -28,8 +28,10 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
   ``block_size`` default 32, ``is_symmetric`` default true, ``accuracy_level`` default 4 on CPU, 0
   elsewhere). ``shared_embeddings`` defaults to ``tie_word_embeddings``; when both the embedding Gather and
   the lm_head are quantized the embedding reads the lm_head's 4-bit tensors through GatherBlockQuantized
-  (INT4 only); excluding only one of them (``nodes_to_exclude``) stores the table twice, so
-  ``float_lm_head`` here excludes both and the float table is shared by a Transpose + Gather instead.
+  (INT4 in its docs; 8 bits with ``matmul_mixed_precision=last_matmul:int8`` emits a gather whose inputs
+  do not exist, fixed in ``rewrite``); excluding only one of them (``nodes_to_exclude``) stores the
+  table twice, so ``lm_head="float"`` here excludes both and the float table is shared by a Transpose +
+  Gather instead.
   ``exclude_lm_head`` / ``exclude_embeds`` drop the head / embedding from the graph (not used here).
 - Execution providers: cpu, cuda, dml, webgpu, NvTensorRtRtx. The graph for cuda is built on any machine
   (fp16 I/O for int4/fp16); nothing here runs it.
@@ -37,7 +39,8 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
 Our weights enter through a temporary AutoGPTQ-layout folder written with ``pack_gptq`` (v1 zero points,
 stored modulo 16, so a zero point of 0 survives the builder's ``+1``); the scales are rounded to fp16
 (the format's type), the only difference between the graph's weights and ours. One graph fix follows
-(``rewrite``): 2-D scales / zero points for the tied embedding's GatherBlockQuantized.
+(``rewrite``) for the tied embedding's GatherBlockQuantized: 2-D scales / zero points, and real input
+names for an 8-bit lm_head.
 """
 
 from __future__ import annotations
@@ -57,12 +60,13 @@ from typing import Literal
 import torch
 
 from compress.errors import MissingDependencyError
-from compress.genai.rewrite import reshape_gather_block_quantized_params
+from compress.genai.rewrite import fix_tied_embedding
 from compress.quant.int4.packing import pack_gptq
 from compress.quant.int4.weight import QuantizedWeight
 
 Precision = Literal["fp32", "int4"]
 ExecutionProvider = Literal["cpu", "cuda"]
+LmHead = Literal["int4", "int8", "float"]
 
 #: ``config.architectures[0]`` values that onnxruntime-genai 0.18.0's ``create_model`` dispatches on.
 GENAI_ARCHITECTURES = frozenset(
@@ -206,7 +210,7 @@ def _extra_options(
     accuracy_level: int | None,
     block_size: int,
     symmetric: bool,
-    float_lm_head: bool,
+    lm_head: LmHead,
 ) -> list[str]:
     if precision == "fp32":
         return []
@@ -215,8 +219,10 @@ def _extra_options(
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level = {accuracy_level}; allowed: 0, 1, 2, 3, 4 (MatMulNBits)")
         options.append(f"accuracy_level={accuracy_level}")
-    if float_lm_head:
+    if lm_head == "float":  # both, or a tied table would be stored twice (float Gather + 4-bit head)
         options.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
+    elif lm_head == "int8":
+        options.append("matmul_mixed_precision=last_matmul:int8")
     return options
 
 
@@ -251,15 +257,16 @@ def build_fused_decoder(
     accuracy_level: int | None = None,
     block_size: int = 32,
     symmetric: bool = True,
-    float_lm_head: bool = False,
+    lm_head: LmHead = "int4",
     verbose: bool = False,
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
 
     ``quantized`` (``{module name: QuantizedWeight}``, int4 only) replaces those Linears by our codes;
-    MatMuls left in float (the lm_head unless it is in ``quantized``) get the builder's own RTN with
-    ``block_size`` / ``symmetric``, or stay float with ``float_lm_head``. ``accuracy_level`` None keeps
-    the builder's default (4 on CPU, 0 on CUDA). The folder appears only when complete.
+    MatMuls left in float get the builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how
+    an lm_head that is not in ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding
+    then reads the same codes), or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
+    0 on CUDA). The folder appears only when complete.
     """
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
     if precision not in ("fp32", "int4"):
@@ -268,6 +275,10 @@ def build_fused_decoder(
         raise ValueError(f"execution_provider = {execution_provider!r}; allowed: cpu, cuda")
     if quantized and precision != "int4":
         raise ValueError(f"quantized weights given with precision = {precision!r}; they need precision='int4'")
+    if lm_head not in ("int4", "int8", "float"):
+        raise ValueError(f"lm_head = {lm_head!r}; allowed: int4, int8, float")
+    if quantized and "lm_head" in quantized and lm_head != "int4":
+        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our 4-bit 'lm_head'; drop one of them")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
     _architecture(hf_folder)
@@ -276,15 +287,15 @@ def build_fused_decoder(
         accuracy_level=accuracy_level,
         block_size=block_size,
         symmetric=symmetric,
-        float_lm_head=float_lm_head,
+        lm_head=lm_head,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         source = write_builder_checkpoint(hf_folder, quantized, work / "gptq") if quantized else hf_folder
         _run_builder(source, work / "model", precision, execution_provider, extra, verbose)
-        if quantized:
-            reshape_gather_block_quantized_params(work / "model" / "model.onnx")
+        if precision == "int4":
+            fix_tied_embedding(work / "model" / "model.onnx")
         os.replace(work / "model", out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

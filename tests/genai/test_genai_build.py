@@ -72,7 +72,7 @@ def _torch_logits(model: torch.nn.Module) -> np.ndarray:
 
 def _nbits_weights(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
     """``{node name: dequantized W [N, K]}`` of every MatMulNBits, read with our own unpacker."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    inits = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}  # writable for torch
     out = {}
     for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: a.i for a in node.attribute}
@@ -225,7 +225,7 @@ def test_tied_embedding_stored_once_in_int4_file(tied, tmp_path):
 def test_float_lm_head_keeps_one_float_table(tied, tmp_path):
     folder, model = tied
     qws = rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=32))  # lm_head not included
-    out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws, float_lm_head=True)
+    out = build_fused_decoder(folder, tmp_path / "int4", precision="int4", quantized=qws, lm_head="float")
     graph = _graph(out)
     tables = [t.name for t in graph.graph.initializer if list(t.dims) == [HIDDEN, VOCAB]]
     assert tables == ["lm_head.MatMul.weight"] and _ops(graph)["GatherBlockQuantized"] == 0
@@ -307,3 +307,32 @@ def test_builder_failure_leaves_no_folder(tied, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="not currently supported(.|\n)*builder log line"):
         build_fused_decoder(tied[0], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_lm_head_is_one_table_read_by_both(tied, tmp_path):
+    folder, _ = tied
+    model = tiny_llama(tie=True)
+    qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32))  # body ours, lm_head the builder's
+    out = build_fused_decoder(
+        folder, tmp_path / "int4", precision="int4", quantized=qws, lm_head="int8", accuracy_level=1
+    )
+    graph = _graph(out)
+    head = next(n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/"))
+    gather = next(n for n in graph.graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in graph.graph.node if n.output[0] == gather.input[0])
+    assert {a.name: a.i for a in head.attribute}["bits"] == 8 == {a.name: a.i for a in gather.attribute}["bits"]
+    assert reshape.input[0] == head.input[1] and gather.input[2] == head.input[2]  # the same initializers
+    table = _nbits_weights(graph)[head.name]  # the builder's 8-bit RTN of the tied table, dequantized
+    with torch.no_grad():
+        modules = dict(model.named_modules())
+        for name, qw in qws.items():
+            modules[name].weight.copy_(_ours_fp16_scales(qw))
+        model.lm_head.weight.copy_(table)  # tied: the embedding reads it too
+    # fp32 activations (accuracy level 1); the graph runs, and embedding + head are that one table
+    np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=1e-4, rtol=0)
+
+
+def test_lm_head_twice_is_refused(tied, tmp_path):
+    qws = rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+    with pytest.raises(ValueError, match="lm_head = 'int8' but quantized holds our 4-bit 'lm_head'"):
+        build_fused_decoder(tied[0], tmp_path / "x", precision="int4", quantized=qws, lm_head="int8")
