@@ -17,21 +17,22 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
   awq, quark, olive, modelopt, quant_auto). The GPTQ loader reads AutoGPTQ v1 tensors only: it always
   adds 1 to ``qzeros`` modulo 16 (``checkpoint_format`` is never read, so a ``gptq_v2`` folder would be
   misread), accepts 2/4/8 bits and per-layer ``dynamic`` overrides, and uses ``group_size`` as the
-  MatMulNBits ``block_size`` (-1 becomes ``in_features``, which MatMulNBits accepts only as a power of two
-  >= 16). It dequantizes to fp16 and re-quantizes with the same scales and zero points (the codes come
-  back unchanged), always writes zero points (symmetric weights get an explicit 8), and keeps ``g_idx``
-  as a MatMulNBits input only when ``desc_act`` is true; ONNX Runtime's CPU MatMulNBits then gives
-  logits far from the weights' (tests/genai), so act-order weights without static groups are refused
-  here. ``sym`` is not read.
+  MatMulNBits ``block_size`` (-1 becomes ``in_features``; the contrib-op spec wants a power of two
+  >= 16, so per-row groups are refused here). It dequantizes to fp16 and re-quantizes with the same
+  scales and zero points (the codes come back unchanged, tests/genai), always writes zero points
+  (symmetric weights get an explicit 8), and keeps ``g_idx`` as a MatMulNBits input only when
+  ``desc_act`` is true; ONNX Runtime's CPU MatMulNBits then gives logits far from the weights'
+  (measured on the tiny Llama), so act-order weights without static groups are refused here.
+  ``sym`` is not read.
 - lm_head and tied embeddings: a quantized ``lm_head.qweight`` becomes a MatMulNBits; without one the
   float lm_head (and every other float MatMul) is quantized by the builder's own RTN pass (``to_nbits``:
   ``block_size`` default 32, ``is_symmetric`` default true, ``accuracy_level`` default 4 on CPU, 0
   elsewhere). ``shared_embeddings`` defaults to ``tie_word_embeddings``; when both the embedding Gather and
   the lm_head are quantized the embedding reads the lm_head's 4-bit tensors through GatherBlockQuantized
-  (INT4 in its docs; 8 bits with ``matmul_mixed_precision=last_matmul:int8`` emits a gather whose inputs
-  do not exist, fixed in ``rewrite``); excluding only one of them (``nodes_to_exclude``) stores the
-  table twice, so ``lm_head="float"`` here excludes both and the float table is shared by a Transpose +
-  Gather instead.
+  (its messages say INT4 only, yet ``matmul_mixed_precision=last_matmul:int8`` emits an 8-bit gather whose
+  inputs do not exist: fixed in ``rewrite``, and ONNX Runtime runs it, tests/genai). By its
+  ``make_tied_embeddings_init``, excluding only one of the two (``nodes_to_exclude``) unties them, so
+  ``lm_head="float"`` here excludes both and the float table is shared by a Transpose + Gather.
   ``exclude_lm_head`` / ``exclude_embeds`` drop the head / embedding from the graph (not used here).
 - Execution providers: cpu, cuda, dml, webgpu, NvTensorRtRtx. The graph for cuda is built on any machine
   (fp16 I/O for int4/fp16); nothing here runs it.
