@@ -1,0 +1,303 @@
+"""Build ONNX Runtime GenAI's fused decoder graph, optionally from our own INT4 weights.
+
+    build_fused_decoder("runs/x/hf", "runs/x/genai-int4", precision="int4", quantized=qws)
+
+What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.py``,
+``builders/base.py``, ``loaders/base.py`` + ``loaders/gptq.py``) does, read from its source:
+
+- Graph: GroupQueryAttention (rotary inside, shared past/present buffer), SkipSimplifiedLayerNormalization,
+  packed QKV (one MatMul/MatMulNBits of ``q + 2 kv`` outputs), MatMulNBits for quantized weights, and
+  GatherBlockQuantized for a tied embedding stored once in the lm_head's 4-bit tensors. Opset 22 +
+  com.microsoft. Inputs ``input_ids, attention_mask, past_key_values.%d.{key,value}``; output ``logits``
+  for every position (full-sequence logits, so perplexity can be measured on the shipped file).
+- Architectures: the ``config.architectures[0]`` values its ``create_model`` dispatches on
+  (``GENAI_ARCHITECTURES`` below); anything else raises NotImplementedError. Quantized checkpoints are
+  read with Llama-style tensor names (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj`` ...).
+- Quantized inputs: ``config.json``'s ``quantization_config.quant_method`` selects the loader (gptq,
+  awq, quark, olive, modelopt, quant_auto). The GPTQ loader reads AutoGPTQ v1 tensors only: it always
+  adds 1 to ``qzeros`` modulo 16 (``checkpoint_format`` is never read, so a ``gptq_v2`` folder would be
+  misread), accepts 2/4/8 bits and per-layer ``dynamic`` overrides, and uses ``group_size`` as the
+  MatMulNBits ``block_size`` (-1 becomes ``in_features``; the contrib-op spec wants a power of two
+  >= 16, so per-row groups are refused here). It dequantizes to fp16 and re-quantizes with the same
+  scales and zero points (the codes come back unchanged, tests/genai), always writes zero points
+  (symmetric weights get an explicit 8), and keeps ``g_idx`` as a MatMulNBits input only when
+  ``desc_act`` is true; ONNX Runtime's CPU MatMulNBits then gives logits far from the weights'
+  (measured on the tiny Llama), so act-order weights without static groups are refused here.
+  ``sym`` is not read.
+- lm_head and tied embeddings: a quantized ``lm_head.qweight`` becomes a MatMulNBits; without one the
+  float lm_head (and every other float MatMul) is quantized by the builder's own RTN pass (``to_nbits``:
+  ``block_size`` default 32, ``is_symmetric`` default true, ``accuracy_level`` default 4 on CPU, 0
+  elsewhere). ``shared_embeddings`` defaults to ``tie_word_embeddings``; when both the embedding Gather and
+  the lm_head are quantized the embedding reads the lm_head's 4-bit tensors through GatherBlockQuantized
+  (its messages say INT4 only, yet ``matmul_mixed_precision=last_matmul:int8`` emits an 8-bit gather whose
+  inputs do not exist: fixed in ``rewrite``, and ONNX Runtime runs it, tests/genai). By its
+  ``make_tied_embeddings_init``, excluding only one of the two (``nodes_to_exclude``) unties them, so
+  ``lm_head="float"`` here excludes both and the float table is shared by a Transpose + Gather.
+  ``exclude_lm_head`` / ``exclude_embeds`` drop the head / embedding from the graph (not used here).
+- Execution providers: cpu, cuda, dml, webgpu, NvTensorRtRtx. The graph for cuda is built on any machine
+  (fp16 I/O for int4/fp16); nothing here runs it.
+
+Our weights enter through a temporary AutoGPTQ-layout folder written with ``pack_gptq`` (v1 zero points,
+stored modulo 16, so a zero point of 0 survives the builder's ``+1``); the scales are rounded to fp16
+(the format's type), the only difference between the graph's weights and ours. One graph fix follows
+(``rewrite``) for the tied embedding's GatherBlockQuantized: 2-D scales / zero points, and real input
+names for an 8-bit lm_head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from compress.errors import MissingDependencyError
+from compress.genai.rewrite import fix_tied_embedding
+from compress.quant.int4.packing import pack_gptq
+from compress.quant.int4.weight import QuantizedWeight
+
+Precision = Literal["fp32", "int4"]
+ExecutionProvider = Literal["cpu", "cuda"]
+LmHead = Literal["int4", "int8", "float"]
+
+#: ``config.architectures[0]`` values that onnxruntime-genai 0.18.0's ``create_model`` dispatches on.
+GENAI_ARCHITECTURES = frozenset(
+    {
+        "ChatGLMForConditionalGeneration",
+        "ChatGLMModel",
+        "Ernie4_5ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "GptOssForCausalLM",
+        "GraniteForCausalLM",
+        "HunYuanDenseV1ForCausalLM",
+        "InternLM2ForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "NemotronForCausalLM",
+        "OlmoForCausalLM",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "Phi3SmallForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "SmolLM3ForCausalLM",
+    }
+)
+#: Architectures whose checkpoints use the Llama tensor names the builder's GPTQ loader matches
+#: (``model.layers.N.self_attn.q_proj`` ...); tested on Llama (tests/genai), the others share its names.
+GPTQ_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+_HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _builder():
+    try:
+        from onnxruntime_genai.models import builder
+    except ImportError as e:
+        raise MissingDependencyError("onnxruntime-genai", "llm", "the fused decoder graph") from e
+    return builder
+
+
+def _architecture(hf_folder: Path) -> tuple[dict, str]:
+    config_path = hf_folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: missing; build_fused_decoder needs a Hugging Face model folder")
+    config = json.loads(config_path.read_text())
+    arch = (config.get("architectures") or ["<none>"])[0]
+    if arch not in GENAI_ARCHITECTURES:
+        raise ValueError(
+            f"{config_path}: architectures[0] = {arch!r}; onnxruntime-genai's builder supports "
+            f"{', '.join(sorted(GENAI_ARCHITECTURES))}; export this model with compress's own exporter instead"
+        )
+    return config, arch
+
+
+def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str) -> QuantizedWeight:
+    """The one (bits, group_size, symmetric) setting every weight shares, or a ValueError saying why not."""
+    if arch not in GPTQ_ARCHITECTURES:
+        raise ValueError(
+            f"quantized weights for {arch}: the builder's GPTQ loader is used here only for "
+            f"{', '.join(sorted(GPTQ_ARCHITECTURES))}; build precision='int4' without quantized= instead"
+        )
+    first = next(iter(quantized.values()))
+    for name, qw in quantized.items():
+        if qw.bits != 4:
+            raise ValueError(
+                f"quantized[{name!r}].bits = {qw.bits}; allowed: 4 (pack_gptq writes 4-bit AutoGPTQ tensors, and "
+                "the builder's GatherBlockQuantized for a tied embedding is INT4 only)"
+            )
+        if qw.group_size == -1 or qw.group_size & (qw.group_size - 1) or qw.group_size < 16:
+            raise ValueError(
+                f"quantized[{name!r}].group_size = {qw.group_size}; the builder uses it as MatMulNBits block_size: "
+                "allowed a power of two >= 16"
+            )
+        if not qw.has_trivial_g_idx():
+            raise ValueError(
+                f"quantized[{name!r}] has an act-order g_idx; the builder hands it to MatMulNBits, whose CPU "
+                "result then disagrees with the weights (tests/genai); quantize with static_groups=True"
+            )
+        if (qw.group_size, qw.symmetric) != (first.group_size, first.symmetric):
+            raise ValueError(
+                f"quantized[{name!r}]: group_size/symmetric = {(qw.group_size, qw.symmetric)} differ from "
+                f"{(first.group_size, first.symmetric)}; the builder reads one quantization_config per model"
+            )
+    return first
+
+
+def _float_tensors(hf_folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(hf_folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{hf_folder}: no *.safetensors file (save the model with save_pretrained)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedWeight], folder: Path) -> Path:
+    """Write ``folder`` as the AutoGPTQ-layout checkpoint the builder's GPTQ loader reads.
+
+    Zero points are stored as ``(zero - 1) mod 16``: the loader adds 1 modulo 16, so every zero point
+    0..15 reads back exactly (AutoGPTQ v1 cannot store 0; the builder's wrap-around can).
+    """
+    from safetensors.torch import save_file
+
+    config, arch = _architecture(hf_folder)
+    first = _check_quantized(quantized, arch)
+    tensors = _float_tensors(hf_folder)
+    missing = [name for name in quantized if f"{name}.weight" not in tensors and name != "lm_head"]
+    if missing:
+        raise ValueError(f"quantized weights {missing} name no Linear weight in {hf_folder}")
+    out: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if k[: -len(".weight")] not in quantized}
+    for name, qw in quantized.items():
+        stored = replace(qw, zeros=((qw.zeros.to(torch.int16) - 1) % 16).to(torch.uint8))
+        t = pack_gptq(stored, "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
+        out[f"{name}.qweight"] = torch.from_numpy(t.qweight)
+        out[f"{name}.qzeros"] = torch.from_numpy(t.qzeros)
+        out[f"{name}.scales"] = torch.from_numpy(t.scales)
+        out[f"{name}.g_idx"] = torch.from_numpy(t.g_idx)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": first.group_size,
+        "desc_act": False,  # act-order g_idx is refused above
+        "sym": first.symmetric,
+        "checkpoint_format": "gptq",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in _HF_SIDE_FILES:
+        if (hf_folder / name).exists():
+            shutil.copy2(hf_folder / name, folder / name)
+    return folder
+
+
+def _extra_options(
+    precision: Precision,
+    *,
+    accuracy_level: int | None,
+    block_size: int,
+    symmetric: bool,
+    lm_head: LmHead,
+) -> list[str]:
+    if precision == "fp32":
+        return []
+    options = [f"block_size={block_size}", f"is_symmetric={str(symmetric).lower()}"]
+    if accuracy_level is not None:
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level = {accuracy_level}; allowed: 0, 1, 2, 3, 4 (MatMulNBits)")
+        options.append(f"accuracy_level={accuracy_level}")
+    if lm_head == "float":  # both, or a tied table would be stored twice (float Gather + 4-bit head)
+        options.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
+    elif lm_head == "int8":
+        options.append("matmul_mixed_precision=last_matmul:int8")
+    return options
+
+
+def _run_builder(source: Path, out: Path, precision: str, ep: str, extra: list[str], verbose: bool) -> None:
+    builder = _builder()
+    log = io.StringIO()
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log)
+    quiet_err = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(log)
+    cache = out.parent / f"{out.name}.cache"
+    previous = logging.root.manager.disable
+    if not verbose:
+        logging.disable(logging.INFO)  # onnxruntime.quantization logs every node it skips at INFO
+    try:
+        with quiet, quiet_err:
+            options = builder.parse_extra_options(None, str(source), str(out), precision, ep, str(cache), extra)
+            builder.create_model(None, str(source), str(out), precision, ep, str(cache), **options)
+    except Exception as e:  # noqa: BLE001 - any failure of the external tool, re-raised with its log
+        tail = "\n".join(log.getvalue().splitlines()[-20:])
+        raise RuntimeError(f"onnxruntime-genai builder failed on {source} ({precision}, {ep}): {e}\n{tail}") from e
+    finally:
+        logging.disable(previous)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def build_fused_decoder(
+    hf_folder: str | Path,
+    out_dir: str | Path,
+    *,
+    precision: Precision = "fp32",
+    quantized: Mapping[str, QuantizedWeight] | None = None,
+    execution_provider: ExecutionProvider = "cpu",
+    accuracy_level: int | None = None,
+    block_size: int = 32,
+    symmetric: bool = True,
+    lm_head: LmHead = "int4",
+    verbose: bool = False,
+) -> Path:
+    """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
+
+    ``quantized`` (``{module name: QuantizedWeight}``, int4 only) replaces those Linears by our codes;
+    MatMuls left in float get the builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how
+    an lm_head that is not in ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding
+    then reads the same codes), or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
+    0 on CUDA). The folder appears only when complete.
+    """
+    hf_folder, out_dir = Path(hf_folder), Path(out_dir)
+    if precision not in ("fp32", "int4"):
+        raise ValueError(f"precision = {precision!r}; allowed: fp32, int4")
+    if execution_provider not in ("cpu", "cuda"):
+        raise ValueError(f"execution_provider = {execution_provider!r}; allowed: cpu, cuda")
+    if quantized and precision != "int4":
+        raise ValueError(f"quantized weights given with precision = {precision!r}; they need precision='int4'")
+    if lm_head not in ("int4", "int8", "float"):
+        raise ValueError(f"lm_head = {lm_head!r}; allowed: int4, int8, float")
+    if quantized and "lm_head" in quantized and lm_head != "int4":
+        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our 4-bit 'lm_head'; drop one of them")
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
+    _architecture(hf_folder)
+    extra = _extra_options(
+        precision,
+        accuracy_level=accuracy_level,
+        block_size=block_size,
+        symmetric=symmetric,
+        lm_head=lm_head,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        source = write_builder_checkpoint(hf_folder, quantized, work / "gptq") if quantized else hf_folder
+        _run_builder(source, work / "model", precision, execution_provider, extra, verbose)
+        if precision == "int4":
+            fix_tied_embedding(work / "model" / "model.onnx")
+        os.replace(work / "model", out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
