@@ -62,8 +62,8 @@ import torch
 
 from compress.errors import MissingDependencyError
 from compress.genai.rewrite import fix_tied_embedding
-from compress.quant.int4.packing import pack_gptq
-from compress.quant.int4.weight import QuantizedWeight
+from compress.quant.primitives.packing import pack_gptq
+from compress.quant.primitives.weight import QuantizedWeight
 
 Precision = Literal["fp32", "int4"]
 ExecutionProvider = Literal["cpu", "cuda"]

@@ -20,7 +20,9 @@ class NamedOptions(BaseModel):
 
     def __repr__(self) -> str:
         """As the pipeline file writes it: the name and the keys that were given."""
-        given = [f"{k}: {getattr(self, k)}" for k in type(self).model_fields if k in self.model_fields_set and k != "name"]
+        given = [
+            f"{k}: {getattr(self, k)}" for k in type(self).model_fields if k in self.model_fields_set and k != "name"
+        ]
         return "{" + ", ".join([f"name: {getattr(self, 'name', '?')}", *given]) + "}"
 
 

@@ -15,14 +15,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from llm.llm_toys import VOCAB, tiny_llama, tiny_tokenizer
+from llm_toys import VOCAB, tiny_llama, tiny_tokenizer
 from onnx import numpy_helper
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'compress[llm]')")
 
 from compress.genai.build import build_fused_decoder  # noqa: E402
-from compress.quant.int4 import GPTQConfig, WeightQuantConfig, gptq_quantize_model, rtn_quantize_model  # noqa: E402
-from compress.quant.int4.packing import MatMulNBitsTensors, unpack_matmul_nbits  # noqa: E402
+from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model  # noqa: E402
+from compress.quant.algorithms.rtn import rtn_quantize_model  # noqa: E402
+from compress.quant.primitives.packing import MatMulNBitsTensors, unpack_matmul_nbits  # noqa: E402
+from compress.quant.primitives.weight import WeightQuantConfig  # noqa: E402
 
 HIDDEN, KV_HEADS, HEAD = 64, 2, 16
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 17)).astype(np.int64)
