@@ -22,7 +22,7 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path, fashion_mnist:
     stages = """
   - finetune: {steps: 40, lr: 1.0e-2, batch_size: 32}
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, calibrator: minmax, samples: 64, name: int8}"""
+  - quantize: {precision: int8, method: {name: static, calibrator: minmax, samples: 64}, name: int8}"""
     code, _, _ = run_quietly(pipeline_yaml(tmp_path, fashion_mnist, stages=stages), tmp_path / "runs")
     assert code == 0
     shot = tmp_path / "report.png"

@@ -19,7 +19,7 @@ from compress.report import vision
 STAGES = """
   - finetune: {steps: 40, lr: 1.0e-2, batch_size: 32}
   - export: {opset: 17, name: onnx-fp32}
-  - quantize: {precision: int8, calibrator: minmax, samples: 64, name: int8}"""
+  - quantize: {precision: int8, method: {name: static, calibrator: minmax, samples: 64}, name: int8}"""
 
 
 @pytest.fixture(scope="module")
