@@ -139,3 +139,23 @@ def test_a_registry_entry_outside_the_vocabulary_is_refused() -> None:
 
     with pytest.raises(RuntimeError, match="hqq: not in compress.quant.vocab"):
         registry((Hqq,), vocab.INT4_ALGORITHMS)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_auto_follows_this_cpu_and_the_target(monkeypatch, saturates: bool) -> None:
+    """`auto` is 7-bit weights exactly where ONNX Runtime's u8·s8 kernels saturate, never for TensorRT (whose
+    Q/DQ graphs are evaluated unfused); the resolved value is what the cache key holds."""
+    import compress.stages.quantize.int8 as int8
+
+    monkeypatch.setattr(int8, "int8_dot_saturates", lambda: saturates)
+    for method in ("static", "dynamic"):
+        cpu = Int8Options(precision="int8", method=method)
+        assert cpu.method.reduce_range is saturates
+        assert cpu.cache_fields()["method"]["reduce_range"] is saturates
+    trt = Int8Options(precision="int8", method="static", target="tensorrt")
+    assert trt.method.reduce_range is False
+    explicit = Int8Options(precision="int8", method={"name": "static", "reduce_range": False})
+    assert explicit.method.reduce_range is False
+    auto = Int8Options(precision="int8")  # `method: auto`: resolved with the family, so the key says this CPU's answer
+    assert auto.cache_fields()["auto_reduce_range"] is saturates
+    assert auto.method_for("static").reduce_range is saturates

@@ -132,6 +132,13 @@ class Int8Options(StageOptions):
             object.__setattr__(self, "method", self.method.model_copy(update={"reduce_range": on}))
         return self
 
+    def cache_fields(self) -> dict[str, Any]:
+        """`method: auto` resolves `reduce_range` only when the family is known: this CPU's answer joins the key."""
+        fields = super().cache_fields()
+        if isinstance(self.method, AutoMethod):
+            fields["auto_reduce_range"] = bool(not self.target.int8_session_config() and int8_dot_saturates())
+        return fields
+
     def method_for(self, family_default: str) -> algorithms.NamedOptions:
         """The method's options, `auto` resolved to the family's default (with that method's defaults)."""
         if not isinstance(self.method, AutoMethod):
