@@ -179,7 +179,8 @@ class Int4Options(StageOptions):
 
 
 def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOutput:
-    """Quantize, export, rewrite to INT4, check parity (and TensorRT rules)."""
+    """Quantize the torch model's Linears, then write the target's file: export + INT4 rewrite + parity
+    (and TensorRT rules), or onnxruntime-genai's builder (`genai_target`)."""
     import torch
 
     torch.manual_seed(ctx.seed)
@@ -188,7 +189,6 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if convs:
         ctx.reporter.log(f"  only Linear layers are quantized: {convs} convolution(s) stay as they are")
-
     fused = options.target.fused_decoder
     if fused:
         from compress.stages.quantize.genai_target import build_genai_artifact, refuse_architecture
@@ -198,18 +198,24 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     qws, loaded, unscaled = _quantize(model, options, ctx)
     # the builder's own RTN makes an 8-bit head (our 4-bit tensors go through pack_gptq, 4 bits only)
     head = None if fused and options.lm_head == "int8" else _quantize_head(model, options, qws)
-    quantize_seconds = time.perf_counter() - start
+    info = {**_scheme_info(options, qws, loaded), "quantize_seconds": round(time.perf_counter() - start, 1)}
+    if isinstance(options.method, algorithms.AwqOptions):
+        info["awq_groups_unscaled"] = unscaled
+    if convs:
+        info["convolutions_untouched"] = convs
     if fused:
-        info = _scheme_info(options, qws, loaded)
-        info.update(quantize_seconds=round(quantize_seconds, 1), layers_quantized=len(qws))
-        if unscaled:
-            info["awq_groups_unscaled"] = unscaled
-        return build_genai_artifact(model, qws, options, ctx, info)
+        return build_genai_artifact(model, qws, options, ctx, {**info, "layers_quantized": len(qws)})
+    return _rewritten_artifact(artifact, model, qws, head, options, ctx, info)
+
+
+def _rewritten_artifact(
+    artifact, model: Any, qws: dict[str, Any], head: str | None, options: Int4Options, ctx: StageContext, info: dict
+) -> StageOutput:
+    """Export + INT4 rewrite into `model.onnx`, parity against the dequantized torch model, TensorRT rules."""
     kept = _kept_linears(model, options)
     kept_bytes = sum(m.weight.numel() * m.weight.element_size() for m in kept.values())
     if options.keep:
         ctx.reporter.log(f"  kept at float by `keep`: {len(kept)} Linear(s), {kept_bytes / 1e6:.2f} MB")
-
     out = ctx.outdir / "model.onnx"
     report, embeddings = _export_rewrite(model, qws, head, out, options, ctx)
     target = options.target
@@ -223,18 +229,8 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         raise_on_failure=options.parity_atol is not None,
     )
     ctx.reporter.log(f"  parity: max |onnx - dequantized torch| logit = {parity['parity_max_abs_diff']:.3g}")
-    info = _info(options, qws, loaded, report, out)
-    info.update(
-        embedding_quantized=sorted(embeddings),
-        layers_kept=sorted(kept),
-        kept_float_bytes=kept_bytes,
-        quantize_seconds=round(quantize_seconds, 1),
-        **parity,
-    )
-    if isinstance(options.method, algorithms.AwqOptions):
-        info["awq_groups_unscaled"] = unscaled
-    if convs:
-        info["convolutions_untouched"] = convs
+    info = {**info, **_rewrite_info(options, qws, report, out)}
+    info.update(embedding_quantized=sorted(embeddings), layers_kept=sorted(kept), kept_float_bytes=kept_bytes, **parity)
     if target.tensorrt_rules:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
@@ -274,14 +270,13 @@ def _export_rewrite(
     return report, embeddings
 
 
-def _info(options: Int4Options, qws: dict[str, Any], loaded: str | None, report: Any, out: Path) -> dict[str, Any]:
-    """The artifact's info: scheme, algorithm and target as resolved, and what the rewrite did."""
+def _rewrite_info(options: Int4Options, qws: dict[str, Any], report: Any, out: Path) -> dict[str, Any]:
+    """What the export + INT4 rewrite did, and the session the parity check used."""
     from compress.stages.quantize.common import op_counts, quantized_nodes
 
     target = options.target
     session_config = target.int4_session_config()
     info: dict[str, Any] = {
-        **_scheme_info(options, qws, loaded),
         "opset": report.opset_raised_to or target.export_opset,
         "layers_quantized": len([n for n in report.replaced if n in qws]),
         "quantized_nodes": quantized_nodes(op_counts(out)),
