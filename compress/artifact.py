@@ -41,6 +41,7 @@ class Artifact:
     info: dict[str, Any] = field(default_factory=dict)  # what the stage measured (parity, losses, ...)
     target: str | None = None  # deployment target (onnxruntime-cpu, tensorrt, ...)
     task_ready: bool = True  # False for a source model whose new head is still untrained
+    unmeasured: str | None = None  # why it is not evaluated or benchmarked here (e.g. "needs an NVIDIA GPU")
     size_bytes: int = 0
     created: str = ""
     files: dict[str, dict[str, Any]] | None = None  # relative path -> {size, sha256} of every model file

@@ -251,6 +251,7 @@ class Runner:
             info={**out.info, "stage_seconds": round(seconds, 1)},
             target=out.target,
             task_ready=parent.task_ready or plan.kind == "finetune",
+            unmeasured=out.unmeasured,
         )
         self._record(commit_artifact(tmp, folder, art), cached=False, seconds=seconds)
         log(f"           {plan.name} done in {seconds:.1f} s")
@@ -272,7 +273,10 @@ class Runner:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
-        evals = {name: self._evaluation(art) for name, art in self.artifacts.items() if art.task_ready}
+        for art in self.artifacts.values():
+            if art.unmeasured:
+                self.reporter.log(f"[yellow]skip[/]       evaluation and benchmark of {art.name}: {art.unmeasured}")
+        evals = {name: self._evaluation(art) for name, art in self.artifacts.items() if _measurable(art)}
         self.evaluations = evals
         base = evals.get(self.cfg.baseline)
         for name, art in self.artifacts.items():
@@ -341,8 +345,8 @@ class Runner:
         bench_cfg = self.cfg.bench.model_dump(mode="json")
         machine_key = {k: self.machine[k] for k in ("cpu", "cores", "torch", "onnxruntime")}
         for name, art in self.artifacts.items():
-            if not art.task_ready:
-                continue  # an untrained head is not a deliverable; its latency equals its fine-tuned child's
+            if not _measurable(art):
+                continue  # an untrained head is not a deliverable; a GPU-only file does not run here
             key = sha256_json(
                 {"artifact": art.key, "content": art.content_digest, "bench": bench_cfg, "machine": machine_key}
             )
@@ -439,6 +443,11 @@ class Runner:
         for file, why in problems.items():
             self.reporter.log(f"[yellow]warning[/]: could not write {file}: {why}; the verdict below stands")
         return problems
+
+
+def _measurable(art: Artifact) -> bool:
+    """Evaluated and benchmarked here: a trained head, runnable on this machine's backends."""
+    return art.task_ready and not art.unmeasured
 
 
 def _bench_subprocess(cfg: PipelineConfig, art: Artifact, cache_dir: Path, machine: dict[str, Any]) -> dict[str, Any]:

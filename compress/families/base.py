@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from compress.errors import StageError
-from compress.quant.vocab import INT4_ALGORITHMS, Int8Method
+from compress.quant.vocab import INT4_ALGORITHMS, TARGETS, Int8Method
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +89,8 @@ class Adapter(ABC):
     default_int8_method: ClassVar[Int8Method] = "static"
     #: INT4 algorithms (`quantize: {precision: int4, method: ...}`) this family's models can take
     int4_methods: ClassVar[frozenset[str]] = frozenset(INT4_ALGORITHMS)
+    #: INT4 targets this family's models can take (a fused-decoder target needs a decoder LLM)
+    int4_targets: ClassVar[frozenset[str]] = frozenset(TARGETS) - {"onnxruntime-genai"}
     #: inputs per forward pass when INT4 GPTQ / AWQ calibrate on this family's models
     calibration_batch_size: ClassVar[int] = 8
     #: what `compare()` returns, for the report: (key, label, sign applied for display)

@@ -64,8 +64,12 @@ def _why_not_evaluated(names: list[str], records: Records, cov: Coverage) -> str
         return f"evaluation disabled ({cov.evaluation_off})"
     for name in names:
         if records[name].evaluation is None:
-            return f"'{name}' is not evaluated (its classifier head is untrained: no finetune before it)"
+            return f"'{name}' is not evaluated ({_why_unmeasured(records[name])})"
     return None
+
+
+def _why_unmeasured(record: ArtifactRecord) -> str:
+    return record.artifact.get("unmeasured") or "its classifier head is untrained: no finetune before it"
 
 
 def _why_not_benched(names: list[str], records: Records, cov: Coverage, what: str) -> str:
@@ -77,7 +81,7 @@ def _why_not_benched(names: list[str], records: Records, cov: Coverage, what: st
     if unmeasured and cov.bench_off:
         return f"benchmarks disabled ({cov.bench_off}) and no cached result for {', '.join(unmeasured)}"
     if unmeasured:
-        return f"'{unmeasured[0]}' is not benchmarked (its classifier head is untrained: no finetune before it)"
+        return f"'{unmeasured[0]}' is not benchmarked ({_why_unmeasured(records[unmeasured[0]])})"
     return f"{what} not among the benchmark results (bench.batch_sizes)"
 
 

@@ -12,8 +12,8 @@ from typing import Literal, get_args
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 FloatPrecision = Literal["fp32", "fp16", "bf16"]
 QuantPrecision = Literal["int8", "int4"]
-#: where a quantized ONNX graph is meant to run (onnxruntime-genai is a future target, not listed)
-Target = Literal["onnxruntime-cpu", "tensorrt"]
+#: where a quantized ONNX graph is meant to run (onnxruntime-genai: its model builder's fused decoder, int4)
+Target = Literal["onnxruntime-cpu", "tensorrt", "onnxruntime-genai"]
 #: torch-side weight-only algorithms of `precision: int4`
 Int4Algorithm = Literal["rtn", "gptq", "awq", "checkpoint"]
 #: ONNX-side methods of `precision: int8` (`auto` asks the family: `Adapter.default_int8_method`)

@@ -103,3 +103,4 @@ class StageOutput:
     precision: str
     info: dict[str, Any] = field(default_factory=dict)
     target: str | None = None
+    unmeasured: str | None = None  # why this machine cannot evaluate or benchmark the file (e.g. needs a GPU)

@@ -68,3 +68,12 @@ def test_verdict_is_pass_only_when_every_gate_was_checked_and_holds() -> None:
     assert verdict([g("pass"), g("not-checked")]) == "INCOMPLETE"
     assert verdict([g("not-checked"), g("fail"), g("pass")]) == "FAIL"  # a breach outranks what was not checked
     assert g("not-checked").to_json()["passed"] is False
+
+
+def test_an_artifact_this_machine_cannot_run_is_not_checked_with_its_reason() -> None:
+    records = {
+        **_records("ppl", source=15.0, prune=115.0),
+        "gpu": {"artifact": {"unmeasured": "needs an NVIDIA GPU"}, "evaluation": None},
+    }
+    g = _recovery("gpu", "prune", 0.5, "source", records, PPL)
+    assert g.status == "not-checked" and "'gpu' is not evaluated (needs an NVIDIA GPU)" in g.detail

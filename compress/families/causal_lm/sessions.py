@@ -4,13 +4,17 @@ Both follow `compress.backends.DecoderSession`: `logits` (perplexity), `prefill`
 generation) and `continue_greedy` (the greedy continuations evaluation compares).
 
 - `TorchCausalLM`: a transformers causal LM, eager, CPU.
-- `OrtCausalLM`: a KV-cache ONNX decoder in ONNX Runtime. Prefill (``past_sequence = 0``) and decode run
-  the same graph; position ids start at each row's first real token (left padding has mask 0), and each
-  decode step feeds the ``present.*`` outputs back as ``past_key_values.*``.
+- `OrtCausalLM`: a KV-cache ONNX decoder in ONNX Runtime: our export, or onnxruntime-genai's fused graph
+  (no ``position_ids`` input: GroupQueryAttention derives positions from the attention mask; its head size
+  is symbolic in the graph, so it is read from the ``genai_config.json`` beside it). Prefill
+  (``past_sequence = 0``) and decode run the same graph; position ids, when the graph takes them, start at
+  each row's first real token (left padding has mask 0), and each decode step feeds the ``present.*``
+  outputs back as ``past_key_values.*``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,20 +154,24 @@ class OrtCausalLM(_GreedyDecoder):
             raise FileNotFoundError(f"ONNX decoder {onnx_path} not found")
         info = describe_io(onnx_path)
         names = {r["name"] for r in info["inputs"]}
-        missing = {INPUT_IDS, ATTENTION_MASK, POSITION_IDS} - names
+        missing = {INPUT_IDS, ATTENTION_MASK} - names
         if missing or not info["num_layers"]:
             raise ValueError(
                 f"{onnx_path} is not a KV-cache decoder: inputs {sorted(names)}; needs input_ids, "
-                "attention_mask, position_ids and past_key_values.{i}.key/value (see causal_lm.export)"
+                "attention_mask and past_key_values.{i}.key/value, position_ids optional (see causal_lm.export)"
             )
         self.path = onnx_path
         self.info = info
+        self.takes_positions = POSITION_IDS in names
         self.num_layers = int(info["num_layers"])
         self.num_kv_heads = int(info["num_kv_heads"])
-        self.head_dim = int(info["head_dim"])
+        self.head_dim = _head_dim(onnx_path, info["head_dim"])
         self.kv_dtype = np.dtype(info["kv_dtype"])
         self.past_names = [r["name"] for r in info["inputs"] if r["name"].startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        absent = sorted(set(self.present_names) - {r["name"] for r in info["outputs"]})
+        if absent or LOGITS not in {r["name"] for r in info["outputs"]}:
+            raise ValueError(f"{onnx_path}: outputs lack {[LOGITS, *absent]}; a KV-cache decoder returns them")
         opts = session_options(threads, session_config)
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
         self.io_binding = io_binding
@@ -173,9 +181,10 @@ class OrtCausalLM(_GreedyDecoder):
     def _run(self, ids: np.ndarray, state: KVState, last_only: bool) -> tuple[np.ndarray, KVState]:
         batch, seq = ids.shape  # (B, T)
         mask = state.attention_mask
-        positions = np.cumsum(mask, axis=1)[:, -seq:] - 1  # (B, T)
-        positions = np.maximum(positions, 0).astype(np.int64)
-        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+        if self.takes_positions:
+            positions = np.cumsum(mask, axis=1)[:, -seq:] - 1  # (B, T)
+            feeds[POSITION_IDS] = np.maximum(positions, 0).astype(np.int64)
         if not self.io_binding:
             outs = self.session.run(None, {**feeds, **state.past})
             out_names = [o.name for o in self.session.get_outputs()]
@@ -227,6 +236,21 @@ class OrtCausalLM(_GreedyDecoder):
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Full logits (B, T, V) of a batch of unpadded windows: the ``logits_fn`` of the metrics."""
         return self.prefill(input_ids)[0]
+
+
+def _head_dim(onnx_path: Path, dim: int | str) -> int:
+    """The KV cache's head size: the graph's dim, or (symbolic in onnxruntime-genai's graph) its genai_config."""
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    config = onnx_path.parent / "genai_config.json"
+    if not config.is_file():
+        raise ValueError(
+            f"{onnx_path}: the past's head size is symbolic ({dim!r}) and no genai_config.json is beside it"
+        )
+    try:
+        return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config}: model.decoder.head_size missing or not an integer ({e})") from None
 
 
 @register_session("decoder", "torch")

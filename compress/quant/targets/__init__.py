@@ -6,12 +6,16 @@
 - `tensorrt`: standard ONNX only, TensorRT's explicit-quantization rules: INT8 symmetric activations and
   weights (zero point 0), float biases; INT4 as opset-21 blocked `DequantizeLinear` + `MatMul`, symmetric.
   Every artifact for this target is checked against those rules on CPU (`compress.checks.tensorrt`).
+- `onnxruntime-genai` (int4, causal-lm only): onnxruntime-genai's model builder writes its fused decoder
+  graph (GroupQueryAttention, packed QKV, MatMulNBits, a tied embedding stored once) from our quantized
+  weights (`compress.genai.build`); `execution_provider: cuda` builds the GPU graph (fp16 I/O) on any machine.
 
 The INT4 rewrite of an exported graph for either target is `onnx_rewrite`.
 
 ```yaml
 target: tensorrt                                  # shorthand for {name: tensorrt}
 target: {name: onnxruntime-cpu, accuracy_level: 0}
+target: {name: onnxruntime-genai, execution_provider: cuda}
 ```
 """
 
@@ -49,6 +53,8 @@ class TargetOptions(NamedOptions):
     rewrite: ClassVar[str] = "onnxruntime"
     #: check the artifact against TensorRT's Q/DQ rules
     tensorrt_rules: ClassVar[bool] = False
+    #: the artifact is onnxruntime-genai's builder output (int4 only; no export + rewrite, no `opset`/`dynamo`)
+    fused_decoder: ClassVar[bool] = False
 
     @property
     def export_opset(self) -> int:
@@ -92,4 +98,22 @@ class TensorRT(TargetOptions):
         return {ORT_QDQ_ACCURACY: "0"}
 
 
-TARGET_OPTIONS = registry((OnnxruntimeCpu, TensorRT), TARGETS)
+class OnnxruntimeGenai(TargetOptions):
+    """onnxruntime-genai's fused decoder graph, built by its model builder from our INT4 weights."""
+
+    name: Literal["onnxruntime-genai"] = "onnxruntime-genai"
+    execution_provider: Literal["cpu", "cuda"] = Field(
+        "cpu", description="graph flavour: cpu (fp32 I/O) or cuda (fp16 I/O; built here, run on an NVIDIA GPU only)"
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        None, description="MatMulNBits compute type; default the builder's (4 on cpu, 0 on cuda)"
+    )
+    fused_decoder: ClassVar[bool] = True
+
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Whether this machine's CPU session can evaluate and benchmark the graph (the cuda one needs a GPU)."""
+        return self.execution_provider == "cpu"
+
+
+TARGET_OPTIONS = registry((OnnxruntimeCpu, TensorRT, OnnxruntimeGenai), TARGETS)

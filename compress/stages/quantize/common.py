@@ -21,7 +21,7 @@ from compress.quant.vocab import FLOAT_PRECISIONS
 
 #: `target:` of either precision: a name or `{name: ..., <its keys>}`
 TargetField = Annotated[
-    targets.OnnxruntimeCpu | targets.TensorRT,
+    targets.OnnxruntimeCpu | targets.TensorRT | targets.OnnxruntimeGenai,
     Field(discriminator="name"),
     BeforeValidator(named(targets.TARGET_OPTIONS, "target")),
 ]

@@ -35,6 +35,10 @@ onnxruntime-cpu a tied table is then untied in the exported graph so the embeddi
 8/4-bit codes (`GatherBlockQuantized`) and no float copy stays; TensorRT takes INT4 weights on MatMul/Gemm
 only, so there the embedding Gather keeps a float table (holding the dequantized values).
 
+- `onnxruntime-genai` (causal-lm): no export + rewrite; onnxruntime-genai's model builder writes its fused
+  decoder graph from the quantized weights (`compress.stages.quantize.genai_target`, which says what is
+  refused); `execution_provider: cpu | cuda`, `accuracy_level`.
+
 Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
 `calibration_batch_size` says how many inputs go in one calibration forward (vision 8, others 1);
 only `nn.Linear` layers are quantized: convolutions stay as they are (said in the log and in `info`).
@@ -90,7 +94,9 @@ class Int4Options(StageOptions):
         algorithms.GptqOptions(),
         description="rtn | gptq | awq | checkpoint, or a mapping {name: ..., <its keys>}",
     )
-    target: TargetField = Field(targets.OnnxruntimeCpu(), description="onnxruntime-cpu | tensorrt, or a mapping")
+    target: TargetField = Field(
+        targets.OnnxruntimeCpu(), description="onnxruntime-cpu | tensorrt | onnxruntime-genai, or a mapping"
+    )
     group_size: GroupSize = Field(128, description="input columns sharing one scale / zero point")
     symmetric: bool = Field(False, description="zero point fixed at 8; required by target tensorrt")
     lm_head: LmHead = Field(
@@ -121,10 +127,15 @@ class Int4Options(StageOptions):
 
     def check_family(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
         """The family declares the INT4 algorithms its models can take (AWQ needs a decoder's layer map)."""
-        allowed = adapter.int4_methods
-        if self.method.name in allowed:
-            return []
-        return [("method", f"not available for family '{adapter.family}'; allowed: {', '.join(sorted(allowed))}")]
+        problems, allowed = [], adapter.int4_methods
+        if self.method.name not in allowed:
+            problems.append(
+                ("method", f"not available for family '{adapter.family}'; allowed: {', '.join(sorted(allowed))}")
+            )
+        if self.target.name not in adapter.int4_targets:
+            allowed = ", ".join(sorted(adapter.int4_targets))
+            problems.append(("target", f"{self.target.name}: not for family '{adapter.family}'; allowed: {allowed}"))
+        return problems
 
     def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
         """Combinations no single field can refuse: the target's INT4 rules, method-specific keys."""
@@ -146,6 +157,10 @@ class Int4Options(StageOptions):
             problems.append(("target", "dynamo: true needs opset >= 18"))
         if checkpoint and self.keep:
             problems.append(("keep", "method checkpoint exports the folder's layers as they are; remove keep"))
+        if target.fused_decoder:
+            from compress.stages.quantize.genai_target import refusals
+
+            problems += refusals(self)
         return problems
 
     def cache_fields(self) -> dict[str, Any]:
@@ -156,11 +171,16 @@ class Int4Options(StageOptions):
             folder = Path(self.method.folder).expanduser()
             files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
             fields["checkpoint_files"] = [file_fingerprint(f) for f in files]
+        if self.target.fused_decoder:
+            from compress.stages.quantize.genai_target import genai_version
+
+            fields["onnxruntime_genai"] = genai_version()  # its builder writes the graph
         return fields
 
 
 def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOutput:
-    """Quantize, export, rewrite to INT4, check parity (and TensorRT rules)."""
+    """Quantize the torch model's Linears, then write the target's file: export + INT4 rewrite + parity
+    (and TensorRT rules), or onnxruntime-genai's builder (`genai_target`)."""
     import torch
 
     torch.manual_seed(ctx.seed)
@@ -169,16 +189,33 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if convs:
         ctx.reporter.log(f"  only Linear layers are quantized: {convs} convolution(s) stay as they are")
+    fused = options.target.fused_decoder
+    if fused:
+        from compress.stages.quantize.genai_target import build_genai_artifact, refuse_architecture
 
+        refuse_architecture(model)
     start = time.perf_counter()
     qws, loaded, unscaled = _quantize(model, options, ctx)
-    head = _quantize_head(model, options, qws)
-    quantize_seconds = time.perf_counter() - start
+    # the builder's own RTN makes an 8-bit head (our 4-bit tensors go through pack_gptq, 4 bits only)
+    head = None if fused and options.lm_head == "int8" else _quantize_head(model, options, qws)
+    info = {**_scheme_info(options, qws, loaded), "quantize_seconds": round(time.perf_counter() - start, 1)}
+    if isinstance(options.method, algorithms.AwqOptions):
+        info["awq_groups_unscaled"] = unscaled
+    if convs:
+        info["convolutions_untouched"] = convs
+    if fused:
+        return build_genai_artifact(model, qws, options, ctx, {**info, "layers_quantized": len(qws)})
+    return _rewritten_artifact(artifact, model, qws, head, options, ctx, info)
+
+
+def _rewritten_artifact(
+    artifact, model: Any, qws: dict[str, Any], head: str | None, options: Int4Options, ctx: StageContext, info: dict
+) -> StageOutput:
+    """Export + INT4 rewrite into `model.onnx`, parity against the dequantized torch model, TensorRT rules."""
     kept = _kept_linears(model, options)
     kept_bytes = sum(m.weight.numel() * m.weight.element_size() for m in kept.values())
     if options.keep:
         ctx.reporter.log(f"  kept at float by `keep`: {len(kept)} Linear(s), {kept_bytes / 1e6:.2f} MB")
-
     out = ctx.outdir / "model.onnx"
     report, embeddings = _export_rewrite(model, qws, head, out, options, ctx)
     target = options.target
@@ -192,18 +229,8 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         raise_on_failure=options.parity_atol is not None,
     )
     ctx.reporter.log(f"  parity: max |onnx - dequantized torch| logit = {parity['parity_max_abs_diff']:.3g}")
-    info = _info(options, qws, loaded, report, out)
-    info.update(
-        embedding_quantized=sorted(embeddings),
-        layers_kept=sorted(kept),
-        kept_float_bytes=kept_bytes,
-        quantize_seconds=round(quantize_seconds, 1),
-        **parity,
-    )
-    if isinstance(options.method, algorithms.AwqOptions):
-        info["awq_groups_unscaled"] = unscaled
-    if convs:
-        info["convolutions_untouched"] = convs
+    info = {**info, **_rewrite_info(options, qws, report, out)}
+    info.update(embedding_quantized=sorted(embeddings), layers_kept=sorted(kept), kept_float_bytes=kept_bytes, **parity)
     if target.tensorrt_rules:
         from compress.checks.tensorrt import assert_tensorrt_ready
 
@@ -243,22 +270,16 @@ def _export_rewrite(
     return report, embeddings
 
 
-def _info(options: Int4Options, qws: dict[str, Any], loaded: str | None, report: Any, out: Path) -> dict[str, Any]:
-    """The artifact's info: scheme, algorithm and target as resolved, and what the rewrite did."""
+def _rewrite_info(options: Int4Options, qws: dict[str, Any], report: Any, out: Path) -> dict[str, Any]:
+    """What the export + INT4 rewrite did, and the session the parity check used."""
     from compress.stages.quantize.common import op_counts, quantized_nodes
 
-    target, first = options.target, next(iter(qws.values()))
+    target = options.target
     session_config = target.int4_session_config()
     info: dict[str, Any] = {
-        **options.method.model_dump(mode="json", exclude={"name"}),
-        "method": options.method.name,
-        "group_size": first.group_size if loaded else options.group_size,
-        "symmetric": first.symmetric if loaded else options.symmetric,
-        "target": target.name,
         "opset": report.opset_raised_to or target.export_opset,
         "layers_quantized": len([n for n in report.replaced if n in qws]),
         "quantized_nodes": quantized_nodes(op_counts(out)),
-        "lm_head": options.lm_head,
         "rewrite": report.summary(),
         "size_before_bytes": report.size_before,
         "size_after_bytes": report.size_after,
@@ -266,14 +287,28 @@ def _info(options: Int4Options, qws: dict[str, Any], loaded: str | None, report:
         if session_config
         else f"MatMulNBits accuracy level {getattr(target, 'accuracy_level', 0)}",
     }
-    if "samples" in info:
-        info["calibration_samples"] = info.pop("samples")
-    if loaded:
-        info["checkpoint"] = info.pop("folder")
     if session_config:
         info["ort_session_config"] = session_config
     if hasattr(target, "accuracy_level"):
         info["accuracy_level"] = target.accuracy_level
+    return info
+
+
+def _scheme_info(options: Int4Options, qws: dict[str, Any], loaded: str | None) -> dict[str, Any]:
+    """Algorithm, scheme and target as resolved (a checkpoint's own group size / symmetry)."""
+    first = next(iter(qws.values()))
+    info: dict[str, Any] = {
+        **options.method.model_dump(mode="json", exclude={"name"}),
+        "method": options.method.name,
+        "group_size": first.group_size if loaded else options.group_size,
+        "symmetric": first.symmetric if loaded else options.symmetric,
+        "target": options.target.name,
+        "lm_head": options.lm_head,
+    }
+    if "samples" in info:
+        info["calibration_samples"] = info.pop("samples")
+    if loaded:
+        info["checkpoint"] = info.pop("folder")
     return info
 
 

@@ -105,7 +105,10 @@ class Int8Options(StageOptions):
         description="auto (the family's best: vision static, causal-lm weight-only, text-encoder dynamic) | "
         "static | weight-only | dynamic, or a mapping {name: ..., <its keys>}",
     )
-    target: TargetField = Field(targets.OnnxruntimeCpu(), description="onnxruntime-cpu | tensorrt, or a mapping")
+    target: TargetField = Field(
+        targets.OnnxruntimeCpu(),
+        description="onnxruntime-cpu | tensorrt, or a mapping (onnxruntime-genai is int4 only)",
+    )
     group_size: GroupSize = Field(32, description="weight-only: weights per scale along K")
     lm_head: LmHead = Field("int8", description="output projection: int8 (quantized like the rest) or float")
 
@@ -154,6 +157,14 @@ class Int8Options(StageOptions):
             for key, methods in _APPLIES.items()
             if key in self.model_fields_set and method not in methods
         ]
+        if self.target.fused_decoder:
+            problems.append(
+                (
+                    "target",
+                    f"{self.target.name} is an int4 target (its builder's fused decoder); "
+                    "use precision: int4, or target onnxruntime-cpu / tensorrt",
+                )
+            )
         for key in ("opset", "dynamo"):
             if key in self.target.model_fields_set:
                 problems.append(("target", f"{key}: int8 starts from an ONNX artifact (opset is export's); remove it"))

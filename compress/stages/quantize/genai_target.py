@@ -1,0 +1,140 @@
+"""`target: onnxruntime-genai` of `precision: int4`: onnxruntime-genai's fused decoder from our INT4 weights.
+
+```yaml
+- quantize: {precision: int4, method: gptq, group_size: 32, target: onnxruntime-genai}
+- quantize: {precision: int4, method: gptq, group_size: 32, target: {name: onnxruntime-genai, execution_provider: cuda}}
+```
+
+Flow (after the torch model is quantized in place, `int4.py`): save it with its tokenizer as a Hugging Face
+folder `_hf` inside the stage's out dir -> `compress.genai.build.build_fused_decoder` with our
+`{module: QuantizedWeight}` (the builder's GPTQ loader reads them; codes, zero points and fp16 scales come
+through unchanged, tests/genai) -> the builder's folder (model.onnx + data, genai_config.json, tokenizer
+files) becomes the artifact and `_hf` is removed.
+
+What the builder cannot take is refused: at validate (`refusals`) `keep` (a float Linear would get the
+builder's own RTN), `opset` / `dynamo` (the builder writes its own graph), a family other than a decoder
+LLM (`Adapter.int4_targets`); at run, before any work (`refuse_architecture`), an architecture outside
+`GPTQ_ARCHITECTURES` (config.json is not read at validate); an act-order checkpoint with a g_idx is refused
+by `build_fused_decoder`. (The group size is a power of two >= 16 for every target, `GroupSize`.)
+`lm_head: int8` is the builder's own 8-bit RTN (`pack_gptq` writes 4-bit tensors only); `int4` is ours.
+
+The `cuda` flavour (fp16 I/O) is built on the CPU; it runs on an NVIDIA GPU only, so its parity check,
+evaluation and benchmark are not run here (`StageOutput.unmeasured`) and no figure is recorded for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from compress.errors import StageError
+from compress.stages.base import StageContext, StageOutput
+
+if TYPE_CHECKING:
+    from compress.stages.quantize.int4 import Int4Options
+
+GENAI_DIST = "onnxruntime-genai"
+NEEDS_GPU = "needs an NVIDIA GPU (onnxruntime-genai graph for execution_provider cuda)"
+
+
+def genai_version() -> str | None:
+    """The installed onnxruntime-genai (its builder writes the graph, so its version joins the cache key)."""
+    try:
+        return metadata.version(GENAI_DIST)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def refusals(options: Int4Options) -> list[tuple[str, str]]:
+    """What the builder cannot take, as (key, reason): the validate-time checks of this target."""
+    target, problems = options.target, []
+    if options.keep:
+        problems.append(
+            ("keep", "target onnxruntime-genai: its builder quantizes every float MatMul itself (RTN); remove keep")
+        )
+    for key in ("opset", "dynamo"):
+        if key in target.model_fields_set:
+            problems.append(("target", f"{key}: onnxruntime-genai's builder writes its own graph; remove it"))
+    return problems
+
+
+def refuse_architecture(model: Any) -> None:
+    """StageError (before any quantization) when the builder's GPTQ loader cannot read this architecture."""
+    from compress.genai.build import GPTQ_ARCHITECTURES
+
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in GPTQ_ARCHITECTURES:
+        raise StageError(
+            f"quantize int4: target onnxruntime-genai takes our quantized weights for "
+            f"{', '.join(sorted(GPTQ_ARCHITECTURES))} only (Llama tensor names); this model is {arch}: "
+            "use target: onnxruntime-cpu"
+        )
+
+
+def build_genai_artifact(
+    model: Any, qws: dict[str, Any], options: Int4Options, ctx: StageContext, info: dict[str, Any]
+) -> StageOutput:
+    """Save `model`, build the fused graph from `qws` into `ctx.outdir`, check parity (cpu flavour)."""
+    from compress.genai.build import build_fused_decoder
+    from compress.stages.quantize.common import op_counts, quantized_nodes
+
+    target = options.target  # an OnnxruntimeGenai: the caller dispatches on target.fused_decoder
+    hf, built = ctx.outdir / "_hf", ctx.outdir / "_genai"
+    first = next(iter(qws.values()))
+    with ctx.reporter.task(f"onnxruntime-genai builder ({target.execution_provider})", total=None):
+        ctx.adapter.save_torch(model, hf)
+        try:
+            build_fused_decoder(
+                hf,
+                built,
+                precision="int4",
+                quantized=qws,
+                execution_provider=target.execution_provider,
+                accuracy_level=target.accuracy_level,
+                block_size=first.group_size,
+                symmetric=first.symmetric,
+                lm_head=options.lm_head,
+            )
+        except ValueError as e:  # weights the builder cannot take (e.g. an act-order checkpoint)
+            raise StageError(f"quantize int4 → onnxruntime-genai: {e}") from None
+        finally:
+            shutil.rmtree(hf, ignore_errors=True)
+        for path in sorted(built.iterdir()):
+            os.replace(path, ctx.outdir / path.name)
+        built.rmdir()
+    out = ctx.outdir / "model.onnx"
+    info.update(
+        builder=f"{GENAI_DIST} {genai_version()}",
+        execution_provider=target.execution_provider,
+        accuracy_level=target.accuracy_level,
+        quantized_nodes=quantized_nodes(op_counts(out)),
+        fused_ops=_fused_ops(op_counts(out)),
+        lm_head_quantizer={"int4": "ours (RTN)", "int8": "onnxruntime-genai builder (RTN)"}.get(options.lm_head),
+    )
+    unmeasured = None if target.runs_on_cpu else NEEDS_GPU
+    if unmeasured:
+        info["parity"] = f"not run: {unmeasured}"
+        ctx.reporter.log(f"  parity, evaluation and benchmark not run: {unmeasured}")
+    else:
+        info.update(
+            ctx.adapter.check_export(
+                model,
+                out,
+                samples=options.parity_samples,
+                atol=options.parity_atol if options.parity_atol is not None else float("inf"),
+                rtol=0.0,
+                threads=ctx.threads,
+                raise_on_failure=options.parity_atol is not None,
+            )
+        )
+        ctx.reporter.log(f"  parity: max |onnx - dequantized torch| logit = {info['parity_max_abs_diff']:.3g}")
+    return StageOutput(
+        file="model.onnx", format="onnx", precision="int4", info=info, target=target.name, unmeasured=unmeasured
+    )
+
+
+def _fused_ops(counts: Any) -> dict[str, int]:
+    fused = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized")
+    return {op: counts[op] for op in fused if counts.get(op)}
