@@ -82,6 +82,10 @@ def _causal_lm_artifact(folder: Path) -> Artifact:
         raise ConfigError(f"{folder}: a {family or 'vision'} artifact; generate needs one of a causal-lm run")
     if artifact.format not in ("onnx", "torch"):
         raise ConfigError(f"{folder}: cannot generate from a {artifact.format} artifact (torch or onnx only)")
+    if (
+        artifact.unmeasured
+    ):  # e.g. a CUDA-flavoured graph: ONNX Runtime's CPU would run it, but it is not the deployment
+        raise ConfigError(f"{folder}: {artifact.unmeasured}; generate runs artifacts on this machine's CPU only")
     return artifact
 
 

@@ -89,6 +89,13 @@ def test_cuda_flavour_is_built_not_measured(genai_run) -> None:
     assert cuda["artifact"]["info"]["parity"].startswith("not run: needs an NVIDIA GPU")
 
 
+def test_generate_refuses_the_gpu_flavour(genai_run, capsys) -> None:
+    """ONNX Runtime's CPU would run the CUDA graph; a CPU tokens/s printed for a GPU file would mislead."""
+    _, run_dir, _, _ = genai_run
+    assert main(["generate", str(run_dir / "int4-genai-cuda"), "hello", "--max-new-tokens", "2"]) == EXIT_CONFIG
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("options", "key"),
     [
