@@ -149,6 +149,23 @@ def llm_table(manifest: RunManifest) -> str:
     return _table(header, rows)
 
 
+def decode_sweep(manifest: RunManifest) -> dict[str, dict[int, float]]:
+    """Per benchmarked causal-lm artifact: batch-1 decode tokens/s by prompt length, when the run swept more
+    than one length (`bench.decode_prompt_lengths`); empty otherwise."""
+    out = {}
+    for rec in manifest.artifacts:
+        by_prompt = ((rec.bench.llm or {}) if rec.bench else {}).get("decode_tokens_per_s_by_prompt", {})
+        out[rec.name] = {int(k): float(v) for k, v in sorted(by_prompt.items(), key=lambda kv: int(kv[0]))}
+    return {name: row for name, row in out.items() if row} if any(len(r) > 1 for r in out.values()) else {}
+
+
+def decode_sweep_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
+    sweep = decode_sweep(manifest)
+    lengths = sorted({n for row in sweep.values() for n in row})
+    rows = [[name, *[_fmt(row.get(n), ".1f") for n in lengths]] for name, row in sweep.items()]
+    return ["artifact", *[f"decode tok/s after {n}" for n in lengths]], rows
+
+
 STATUS_LABELS = {"pass": "PASS", "fail": "**FAIL**", "not-checked": "not checked"}
 TITLES = {"PASS": "PASS — all gates hold", "FAIL": "FAIL — a gate is breached"}
 UNFINISHED = {"running": "run in progress", "failed": "run failed", "interrupted": "run interrupted"}
@@ -273,6 +290,11 @@ def render(m: RunManifest) -> str:
             "",
             llm or latency_table(m),
             "",
+            *(
+                ["Batch-1 decode tokens/s after a prompt of each length:", "", _table(*decode_sweep_rows(m)), ""]
+                if decode_sweep(m)
+                else []
+            ),
             f"Measured side by side in one run, each artifact in its own process, warm-up "
             f"{m.bench_settings['warmup']}, {m.bench_settings['iterations']} iterations. "
             f"CPU: {mach.get('cpu')} ({mach.get('cores')} cores; flags {', '.join(mach.get('cpu_flags', []))}); "
