@@ -26,6 +26,7 @@ from compress.report.markdown import (
     decode_sweep_rows,
     gates_rows,
     latency_rows,
+    llm_rows,
     verdict_title,
 )
 
@@ -122,7 +123,9 @@ def _plots(m: RunManifest, run_dir: Path) -> list[str]:
     out.append(_img(plots.metric_vs_size(m), f"{metric} vs size"))
     batch = plots.latency_vs_batch(m)
     if batch is not None:
-        out += ["<h3>Latency vs batch size</h3>", _img(batch, "latency vs batch size"), _html_table(*latency_rows(m))]
+        llm_header, llm_body = llm_rows(m)  # causal-lm: prefill, TTFT, decode tokens/s and the bandwidth bound
+        speed = (llm_header, llm_body) if llm_body else latency_rows(m)
+        out += ["<h3>Latency vs batch size</h3>", _img(batch, "latency vs batch size"), _html_table(*speed)]
     sweep = decode_sweep(m)
     if sweep:
         out += [

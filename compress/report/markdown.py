@@ -107,9 +107,14 @@ def latency_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
 
 def llm_table(manifest: RunManifest) -> str:
     """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
+    header, rows = llm_rows(manifest)
+    return _table(header, rows) if rows else ""
+
+
+def llm_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     recs = [r for r in manifest.artifacts if r.bench is not None and r.bench.llm]
     if not recs:
-        return ""
+        return [], []
     first = recs[0].bench.llm
     lengths = sorted(int(k) for k in first["prefill_ms"])
     batches = sorted(int(k) for k in first["decode_tokens_per_s"])
@@ -146,7 +151,7 @@ def llm_table(manifest: RunManifest) -> str:
                 _fmt(rec.bench.peak_rss_mb, ".0f"),
             ]
         )
-    return _table(header, rows)
+    return header, rows
 
 
 def decode_sweep(manifest: RunManifest) -> dict[str, dict[int, float]]:

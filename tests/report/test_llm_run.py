@@ -34,7 +34,9 @@ def test_decode_sweep_has_one_row_per_prompt_length(llm_run) -> None:
     assert sweep["gptq"][128] == llm["decode_tokens_per_s"]["1"]
     report = (llm_run.run_dir / "report.md").read_text()
     assert "| decode tok/s after 8 | decode tok/s after 32 | decode tok/s after 128 |" in report
-    assert "Decode speed vs prompt length" in (llm_run.run_dir / "report.html").read_text()
+    page = (llm_run.run_dir / "report.html").read_text()
+    assert "Decode speed vs prompt length" in page and "<th>decode tok/s after 32</th>" in page
+    assert "<th>decode step b1 ms</th>" in page  # the causal-lm speed table, as in report.md
 
 
 def test_console_shows_only_compress_lines(llm_run) -> None:
