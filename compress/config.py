@@ -120,6 +120,11 @@ class BenchOptions(BaseModel):
         (32, 128, 512), min_length=1, description="causal-lm: prefill lengths"
     )
     decode_tokens: Count = Field(32, gt=0, description="causal-lm: greedy decode steps timed per batch size")
+    decode_prompt_lengths: tuple[PositiveCount, ...] = Field(
+        (),
+        description="causal-lm: also time batch-1 decode after a prompt of each length (decode tok/s vs prompt "
+        "length); the 128-token context decode is always timed at is a point of it already",
+    )
     onnx_providers: tuple[Literal["cpu", "cuda", "tensorrt"], ...] = Field(
         ("cpu",),
         min_length=1,

@@ -88,6 +88,8 @@ class LLMBench:
     ttft_ms: dict[int, float] = field(default_factory=dict)
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
     decode_step_ms: dict[int, float] = field(default_factory=dict)
+    # batch-1 decode tokens/s after a prompt of each length (the KV cache a step attends over grows with it)
+    decode_tokens_per_s_by_prompt: dict[int, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     size_mb: float = 0.0
     weight_mb: float = 0.0  # weights a decode step reads in full (embedding tables excluded)
@@ -109,6 +111,19 @@ def _median_ms(fn: Callable[[], object], warmup: int, iterations: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _decode_step_ms(decoder: DecoderSession, ctx: np.ndarray, decode_tokens: int, rounds: int) -> float:
+    """Median ms of one greedy decode step after prefilling `ctx` (B, T), over `rounds` x `decode_tokens` steps."""
+    steps_ms = []
+    for _ in range(rounds):
+        logits, state = decoder.prefill(ctx, last_only=True)
+        for _ in range(decode_tokens):
+            nxt = logits[:, -1].argmax(-1)[:, None]  # (B, 1)
+            t0 = time.perf_counter()
+            logits, state = decoder.decode(nxt, state)
+            steps_ms.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(steps_ms)
+
+
 def bench_decoder(
     decoder: DecoderSession,
     *,
@@ -120,12 +135,14 @@ def bench_decoder(
     batch_sizes: Sequence[int] = (1, 4),
     decode_context: int = 128,
     decode_tokens: int = 32,
+    decode_prompt_lengths: Sequence[int] = (),
     warmup: int = 2,
     iterations: int = 5,
     seed: int = 0,
     bandwidth_gbs: float | None = None,
 ) -> LLMBench:
-    """Time prefill and TTFT at each prompt length (batch 1), and decode at each batch size.
+    """Time prefill and TTFT at each prompt length (batch 1), decode at each batch size, and batch-1 decode
+    after each of ``decode_prompt_lengths`` (the sweep; ``decode_context`` is always one of its points).
 
     TTFT = prefill of the prompt (last-position logits only) + the argmax of the first token. Decode runs
     ``decode_tokens`` greedy steps after a ``decode_context``-token prompt; tokens/s counts every row.
@@ -133,6 +150,8 @@ def bench_decoder(
     """
     if not prompt_lengths or min(prompt_lengths) < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"prompt_lengths {prompt_lengths} and batch_sizes {batch_sizes} must be >= 1")
+    if decode_prompt_lengths and min(decode_prompt_lengths) < 1:
+        raise ValueError(f"decode_prompt_lengths {decode_prompt_lengths} must be >= 1")
     rng = np.random.default_rng(seed)
     res = LLMBench(decoder.backend, threads)
     for n in prompt_lengths:
@@ -141,19 +160,17 @@ def bench_decoder(
         res.ttft_ms[n] = _median_ms(
             lambda ids=ids: int(decoder.prefill(ids, last_only=True)[0][0, -1].argmax()), warmup, iterations
         )
+    rounds = max(1, iterations // 2)
     for b in batch_sizes:
-        ctx = rng.integers(0, vocab_size, size=(b, decode_context))
-        steps_ms = []
-        for _ in range(max(1, iterations // 2)):
-            logits, state = decoder.prefill(ctx, last_only=True)
-            for _ in range(decode_tokens):
-                nxt = logits[:, -1].argmax(-1)[:, None]  # (B, 1)
-                t0 = time.perf_counter()
-                logits, state = decoder.decode(nxt, state)
-                steps_ms.append((time.perf_counter() - t0) * 1e3)
-        step = statistics.median(steps_ms)
+        step = _decode_step_ms(decoder, rng.integers(0, vocab_size, size=(b, decode_context)), decode_tokens, rounds)
         res.decode_step_ms[b] = step
         res.decode_tokens_per_s[b] = b * 1e3 / step
+    for n in sorted({decode_context, *decode_prompt_lengths}):
+        if n == decode_context and 1 in res.decode_step_ms:  # measured above: the default sweep costs nothing
+            step = res.decode_step_ms[1]
+        else:
+            step = _decode_step_ms(decoder, rng.integers(0, vocab_size, size=(1, n)), decode_tokens, rounds)
+        res.decode_tokens_per_s_by_prompt[n] = 1e3 / step
     res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     res.size_mb = size_bytes / 1e6
     res.weight_mb = weight_bytes / 1e6

@@ -19,7 +19,16 @@ from compress.records import RunManifest
 from compress.report import llm as llm_report
 from compress.report import plots
 from compress.report import vision as vision_report
-from compress.report.markdown import _float_notes, artifacts_rows, gates_rows, latency_rows, verdict_title
+from compress.report.markdown import (
+    _float_notes,
+    artifacts_rows,
+    decode_sweep,
+    decode_sweep_rows,
+    gates_rows,
+    latency_rows,
+    llm_rows,
+    verdict_title,
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;paddin
 table{border-collapse:collapse;margin:.6em 0;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}
 th{background:#f0f0f0;cursor:pointer}th[data-dir=up]::after{content:' ▲'}th[data-dir=down]::after{content:' ▼'}
 .PASS{color:#080}.FAIL{color:#b00}.INCOMPLETE{color:#a60}.note{background:#fffbe6;padding:.4em .8em}
-img{max-width:100%;border:1px solid #eee}mark{background:#fbb}pre{white-space:pre-wrap;margin:0}
+img{max-width:100%;border:1px solid #eee}mark{background:#fbb}pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
 """
 
 
@@ -114,7 +123,16 @@ def _plots(m: RunManifest, run_dir: Path) -> list[str]:
     out.append(_img(plots.metric_vs_size(m), f"{metric} vs size"))
     batch = plots.latency_vs_batch(m)
     if batch is not None:
-        out += ["<h3>Latency vs batch size</h3>", _img(batch, "latency vs batch size"), _html_table(*latency_rows(m))]
+        llm_header, llm_body = llm_rows(m)  # causal-lm: prefill, TTFT, decode tokens/s and the bandwidth bound
+        speed = (llm_header, llm_body) if llm_body else latency_rows(m)
+        out += ["<h3>Latency vs batch size</h3>", _img(batch, "latency vs batch size"), _html_table(*speed)]
+    sweep = decode_sweep(m)
+    if sweep:
+        out += [
+            "<h3>Decode speed vs prompt length</h3>",
+            _img(plots.decode_vs_prompt(sweep), "decode tokens/s vs prompt length"),
+            _html_table(*decode_sweep_rows(m)),
+        ]
     for name, png in plots.kept_widths(m, run_dir).items():
         out += [f"<h3>Pruning: {_e(name)}</h3>", _img(png, f"{name} per-layer kept width")]
     return out
@@ -276,7 +294,7 @@ def _param_count(folder: Path) -> str:
 
 def _flat(value: Any) -> str:
     if isinstance(value, Mapping):
-        return ", ".join(f"{k}: {_flat(v)}" for k, v in value.items())
+        return ", ".join(f"{k}: {_flat(v)}" for k, v in value.items() if v is not None)  # unset keys: noise
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_flat(v) for v in value) + "]"
     return str(value)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from compress.report.figures import png_bytes, pyplot
+from compress.report.figures import plain_log_ticks, png_bytes, pyplot
 
 REPEAT_NGRAM, REPEAT_TIMES = 4, 3  # a repetition loop: some 4-gram of tokens occurs 3 times or more
 
@@ -54,8 +54,10 @@ def window_ppl_figure(window_nll: Mapping[str, np.ndarray]) -> bytes:
     for name, nll in window_nll.items():
         ax.plot(np.arange(len(nll)), np.exp(nll), marker="o", ms=3, label=name)
     ax.set_xlabel("evaluation window")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return png_bytes(fig)

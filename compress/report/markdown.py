@@ -107,9 +107,14 @@ def latency_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
 
 def llm_table(manifest: RunManifest) -> str:
     """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
+    header, rows = llm_rows(manifest)
+    return _table(header, rows) if rows else ""
+
+
+def llm_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     recs = [r for r in manifest.artifacts if r.bench is not None and r.bench.llm]
     if not recs:
-        return ""
+        return [], []
     first = recs[0].bench.llm
     lengths = sorted(int(k) for k in first["prefill_ms"])
     batches = sorted(int(k) for k in first["decode_tokens_per_s"])
@@ -146,7 +151,24 @@ def llm_table(manifest: RunManifest) -> str:
                 _fmt(rec.bench.peak_rss_mb, ".0f"),
             ]
         )
-    return _table(header, rows)
+    return header, rows
+
+
+def decode_sweep(manifest: RunManifest) -> dict[str, dict[int, float]]:
+    """Per benchmarked causal-lm artifact: batch-1 decode tokens/s by prompt length, when the run swept more
+    than one length (`bench.decode_prompt_lengths`); empty otherwise."""
+    out = {}
+    for rec in manifest.artifacts:
+        by_prompt = ((rec.bench.llm or {}) if rec.bench else {}).get("decode_tokens_per_s_by_prompt", {})
+        out[rec.name] = {int(k): float(v) for k, v in sorted(by_prompt.items(), key=lambda kv: int(kv[0]))}
+    return {name: row for name, row in out.items() if row} if any(len(r) > 1 for r in out.values()) else {}
+
+
+def decode_sweep_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
+    sweep = decode_sweep(manifest)
+    lengths = sorted({n for row in sweep.values() for n in row})
+    rows = [[name, *[_fmt(row.get(n), ".1f") for n in lengths]] for name, row in sweep.items()]
+    return ["artifact", *[f"decode tok/s after {n}" for n in lengths]], rows
 
 
 STATUS_LABELS = {"pass": "PASS", "fail": "**FAIL**", "not-checked": "not checked"}
@@ -273,6 +295,11 @@ def render(m: RunManifest) -> str:
             "",
             llm or latency_table(m),
             "",
+            *(
+                ["Batch-1 decode tokens/s after a prompt of each length:", "", _table(*decode_sweep_rows(m)), ""]
+                if decode_sweep(m)
+                else []
+            ),
             f"Measured side by side in one run, each artifact in its own process, warm-up "
             f"{m.bench_settings['warmup']}, {m.bench_settings['iterations']} iterations. "
             f"CPU: {mach.get('cpu')} ({mach.get('cores')} cores; flags {', '.join(mach.get('cpu_flags', []))}); "

@@ -1,5 +1,6 @@
 """Run-level plots: the primary metric vs latency and vs size (one point per artifact, so each stage's
-trade-off is visible at a glance), latency vs batch size, and the per-layer widths a prune stage kept."""
+trade-off is visible at a glance), latency vs batch size, decode tokens/s vs prompt length, and the per-layer
+widths a prune stage kept."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from compress.atomic import atomic_path
 from compress.paths import PRUNE_LAYERS_FILE
 from compress.records import ArtifactRecord, RunManifest
-from compress.report.figures import png_bytes, pyplot
+from compress.report.figures import plain_log_ticks, png_bytes, pyplot
 
 
 def plot_accuracy_vs_latency(manifest: RunManifest, path: Path) -> None:
@@ -46,6 +47,8 @@ def _scatter(manifest: RunManifest, points: list[tuple[ArtifactRecord, float]], 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
+    ax.ticklabel_format(axis="y", useOffset=False)  # ppl 999.2 vs 1000.6, not "+1e3" and offsets
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{manifest.pipeline['name']}: {metric} vs {what}")
     return png_bytes(fig)
@@ -62,9 +65,30 @@ def latency_vs_batch(manifest: RunManifest) -> bytes | None:
         rows = rec.bench.latency
         ax.plot([r.batch_size for r in rows], [r.p50_ms for r in rows], marker="o", label=rec.name)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("p50 latency per batch [ms]")
+    step = " (causal-lm: one decode step)" if manifest.pipeline.get("family") == "causal-lm" else ""
+    ax.set_ylabel(f"p50 latency per batch{step} [ms]", fontsize=9)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r.batch_size for rec in recs for r in rec.bench.latency}))
+    ax.xaxis.set_major_formatter("{x:g}")
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return png_bytes(fig)
+
+
+def decode_vs_prompt(sweep: dict[str, dict[int, float]]) -> bytes:
+    """Batch-1 decode tokens/s against prompt length, one line per artifact (`markdown.decode_sweep`)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, row in sweep.items():
+        ax.plot(list(row), list(row.values()), marker="o", label=name)
+    ax.set_xlabel("prompt length before decoding [tokens, log scale]")
+    ax.set_ylabel("decode tokens/s at batch 1")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({n for row in sweep.values() for n in row}))
+    ax.xaxis.set_major_formatter("{x:g}")
+    ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return png_bytes(fig)

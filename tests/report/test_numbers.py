@@ -58,3 +58,20 @@ def test_failure_card_counts_each_failure_kind() -> None:
     texts = ["abcd" * 3, "", "ok\ufffd", "fine text"]
     card = llm.failure_card(continuations, texts, expected=12)
     assert card == {"prompts": 4, "repetition loop": 1, "empty": 1, "truncated": 1, "non-text bytes": 1}
+
+
+def _sweep_manifest(by_prompt: dict[str, float]):
+    from compress.records import ArtifactRecord, BenchRecord, RunManifest
+
+    bench = BenchRecord((), "onnxruntime", 1, 100.0, llm={"decode_tokens_per_s_by_prompt": by_prompt})
+    rec = ArtifactRecord({"name": "int4"}, cached=False, size_bytes=1, bench=bench)
+    return RunManifest("0", "now", {"name": "lm"}, "source", ("ppl",), (), (rec,), (), "PASS")
+
+
+def test_decode_sweep_reads_json_keys_in_length_order_and_is_empty_when_not_asked() -> None:
+    from compress.report.markdown import decode_sweep, decode_sweep_rows
+
+    swept = _sweep_manifest({"512": 50.0, "16": 200.0, "128": 100.0})  # manifest JSON: string keys, any order
+    assert decode_sweep(swept) == {"int4": {16: 200.0, 128: 100.0, 512: 50.0}}
+    assert decode_sweep_rows(swept)[1] == [["int4", "200.0", "100.0", "50.0"]]
+    assert decode_sweep(_sweep_manifest({"128": 100.0})) == {}  # the default one point: no plot, no table

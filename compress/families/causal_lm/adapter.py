@@ -253,14 +253,15 @@ class CausalLMAdapter(Adapter):
         from compress.families.causal_lm.export import check_parity
         from compress.families.causal_lm.sessions import OrtCausalLM
 
-        report = check_parity(
-            model,
-            OrtCausalLM(onnx_path, threads=threads),
-            self.tokenizer,
-            atol=atol,
-            steps=samples,
-            raise_on_failure=raise_on_failure,
-        )
+        with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
+            report = check_parity(
+                model,
+                OrtCausalLM(onnx_path, threads=threads),
+                self.tokenizer,
+                atol=atol,
+                steps=samples,
+                raise_on_failure=raise_on_failure,
+            )
         return {
             "parity_max_abs_diff": max(report.prefill_max_abs, report.decode_max_abs),
             "parity_decode_steps": samples,
@@ -405,6 +406,7 @@ class CausalLMAdapter(Adapter):
                 prompt_lengths=settings.prompt_lengths,
                 batch_sizes=settings.batch_sizes,
                 decode_tokens=settings.decode_tokens,
+                decode_prompt_lengths=settings.decode_prompt_lengths,
                 warmup=min(settings.warmup, 3),
                 bandwidth_gbs=machine["copy_bandwidth_gbs"],
                 iterations=max(3, min(settings.iterations, 10)),
