@@ -118,18 +118,9 @@ def build_genai_artifact(
         info["parity"] = f"not run: {unmeasured}"
         ctx.reporter.log(f"  parity, evaluation and benchmark not run: {unmeasured}")
     else:
-        info.update(
-            ctx.adapter.check_export(
-                model,
-                out,
-                samples=options.parity_samples,
-                atol=options.parity_atol if options.parity_atol is not None else float("inf"),
-                rtol=0.0,
-                threads=ctx.threads,
-                raise_on_failure=options.parity_atol is not None,
-            )
-        )
-        ctx.reporter.log(f"  parity: max |onnx - dequantized torch| logit = {info['parity_max_abs_diff']:.3g}")
+        from compress.stages.quantize.int4 import dequantized_parity
+
+        info.update(dequantized_parity(model, out, options, ctx))
     return StageOutput(
         file="model.onnx", format="onnx", precision="int4", info=info, target=target.name, unmeasured=unmeasured
     )
