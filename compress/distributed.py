@@ -15,7 +15,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from compress.errors import ConfigError
+from compress.errors import ConfigError, StageError
 
 #: followers wait in a collective while the leader evaluates and benchmarks: gloo's 30-minute default is short
 GROUP_TIMEOUT = timedelta(hours=12)
@@ -64,9 +64,25 @@ class Processes:
         import torch
         from accelerate.utils import reduce
 
-        from compress.distributed import device
-
         return reduce(torch.tensor(values, dtype=torch.float64, device=device()), "mean").tolist()
+
+
+def accelerator(what: str) -> Any:
+    """accelerate's Accelerator for this launch: DDP when N-wide, mixed precision as `accelerate launch` was
+    told. FSDP shards the model and its optimizer state, which our training loops' checkpoints and in-place
+    results do not handle yet: refused, naming what to run instead (`what`: the loop, for the message)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    processes()  # join the process group with our timeout before accelerate would with its default
+    acc = Accelerator(cpu=use_cpu())
+    if acc.distributed_type == DistributedType.FSDP:
+        raise StageError(
+            f"{what} under FSDP is not implemented (sharded checkpoints and gathering the trained model are not "
+            "written yet); launch without --use_fsdp / an FSDP config: "
+            "accelerate launch --multi_gpu --num_processes N -m compress.cli run PIPELINE (DDP)"
+        )
+    return acc
 
 
 def use_cpu() -> bool:

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from compress.distill.losses import feature_mse, project_feature, soft_kl
 from compress.distill.options import DistillOptions
 from compress.distill.shards import cut, micro_batches, rows
 from compress.distill.tasks import Batch, DistillTask, distill_task
-from compress.distributed import Processes, processes, use_cpu
+from compress.distributed import Processes, processes
 from compress.errors import StageError
 
 
@@ -166,7 +167,7 @@ def distill(
     task = distill_task(options.task)
     device = next(student.parameters()).device
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    accelerator = _accelerator()
+    accelerator = distributed.accelerator("distill")
     torch.manual_seed(options.seed)
 
     teacher_training = teacher.training
@@ -188,37 +189,23 @@ def distill(
             p.requires_grad_(flag)
 
 
-def _accelerator() -> Any:
-    """accelerate's Accelerator for this launch (DDP when N-wide; mixed precision etc. as `accelerate launch`
-    configured them). FSDP shards the student and its optimizer state, which this loop's checkpoints and
-    in-place result do not handle yet: refused with what to run instead."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    processes()  # joins the process group with our timeout before accelerate would with its default
-    accelerator = Accelerator(cpu=use_cpu())
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise StageError(
-            "distill under FSDP is not implemented (sharded checkpoints and the gathered student are not written "
-            "yet); launch without --use_fsdp (DDP: `accelerate launch --multi_gpu --num_processes N ...`)"
-        )
-    return accelerator
-
-
 def _gradient_checkpointing(student: nn.Module, wanted: bool) -> contextlib.ExitStack:
-    """Turn on Hugging Face gradient checkpointing for the run; the returned stack turns it off again."""
+    """Turn on Hugging Face activation (gradient) checkpointing for the run; the returned stack turns it off.
+
+    transformers 5 names it `activation_checkpointing_enable`, earlier versions `gradient_checkpointing_enable`."""
     stack = contextlib.ExitStack()
     if not wanted:
         return stack
-    enable = getattr(student, "gradient_checkpointing_enable", None)
-    if enable is None:
-        raise StageError(
-            f"distill.gradient_checkpointing: the student ({type(student).__name__}) is not a Hugging Face model "
-            "with gradient_checkpointing_enable(); set it to false"
-        )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # non-reentrant: works under DDP
-    stack.callback(student.gradient_checkpointing_disable)
-    return stack
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        enable, disable = getattr(student, f"{name}_enable", None), getattr(student, f"{name}_disable", None)
+        if enable is not None and disable is not None:
+            enable(**{f"{name}_kwargs": {"use_reentrant": False}})  # non-reentrant: works under DDP
+            stack.callback(disable)
+            return stack
+    raise StageError(
+        f"distill.gradient_checkpointing: the student ({type(student).__name__}) is not a Hugging Face model "
+        "with activation/gradient checkpointing; set it to false"
+    )
 
 
 class _Trainable(nn.Module):

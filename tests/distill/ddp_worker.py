@@ -44,4 +44,6 @@ if __name__ == "__main__":
     student, losses = run(OPTIONS)
     procs = processes()
     if procs.is_main:
-        write_tensors(Path(sys.argv[1]), dict(student.state_dict()), {"losses": json.dumps(losses), "world": str(procs.world)})
+        write_tensors(
+            Path(sys.argv[1]), dict(student.state_dict()), {"losses": json.dumps(losses), "world": str(procs.world)}
+        )
