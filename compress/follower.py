@@ -44,17 +44,30 @@ class Done:
     exit_code: int
 
 
+_training = {"now": False}  # rank 0 sent a stage whose end it has not seen (see `finish`)
+
+
 def lead(order: StageOrder) -> None:
     """Rank 0: have the followers run a stage with this process (no-op in a 1-process run)."""
     procs = processes()
     if procs.distributed:
         procs.broadcast(order)
+        _training["now"] = True
+
+
+def led_stage_done() -> None:
+    """Rank 0: the stage sent by `lead` returned here (and so, in step with us, on the followers)."""
+    _training["now"] = False
 
 
 def finish(exit_code: int) -> None:
-    """Rank 0: release the followers with the run's exit code (no-op in a 1-process run)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return  # not launched N-wide (and `processes()` may be what failed)
+    """Rank 0: release the followers with the run's exit code (no-op in a 1-process run).
+
+    Not when rank 0 failed inside a stage the followers run: they are waiting in that stage's collectives,
+    not for this message, so rank 0 just exits and the launcher stops them (it stops every process when
+    one fails)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _training["now"]:
+        return  # not launched N-wide (and `processes()` may be what failed), or see above
     procs = processes()
     if procs.distributed and procs.is_main:
         procs.broadcast(Done(exit_code))

@@ -45,7 +45,7 @@ from compress.config import SOURCE, PipelineConfig, StagePlan
 from compress.distributed import processes
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.families.base import Adapter, Evaluation, ReportView
-from compress.follower import StageOrder, lead
+from compress.follower import StageOrder, lead, led_stage_done
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
 from compress.lock import run_lock
@@ -232,6 +232,8 @@ class Runner:
         start = time.perf_counter()
         try:
             out = plan.spec.run(parent, plan.options, ctx)
+            if plan.options.every_process:
+                led_stage_done()
         except (MissingDependencyError, GpuUnavailableError) as exc:  # not installable / not on this machine
             shutil.rmtree(tmp, ignore_errors=True)
             if not plan.options.optional:
