@@ -6,6 +6,7 @@ starts 2 processes that train on the CPU with gloo) and compare with one process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from ddp_worker import OPTIONS, run
@@ -226,13 +228,18 @@ def test_a_killed_two_process_distillation_resumes_from_its_checkpoint(tmp_path,
     )
     runs = tmp_path / "runs"
     args = ("-m", "compress.cli", "run", str(pipeline), "--runs-dir", str(runs), "--no-bench", "--no-eval", "--quiet")
-    proc = _launch(*args, start_new_session=True)  # its own process group: the launcher and both ranks
+    proc = _launch(*args)
     deadline = time.monotonic() + 300
     checkpoints: list[Path] = []
     while not checkpoints and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
         checkpoints = list((runs / ".cache" / "distill").glob(f"*/{CHECKPOINT_FILE}"))
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole launch dies at once, as on a lost machine
+    # The whole launch dies at once, as on a lost machine: the launcher and both ranks (torchrun starts
+    # the ranks in sessions of their own, so killing the launcher's process group would not reach them).
+    launch = psutil.Process(proc.pid)
+    for process in [*launch.children(recursive=True), launch]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
     assert checkpoints, f"no checkpoint appeared before the run ended:\n{out[-3000:]}"
     assert not (runs / "kill" / "distill").exists(), "the killed stage left no artifact"
