@@ -7,6 +7,9 @@
     compress inspect runs/mobilenetv2-fashion-int8
     compress compare runs-old/mobilenetv2-fashion-int8 runs/mobilenetv2-fashion-int8 --fail-on 'top1_drop>0.2'
 
+    # finetune / distill on N processes (DDP; gloo on CPU, NCCL on GPUs); README "Multi-GPU distillation"
+    accelerate launch --multi_gpu --num_processes 2 -m compress.cli run pipelines/X.yaml
+
 Exit codes (one meaning each; README "Exit codes"):
     0  every gate was checked and holds
     1  a gate is breached (the report names the artifact and what it lost)
@@ -141,6 +144,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.runner = None  # set by `_run`: where a failure happened and where its traceback went
+    code = _dispatch(args)
+    if args.command == "run":
+        from compress.follower import finish
+
+        finish(code)  # an N-process run: every process exits with rank 0's code
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _run(args)
@@ -209,10 +221,15 @@ def _print_warnings(warnings: tuple[str, ...]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from compress.config import load_pipeline
+    from compress.distributed import processes
+    from compress.follower import follow
     from compress.progress import Reporter
     from compress.runner import Runner
 
     cfg = load_pipeline(args.pipeline)
+    if not processes().is_main:  # rank > 0 of an N-process launch: train when rank 0 says, write nothing
+        _check_force(cfg, args.force)
+        return follow(cfg, args.runs_dir)
     _print_warnings(cfg.warnings)
     _check_force(cfg, args.force)
     _prepare_runs_dir(args.runs_dir)

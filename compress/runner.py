@@ -13,6 +13,7 @@ written atomically and checksummed. The run folder is locked for the whole run (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,8 +42,10 @@ from compress.backends import require_onnx_providers
 from compress.bench.harness import machine_info
 from compress.cachefiles import load_arrays, load_predictions, read_cached, save_arrays, save_predictions, write_cached
 from compress.config import SOURCE, PipelineConfig, StagePlan
+from compress.distributed import processes
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.families.base import Adapter, Evaluation, ReportView
+from compress.follower import StageOrder, lead, led_stage_done
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
 from compress.lock import run_lock
@@ -224,9 +227,13 @@ class Runner:
             seed=self.cfg.seed,
             key=key,
         )
+        if plan.options.every_process:
+            ctx = self._lead(plan, ctx)
         start = time.perf_counter()
         try:
             out = plan.spec.run(parent, plan.options, ctx)
+            if plan.options.every_process:
+                led_stage_done()
         except (MissingDependencyError, GpuUnavailableError) as exc:  # not installable / not on this machine
             shutil.rmtree(tmp, ignore_errors=True)
             if not plan.options.optional:
@@ -255,6 +262,18 @@ class Runner:
         )
         self._record(commit_artifact(tmp, folder, art), cached=False, seconds=seconds)
         log(f"           {plan.name} done in {seconds:.1f} s")
+
+    def _lead(self, plan: StagePlan, ctx: StageContext) -> StageContext:
+        """N-process launch (`compress.follower`): the other processes run this stage with us, the cores
+        shared out among the processes of this machine. One process: `ctx` as it is."""
+        procs = processes()
+        if not procs.distributed:
+            return ctx
+        ctx = dataclasses.replace(ctx, threads=max(1, ctx.threads // procs.local_world))
+        index = next(i for i, p in enumerate(self.cfg.stages) if p is plan)
+        lead(StageOrder(index, dict(ctx.artifacts), ctx.baseline, ctx.threads, ctx.seed, ctx.key))
+        self.reporter.log(f"           {plan.name}: on {procs.world} processes, {ctx.threads} thread(s) each")
+        return ctx
 
     def _reusable(self, folder: Path, key: str, *, forced: bool) -> Artifact | None:
         """The artifact in `folder` if its key matches and its files are intact; a damaged one is named."""

@@ -11,7 +11,11 @@ AdamW, linear warm-up then cosine decay, global gradient-norm clipping. Batch `s
 with `e = step // len(data)`, `i = step % len(data)` and `perm_e` a permutation seeded by `seed + e`:
 the data order is a function of the step, so a resumed run sees exactly the batches it would have seen.
 We write this loop ourselves (rather than use transformers' Trainer) because it must serve plain torch
-CNNs and HF decoders alike and resume bit-for-bit, with no dependency beyond torch.
+CNNs and HF decoders alike and resume bit-for-bit. Hugging Face accelerate carries it across processes:
+launched N-wide (`compress.distributed`), the student is wrapped in DDP by `Accelerator.prepare_model`,
+every rank computes the teacher and the student on its rows of each batch (`compress.distill.shards`:
+N processes x b rows == 1 process x N*b rows), only rank 0 writes checkpoints, and the checkpoint keeps
+every rank's RNG state, so a killed N-process run resumes as it would have gone on.
 
     from compress.distill import DistillOptions, distill
     report = distill(student, teacher, batches, DistillOptions(max_steps=500), checkpoint_dir=run / "ckpt")
@@ -19,6 +23,7 @@ CNNs and HF decoders alike and resume bit-for-bit, with no dependency beyond tor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,10 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from compress.distill.losses import feature_mse, soft_kl
+from compress.distill.losses import feature_mse, project_feature, soft_kl
 from compress.distill.options import DistillOptions
+from compress.distill.shards import cut, micro_batches, rows
 from compress.distill.tasks import Batch, DistillTask, distill_task
+from compress.distributed import Processes, processes
 from compress.errors import StageError
 
 
@@ -58,7 +66,8 @@ class DistillReport:
     final_loss: float
     seconds: float
     teacher_cached: bool
-    losses: tuple[float, ...]  # one per step run in this call
+    losses: tuple[float, ...]  # one per step run in this call (the whole batch's loss, over all processes)
+    processes: int = 1
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -120,7 +129,9 @@ def _schedule(options: DistillOptions, total: int) -> Callable[[int], float]:
 
 def _fingerprint(options: DistillOptions, total: int, data_len: int) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: everything but the budget knobs."""
-    kept = options.model_dump(mode="json", exclude={"max_seconds", "checkpoint_every", "teacher_cache_mb"})
+    # Accumulation and recomputation change round-off only: a checkpoint stays valid across them.
+    budget = {"max_seconds", "checkpoint_every", "teacher_cache_mb"}
+    kept = options.model_dump(mode="json", exclude=budget | {"gradient_accumulation_steps", "gradient_checkpointing"})
     return {"options": repr(sorted(kept.items())), "total_steps": total, "data_len": data_len}
 
 
@@ -147,13 +158,16 @@ def distill(
     `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps and at the end, and a run that
     finds a checkpoint there resumes from its step (StageError if the options or data length differ).
     The teacher is put in eval mode with gradients off for the run and restored afterwards. torch's
-    global RNG is seeded with `options.seed` at the start (dropout masks then follow from the step).
+    global RNG is seeded with `options.seed` at the start (dropout masks then follow from the step; rank r
+    of N > 1 continues from `seed + r`). Launched N-wide, every rank calls this with the same models and
+    data; the student ends equal on all of them.
     """
     if len(data) == 0:
         raise StageError("distill: the training data is empty")
     task = distill_task(options.task)
     device = next(student.parameters()).device
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    accelerator = distributed.accelerator("distill")
     torch.manual_seed(options.seed)
 
     teacher_training = teacher.training
@@ -162,15 +176,51 @@ def distill(
     student.train()
     s_taps = _FeatureTaps(student, [f.student for f in options.features], "the student")
     t_taps = _FeatureTaps(teacher, [f.teacher for f in options.features], "the teacher")
+    checkpointing = _gradient_checkpointing(student, options.gradient_checkpointing)
     try:
-        loop = _Loop(student, teacher, data, options, task, device, s_taps, t_taps)
+        loop = _Loop(student, teacher, data, options, task, device, s_taps, t_taps, accelerator)
         return loop.run(folder, progress)
     finally:
         s_taps.remove()
         t_taps.remove()
+        checkpointing.close()
         teacher.train(teacher_training)
         for p, flag in zip(teacher.parameters(), teacher_grads, strict=True):
             p.requires_grad_(flag)
+
+
+def _gradient_checkpointing(student: nn.Module, wanted: bool) -> contextlib.ExitStack:
+    """Turn on Hugging Face activation (gradient) checkpointing for the run; the returned stack turns it off.
+
+    transformers 5 names it `activation_checkpointing_enable`, earlier versions `gradient_checkpointing_enable`."""
+    stack = contextlib.ExitStack()
+    if not wanted:
+        return stack
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        enable, disable = getattr(student, f"{name}_enable", None), getattr(student, f"{name}_disable", None)
+        if enable is not None and disable is not None:
+            enable(**{f"{name}_kwargs": {"use_reentrant": False}})  # non-reentrant: works under DDP
+            stack.callback(disable)
+            return stack
+    raise StageError(
+        f"distill.gradient_checkpointing: the student ({type(student).__name__}) is not a Hugging Face model "
+        "with activation/gradient checkpointing; set it to false"
+    )
+
+
+class _Trainable(nn.Module):
+    """The student and the feature projections as one module, so that DDP averages the gradients of both
+    (a forward outside the DDP wrapper would not be synchronised). Returns (logits, projected features)."""
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleList, task: DistillTask, taps: _FeatureTaps):
+        super().__init__()
+        self.student, self.projections = student, projections
+        self._task, self._taps = task, taps
+
+    def forward(self, inputs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = self._task.forward(self.student, inputs)
+        feats = [project_feature(f, p) for f, p in zip(self._taps.take(), self.projections, strict=True)]
+        return logits, feats
 
 
 def _batch_order(options: DistillOptions, n: int) -> Callable[[int], int]:
@@ -190,15 +240,18 @@ def _batch_order(options: DistillOptions, n: int) -> Callable[[int], int]:
 
 
 class _TeacherOutputs:
-    """The teacher's logits and features per batch index, kept on the CPU when all of them fit the budget."""
+    """The teacher's logits and features per (batch index, micro-batch) of this rank, kept on the CPU when
+    all `n` of them fit the budget."""
 
     def __init__(self, teacher: nn.Module, task: DistillTask, taps: _FeatureTaps, options: DistillOptions, n: int):
         self.teacher, self.task, self.taps, self.n = teacher, task, taps, n
         self.budget = options.teacher_cache_mb * 2**20
-        self.cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.cache: dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.use_cache: bool | None = None if options.teacher_cache_mb > 0 else False
 
-    def __call__(self, index: int, inputs: Any, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(
+        self, index: tuple[int, int], inputs: Any, device: torch.device
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if index in self.cache:
             logits, feats = self.cache[index]
             return logits.to(device), [f.to(device) for f in feats]
@@ -226,13 +279,21 @@ class _Loop:
         device: torch.device,
         s_taps: _FeatureTaps,
         t_taps: _FeatureTaps,
+        accelerator: Any,
     ) -> None:
         self.student, self.teacher, self.data, self.options, self.task = student, teacher, data, options, task
-        self.device, self.s_taps, self.t_taps = device, s_taps, t_taps
+        self.device, self.s_taps, self.t_taps, self.accelerator = device, s_taps, t_taps, accelerator
+        self.procs: Processes = processes()
         self.total = total_steps(options, len(data))
         self.batch_index = _batch_order(options, len(data))
-        self.teacher_outputs = _TeacherOutputs(teacher, task, t_taps, options, len(data))
+        micro = options.gradient_accumulation_steps
+        self.teacher_outputs = _TeacherOutputs(teacher, task, t_taps, options, len(data) * micro)
         self.projections = self._projections()
+        # DDP (N > 1) broadcasts rank 0's weights here; one process gets the module back unwrapped.
+        trainable = _Trainable(student, self.projections, task, s_taps)
+        self.model = accelerator.prepare_model(trainable, device_placement=False)
+        if self.procs.distributed:
+            torch.manual_seed(options.seed + self.procs.rank)  # each rank its own dropout masks
         self.params = [p for p in student.parameters() if p.requires_grad] + list(self.projections.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(options, self.total))
@@ -267,11 +328,19 @@ class _Loop:
         self.projections.load_state_dict(state["projections"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        # Every rank reads the file rank 0 wrote (the runs folder is shared by all processes). A rank the
+        # checkpoint has no RNG state for (more processes than when it was written) keeps its seed + rank.
+        by_rank = [state["rng"], *state.get("rng_ranks", [])]
+        if self.procs.rank < len(by_rank):
+            set_rng_state(by_rank[self.procs.rank])
         return int(state["step"])
 
     def _checkpoint(self, folder: Path | None, step: int) -> None:
+        """Rank 0 writes; every rank must call this at the same steps (it gathers the RNG states)."""
         if folder is None:
+            return
+        rngs = self.procs.gather(rng_state())
+        if not self.procs.is_main:
             return
         state = {
             "student": self.student.state_dict(),
@@ -279,24 +348,29 @@ class _Loop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": step,
-            "rng": rng_state(),
+            "rng": rngs[0],
             "fingerprint": self.fingerprint,
         }
+        if len(rngs) > 1:
+            state["rng_ranks"] = rngs[1:]
         save_checkpoint(folder, state)
 
-    def _losses(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, kl, task loss, feature loss) of the batch of `step`."""
+    def _losses(
+        self, step: int, key: tuple[int, int], micro: Batch, weights: tuple[float, float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, kl, task loss, feature loss) of one micro-batch, each term weighted by its share of the batch."""
         options, task = self.options, self.task
-        index = self.batch_index(step)
-        inputs, targets = task.split(_to_device(self.data[index], self.device))
-        t_logits, t_feats = self.teacher_outputs(index, inputs, self.device)
-        s_logits = task.forward(self.student, inputs)
-        s_feats = self.s_taps.take()
-        kl = soft_kl(s_logits, t_logits, options.temperature, task.mask(targets))
-        hard = task.task_loss(s_logits, targets)
-        feat = sum(
-            (feature_mse(s, t, proj) for s, t, proj in zip(s_feats, t_feats, self.projections, strict=True)),
-            start=torch.zeros((), device=self.device),
+        inputs, targets = task.split(_to_device(micro, self.device))
+        t_logits, t_feats = self.teacher_outputs(key, inputs, self.device)
+        s_logits, s_feats = self.model(inputs)
+        kl = soft_kl(s_logits, t_logits, options.temperature, task.mask(targets)) * weights[0]
+        hard = task.task_loss(s_logits, targets) * weights[1]
+        feat = (
+            sum(
+                (feature_mse(s, t) for s, t in zip(s_feats, t_feats, strict=True)),
+                start=torch.zeros((), device=self.device),
+            )
+            * weights[2]
         )
         loss = (
             options.alpha * options.temperature**2 * kl + (1.0 - options.alpha) * hard + options.feature_weight * feat
@@ -305,6 +379,34 @@ class _Loop:
             raise StageError(f"distill: the loss became {loss.item()} at step {step}; lower lr ({options.lr})")
         return loss, kl, hard, feat
 
+    def _step(self, step: int) -> list[float]:
+        """One optimizer step on the batch of `step`: this rank's micro-batches, DDP's average, clip, update.
+
+        Returns the whole batch's (loss, kl, task loss, feature loss), averaged over the ranks."""
+        procs, index = self.procs, self.batch_index(step)
+        batch = self.data[index]
+        n = rows(batch)
+        kl_rows, task_rows = self.task.counts(self.task.split(batch)[1])
+        parts = micro_batches(n, procs.rank, procs.world, self.options.gradient_accumulation_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for j, (lo, hi) in enumerate(parts):
+            micro = cut(batch, lo, hi)
+            part_kl, part_task = self.task.counts(self.task.split(micro)[1])
+            w = procs.world
+            weights = (w * part_kl / max(kl_rows, 1.0), w * part_task / max(task_rows, 1.0), w * (hi - lo) / n)
+            # gradients of all but the last micro-batch stay local; the last backward all-reduces them
+            sync = contextlib.nullcontext() if j == len(parts) - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                terms = self._losses(step, (index, j), micro, weights)
+                terms[0].backward()
+            sums = [total + float(term.detach()) for total, term in zip(sums, terms, strict=True)]
+        if self.options.max_grad_norm is not None:
+            # after DDP's all-reduce every rank holds the same gradients, so torch's clip is the global one
+            torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
+        self.optimizer.step()
+        return procs.mean(sums)
+
     def run(self, folder: Path | None, progress: Callable[[DistillProgress], None] | None) -> DistillReport:
         options = self.options
         step = resumed_from = self._resume(folder)
@@ -312,23 +414,19 @@ class _Loop:
         losses: list[float] = []
         stopped_by = "steps"
         while step < self.total:
-            if options.max_seconds is not None and time.monotonic() - start >= options.max_seconds:
+            # rank 0's clock decides, so that every rank stops at the same step
+            out_of_time = options.max_seconds is not None and time.monotonic() - start >= options.max_seconds
+            if self.procs.broadcast(out_of_time):
                 stopped_by = "time"
                 break
-            loss, kl, hard, feat = self._losses(step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if options.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, options.max_grad_norm)
-            self.optimizer.step()
+            values = self._step(step)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             step += 1
-            losses.append(loss.item())
+            losses.append(values[0])
             if options.checkpoint_every and step % options.checkpoint_every == 0:
                 self._checkpoint(folder, step)
-            if progress is not None:
-                values = (loss.item(), kl.item(), hard.item(), float(feat.detach()))
+            if progress is not None and self.procs.is_main:
                 progress(DistillProgress(step, self.total, *values, lr))
         self._checkpoint(folder, step)
         return DistillReport(
@@ -340,6 +438,7 @@ class _Loop:
             seconds=time.monotonic() - start,
             teacher_cached=bool(self.teacher_outputs.use_cache),
             losses=tuple(losses),
+            processes=self.procs.world,
         )
 
 

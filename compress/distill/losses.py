@@ -36,14 +36,17 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Ten
     return F.cross_entropy(pred, target, ignore_index=-100)
 
 
-def feature_mse(student: torch.Tensor, teacher: torch.Tensor, projection: torch.nn.Module) -> torch.Tensor:
-    """MSE between projected student features and teacher features (FitNets, arXiv 1412.6550).
+def project_feature(student: torch.Tensor, projection: torch.nn.Module) -> torch.Tensor:
+    """Student features mapped to the teacher's width (FitNets, arXiv 1412.6550).
 
     Channels are dim 1 of 4-D conv maps (B, C, H, W) and the last dim otherwise (B, T, H) or (B, H); the
     projection is a Linear over that dim (identity when the widths agree).
     """
     if student.dim() == 4:
-        projected = projection(student.movedim(1, -1)).movedim(-1, 1)  # (B, C_t, H, W)
-    else:
-        projected = projection(student)  # (..., H_t)
+        return projection(student.movedim(1, -1)).movedim(-1, 1)  # (B, C_t, H, W)
+    return projection(student)  # (..., H_t)
+
+
+def feature_mse(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between projected student features (`project_feature`) and teacher features."""
     return F.mse_loss(projected.float(), teacher.float())

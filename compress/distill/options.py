@@ -13,6 +13,8 @@ YAML, as a `distill` stage would receive it::
       warmup_steps: 50
       max_steps: 2000             # and/or epochs; max_seconds caps wall-clock time on top
       checkpoint_every: 200
+      gradient_accumulation_steps: 1  # micro-batches per optimizer step (memory; the batch stays the same)
+      gradient_checkpointing: false   # recompute activations in backward (Hugging Face models)
 """
 
 from __future__ import annotations
@@ -66,6 +68,23 @@ class DistillOptions(BaseModel):
         description=(
             "Keep teacher outputs per batch index in CPU memory across epochs when all of them fit in this "
             "many MB (0: never). Valid only when data[i] returns the same batch every time."
+        ),
+    )
+
+    gradient_accumulation_steps: Count = Field(
+        1,
+        ge=1,
+        description=(
+            "Split each process's share of a batch into this many micro-batches whose gradients add up before "
+            "the optimizer step: less activation memory, the same result up to float round-off (BatchNorm "
+            "excepted). The optimizer's batch stays batch_size; raise that for a larger batch."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "Recompute the student's activations during backward (Hugging Face models' "
+            "gradient_checkpointing_enable): less memory for decoders, more time, the same result."
         ),
     )
 

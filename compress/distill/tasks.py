@@ -54,6 +54,11 @@ class DistillTask:
         """What a mean over `batches` is taken over, for a report: {unit: count}."""
         raise NotImplementedError
 
+    def counts(self, targets: Any) -> tuple[float, float]:
+        """(rows the KL averages over, rows the task loss averages over) of one batch's targets: a part of a
+        batch weighs its loss terms by its share of these (`compress.distill.shards`)."""
+        raise NotImplementedError
+
 
 class Classification(DistillTask):
     """Batches are (inputs, labels); the task loss is cross-entropy with the labels; one row per sample."""
@@ -73,6 +78,9 @@ class Classification(DistillTask):
 
     def rows(self, batches: Sequence[Batch]) -> dict[str, int]:
         return {"images": sum(len(self.split(b)[1]) for b in batches)}
+
+    def counts(self, targets: Any) -> tuple[float, float]:
+        return float(len(targets)), float(len(targets))
 
 
 class CausalLM(DistillTask):
@@ -100,6 +108,12 @@ class CausalLM(DistillTask):
 
     def rows(self, batches: Sequence[Batch]) -> dict[str, int]:
         return {"tokens": sum(int(self.split(b)[0]["input_ids"].numel()) for b in batches)}
+
+    def counts(self, targets: Any) -> tuple[float, float]:
+        ids, mask = targets["input_ids"], targets.get("attention_mask")  # (B, T) each
+        if mask is None:
+            return float(ids.numel()), float(ids.shape[0] * (ids.shape[1] - 1))
+        return float(mask.sum()), float((mask[:, 1:] != 0).sum())  # as soft_kl and next_token_ce count
 
 
 TASKS: dict[str, type[DistillTask]] = {task.name: task for task in (Classification, CausalLM)}

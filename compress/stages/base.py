@@ -47,6 +47,8 @@ class StageOptions(BaseModel):
     accepts: ClassVar[frozenset[str]] = frozenset({"torch"})
     #: the stage needs the pipeline's training data
     needs_train_data: ClassVar[bool] = False
+    #: launched N-wide, every process runs the stage (it trains with DDP); else rank 0 alone (`compress.follower`)
+    every_process: ClassVar[bool] = False
 
     def output_format(self, input_format: str) -> str:
         return input_format

@@ -17,6 +17,11 @@ the temporary artifact folder, so a killed run resumes from the last checkpoint 
 
 KL(teacher || student) at T = 1 on the calibration set (images, or every token of the calibration
 windows) is reported before and after.
+
+Launched on N processes (`accelerate launch --multi_gpu --num_processes N -m compress.cli run ...`), every
+process runs this stage on its share of each batch (DDP; `batch_size` stays the whole batch, so the result
+is the 1-process one up to round-off) and only rank 0 reports, checkpoints and saves (README "Multi-GPU
+distillation").
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class DistillStageOptions(StageOptions, DistillOptions):
     """
 
     needs_train_data: ClassVar[bool] = True
+    every_process: ClassVar[bool] = True
     teacher: str | None = Field(
         None,
         description="artifact that teaches; default: the input of the nearest earlier prune in the student's "
@@ -112,8 +118,14 @@ class DistillStageOptions(StageOptions, DistillOptions):
         return DistillOptions.model_validate({**fields, "task": task})
 
     def cache_fields(self) -> dict:
-        # How often to checkpoint and whether teacher outputs are kept in memory do not change the result.
-        return {k: v for k, v in super().cache_fields().items() if k not in ("checkpoint_every", "teacher_cache_mb")}
+        # How often to checkpoint, whether teacher outputs are kept in memory and whether activations are
+        # recomputed do not change the result. Micro-batches change round-off (and BatchNorm statistics): a
+        # key with them, but the keys of pipelines without them stay what they were.
+        unchanged = ("checkpoint_every", "teacher_cache_mb", "gradient_checkpointing")
+        fields = {k: v for k, v in super().cache_fields().items() if k not in unchanged}
+        if fields["gradient_accumulation_steps"] == 1:
+            del fields["gradient_accumulation_steps"]
+        return fields
 
 
 def find_teacher(artifact: Artifact, options: DistillStageOptions, ctx: StageContext) -> Artifact:
@@ -164,17 +176,19 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
     from compress.distill import distill as run_distill
     from compress.distill import mean_kl, total_steps
     from compress.distill.tasks import distill_task
+    from compress.distributed import device, processes
     from compress.hashing import sha256_json
 
     adapter = ctx.adapter
+    main = processes().is_main  # the other processes of an N-process launch only train
     loop = options.library_options(adapter.distill_task)
     teacher_art = find_teacher(artifact, options, ctx)
     torch.set_num_threads(ctx.threads)
-    student = adapter.load_torch(artifact)
-    teacher = adapter.load_torch(teacher_art)
+    student = adapter.load_torch(artifact).to(device())
+    teacher = adapter.load_torch(teacher_art).to(device())
     train = adapter.train_batches(options.batch_size, seed=options.seed)
     kl_data_batches = adapter.kl_batches()
-    kl_before = mean_kl(student, teacher, kl_data_batches, loop.task)
+    kl_before = mean_kl(student, teacher, kl_data_batches, loop.task) if main else float("nan")
 
     total = total_steps(loop, len(train))
     # The teacher's key is part of the folder name: an explicit teacher outside the lineage is not in ctx.key.
@@ -190,9 +204,11 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
 
         report = run_distill(student, teacher, train, loop, checkpoint_dir=folder, progress=progress)
     seconds = time.perf_counter() - start
+    if not main:  # rank 0 holds the same student and writes it
+        return StageOutput(file="", format="torch", precision=artifact.precision)
     kl_after = mean_kl(student, teacher, kl_data_batches, loop.task)
     student.eval()
-    file = adapter.save_torch(student, ctx.outdir)
+    file = adapter.save_torch(student.cpu(), ctx.outdir)
     shutil.rmtree(folder, ignore_errors=True)  # the artifact now holds the result
 
     if report.resumed_from:
@@ -213,5 +229,6 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "final_loss": round(report.final_loss, 5),
         "train_batches": len(train),
         "distill_seconds": round(seconds, 1),
+        "processes": report.processes,
     }
     return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)
