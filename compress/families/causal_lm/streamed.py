@@ -1,0 +1,334 @@
+"""Layer-streamed INT4 RTN of a decoder checkpoint folder, for models larger than this machine's memory.
+
+    folder = stream_quantize("hf/llama-3.2-3b", "work/gptq", WeightQuantConfig(group_size=128), lm_head="int4")
+    build_streamed_decoder(folder, "work/genai-int4")  # onnxruntime-genai's fused INT4 graph
+
+Why streamed: RTN (and GPTQ / AWQ) quantize one decoder layer at a time, so the float model never has to
+be in memory at once: a 7B model is 28 GB in float32 on a 24 GB machine. The model is built as a skeleton on
+the meta device (`from_config` under `torch.device("meta")`: no bytes allocated); it names each layer's
+Linears. For each layer in turn the layer's tensors alone are read from the safetensors shards (`safe_open`),
+its Linears quantized with `compress.quant.algorithms.rtn.rtn_quantize` (the in-memory path's function, so the
+codes, scales and zero points are bit-identical: tests/quant/test_streamed.py), the result written as one
+AutoGPTQ-layout file per layer, and the layer freed. The embedding, final norm and head go to one more file
+(`lm_head: int4` quantizes the head, or the tied embedding, by RTN in row blocks: RTN is row-wise, so blocks
+give the same result as the whole matrix at a fraction of its float32 copy).
+
+The output folder is the quantized checkpoint onnxruntime-genai's model builder reads (`config.json` with a
+GPTQ `quantization_config`, the builder reads every `*.safetensors` in it; see `compress.genai.build` for the
+layout and the zero-point shift its loader needs): `build_streamed_decoder` runs the builder on it through
+`compress.genai.build.build_fused_decoder`, so the ONNX graph is assembled from the quantized weights without
+the float model.
+
+Resume: each layer file has a sidecar `layer-NNNNN.json` with its sha256 and the key of what made it (the
+quantization settings, the layer's tensor names and the size and mtime of the source shards it read, and the
+source config.json). A killed run finds the files of finished layers, verifies their sha256 and key, and
+starts at the first layer without a valid one; files are written under a temporary name and renamed.
+
+Not here yet: GPTQ / AWQ streaming (they need each layer's calibration activations: a layer forward on the
+materialised layer, with rotary embeddings and masks from the skeleton), GGUF sources (convert to a
+safetensors folder first), fused-projection architectures (Phi-3's qkv_proj: the builder's GPTQ loader reads
+Llama tensor names only, `GPTQ_ARCHITECTURES`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from compress.families.causal_lm.archs import DecoderArch, arch_for_model_type
+from compress.hashing import sha256_file, sha256_json
+from compress.quant.algorithms.rtn import rtn_quantize
+from compress.quant.primitives.packing import pack_gptq
+from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
+
+STREAM_VERSION = 1  # joins every layer's key: a change of the file layout invalidates finished layers
+HeadMode = Literal["float", "int4"]
+REST_FILE = "rest.safetensors"
+HEAD_ROWS = 8192  # rows of the head quantized at once: 8192 x 4096 float32 = 128 MiB
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    index: int
+    seconds: float
+    reused: bool
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    folder: Path  # the quantized checkpoint (builder input)
+    layers: tuple[LayerTiming, ...]
+    head_seconds: float
+
+
+class Checkpoint:
+    """The tensors of a safetensors folder (one file or shards + `model.safetensors.index.json`), read lazily."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            self.where: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no *.safetensors file and no model.safetensors.index.json")
+            from safetensors import safe_open
+
+            self.where = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as fh:
+                    self.where.update({name: f.name for name in fh.keys()})  # noqa: SIM118 - not a dict
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.where if n.startswith(prefix))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """These tensors only, in their stored dtype (a shard is opened, never loaded whole)."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for file, members in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt") as fh:
+                out.update({n: fh.get_tensor(n) for n in members})
+        return out
+
+    def stamp(self, names: list[str]) -> list[list[Any]]:
+        """(file, size, mtime_ns) of the shards holding `names`: what a finished layer's key says it read."""
+        files = sorted({self.where[n] for n in names})
+        return [[f, (st := (self.folder / f).stat()).st_size, st.st_mtime_ns] for f in files]
+
+
+def meta_skeleton(config: Any) -> torch.nn.Module:
+    """The model built on the meta device: module names and shapes, no weights allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """AutoGPTQ v1 tensors of one Linear for the builder's GPTQ loader (zero points stored as (zero - 1) mod 16,
+    as `compress.genai.build.write_builder_checkpoint` writes them, since its loader adds 1 modulo 16)."""
+    stored = replace(qw, zeros=((qw.zeros.to(torch.int16) - 1) % 16).to(torch.uint8))
+    t = pack_gptq(stored, "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
+    return {
+        f"{name}.qweight": torch.from_numpy(t.qweight),
+        f"{name}.qzeros": torch.from_numpy(t.qzeros),
+        f"{name}.scales": torch.from_numpy(t.scales),
+        f"{name}.g_idx": torch.from_numpy(t.g_idx),
+    }
+
+
+def rtn_rows(weight: torch.Tensor, config: WeightQuantConfig, rows: int = HEAD_ROWS) -> QuantizedWeight:
+    """`rtn_quantize` in blocks of rows (identical result: every row's groups are independent)."""
+    parts = [rtn_quantize(weight[i : i + rows], config) for i in range(0, weight.shape[0], rows)]
+    return QuantizedWeight(
+        qweight=torch.cat([p.qweight for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=torch.cat([p.zeros for p in parts]),
+        group_size=config.group_size,
+        bits=config.bits,
+        symmetric=config.symmetric,
+    )
+
+
+def _save_verified(tensors: dict[str, torch.Tensor], path: Path, key: str, extra: dict[str, Any]) -> None:
+    """Write `path` and its sidecar (sha256 + key) atomically: the sidecar appears last, so it vouches."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    side = {"key": key, "sha256": sha256_file(path), **extra}
+    side_path = path.with_suffix(".json")
+    side_tmp = side_path.with_name(f".{side_path.name}.tmp-{os.getpid()}")
+    side_tmp.write_text(json.dumps(side, indent=2))
+    os.replace(side_tmp, side_path)
+
+
+def _finished(path: Path, key: str) -> bool:
+    """True when `path` was written for `key` and still has the bytes its sidecar recorded."""
+    side_path = path.with_suffix(".json")
+    if not (path.exists() and side_path.exists()):
+        return False
+    try:
+        side = json.loads(side_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return side.get("key") == key and side.get("sha256") == sha256_file(path)
+
+
+def layer_linears(skeleton: torch.nn.Module, arch: DecoderArch, index: int) -> list[str]:
+    """Full names of the Linears of decoder layer `index`, from the meta skeleton."""
+    layer = skeleton.get_submodule(arch.layers)[index]
+    prefix = f"{arch.layers}.{index}."
+    return [prefix + n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _quantize_layer(ckpt: Checkpoint, linears: list[str], prefix: str, cfg: WeightQuantConfig) -> dict[str, Any]:
+    tensors = ckpt.read(ckpt.names(prefix))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in linears:
+            out.update(_gptq_tensors(module, rtn_quantize(t, cfg)))
+        else:
+            out[name] = t  # norms (and biases) as stored
+    return out
+
+
+def stream_quantize(
+    hf_folder: str | Path,
+    out: str | Path,
+    config: WeightQuantConfig,
+    *,
+    lm_head: HeadMode = "float",
+    say: Say | None = None,
+    quantize_layer: Callable[..., dict[str, Any]] = _quantize_layer,
+) -> StreamResult:
+    """Quantize every decoder layer's Linears of `hf_folder` by RTN, one layer in memory at a time, into `out`.
+
+    `out` becomes the builder's input folder (module docstring); finished layers found there are verified and
+    reused. `quantize_layer` is the per-layer step (a test replaces it to simulate a kill).
+    """
+    from transformers import AutoConfig
+
+    hf_folder, out = Path(hf_folder), Path(out)
+    say = say or (lambda _m: None)
+    if config.bits != 4 or config.group_size == -1:
+        raise ValueError(f"{config}: streamed INT4 writes 4-bit GPTQ tensors with a power-of-two group >= 16")
+    if lm_head not in ("float", "int4"):
+        raise ValueError(f"lm_head = {lm_head!r}; allowed: float, int4")
+    config_file = hf_folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing; stream_quantize reads a Hugging Face model folder")
+    hf_config = AutoConfig.from_pretrained(hf_folder)
+    arch = arch_for_model_type(hf_config.model_type)
+    if arch.fused:
+        raise ValueError(f"{hf_config.model_type}: fused projections; the builder's GPTQ loader reads Llama names")
+    skeleton = meta_skeleton(hf_config)
+    ckpt = Checkpoint(hf_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {
+        "version": STREAM_VERSION,
+        "quant": config.model_dump(mode="json"),
+        "config": sha256_file(config_file),
+    }
+    n_layers = len(skeleton.get_submodule(arch.layers))
+    timings = []
+    for i in range(n_layers):
+        t0 = time.perf_counter()
+        prefix = f"{arch.layers}.{i}."
+        names = ckpt.names(prefix)
+        if not names:
+            raise ValueError(f"{hf_folder}: no tensor of decoder layer {i} ({prefix}*)")
+        key = sha256_json({**base, "layer": i, "names": names, "source": ckpt.stamp(names)})
+        path = out / f"layer-{i:05d}.safetensors"
+        reused = _finished(path, key)
+        if not reused:
+            tensors = quantize_layer(ckpt, layer_linears(skeleton, arch, i), prefix, config)
+            _save_verified(tensors, path, key, {"layer": i})
+            del tensors
+        seconds = time.perf_counter() - t0
+        timings.append(LayerTiming(i, seconds, reused))
+        say(f"layer {i + 1}/{n_layers}: {'verified, reused' if reused else 'quantized'} in {seconds:.2f} s")
+
+    t0 = time.perf_counter()
+    rest = [n for n in ckpt.where if not n.startswith(f"{arch.layers}.")]
+    head_src = f"{arch.lm_head}.weight" if f"{arch.lm_head}.weight" in ckpt.where else f"{arch.embed}.weight"
+    key = sha256_json({**base, "rest": sorted(rest), "lm_head": lm_head, "source": ckpt.stamp(rest)})
+    path = out / REST_FILE
+    if not _finished(path, key):
+        tensors = ckpt.read(rest)
+        if lm_head == "int4":
+            head = tensors.pop(head_src) if head_src.startswith(arch.lm_head) else tensors[head_src]
+            tensors.update(_gptq_tensors(arch.lm_head, rtn_rows(head, config)))
+            del head
+        _save_verified(tensors, path, key, {"part": "embedding, final norm, head"})
+        del tensors
+    head_seconds = time.perf_counter() - t0
+    say(f"embedding / norm / head ({lm_head}) in {head_seconds:.2f} s")
+    _write_config(hf_folder, out, hf_config, config)
+    return StreamResult(out, tuple(timings), head_seconds)
+
+
+def _write_config(hf_folder: Path, out: Path, hf_config: Any, config: WeightQuantConfig) -> None:
+    """config.json with the GPTQ quantization_config the builder reads, the tokenizer files, and a stand-in
+    tokenizer when the source has none (the builder copies one into genai_config's folder; ids only)."""
+    import shutil
+
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": config.group_size,
+        "desc_act": False,
+        "sym": config.symmetric,
+        "checkpoint_format": "gptq",
+    }
+    files = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    for name in files:
+        if (hf_folder / name).exists():
+            shutil.copy2(hf_folder / name, out / name)
+    if not (hf_folder / "tokenizer.json").exists() and not (out / "tokenizer.json").exists():
+        placeholder_tokenizer(hf_config.vocab_size).save_pretrained(out)
+        cfg["compress_tokenizer"] = "placeholder: the source folder has no tokenizer (token ids only)"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def placeholder_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer whose tokens are `<id_N>`: lets the builder write its genai_config for a model
+    without a tokenizer (scripts/make_shapes.py folders); it is not a real vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<id_{i}>": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<id_0>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<id_0>", eos_token="<id_1>", pad_token="<id_0>")
+
+
+def read_quantized(folder: str | Path) -> Iterator[tuple[str, QuantizedWeight]]:
+    """The QuantizedWeights of a streamed folder (for tests and checks), one layer file at a time."""
+    from safetensors.torch import load_file
+
+    from compress.quant.primitives.packing import GPTQTensors, unpack_gptq
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name in sorted(n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")):
+            t = GPTQTensors(*(tensors[f"{name}.{part}"].numpy() for part in ("qweight", "qzeros", "scales", "g_idx")))
+            qw = unpack_gptq(t, cfg["group_size"], cfg["sym"], "gptq_v2")
+            yield name, replace(qw, zeros=((qw.zeros.to(torch.int16) + 1) % 16).to(torch.uint8))
+
+
+def build_streamed_decoder(
+    folder: str | Path, out_dir: str | Path, *, lm_head: HeadMode = "float", accuracy_level: int | None = None
+) -> Path:
+    """onnxruntime-genai's fused INT4 decoder from a `stream_quantize` folder (the builder reads its tensors;
+    float MatMuls, if any, would get the builder's RTN: none are left but a float head, kept float)."""
+    from compress.genai.build import build_fused_decoder
+
+    q = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+    return build_fused_decoder(
+        folder,
+        out_dir,
+        precision="int4",
+        accuracy_level=accuracy_level,
+        block_size=q["group_size"],
+        symmetric=q["sym"],
+        lm_head="int4" if lm_head == "int4" else "float",
+    )
