@@ -10,9 +10,9 @@ thread samples the current RSS every few milliseconds (a short spike between sam
 lower bound); and where neither /proc file exists `ru_maxrss` is the peak of the whole process since it
 started (an upper bound for this piece of work). The method used is recorded beside the figure.
 
-Memory of child processes (a builder run in a subprocess) is not in this process's RSS: `children_peak_mb`
-is `ru_maxrss` of the waited-for children when it grew during the work (the largest child that finished
-then), else None.
+Memory of child processes is not in this process's RSS and is not measured here (a forked child's ru_maxrss
+starts from its parent's RSS at the fork, so it would say nothing about the child): compress runs stages and
+evaluations in-process, and the benchmark worker measures itself.
 """
 
 from __future__ import annotations
@@ -37,17 +37,13 @@ class PeakRecord:
     peak_rss_mb: float
     start_rss_mb: float
     method: Method
-    children_peak_mb: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        return {
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "start_rss_mb": round(self.start_rss_mb, 1),
             "method": self.method,
         }
-        if self.children_peak_mb is not None:
-            out["children_peak_mb"] = round(self.children_peak_mb, 1)
-        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PeakRecord:
@@ -55,7 +51,6 @@ class PeakRecord:
             peak_rss_mb=float(data["peak_rss_mb"]),
             start_rss_mb=float(data["start_rss_mb"]),
             method=data["method"],
-            children_peak_mb=data.get("children_peak_mb"),
         )
 
 
@@ -69,6 +64,11 @@ def _status_mb(field: str) -> float | None:
     except OSError:
         return None
     return None
+
+
+def current_rss_mb() -> float:
+    """This process's resident set now, in MiB (VmRSS; 0.0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def _ru_maxrss_mb(who: int) -> float:
@@ -101,7 +101,6 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self._start = _status_mb("VmRSS")
-        self._children_start = _ru_maxrss_mb(resource.RUSAGE_CHILDREN)
         method = self.force_method
         if method in (None, "vmhwm"):
             if self._start is not None and _reset_high_water_mark():
@@ -137,10 +136,4 @@ class PeakRss:
             peak = max(self._sampled, _status_mb("VmRSS") or 0.0)
         else:
             peak = _ru_maxrss_mb(resource.RUSAGE_SELF)
-        children = _ru_maxrss_mb(resource.RUSAGE_CHILDREN)
-        self.result = PeakRecord(
-            peak_rss_mb=peak,
-            start_rss_mb=self._start or 0.0,
-            method=self.method,
-            children_peak_mb=children if children > self._children_start else None,
-        )
+        self.result = PeakRecord(peak_rss_mb=peak, start_rss_mb=self._start or 0.0, method=self.method)

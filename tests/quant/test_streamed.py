@@ -1,4 +1,4 @@
-"""Layer-streamed INT4 RTN (compress/families/causal_lm/streamed.py) against the in-memory path, on the tiny
+"""Layer-streamed INT4 RTN (compress/quant/streamed.py) against the in-memory path, on the tiny
 random Llama saved as a Hugging Face folder: same codes, zero points and (fp16, the format's type) scales;
 byte-identical ONNX initializers and identical logits, hence identical perplexity; a killed run resumes from
 the last finished layer and refuses a damaged layer file. Random weights: no quality figure is asserted."""
@@ -17,16 +17,17 @@ from onnx import numpy_helper
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'compress[llm]')")
 
-from compress.families.causal_lm import streamed  # noqa: E402
-from compress.families.causal_lm.streamed import (  # noqa: E402
-    build_streamed_decoder,
-    read_quantized,
-    rtn_rows,
-    stream_quantize,
-)
 from compress.genai.build import build_fused_decoder  # noqa: E402
+from compress.quant import streamed  # noqa: E402
 from compress.quant.algorithms.rtn import rtn_quantize, rtn_quantize_model  # noqa: E402
 from compress.quant.primitives.weight import WeightQuantConfig  # noqa: E402
+from compress.quant.streamed import (  # noqa: E402
+    _gptq_tensors,
+    build_streamed_decoder,
+    gptq_head_tensors,
+    read_quantized,
+    stream_quantize,
+)
 
 CFG = WeightQuantConfig(group_size=32)  # hidden 64, intermediate 128: whole groups everywhere
 KV_HEADS, HEAD = 2, 16
@@ -116,10 +117,12 @@ def test_streamed_onnx_equals_in_memory_onnx(tied, tmp_path) -> None:
 
 
 def test_head_in_row_blocks_equals_whole_matrix() -> None:
-    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    whole, blocks = rtn_quantize(w, CFG), rtn_rows(w, CFG, rows=24)  # 24 does not divide 100: a short last block
-    for part in ("qweight", "scales", "zeros"):
-        assert torch.equal(getattr(whole, part), getattr(blocks, part))
+    w = torch.randn(104, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    whole = _gptq_tensors("lm_head", rtn_quantize(w, CFG))
+    blocks = gptq_head_tensors("lm_head", w, CFG, rows=24)  # 24 does not divide 104: a short last block
+    assert whole.keys() == blocks.keys()
+    for name in whole:
+        assert torch.equal(whole[name], blocks[name]), name
 
 
 def test_killed_run_resumes_from_last_finished_layer(tied, tmp_path, monkeypatch) -> None:

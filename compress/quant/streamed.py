@@ -10,8 +10,8 @@ Linears. For each layer in turn the layer's tensors alone are read from the safe
 its Linears quantized with `compress.quant.algorithms.rtn.rtn_quantize` (the in-memory path's function, so the
 codes, scales and zero points are bit-identical: tests/quant/test_streamed.py), the result written as one
 AutoGPTQ-layout file per layer, and the layer freed. The embedding, final norm and head go to one more file
-(`lm_head: int4` quantizes the head, or the tied embedding, by RTN in row blocks: RTN is row-wise, so blocks
-give the same result as the whole matrix at a fraction of its float32 copy).
+(`lm_head: int4` quantizes the head, or the tied embedding, by RTN and packs it in blocks of rows: RTN is
+row-wise, so the blocks give the same bytes as the whole matrix without its float32 copy and int32 packing).
 
 The output folder is the quantized checkpoint onnxruntime-genai's model builder reads (`config.json` with a
 GPTQ `quantization_config`, the builder reads every `*.safetensors` in it; see `compress.genai.build` for the
@@ -131,17 +131,22 @@ def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def rtn_rows(weight: torch.Tensor, config: WeightQuantConfig, rows: int = HEAD_ROWS) -> QuantizedWeight:
-    """`rtn_quantize` in blocks of rows (identical result: every row's groups are independent)."""
-    parts = [rtn_quantize(weight[i : i + rows], config) for i in range(0, weight.shape[0], rows)]
-    return QuantizedWeight(
-        qweight=torch.cat([p.qweight for p in parts]),
-        scales=torch.cat([p.scales for p in parts]),
-        zeros=torch.cat([p.zeros for p in parts]),
-        group_size=config.group_size,
-        bits=config.bits,
-        symmetric=config.symmetric,
-    )
+def gptq_head_tensors(
+    name: str, weight: torch.Tensor, config: WeightQuantConfig, rows: int = HEAD_ROWS
+) -> dict[str, torch.Tensor]:
+    """`_gptq_tensors(name, rtn_quantize(weight))` computed in blocks of output rows, with the same bytes.
+
+    Why blocks: for a 128k-token head the float32 copy, the codes and the int32 packing of the whole matrix
+    take several GB at once. RTN groups run along the input columns, so rows are independent; the GPTQ
+    tensors are [.., out] along their last axis (qzeros packs 8 outputs per int32, hence `rows % 8 == 0`).
+    """
+    if rows % 8:
+        raise ValueError(f"rows = {rows}; a multiple of 8 (qzeros pack 8 output features per int32)")
+    parts = [_gptq_tensors(name, rtn_quantize(weight[i : i + rows], config)) for i in range(0, weight.shape[0], rows)]
+    g_idx = f"{name}.g_idx"
+    out = {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0] if k != g_idx}  # (.., out)
+    out[g_idx] = parts[0][g_idx]  # per input column: the same for every block
+    return out
 
 
 def _save_verified(tensors: dict[str, torch.Tensor], path: Path, key: str, extra: dict[str, Any]) -> None:
@@ -254,7 +259,7 @@ def stream_quantize(
         tensors = ckpt.read(rest)
         if lm_head == "int4":
             head = tensors.pop(head_src) if head_src.startswith(arch.lm_head) else tensors[head_src]
-            tensors.update(_gptq_tensors(arch.lm_head, rtn_rows(head, config)))
+            tensors.update(gptq_head_tensors(arch.lm_head, head, config))
             del head
         _save_verified(tensors, path, key, {"part": "embedding, final norm, head"})
         del tensors
@@ -316,7 +321,13 @@ def read_quantized(folder: str | Path) -> Iterator[tuple[str, QuantizedWeight]]:
 
 
 def build_streamed_decoder(
-    folder: str | Path, out_dir: str | Path, *, lm_head: HeadMode = "float", accuracy_level: int | None = None
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    lm_head: HeadMode = "float",
+    accuracy_level: int | None = None,
+    execution_provider: Literal["cpu", "cuda"] = "cpu",
+    verbose: bool = False,
 ) -> Path:
     """onnxruntime-genai's fused INT4 decoder from a `stream_quantize` folder (the builder reads its tensors;
     float MatMuls, if any, would get the builder's RTN: none are left but a float head, kept float)."""
@@ -327,8 +338,10 @@ def build_streamed_decoder(
         folder,
         out_dir,
         precision="int4",
+        execution_provider=execution_provider,
         accuracy_level=accuracy_level,
         block_size=q["group_size"],
         symmetric=q["sym"],
         lm_head="int4" if lm_head == "int4" else "float",
+        verbose=verbose,
     )
