@@ -258,7 +258,11 @@ def stream_quantize(
     if not _finished(path, key):
         tensors = ckpt.read(rest)
         if lm_head == "int4":
-            head = tensors.pop(head_src) if head_src.startswith(arch.lm_head) else tensors[head_src]
+            head = tensors.pop(head_src)
+            if not head_src.startswith(arch.lm_head) and not hf_config.tie_word_embeddings:
+                tensors[head_src] = head  # an untied embedding keeps its own float table
+            # tied: no float table is written; the builder's shared embedding (GatherBlockQuantized) reads the
+            # head's 4-bit codes, and the graph is the same as with the table (tests/quant/test_streamed.py)
             tensors.update(gptq_head_tensors(arch.lm_head, head, config))
             del head
         _save_verified(tensors, path, key, {"part": "embedding, final norm, head"})
