@@ -48,7 +48,7 @@ from compress.quant.algorithms.rtn import rtn_quantize
 from compress.quant.primitives.packing import pack_gptq
 from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
-STREAM_VERSION = 1  # joins every layer's key: a change of the file layout invalidates finished layers
+STREAM_VERSION = 2  # joins every file's key: a change of the layout invalidates finished files (2: tied head)
 HeadMode = Literal["float", "int4"]
 REST_FILE = "rest.safetensors"
 HEAD_ROWS = 8192  # rows of the head quantized at once: 8192 x 4096 float32 = 128 MiB
@@ -226,6 +226,8 @@ def stream_quantize(
     skeleton = meta_skeleton(hf_config)
     ckpt = Checkpoint(hf_folder)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp-*"):  # half-written files of a killed run
+        stale.unlink()
     base = {
         "version": STREAM_VERSION,
         "quant": config.model_dump(mode="json"),
