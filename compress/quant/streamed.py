@@ -32,6 +32,7 @@ Llama tensor names only, `GPTQ_ARCHITECTURES`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -44,13 +45,26 @@ import torch
 
 from compress.families.causal_lm.archs import DecoderArch, arch_for_model_type
 from compress.hashing import sha256_file, sha256_json
+from compress.quant.algorithms.gptq import GPTQConfig, _quantize_with_hooks
 from compress.quant.algorithms.rtn import rtn_quantize
+from compress.quant.algorithms.sequential import (
+    LayerCall,
+    as_model_kwargs,
+    default_filter,
+    layer_linear_groups,
+    layer_output,
+    run_layer,
+    with_hidden,
+)
 from compress.quant.primitives.packing import pack_gptq
 from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 STREAM_VERSION = 2  # joins every file's key: a change of the layout invalidates finished files (2: tied head)
 HeadMode = Literal["float", "int4"]
 REST_FILE = "rest.safetensors"
+#: streamed GPTQ: float32 outputs of the last finished layer, to resume from (safetensors bytes, but not named
+#: *.safetensors: the builder reads every such file of the folder)
+HIDDEN_FILE = "hidden.activations"
 HEAD_ROWS = 8192  # rows of the head quantized at once: 8192 x 4096 float32 = 128 MiB
 Say = Callable[[str], None]
 
@@ -194,19 +208,132 @@ def _quantize_layer(ckpt: Checkpoint, linears: list[str], prefix: str, cfg: Weig
     return out
 
 
+class _Stop(Exception):
+    """Raised by the capture hook on decoder layer 0: nothing after it runs."""
+
+
+def capture_layer0(
+    skeleton: torch.nn.Module, arch: DecoderArch, ckpt: Checkpoint, hf_config: Any, batches: list[Any]
+) -> tuple[list[torch.Tensor], list[LayerCall]]:
+    """Layer 0's hidden states and call arguments (mask, rotary cos/sin, positions) per calibration batch.
+
+    Only the embedding (read from the checkpoint) and the rotary embedding (rebuilt from the config: its
+    buffers are computed, not stored) are materialised; the forward stops at layer 0's pre-hook. Every layer of
+    an architecture without sliding-window layers is called with these same arguments.
+    """
+    embed = skeleton.get_submodule(arch.embed)
+    embed.to_empty(device="cpu")
+    with torch.no_grad():
+        embed.weight.copy_(ckpt.read([f"{arch.embed}.weight"])[f"{arch.embed}.weight"])
+    base = skeleton.get_submodule(arch.layers.rsplit(".", 1)[0])
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        base.rotary_emb = type(rotary)(config=hf_config)
+    hidden: list[torch.Tensor] = []
+    calls: list[LayerCall] = []
+
+    def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rest = dict(kwargs)
+        hs = args[0] if args else rest.pop("hidden_states")
+        hidden.append(hs.detach())
+        calls.append(LayerCall(tuple(args[1:]), rest))
+        raise _Stop
+
+    handle = skeleton.get_submodule(arch.layers)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Stop):
+                    skeleton(**as_model_kwargs(batch), use_cache=False)
+    finally:
+        handle.remove()
+        embed.to("meta")
+    return hidden, calls
+
+
+def _gptq_layer(
+    ckpt: Checkpoint,
+    layer: torch.nn.Module,
+    prefix: str,
+    arch: DecoderArch,
+    cfg: GPTQConfig,
+    hidden: list[torch.Tensor],
+    calls: list[LayerCall],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """GPTQ one materialised decoder layer as `gptq_quantize_model` does (the map's sequential groups, the same
+    Hessian hooks), then its outputs from the quantized weights: the next layer's hidden states."""
+    stored = ckpt.read(ckpt.names(prefix))
+    layer.to_empty(device="cpu")  # float32 parameters (the skeleton's dtype), as the in-memory path loads them
+    layer.load_state_dict({n[len(prefix) :]: t for n, t in stored.items()}, strict=True)
+    inputs = with_hidden(hidden, calls)
+    groups = layer_linear_groups(layer, arch, default_filter, prefix)
+    if not cfg.true_sequential and groups:
+        groups = [[m for grp in groups for m in grp]]
+    qws: dict[str, QuantizedWeight] = {}
+    for members in groups:
+        qws.update(_quantize_with_hooks(lambda: run_layer(layer, inputs), members, cfg))
+    with torch.no_grad():
+        out_hidden = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+    layer.to("meta")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in stored.items():
+        module = name.removesuffix(".weight")
+        if module in qws:
+            tensors.update(_gptq_tensors(module, qws[module]))
+        else:
+            tensors[name] = t
+    return tensors, out_hidden
+
+
+def _gptq_resume_point(out: Path, paths: list[Path], keys: list[str]) -> int:
+    """The first layer streamed GPTQ must do: after the last layer whose outputs were kept, when it and every
+    layer before it are intact; else 0."""
+    side = out / HIDDEN_FILE
+    try:
+        after = keys.index(json.loads(side.with_suffix(".json").read_text())["key"])
+    except (OSError, ValueError, KeyError):
+        return 0
+    if not _finished(side, keys[after]) or not all(
+        _finished(p, k) for p, k in zip(paths[: after + 1], keys[: after + 1], strict=True)
+    ):
+        return 0
+    return after + 1
+
+
+def _load_hidden(path: Path, n: int) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return [tensors[f"h{j}"] for j in range(n)]
+
+
+def _calibration_digest(batches: list[Any]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches:
+        for k, v in sorted(as_model_kwargs(b).items()):
+            h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def stream_quantize(
     hf_folder: str | Path,
     out: str | Path,
     config: WeightQuantConfig,
     *,
     lm_head: HeadMode = "float",
+    calibration: list[Any] | None = None,
     say: Say | None = None,
     quantize_layer: Callable[..., dict[str, Any]] = _quantize_layer,
 ) -> StreamResult:
-    """Quantize every decoder layer's Linears of `hf_folder` by RTN, one layer in memory at a time, into `out`.
+    """Quantize every decoder layer's Linears of `hf_folder`, one layer in memory at a time, into `out`.
 
-    `out` becomes the builder's input folder (module docstring); finished layers found there are verified and
-    reused. `quantize_layer` is the per-layer step (a test replaces it to simulate a kill).
+    RTN for a `WeightQuantConfig`; GPTQ for a `GPTQConfig`, on `calibration` (token tensors ``(1, T)`` or model
+    kwargs), layer by layer on the outputs of the already quantized layers, as `gptq_quantize_model`. `out`
+    becomes the builder's input folder (module docstring); finished layers found there are verified and
+    reused (GPTQ also keeps the last finished layer's outputs, `hidden.activations`, to resume from).
+    `quantize_layer` is the RTN per-layer step (a test replaces it to simulate a kill).
     """
     from transformers import AutoConfig
 
@@ -223,6 +350,11 @@ def stream_quantize(
     arch = arch_for_model_type(hf_config.model_type)
     if arch.fused:
         raise ValueError(f"{hf_config.model_type}: fused projections; the builder's GPTQ loader reads Llama names")
+    gptq = isinstance(config, GPTQConfig)
+    if gptq and not calibration:
+        raise ValueError("streamed GPTQ needs calibration batches; got none")
+    if gptq and arch.sliding_window_layers:
+        raise ValueError(f"{hf_config.model_type}: layers take different arguments; streamed GPTQ is for the others")
     skeleton = meta_skeleton(hf_config)
     ckpt = Checkpoint(hf_folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,25 +364,42 @@ def stream_quantize(
         "version": STREAM_VERSION,
         "quant": config.model_dump(mode="json"),
         "config": sha256_file(config_file),
+        "calibration": _calibration_digest(calibration) if gptq else None,
     }
-    n_layers = len(skeleton.get_submodule(arch.layers))
-    timings = []
-    for i in range(n_layers):
+    layers = skeleton.get_submodule(arch.layers)
+    keys, key = [], None
+    for i in range(len(layers)):
+        names = ckpt.names(f"{arch.layers}.{i}.")
+        if not names:
+            raise ValueError(f"{hf_folder}: no tensor of decoder layer {i} ({arch.layers}.{i}.*)")
+        # GPTQ: a layer's inputs come from every layer before it, so its key chains on theirs
+        key = sha256_json({**base, "layer": i, "names": names, "source": ckpt.stamp(names), "after": key})
+        keys.append(key)
+    paths = [out / f"layer-{i:05d}.safetensors" for i in range(len(layers))]
+    resume = _gptq_resume_point(out, paths, keys) if gptq else None
+    timings, hidden, calls = [], None, []
+    for i, (path, key) in enumerate(zip(paths, keys, strict=True)):
         t0 = time.perf_counter()
         prefix = f"{arch.layers}.{i}."
-        names = ckpt.names(prefix)
-        if not names:
-            raise ValueError(f"{hf_folder}: no tensor of decoder layer {i} ({prefix}*)")
-        key = sha256_json({**base, "layer": i, "names": names, "source": ckpt.stamp(names)})
-        path = out / f"layer-{i:05d}.safetensors"
-        reused = _finished(path, key)
-        if not reused:
+        reused = i < resume if gptq else _finished(path, key)
+        if not reused and gptq:
+            if hidden is None:  # the first layer done here: inputs from the embeddings, or kept on disk
+                hidden, calls = capture_layer0(skeleton, arch, ckpt, hf_config, calibration)
+                if i > 0:
+                    hidden = _load_hidden(out / HIDDEN_FILE, len(hidden))
+            tensors, hidden = _gptq_layer(ckpt, layers[i], prefix, arch, config, hidden, calls)
+            _save_verified(tensors, path, key, {"layer": i})
+            _save_verified({f"h{j}": h for j, h in enumerate(hidden)}, out / HIDDEN_FILE, key, {"after_layer": i})
+            del tensors
+        elif not reused:
             tensors = quantize_layer(ckpt, layer_linears(skeleton, arch, i), prefix, config)
             _save_verified(tensors, path, key, {"layer": i})
             del tensors
         seconds = time.perf_counter() - t0
         timings.append(LayerTiming(i, seconds, reused))
-        say(f"layer {i + 1}/{n_layers}: {'verified, reused' if reused else 'quantized'} in {seconds:.2f} s")
+        say(f"layer {i + 1}/{len(layers)}: {'verified, reused' if reused else 'quantized'} in {seconds:.2f} s")
+    (out / HIDDEN_FILE).unlink(missing_ok=True)
+    (out / HIDDEN_FILE).with_suffix(".json").unlink(missing_ok=True)
 
     t0 = time.perf_counter()
     rest = [n for n in ckpt.where if not n.startswith(f"{arch.layers}.")]

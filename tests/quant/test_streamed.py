@@ -1,7 +1,8 @@
-"""Layer-streamed INT4 RTN (compress/quant/streamed.py) against the in-memory path, on the tiny
+"""Layer-streamed INT4 RTN and GPTQ (compress/quant/streamed.py) against the in-memory path, on the tiny
 random Llama saved as a Hugging Face folder: same codes, zero points and (fp16, the format's type) scales;
-byte-identical ONNX initializers and identical logits, hence identical perplexity; a killed run resumes from
-the last finished layer and refuses a damaged layer file. Random weights: no quality figure is asserted."""
+byte-identical ONNX initializers and identical logits, hence identical perplexity; GPTQ codes identical too;
+a killed run resumes from the last finished layer (GPTQ: from its kept outputs) and refuses a damaged file.
+Random weights: no quality figure is asserted."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 
 from compress.genai.build import build_fused_decoder  # noqa: E402
 from compress.quant import streamed  # noqa: E402
+from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model  # noqa: E402
 from compress.quant.algorithms.rtn import rtn_quantize, rtn_quantize_model  # noqa: E402
 from compress.quant.primitives.weight import WeightQuantConfig  # noqa: E402
 from compress.quant.streamed import (  # noqa: E402
@@ -163,3 +165,55 @@ def test_killed_run_resumes_from_last_finished_layer(tied, tmp_path, monkeypatch
     stream_quantize(tied, out, WeightQuantConfig(group_size=16), quantize_layer=counting)
     assert calls == ["model.layers.0.", "model.layers.1."]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 16
+
+
+def _calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, VOCAB, (1, 32), generator=g) for _ in range(4)]  # 4 windows of 32 tokens
+
+
+GPTQ_CFG = GPTQConfig(group_size=32)
+
+
+def test_streamed_gptq_equals_in_memory_gptq(tied, tmp_path) -> None:
+    """Same layer inputs (layer 0's from the embeddings, later ones from the quantized layers), same Hessian hooks
+    and sequential groups: the codes come out identical, not merely close (scales: fp16, the format's type)."""
+    from transformers import AutoModelForCausalLM
+
+    ours = dict(read_quantized(stream_quantize(tied, tmp_path / "q", GPTQ_CFG, calibration=_calibration()).folder))
+    model = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32).eval()
+    ref = gptq_quantize_model(model, _calibration(), config=GPTQ_CFG)
+    assert sorted(ours) == sorted(ref)
+    for name, qw in ref.items():
+        assert torch.equal(ours[name].qweight, qw.qweight) and torch.equal(ours[name].zeros, qw.zeros), name
+        assert torch.equal(ours[name].scales, qw.scales.half().float()), name
+    assert not (tmp_path / "q" / "hidden.activations").exists()  # the resume state goes once all layers are done
+
+
+def test_killed_gptq_run_resumes_from_kept_activations(tied, tmp_path, monkeypatch) -> None:
+    real, done = streamed._gptq_layer, []
+
+    def killed_at_layer_1(ckpt, layer, prefix, *rest):
+        if prefix.endswith(".1."):
+            raise KeyboardInterrupt
+        done.append(prefix)
+        return real(ckpt, layer, prefix, *rest)
+
+    out = tmp_path / "q"
+    monkeypatch.setattr(streamed, "_gptq_layer", killed_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration())
+    assert done == ["model.layers.0."] and (out / "hidden.activations").exists()
+
+    done.clear()
+    monkeypatch.setattr(streamed, "_gptq_layer", lambda *a: done.append(a[2]) or real(*a))
+    result = stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration())
+    assert done == ["model.layers.1."] and [t.reused for t in result.layers] == [True, False]
+    fresh = dict(read_quantized(stream_quantize(tied, tmp_path / "fresh", GPTQ_CFG, calibration=_calibration()).folder))
+    resumed = dict(read_quantized(out))
+    assert all(torch.equal(resumed[n].qweight, fresh[n].qweight) for n in fresh)  # layer 1 saw the same inputs
+
+    # other calibration data is another key: nothing is reused
+    done.clear()
+    stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration()[:2])
+    assert done == ["model.layers.0.", "model.layers.1."]
