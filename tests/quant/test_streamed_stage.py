@@ -1,6 +1,7 @@
-"""`quantize: {precision: int4, method: rtn, target: onnxruntime-genai, streamed: true}` through the runner on the
-tiny Llama: the streamed artifact has the perplexity of the in-memory one exactly (the same graph from the same
-codes), its per-layer files are gone once it is complete, and impossible combinations are refused at validate."""
+"""`quantize: {precision: int4, method: rtn | gptq, target: onnxruntime-genai, streamed: true}` through the runner
+on the tiny Llama: each streamed artifact has the perplexity of its in-memory twin exactly (the same graph from
+the same codes), its per-layer files are gone once it is complete, and impossible combinations are refused at
+validate."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 
 DATA = '{window: 64, evaluation_windows: 4, calibration_windows: 4, generation_tokens: 4, prompts: ["def"]}'
 RTN = "precision: int4, method: rtn, group_size: 32, lm_head: int4, target: onnxruntime-genai"
+GPTQ = "precision: int4, method: {name: gptq, samples: 4}, group_size: 32, target: onnxruntime-genai"
 STAGES = f"""
   - quantize: {{{RTN}, name: in-memory}}
-  - quantize: {{{RTN}, streamed: true, name: streamed, input: source}}"""
+  - quantize: {{{RTN}, streamed: true, name: streamed, input: source}}
+  - quantize: {{{GPTQ}, name: gptq-in-memory, input: source}}
+  - quantize: {{{GPTQ}, streamed: true, name: gptq-streamed, input: source}}"""
 
 
 def test_streamed_stage_matches_in_memory_stage(tmp_path) -> None:
@@ -27,8 +31,10 @@ def test_streamed_stage_matches_in_memory_stage(tmp_path) -> None:
     rec = {r["artifact"]["name"]: r for r in manifest["artifacts"]}
     info = rec["streamed"]["artifact"]["info"]
     assert info["streamed"] is True and info["layers_streamed"] == 2 and info["layers_reused"] == 0
-    ppl = {name: rec[name]["evaluation"]["metrics"]["ppl"] for name in ("in-memory", "streamed")}
+    ppl = {name: rec[name]["evaluation"]["metrics"]["ppl"] for name in rec if name != "source"}
     assert ppl["streamed"] == ppl["in-memory"], ppl  # identical graphs: no tolerance
+    assert ppl["gptq-streamed"] == ppl["gptq-in-memory"], ppl  # identical codes (tests/quant/test_streamed.py)
+    assert rec["gptq-streamed"]["artifact"]["info"]["method"] == "gptq"
     assert rec["streamed"]["memory"]["stage"]["peak_rss_mb"] > 0
     assert not list((tmp_path / "runs" / ".cache" / "streamed").glob("*/*"))  # per-layer files removed
 
@@ -36,7 +42,7 @@ def test_streamed_stage_matches_in_memory_stage(tmp_path) -> None:
 @pytest.mark.parametrize(
     "stage,says",
     [
-        ("{precision: int4, method: gptq, target: onnxruntime-genai, streamed: true}", "streamed is RTN only"),
+        ("{precision: int4, method: awq, target: onnxruntime-genai, streamed: true}", "streamed takes rtn or gptq"),
         ("{precision: int4, method: rtn, streamed: true}", "streamed needs target: onnxruntime-genai"),
     ],
 )

@@ -18,7 +18,7 @@ LLM (`Adapter.int4_targets`); at run, before any work (`refuse_architecture`), a
 by `build_fused_decoder`. (The group size is a power of two >= 16 for every target, `GroupSize`.)
 `lm_head: int8` is the builder's own 8-bit RTN (`pack_gptq` writes 4-bit tensors only); `int4` is ours.
 
-`streamed: true` (`build_streamed_artifact`, method rtn): no torch model at all; `compress.quant.streamed`
+`streamed: true` (`build_streamed_artifact`, method rtn or gptq): no torch model at all; `compress.quant.streamed`
 quantizes the input folder's safetensors one decoder layer at a time into the builder's GPTQ layout (per-layer
 files in the adapter's cache, so a killed run resumes) and the builder reads that folder.
 
@@ -131,10 +131,10 @@ def build_genai_artifact(
 
 
 def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:
-    """`streamed: true` is layer-streamed RTN into this target's builder (`compress.quant.streamed`)."""
+    """`streamed: true` is layer-streamed RTN / GPTQ into this target's builder (`compress.quant.streamed`)."""
     problems = []
-    if options.method.name != "rtn":
-        problems.append(("streamed", f"method {options.method.name}: streamed is RTN only for now; use method: rtn"))
+    if options.method.name not in ("rtn", "gptq"):
+        problems.append(("streamed", f"method {options.method.name}: streamed takes rtn or gptq"))
     if not options.target.fused_decoder:
         problems.append(("streamed", f"target {options.target.name}: streamed needs target: onnxruntime-genai"))
     if options.lm_head == "int8":
@@ -143,7 +143,7 @@ def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:
 
 
 def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageContext) -> StageOutput:
-    """Layer-streamed RTN of the input's safetensors folder, then the builder on the quantized folder.
+    """Layer-streamed RTN / GPTQ of the input's safetensors folder, then the builder on the quantized folder.
 
     The per-layer files live in the adapter's cache (keyed by this artifact's key), so a killed run resumes at
     the first unfinished layer; they are removed once the artifact is complete. No dequantized parity check:
@@ -163,8 +163,19 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
             "(the builder's GPTQ loader reads Llama tensor names)"
         )
     work = ctx.adapter.cache_dir / "streamed" / ctx.key[:20]
-    cfg = WeightQuantConfig(group_size=options.group_size, symmetric=options.symmetric)
-    result = stream_quantize(artifact.path, work, cfg, lm_head=options.lm_head, say=ctx.reporter.log)
+    base = {"group_size": options.group_size, "symmetric": options.symmetric}
+    method, calibration = options.method, None
+    if method.name == "gptq":
+        from compress.quant.algorithms.gptq import GPTQConfig
+        from compress.stages.quantize.int4 import _calibration
+
+        cfg: WeightQuantConfig = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
+        calibration = _calibration(ctx, method.samples)
+    else:
+        cfg = WeightQuantConfig(**base)
+    result = stream_quantize(
+        artifact.path, work, cfg, lm_head=options.lm_head, calibration=calibration, say=ctx.reporter.log
+    )
     built = ctx.outdir / "_genai"
     with ctx.reporter.task(f"onnxruntime-genai builder ({options.target.execution_provider}, streamed)", total=None):
         build_streamed_decoder(
@@ -182,7 +193,7 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
     from compress.stages.quantize.common import op_counts
 
     info = {
-        "method": "rtn",
+        "method": method.name,
         "group_size": options.group_size,
         "symmetric": options.symmetric,
         "lm_head": options.lm_head,

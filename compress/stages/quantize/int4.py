@@ -37,7 +37,7 @@ only, so there the embedding Gather keeps a float table (holding the dequantized
 
 - `onnxruntime-genai` (causal-lm): no export + rewrite; onnxruntime-genai's model builder writes its fused
   decoder graph from the quantized weights (`compress.stages.quantize.genai_target`, which says what is
-  refused); `execution_provider: cpu | cuda`, `accuracy_level`. `streamed: true` (method rtn) quantizes one
+  refused); `execution_provider: cpu | cuda`, `accuracy_level`. `streamed: true` (method rtn or gptq) quantizes one
   decoder layer at a time from the input's safetensors without loading the model (`compress.quant.streamed`).
 
 Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
@@ -111,7 +111,7 @@ class Int4Options(StageOptions):
     streamed: bool = Field(
         False,
         description="quantize one decoder layer at a time from the input's safetensors, never loading the float "
-        "model (models larger than memory; method rtn, target onnxruntime-genai; a killed run resumes per layer)",
+        "model (models larger than memory; method rtn or gptq, target onnxruntime-genai; resumes per layer)",
     )
     parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
     parity_atol: Real | None = Field(
