@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from compress.memory import PeakRss, current_rss_mb
+from compress.quant.algorithms.gptq import GPTQConfig
 from compress.quant.primitives.weight import WeightQuantConfig
 from compress.quant.streamed import build_streamed_decoder, stream_quantize
 
@@ -64,6 +65,31 @@ def decode_step(onnx_dir: Path, threads: int, prompt: int = 8) -> dict[str, floa
     return {"session_load_s": round(load_s, 1), "prefill_ms": round(prefill_ms, 1), "decode_step_ms": round(step_ms, 1)}
 
 
+class _Stopped(Exception):
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+
+
+_STOPPED_TIMES: list[float] = []
+
+
+def _stopper(after: int, t0: float):
+    """A `say` callback that records the time of each finished layer and stops after `after` layers (0: never).
+    The first figure includes the skeleton, and for GPTQ the capture of layer 0's inputs."""
+    last = [t0]
+
+    def say(message: str) -> None:
+        if not message.startswith("layer "):
+            return
+        now = time.perf_counter()
+        _STOPPED_TIMES.append(round(now - last[0], 2))
+        last[0] = now
+        if after and len(_STOPPED_TIMES) >= after:
+            raise _Stopped(len(_STOPPED_TIMES))
+
+    return say
+
+
 def _layer_stats(result) -> dict:
     seconds = [t.seconds for t in result.layers if not t.reused]
     if not seconds:
@@ -99,16 +125,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--no-build", action="store_true", help="stop after the streamed quantization")
+    parser.add_argument("--gptq-windows", type=int, default=0, help="GPTQ on this many random-token windows")
+    parser.add_argument("--window", type=int, default=512, help="tokens per GPTQ calibration window")
+    parser.add_argument(
+        "--stop-after-layers", type=int, default=0, help="measure the first N layers only (implies --no-build)"
+    )
     parser.add_argument("--trace-rss", type=float, default=0, help="print RSS every N s during the build")
     args = parser.parse_args(argv)
 
     summary: dict = {"source": str(args.hf_folder), "source_gb": round(_folder_gb(args.hf_folder), 2)}
     summary.update(group_size=args.group_size, lm_head=args.lm_head, threads=args.threads)
-    cfg = WeightQuantConfig(group_size=args.group_size)
+    cfg, calibration = WeightQuantConfig(group_size=args.group_size), None
+    if args.gptq_windows:  # random token ids: the shapes have no tokenizer, and only time and memory count here
+        cfg = GPTQConfig(group_size=args.group_size)
+        vocab = json.loads((args.hf_folder / "config.json").read_text())["vocab_size"]
+        gen = torch.Generator().manual_seed(0)
+        calibration = [torch.randint(0, vocab, (1, args.window), generator=gen) for _ in range(args.gptq_windows)]
+        summary["gptq"] = {"windows": args.gptq_windows, "window": args.window}
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with PeakRss() as peak:
-        result = stream_quantize(args.hf_folder, args.work / "gptq", cfg, lm_head=args.lm_head)
+        try:
+            result = stream_quantize(
+                args.hf_folder,
+                args.work / "gptq",
+                cfg,
+                lm_head=args.lm_head,
+                calibration=calibration,
+                say=_stopper(args.stop_after_layers, t0),
+            )
+        except _Stopped as stop:
+            result = None
+            summary["stopped_after_layers"] = stop.layers
+    if result is None:
+        summary["quantize"] = {"seconds": round(time.perf_counter() - t0, 1), **peak.result.to_json()}
+        summary["layer_seconds_incl_capture"] = _STOPPED_TIMES
+        print(json.dumps({"summary": summary}), flush=True)
+        if not args.keep:
+            shutil.rmtree(args.work)
+        return
     for t in result.layers:
         print(json.dumps({"layer": t.index, "seconds": round(t.seconds, 2), "reused": t.reused}), flush=True)
     summary["layer_seconds"] = _layer_stats(result)
