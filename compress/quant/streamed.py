@@ -1,33 +1,43 @@
-"""Layer-streamed INT4 RTN of a decoder checkpoint folder, for models larger than this machine's memory.
+"""Layer-streamed INT4 RTN and GPTQ of a decoder checkpoint folder, for models larger than this machine's memory.
 
     folder = stream_quantize("hf/llama-3.2-3b", "work/gptq", WeightQuantConfig(group_size=128), lm_head="int4")
+    folder = stream_quantize("hf/llama-3.2-3b", "work/gptq", GPTQConfig(group_size=128), calibration=windows)
     build_streamed_decoder(folder, "work/genai-int4")  # onnxruntime-genai's fused INT4 graph
 
-Why streamed: RTN (and GPTQ / AWQ) quantize one decoder layer at a time, so the float model never has to
-be in memory at once: a 7B model is 28 GB in float32 on a 24 GB machine. The model is built as a skeleton on
-the meta device (`from_config` under `torch.device("meta")`: no bytes allocated); it names each layer's
-Linears. For each layer in turn the layer's tensors alone are read from the safetensors shards (`safe_open`),
-its Linears quantized with `compress.quant.algorithms.rtn.rtn_quantize` (the in-memory path's function, so the
-codes, scales and zero points are bit-identical: tests/quant/test_streamed.py), the result written as one
-AutoGPTQ-layout file per layer, and the layer freed. The embedding, final norm and head go to one more file
-(`lm_head: int4` quantizes the head, or the tied embedding, by RTN and packs it in blocks of rows: RTN is
-row-wise, so the blocks give the same bytes as the whole matrix without its float32 copy and int32 packing).
+Why streamed: RTN and GPTQ quantize one decoder layer at a time, so the float model never has to be in memory
+at once: a 7B model is 28 GB in float32 on a 24 GB machine. The model is built as a skeleton on the meta device
+(`from_config` under `torch.device("meta")`: no bytes allocated); it names each layer's Linears. For each layer
+in turn the layer's tensors alone are read from the safetensors shards (`safe_open`), its Linears quantized, the
+result written as one AutoGPTQ-layout file per layer, and the layer freed.
+
+- RTN: `compress.quant.algorithms.rtn.rtn_quantize` on each stored weight, the in-memory path's function, so
+  codes, scales and zero points are bit-identical (tests/quant/test_streamed.py).
+- GPTQ: layer 0's inputs and call arguments are captured by a forward of the skeleton with only the embedding
+  (read from the checkpoint) and the rotary embedding (rebuilt from the config) materialised, stopped at layer
+  0's pre-hook; every layer then gets the same arguments (architectures with sliding-window layers are
+  refused). Each layer is materialised in float32 (`to_empty` + `load_state_dict`), quantized with the
+  in-memory path's Hessian hooks and sequential groups (`gptq._quantize_with_hooks`,
+  `sequential.layer_linear_groups`), and its outputs from the quantized weights are the next layer's inputs:
+  the codes come out identical to `gptq_quantize_model`'s. The activations stay float32 (16 windows of 512 on
+  an 8B shape: 134 MB) and are also written after each layer (`hidden.activations`) to resume from.
+- The embedding, final norm and head go to one more file (`lm_head: int4` quantizes the head, or the tied
+  embedding, by RTN and packs it in blocks of rows: RTN is row-wise, so the blocks give the same bytes as the
+  whole matrix without its float32 copy and int32 packing; a tied table is then not stored in float at all).
 
 The output folder is the quantized checkpoint onnxruntime-genai's model builder reads (`config.json` with a
 GPTQ `quantization_config`, the builder reads every `*.safetensors` in it; see `compress.genai.build` for the
 layout and the zero-point shift its loader needs): `build_streamed_decoder` runs the builder on it through
 `compress.genai.build.build_fused_decoder`, so the ONNX graph is assembled from the quantized weights without
-the float model.
+the float model. (The builder itself holds far more than the quantized weights: README, "Large models".)
 
 Resume: each layer file has a sidecar `layer-NNNNN.json` with its sha256 and the key of what made it (the
-quantization settings, the layer's tensor names and the size and mtime of the source shards it read, and the
-source config.json). A killed run finds the files of finished layers, verifies their sha256 and key, and
-starts at the first layer without a valid one; files are written under a temporary name and renamed.
+quantization settings, the layer's tensor names and the size and mtime of the source shards it read, the
+source config.json, the calibration digest; GPTQ keys chain on the previous layers'). A killed run verifies the
+files of finished layers and starts at the first layer without a valid one (GPTQ: after the last layer whose
+outputs were kept); files are written under a temporary name and renamed.
 
-Not here yet: GPTQ / AWQ streaming (they need each layer's calibration activations: a layer forward on the
-materialised layer, with rotary embeddings and masks from the skeleton), GGUF sources (convert to a
-safetensors folder first), fused-projection architectures (Phi-3's qkv_proj: the builder's GPTQ loader reads
-Llama tensor names only, `GPTQ_ARCHITECTURES`).
+Not here yet: AWQ streaming, GGUF sources (convert to a safetensors folder first), fused-projection
+architectures (Phi-3's qkv_proj: the builder's GPTQ loader reads Llama tensor names only).
 """
 
 from __future__ import annotations
