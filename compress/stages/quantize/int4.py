@@ -175,6 +175,8 @@ class Int4Options(StageOptions):
 
     def cache_fields(self) -> dict[str, Any]:
         fields = super().cache_fields()
+        if not self.streamed:  # added later: the keys of artifacts made before it stay as they were
+            fields.pop("streamed")
         if isinstance(self.method, algorithms.CheckpointOptions):
             from compress.hashing import file_fingerprint
 
