@@ -19,6 +19,7 @@ from compress.runner import Runner
 
 MB = 2**20
 N_MB = 160  # well above the noise of a Python process's RSS (a few MB)
+AUTO = ("vmhwm", "sampling")  # what PeakRss picks on Linux: sampling where /proc/self/clear_refs is refused
 
 
 def _allocate(n_mb: int, hold_s: float = 0.05) -> None:
@@ -32,7 +33,7 @@ def test_peak_covers_an_allocation_inside_the_body(method) -> None:
     with PeakRss(force_method=method) as peak:
         _allocate(N_MB)
     rec = peak.result
-    assert rec.method == (method or "vmhwm")
+    assert (rec.method == method) if method else (rec.method in AUTO)  # vmhwm wherever clear_refs may be written
     # the buffer was resident at once: the peak rose by at least its size (1 MB of slack for page rounding)
     assert rec.peak_rss_mb - rec.start_rss_mb >= N_MB - 1
 
@@ -73,13 +74,13 @@ def test_runner_records_stage_and_evaluation_peaks(tmp_path, fashion_mnist, monk
     manifest = json.loads((run_dir / "manifest.json").read_text())
     entries = {e["artifact"]["name"]: e for e in manifest["artifacts"]}
     stage = entries["finetune"]["memory"]["stage"]
-    assert stage["method"] == "vmhwm"
+    assert stage["method"] in AUTO
     assert stage["peak_rss_mb"] - stage["start_rss_mb"] >= N_MB - 1
     assert entries["finetune"]["memory"]["evaluation"]["peak_rss_mb"] > 0
     assert "stage" in entries["source"]["memory"]
     row = _stage_row(run_dir / "report.md", "finetune")
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[3]) == pytest.approx(stage["peak_rss_mb"], abs=1) and cells[-1] == "vmhwm"
+    assert float(cells[3]) == pytest.approx(stage["peak_rss_mb"], abs=1) and cells[-1] in AUTO
 
     # a second run reuses everything: the table says cached instead of inventing a figure
     Runner(load_pipeline(pipeline), runs_dir=tmp_path / "runs", reporter=Reporter(quiet=True), bench=False).run()
