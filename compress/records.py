@@ -129,6 +129,9 @@ class ArtifactRecord:
     evaluation: EvaluationRecord | None = None
     evaluated: bool = False
     bench: BenchRecord | None = None
+    # peak RSS of the work done for it in this run, by part ("stage", "evaluation"): compress.memory.PeakRecord
+    # JSON; a part absent from it was a cache hit (or did not run)
+    memory: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, art: Artifact, *, cached: bool) -> ArtifactRecord:
@@ -155,6 +158,8 @@ class ArtifactRecord:
             out["evaluation"] = None if self.evaluation is None else self.evaluation.to_json()
         if self.bench is not None:
             out["bench"] = self.bench.to_json()
+        if self.memory:
+            out["memory"] = {part: dict(peak) for part, peak in self.memory.items()}
         return out
 
     @classmethod
@@ -168,6 +173,7 @@ class ArtifactRecord:
             evaluation=None if not evaluation else EvaluationRecord.from_json(evaluation),
             evaluated="evaluation" in data,
             bench=None if not bench else BenchRecord.from_json(bench),
+            memory=_frozen(data.get("memory")),
         )
 
 

@@ -49,6 +49,7 @@ from compress.follower import StageOrder, lead, led_stage_done
 from compress.gpu.availability import GpuUnavailableError
 from compress.hashing import sha256_json
 from compress.lock import run_lock
+from compress.memory import PeakRss
 from compress.metrics.gates import Coverage, Verdict, check_gates, verdict
 from compress.paths import MANIFEST_FILE, REPORT_FILE, REPORT_HTML_FILE, RESOLVED_FILE, inside
 from compress.progress import Reporter
@@ -164,9 +165,10 @@ class Runner:
         start = time.perf_counter()
         self.reporter.log(f"[cyan]load[/]       {SOURCE} ({self.cfg.model.source})")
         self.step = f"loading the source ({self.cfg.model.source})"
-        model, task_ready = self.adapter.load_source()
-        tmp = temp_folder(folder)
-        file = self.adapter.save_torch(model, tmp)
+        with PeakRss() as peak:
+            model, task_ready = self.adapter.load_source()
+            tmp = temp_folder(folder)
+            file = self.adapter.save_torch(model, tmp)
         art = Artifact(
             name=SOURCE,
             path=folder,
@@ -180,6 +182,7 @@ class Runner:
             task_ready=task_ready,
         )
         self._record(commit_artifact(tmp, folder, art), cached=False, seconds=time.perf_counter() - start)
+        self._memory(SOURCE, "stage", peak)
 
     def _stage(self, plan: StagePlan) -> None:
         log = self.reporter.log
@@ -230,8 +233,10 @@ class Runner:
         if plan.options.every_process:
             ctx = self._lead(plan, ctx)
         start = time.perf_counter()
+        peak = PeakRss()
         try:
-            out = plan.spec.run(parent, plan.options, ctx)
+            with peak:
+                out = plan.spec.run(parent, plan.options, ctx)
             if plan.options.every_process:
                 led_stage_done()
         except (MissingDependencyError, GpuUnavailableError) as exc:  # not installable / not on this machine
@@ -261,7 +266,8 @@ class Runner:
             unmeasured=out.unmeasured,
         )
         self._record(commit_artifact(tmp, folder, art), cached=False, seconds=seconds)
-        log(f"           {plan.name} done in {seconds:.1f} s")
+        self._memory(plan.name, "stage", peak)
+        log(f"           {plan.name} done in {seconds:.1f} s, peak RSS {peak.result.peak_rss_mb:.0f} MB")
 
     def _lead(self, plan: StagePlan, ctx: StageContext) -> StageContext:
         """N-process launch (`compress.follower`): the other processes run this stage with us, the cores
@@ -289,6 +295,11 @@ class Runner:
     def _record(self, art: Artifact, *, cached: bool, seconds: float) -> None:
         self.artifacts[art.name] = art
         self.records[art.name] = ArtifactRecord.of(art, cached=cached).to_json()
+
+    def _memory(self, name: str, part: str, peak: PeakRss) -> None:
+        """Keep the peak RSS of `part` ("stage", "evaluation") of artifact `name` for manifest.json."""
+        if peak.result is not None:
+            self.records[name].setdefault("memory", {})[part] = peak.result.to_json()
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _evaluate_all(self) -> None:
@@ -320,10 +331,14 @@ class Runner:
             self.reporter.log(f"[green]cache hit[/]  evaluation of {art.name}")
             return ev
         self.step = f"evaluation of {art.name}"
-        session = self.adapter.open_session(
-            art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
-        )
-        ev = self.adapter.evaluate(session, self.reporter, art.name)
+        with PeakRss() as peak:
+            session = self.adapter.open_session(
+                art, threads=self.cfg.threads, onnx_provider=self.cfg.bench.onnx_providers[0]
+            )
+            ev = self.adapter.evaluate(session, self.reporter, art.name)
+            backend = session.backend
+            del session  # its memory belongs to this evaluation's peak, not to the next one's start
+        self._memory(art.name, "evaluation", peak)
         predictions_sha256 = save_predictions(art.path / PREDICTIONS_FILE, ev.predictions)
         samples_sha256 = save_arrays(art.path / SAMPLES_FILE, ev.samples)
         write_cached(
@@ -332,7 +347,7 @@ class Runner:
             {
                 "metrics": ev.metrics,
                 "outputs": ev.outputs,
-                "backend": session.backend,
+                "backend": backend,
                 "predictions_sha256": predictions_sha256,
                 "samples_sha256": samples_sha256,
             },

@@ -27,6 +27,7 @@ from compress.report.markdown import (
     gates_rows,
     latency_rows,
     llm_rows,
+    stages_rows,
     verdict_title,
 )
 
@@ -79,6 +80,7 @@ def render_html(manifest: RunManifest, run_dir: Path, evidence: Evidence) -> tup
     )
     body += [f'<p class="note">{_e(n)}</p>' for n in [*m.notes, *_float_notes(m)]]
     body += ["<h2>Artifacts</h2>", _html_table(*artifacts_rows(m)), "<h2>Gates</h2>", _html_table(*gates_rows(m))]
+    body += ["<h2>Stages: time and memory</h2>", _html_table(*stages_rows(m))]
     problems: list[str] = []
     sections: list[tuple[str, Callable[[], list[str]]]] = [
         ("plots", lambda: _plots(m, run_dir)),

@@ -105,6 +105,32 @@ def latency_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     return ["artifact", "backend", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "peak RSS MB"], rows
 
 
+def stages_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
+    """Time and peak RSS of the work each artifact took in this run (stage, evaluation); `cached` when reused.
+
+    Peak RSS is this process's resident high-water mark during that work (`compress.memory`: the method is
+    shown); 'above start' is how much it rose over the RSS the work began with.
+    """
+    rows = []
+    for rec in manifest.artifacts:
+        stage, evaluation = rec.memory.get("stage"), rec.memory.get("evaluation")
+        cached = "cached" if rec.cached else "–"
+        seconds = rec.info.get("stage_seconds")
+        rows.append(
+            [
+                rec.name,
+                rec.artifact["stage"],
+                cached if rec.cached else _fmt(seconds, ".1f"),
+                _fmt(stage["peak_rss_mb"], ".0f") if stage else cached,
+                _fmt(stage["peak_rss_mb"] - stage["start_rss_mb"], ".0f") if stage else cached,
+                _fmt(evaluation["peak_rss_mb"], ".0f") if evaluation else "–",
+                "/".join(sorted({p["method"] for p in (stage, evaluation) if p})) or "–",
+            ]
+        )
+    header = ["artifact", "stage", "seconds", "peak RSS MB", "above start MB", "evaluation peak RSS MB", "method"]
+    return header, rows
+
+
 def llm_table(manifest: RunManifest) -> str:
     """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
     header, rows = llm_rows(manifest)
@@ -309,6 +335,7 @@ def render(m: RunManifest) -> str:
         out += [f"![accuracy vs latency]({PLOT_FILE})", ""]
     if m.skipped:
         out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m.skipped] + [""]
+    out += ["## Stages: time and memory", "", _table(*stages_rows(m)), ""]
     out += ["## Stage details", ""]
     for rec in m.artifacts:
         if rec.info:

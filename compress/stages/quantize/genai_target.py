@@ -18,6 +18,10 @@ LLM (`Adapter.int4_targets`); at run, before any work (`refuse_architecture`), a
 by `build_fused_decoder`. (The group size is a power of two >= 16 for every target, `GroupSize`.)
 `lm_head: int8` is the builder's own 8-bit RTN (`pack_gptq` writes 4-bit tensors only); `int4` is ours.
 
+`streamed: true` (`build_streamed_artifact`, method rtn or gptq): no torch model at all; `compress.quant.streamed`
+quantizes the input folder's safetensors one decoder layer at a time into the builder's GPTQ layout (per-layer
+files in the adapter's cache, so a killed run resumes) and the builder reads that folder.
+
 The `cuda` flavour (fp16 I/O) is built on the CPU; it runs on an NVIDIA GPU only, so its parity check,
 evaluation and benchmark are not run here (`StageOutput.unmeasured`) and no figure is recorded for it.
 """
@@ -123,6 +127,87 @@ def build_genai_artifact(
         info.update(dequantized_parity(model, out, options, ctx))
     return StageOutput(
         file="model.onnx", format="onnx", precision="int4", info=info, target=target.name, unmeasured=unmeasured
+    )
+
+
+def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:
+    """`streamed: true` is layer-streamed RTN / GPTQ into this target's builder (`compress.quant.streamed`)."""
+    problems = []
+    if options.method.name not in ("rtn", "gptq"):
+        problems.append(("streamed", f"method {options.method.name}: streamed takes rtn or gptq"))
+    if not options.target.fused_decoder:
+        problems.append(("streamed", f"target {options.target.name}: streamed needs target: onnxruntime-genai"))
+    if options.lm_head == "int8":
+        problems.append(("lm_head", "streamed: allowed float, int4 (8-bit heads are the builder's, from float)"))
+    return problems
+
+
+def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageContext) -> StageOutput:
+    """Layer-streamed RTN / GPTQ of the input's safetensors folder, then the builder on the quantized folder.
+
+    The per-layer files live in the adapter's cache (keyed by this artifact's key), so a killed run resumes at
+    the first unfinished layer; they are removed once the artifact is complete. No dequantized parity check:
+    it needs the float model, which this path never loads; the evaluation measures the shipped file.
+    """
+    import json
+
+    from compress.genai.build import GPTQ_ARCHITECTURES
+    from compress.quant.primitives.weight import WeightQuantConfig
+    from compress.quant.streamed import build_streamed_decoder, stream_quantize
+
+    config = json.loads((artifact.path / "config.json").read_text())
+    arch = (config.get("architectures") or ["<none>"])[0]
+    if arch not in GPTQ_ARCHITECTURES:
+        raise StageError(
+            f"quantize int4 (streamed): {arch} is not one of {', '.join(sorted(GPTQ_ARCHITECTURES))} "
+            "(the builder's GPTQ loader reads Llama tensor names)"
+        )
+    work = ctx.adapter.cache_dir / "streamed" / ctx.key[:20]
+    base = {"group_size": options.group_size, "symmetric": options.symmetric}
+    method, calibration = options.method, None
+    if method.name == "gptq":
+        from compress.quant.algorithms.gptq import GPTQConfig
+        from compress.stages.quantize.int4 import _calibration
+
+        cfg: WeightQuantConfig = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
+        calibration = _calibration(ctx, method.samples)
+    else:
+        cfg = WeightQuantConfig(**base)
+    result = stream_quantize(
+        artifact.path, work, cfg, lm_head=options.lm_head, calibration=calibration, say=ctx.reporter.log
+    )
+    built = ctx.outdir / "_genai"
+    with ctx.reporter.task(f"onnxruntime-genai builder ({options.target.execution_provider}, streamed)", total=None):
+        build_streamed_decoder(
+            work,
+            built,
+            lm_head=options.lm_head,
+            accuracy_level=options.target.accuracy_level,
+            execution_provider=options.target.execution_provider,
+        )
+    for path in sorted(built.iterdir()):
+        os.replace(path, ctx.outdir / path.name)
+    built.rmdir()
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = [t.seconds for t in result.layers]
+    from compress.stages.quantize.common import op_counts
+
+    info = {
+        "method": method.name,
+        "group_size": options.group_size,
+        "symmetric": options.symmetric,
+        "lm_head": options.lm_head,
+        "streamed": True,
+        "layers_streamed": len(seconds),
+        "layers_reused": sum(t.reused for t in result.layers),
+        "layer_seconds_mean": round(sum(seconds) / len(seconds), 2),
+        "builder": f"{GENAI_DIST} {genai_version()}",
+        "fused_ops": _fused_ops(op_counts(ctx.outdir / "model.onnx")),
+        "parity": "not run: streamed (the float model is never loaded); the evaluation measures the file",
+    }
+    unmeasured = None if options.target.runs_on_cpu else NEEDS_GPU
+    return StageOutput(
+        file="model.onnx", format="onnx", precision="int4", info=info, target=options.target.name, unmeasured=unmeasured
     )
 
 

@@ -37,7 +37,8 @@ only, so there the embedding Gather keeps a float table (holding the dequantized
 
 - `onnxruntime-genai` (causal-lm): no export + rewrite; onnxruntime-genai's model builder writes its fused
   decoder graph from the quantized weights (`compress.stages.quantize.genai_target`, which says what is
-  refused); `execution_provider: cpu | cuda`, `accuracy_level`.
+  refused); `execution_provider: cpu | cuda`, `accuracy_level`. `streamed: true` (method rtn or gptq) quantizes one
+  decoder layer at a time from the input's safetensors without loading the model (`compress.quant.streamed`).
 
 Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
 `calibration_batch_size` says how many inputs go in one calibration forward (vision 8, others 1);
@@ -107,6 +108,11 @@ class Int4Options(StageOptions):
     keep: tuple[str, ...] = Field(
         (), description="module-name globs kept at float, e.g. 'model.layers.0.*' (their bytes are reported)"
     )
+    streamed: bool = Field(
+        False,
+        description="quantize one decoder layer at a time from the input's safetensors, never loading the float "
+        "model (models larger than memory; method rtn or gptq, target onnxruntime-genai; resumes per layer)",
+    )
     parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
     parity_atol: Real | None = Field(
         None,
@@ -161,10 +167,16 @@ class Int4Options(StageOptions):
             from compress.stages.quantize.genai_target import refusals
 
             problems += refusals(self)
+        if self.streamed:
+            from compress.stages.quantize.genai_target import streamed_refusals
+
+            problems += streamed_refusals(self)
         return problems
 
     def cache_fields(self) -> dict[str, Any]:
         fields = super().cache_fields()
+        if not self.streamed:  # added later: the keys of artifacts made before it stay as they were
+            fields.pop("streamed")
         if isinstance(self.method, algorithms.CheckpointOptions):
             from compress.hashing import file_fingerprint
 
@@ -185,6 +197,10 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
 
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)
+    if options.streamed:  # the float model is never loaded
+        from compress.stages.quantize.genai_target import build_streamed_artifact
+
+        return build_streamed_artifact(artifact, options, ctx)
     model = ctx.adapter.load_torch(artifact)
     convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if convs:

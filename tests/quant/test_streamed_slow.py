@@ -1,0 +1,39 @@
+"""The streamed INT4 path end to end on a real shape (SmolLM2-135M's, random bf16 weights from
+scripts/make_shapes.py): shards -> streamed RTN g64 -> onnxruntime-genai's graph -> ONNX Runtime prefill + one
+decode step. About a minute on 2 cores. Random weights: only that it runs and the logits are finite is checked.
+The 3B / 8B shapes are measured by scripts/streamed_int4.py (README, "Large models"), not here: minutes and
+several GB each."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'compress[llm]')")
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smollm2_shape_streamed_to_one_decode_step(tmp_path, capsys) -> None:
+    _script("make_shapes").write_shape("smollm2-135m", tmp_path / "hf", say=lambda _m: None)
+    _script("streamed_int4").main([str(tmp_path / "hf"), str(tmp_path / "work"), "--group-size", "64"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    layers = [line for line in lines if "layer" in line]
+    summary = next(line["summary"] for line in lines if "summary" in line)
+    assert [line["layer"] for line in layers] == list(range(30)) and not any(line["reused"] for line in layers)
+    assert summary["ort"]["decode_step_ms"] > 0  # the decode step ran (non-finite logits raise)
+    assert summary["build"]["gb"] < summary["source_gb"] / 2  # 4-bit weights, bf16 source
+    assert summary["quantize"]["method"] == "vmhwm" and not (tmp_path / "work").exists()
