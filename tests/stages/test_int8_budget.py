@@ -14,13 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from toys import fragile_cnn
 
 from compress.families.base import Evaluation
 from compress.families.vision import task
 from compress.progress import Reporter
 from compress.stages.base import StageContext
 from compress.stages.quantize.int8 import Int8Options, quantize_int8
-from toys import fragile_cnn
 
 CALIB, SLICE = 32, 64  # ranges from 32 images, the search on the next 64
 

@@ -57,7 +57,7 @@ from compress.errors import StageError
 from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.quant import algorithms, targets
-from compress.quant.calibration import QdqRecipe, compute_ranges
+from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges
 from compress.quant.registry import NamedOptions, named
 from compress.quant.scheme import GroupSize
 from compress.quant.vocab import AUTO, LmHead
@@ -149,8 +149,11 @@ class Int8Options(StageOptions):
         return self
 
     def cache_fields(self) -> dict[str, Any]:
-        """`method: auto` resolves `reduce_range` only when the family is known: this CPU's answer joins the key."""
+        """`method: auto` resolves `reduce_range` only when the family is known: this CPU's answer joins the key;
+        the entropy calibrator's bins too."""
         fields = super().cache_fields()
+        if getattr(self.method, "calibrator", None) == "entropy":  # before its bins were passed it was minmax
+            fields["entropy_bins"] = CALIBRATOR_OPTIONS["entropy"]
         if isinstance(self.method, AutoMethod):
             fields["auto_reduce_range"] = bool(not self.target.int8_session_config() and int8_dot_saturates())
         return fields
