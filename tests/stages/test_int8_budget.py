@@ -164,3 +164,21 @@ def test_the_cache_key_holds_the_budget_and_other_methods_refuse_it() -> None:
         Int8Options(precision="int8", accuracy_budget={"max_drop": -1})
     with pytest.raises(ValueError, match="extra"):
         Int8Options(precision="int8", accuracy_budget={"max_drop": 0.1, "budget": 2})
+
+
+def test_the_report_section_shows_budget_steps_and_sorted_nodes(fragile_onnx: Path, tmp_path: Path) -> None:
+    from compress.report import sensitivity
+
+    info = _quantize(
+        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 1}
+    )
+    text = " ".join(sensitivity.summary(info))
+    assert "**Not met** within 1 node(s)" in text and "which blocked it: `" in text
+    _, steps = sensitivity.steps_rows(info)
+    assert [row[0] for row in steps] == ["0", "1"]
+    _, nodes = sensitivity.nodes_rows(info)
+    scores = [float(row[3]) for row in nodes]
+    assert scores == sorted(scores, reverse=True)
+    kept = {n["node"] for n in info["accuracy_budget"]["float_nodes"]}
+    assert {row[1] for row in nodes if row[-1] == "yes"} == kept  # the best candidate's float nodes are marked
+    assert sensitivity.figure(info, "int8")[:8] == b"\x89PNG\r\n\x1a\n"
