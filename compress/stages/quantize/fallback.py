@@ -220,6 +220,10 @@ def budget_search(
     config: dict[str, str],
 ) -> dict[str, Any]:
     """Sensitivity (always) and, with a budget, the fallback; writes the artifact's graph at `out`."""
+    if recipe.large:  # each probe would write gigabytes of external data; not built for that yet
+        raise StageError(
+            "quantize int8: sensitivity / accuracy_budget handle graphs in one file (< 1.8 GB) only; remove them"
+        )
     work = out.parent / "_probe"
     work.mkdir()
     span = (calibration_samples, calibration_samples + sensitivity.samples)
