@@ -331,7 +331,8 @@ def sensitivity_sections(m: RunManifest) -> list[str]:
     for rec in m.artifacts:
         if not sensitivity.has_section(rec.info):
             continue
-        out += [f"## Sensitivity and accuracy budget: `{rec.name}`", "", *sensitivity.summary(rec.info), ""]
+        out += [f"## Sensitivity and accuracy budget: `{rec.name}`", ""]
+        out += [part for line in sensitivity.summary(rec.info) for part in (line, "")]
         if "accuracy_budget" in rec.info:
             out += [_table(*sensitivity.steps_rows(rec.info)), ""]
         out += [
