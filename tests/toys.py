@@ -54,6 +54,39 @@ def noisy_cnn() -> nn.Module:
     return NoisyCNN()
 
 
+class FragileCNN(nn.Module):
+    """Two convs that read an activation with a huge outlier channel (channel 0 of `spike1` / `spike2` has a
+    bias of 1000, which their own weights scale back): per-tensor INT8 of that activation rounds its other
+    channels to zero. Left in float, `fragile1` / `fragile2` read it unquantized: the nodes a fallback must
+    find; with one of them float the other still ruins the output (two independent bottlenecks). Untrained:
+    training would move the outlier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.spike1, self.fragile1 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.spike2, self.fragile2 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+        for conv in (self.stem[0], self.spike1, self.fragile1, self.spike2, self.fragile2):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # untrained, the signal keeps its scale
+        with torch.no_grad():
+            for spike, fragile in ((self.spike1, self.fragile1), (self.spike2, self.fragile2)):
+                spike.bias[0] = 1e3
+                fragile.weight[:, 0] *= 1e-3
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.bn1(self.fragile1(torch.relu(self.spike1(x)))))
+        x = torch.relu(self.bn2(self.fragile2(torch.relu(self.spike2(x)))))
+        return self.classifier(x.mean(dim=(2, 3)))  # (B, 16) -> (B, classes)
+
+
+def fragile_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return FragileCNN()
+
+
 def pipeline_yaml(
     tmp: Path,
     fashion: Path,
@@ -63,6 +96,7 @@ def pipeline_yaml(
     stages: str | None = None,
     gates: str = "top1_drop_max: 5.0",
     extra: str = "",
+    calibration: int = 64,
 ) -> Path:
     """A small pipeline on real Fashion-MNIST slices at 28 px: trains and evaluates in seconds."""
     stages = (
@@ -84,7 +118,7 @@ data:
   dataset: {Path(__file__).resolve().parents[1] / "calibration" / "fashion-mnist.yaml"}
   root: {fashion}
   train: {{split: train, samples: 960}}
-  calibration: {{split: train, samples: 64}}
+  calibration: {{split: train, samples: {calibration}}}
   evaluation: {{split: test, samples: 300}}
 stages:{stages}
 gates:

@@ -91,6 +91,8 @@ class Adapter(ABC):
     int4_methods: ClassVar[frozenset[str]] = frozenset(INT4_ALGORITHMS)
     #: INT4 targets this family's models can take (a fused-decoder target needs a decoder LLM)
     int4_targets: ClassVar[frozenset[str]] = frozenset(TARGETS) - {"onnxruntime-genai"}
+    #: True if `evaluate_calibration()` measures the primary metric on calibration samples (accuracy_budget)
+    labelled_calibration: ClassVar[bool] = False
     #: inputs per forward pass when INT4 GPTQ / AWQ calibrate on this family's models
     calibration_batch_size: ClassVar[int] = 8
     #: what `compare()` returns, for the report: (key, label, sign applied for display)
@@ -152,6 +154,11 @@ class Adapter(ABC):
     @abstractmethod
     def evaluate(self, session: Session, reporter: Reporter, label: str) -> Evaluation:
         """Run the evaluation set through `session`."""
+
+    def evaluate_calibration(self, session: Session, start: int, stop: int, reporter: Reporter) -> Evaluation:
+        """The primary metric on calibration samples [start, stop): the slice `accuracy_budget` searches on,
+        held apart from the samples the ranges came from (never the evaluation set)."""
+        raise NotImplementedError(f"family {self.family} has no labelled calibration slice; remove accuracy_budget")
 
     @abstractmethod
     def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:

@@ -101,7 +101,35 @@ def check_gates(
         *(_speedup(g, base, recs, cov) for g in gates.speedup_min),
         *(_size_ratio(g, base, recs, cov) for g in gates.size_ratio_max),
         *(_recovery(g.artifact, g.lost_by, g.at_least, base, recs, cfg.quality, cov) for g in gates.recovery_min),
+        *_budget_gates(cfg, recs, cov),
     ]
+
+
+def _budget_gates(cfg: PipelineConfig, recs: Records, cov: Coverage) -> list[GateRecord]:
+    """One `accuracy_budget` gate per stage that declares one: the drop vs its float input on the evaluation
+    set within `max_drop`, and the budget met on the calibration slice (else the best candidate fails it)."""
+    quality, out = cfg.quality, []
+    for plan in getattr(cfg, "stages", ()):  # a bare namespace (tests of other gates) has no stages
+        budget = getattr(plan.options, "accuracy_budget", None)
+        if budget is None:
+            continue
+        name, vs, bound = plan.name, plan.input, f"<= {budget.max_drop:g} {quality.unit}"
+        why = _why_not_evaluated([name, vs], recs, cov)
+        value = None if why else (recs[name].evaluation.vs_parent or {}).get(quality.drop_key)
+        if why is None and value is None:
+            why = f"metric '{quality.drop_key}' vs '{vs}' missing from the evaluation of '{name}'"
+        if why is not None:
+            out.append(_unchecked("accuracy_budget", name, vs, bound, why))
+            continue
+        found = recs[name].info.get("accuracy_budget") or {}
+        kept = len(found.get("float_nodes", ()))
+        detail = f"calibration slice: drop {found.get('drop', float('nan')):.3f} with {kept} node(s) float"
+        if not found.get("met", False):
+            blocked = ", ".join(n["node"] for n in found.get("blocked_by", ()))
+            detail += f"; budget not met within max_fallback {budget.max_fallback} (next: {blocked})"
+        holds = bool(found.get("met")) and value <= budget.max_drop
+        out.append(_judged("accuracy_budget", name, vs, value, bound, holds, detail))
+    return out
 
 
 def _decode_speedup(gate: SpeedupGate, base: str, recs: Records, cov: Coverage) -> GateRecord:

@@ -17,7 +17,7 @@ from compress.atomic import atomic_path
 from compress.families.base import Evaluation, ReportView
 from compress.records import RunManifest
 from compress.report import llm as llm_report
-from compress.report import plots
+from compress.report import plots, sensitivity
 from compress.report import vision as vision_report
 from compress.report.markdown import (
     _float_notes,
@@ -85,6 +85,7 @@ def render_html(manifest: RunManifest, run_dir: Path, evidence: Evidence) -> tup
     sections: list[tuple[str, Callable[[], list[str]]]] = [
         ("plots", lambda: _plots(m, run_dir)),
         ("vision", lambda: _vision(m, evidence)),
+        ("sensitivity", lambda: _sensitivity(m)),
         ("language model", lambda: _llm(m, evidence)),
         ("cards", lambda: _cards(m, run_dir, evidence)),
     ]
@@ -115,6 +116,21 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _sensitivity(m: RunManifest) -> list[str]:
+    """Per INT8 artifact with a sensitivity analysis: the budget, its steps, the plot and the sorted nodes."""
+    out = []
+    for rec in m.artifacts:
+        if not sensitivity.has_section(rec.info):
+            continue
+        out.append(f"<h2>Sensitivity and accuracy budget: {_e(rec.name)}</h2>")
+        out += [f"<p>{_e(line.replace('**', '').replace('`', ''))}</p>" for line in sensitivity.summary(rec.info)]
+        if "accuracy_budget" in rec.info:
+            out.append(_html_table(*sensitivity.steps_rows(rec.info)))
+        out += [_img(sensitivity.figure(rec.info, rec.name), f"sensitivity of {rec.name}")]
+        out.append(_html_table(*sensitivity.nodes_rows(rec.info)))
+    return out
 
 
 def _plots(m: RunManifest, run_dir: Path) -> list[str]:

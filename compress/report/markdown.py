@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from compress.atomic import atomic_path
 from compress.paths import PLOT_FILE, REPORT_FILE, REPORT_HTML_FILE
 from compress.records import ArtifactRecord, Comparison, GateRecord, RunManifest
+from compress.report import sensitivity
 
 if TYPE_CHECKING:
     from compress.report.html import Evidence
@@ -307,6 +308,7 @@ def render(m: RunManifest) -> str:
     out += [f"> **Note.** {note}" for note in notes] + ([""] if notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
     out += ["## Gates", "", gates_table(m), ""] + _gate_notes(list(m.gates), verdict)
+    out += sensitivity_sections(m)
     if any(rec.bench for rec in m.artifacts):
         mach = m.machine or {}
         llm = llm_table(m)
@@ -339,10 +341,39 @@ def render(m: RunManifest) -> str:
     out += ["## Stage details", ""]
     for rec in m.artifacts:
         if rec.info:
-            details = ", ".join(f"{k} {_detail(v)}" for k, v in rec.info.items())
+            shown = {k: v for k, v in rec.info.items() if k not in sensitivity.KEYS}  # they have their section
+            details = ", ".join(f"{k} {_detail(v)}" for k, v in shown.items())
             out.append(f"- `{rec.name}` ({rec.artifact['stage']} from `{rec.parent}`): {details}")
     out += ["", "## Data", ""] + [f"- {role}: sha256 `{h}`" for role, h in m.data.items()] + [""]
     return "\n".join(out)
+
+
+def sensitivity_file(name: str) -> str:
+    return f"sensitivity-{name}.png"
+
+
+def sensitivity_sections(m: RunManifest) -> list[str]:
+    """One section per INT8 artifact with a sensitivity analysis (compress/report/sensitivity.py)."""
+    out: list[str] = []
+    for rec in m.artifacts:
+        if not sensitivity.has_section(rec.info):
+            continue
+        out += [f"## Sensitivity and accuracy budget: `{rec.name}`", ""]
+        out += [part for line in sensitivity.summary(rec.info) for part in (line, "")]
+        if "accuracy_budget" in rec.info:
+            out += [_table(*sensitivity.steps_rows(rec.info)), ""]
+        out += [
+            f"![sensitivity of {rec.name}]({sensitivity_file(rec.name)})",
+            "",
+            _table(*sensitivity.nodes_rows(rec.info)),
+            "",
+        ]
+    return out
+
+
+def _write_png(png: bytes, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
 
 
 def write_report(manifest: RunManifest, run_dir: Path, evidence: Evidence | None = None) -> dict[Path, str]:
@@ -359,6 +390,10 @@ def write_report(manifest: RunManifest, run_dir: Path, evidence: Evidence | None
     ]
     if any(rec.bench for rec in manifest.artifacts):
         outputs.insert(0, (run_dir / PLOT_FILE, lambda path: plot_accuracy_vs_latency(manifest, path)))
+    for rec in manifest.artifacts:
+        if sensitivity.has_section(rec.info):
+            png = (lambda info, name: lambda path: _write_png(sensitivity.figure(info, name), path))(rec.info, rec.name)
+            outputs.insert(0, (run_dir / sensitivity_file(rec.name), png))
     for path, write in outputs:
         try:
             sections = write(path)

@@ -47,6 +47,7 @@ class VisionAdapter(Adapter):
     quality = task.QUALITY
     comparisons = task.COMPARISONS
     prune_support = VISION_PRUNING
+    labelled_calibration = True
     model_cfg: VisionModelOptions
     data_cfg: VisionDataOptions
 
@@ -241,6 +242,16 @@ class VisionAdapter(Adapter):
     def evaluate(self, session: Session, reporter: Reporter, label: str) -> Evaluation:
         data = self.subset("evaluation")
         return task.evaluate(session, data, self.preprocess, self.data_cfg.batch_size, reporter, label)
+
+    def evaluate_calibration(self, session: Session, start: int, stop: int, reporter: Reporter) -> Evaluation:
+        import dataclasses
+
+        data = self.subset("calibration")
+        part = slice(start, min(stop, len(data)))
+        images = dataclasses.replace(
+            data, images=data.images[part], labels=data.labels[part], indices=data.indices[part]
+        )
+        return task.evaluate(session, images, self.preprocess, self.data_cfg.batch_size, reporter, "calibration slice")
 
     def report_view(self) -> ReportView:
         from compress.data.datasets import dataset_card

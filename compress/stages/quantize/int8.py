@@ -57,6 +57,7 @@ from compress.errors import StageError
 from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.quant import algorithms, targets
+from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges
 from compress.quant.registry import NamedOptions, named
 from compress.quant.scheme import GroupSize
 from compress.quant.vocab import AUTO, LmHead
@@ -68,6 +69,7 @@ from compress.stages.quantize.common import (
     refuse_quantized_input,
     require_quantized,
 )
+from compress.stages.quantize.fallback import AccuracyBudget, SensitivityOptions, budget_search
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -86,7 +88,12 @@ Int8MethodField = Annotated[
     BeforeValidator(named(_METHODS, "method")),
 ]
 #: scheme keys and the methods they apply to
-_APPLIES = {"group_size": ("weight-only",), "lm_head": ("weight-only", "dynamic", "static")}
+_APPLIES = {
+    "group_size": ("weight-only",),
+    "lm_head": ("weight-only", "dynamic", "static"),
+    "sensitivity": ("static",),
+    "accuracy_budget": ("static",),
+}
 
 
 class Int8Options(StageOptions):
@@ -111,6 +118,12 @@ class Int8Options(StageOptions):
     )
     group_size: GroupSize = Field(32, description="weight-only: weights per scale along K")
     lm_head: LmHead = Field("int8", description="output projection: int8 (quantized like the rest) or float")
+    sensitivity: SensitivityOptions | None = Field(
+        None, description="static: per-node sensitivity on held-apart calibration samples (stages/quantize/fallback.py)"
+    )
+    accuracy_budget: AccuracyBudget | None = Field(
+        None, description="static: return the most sensitive nodes to float until the primary metric's drop fits"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -136,8 +149,11 @@ class Int8Options(StageOptions):
         return self
 
     def cache_fields(self) -> dict[str, Any]:
-        """`method: auto` resolves `reduce_range` only when the family is known: this CPU's answer joins the key."""
+        """`method: auto` resolves `reduce_range` only when the family is known: this CPU's answer joins the key;
+        the entropy calibrator's bins too."""
         fields = super().cache_fields()
+        if getattr(self.method, "calibrator", None) == "entropy":  # before its bins were passed it was minmax
+            fields["entropy_bins"] = CALIBRATOR_OPTIONS["entropy"]
         if isinstance(self.method, AutoMethod):
             fields["auto_reduce_range"] = bool(not self.target.int8_session_config() and int8_dot_saturates())
         return fields
@@ -157,6 +173,8 @@ class Int8Options(StageOptions):
             for key, methods in _APPLIES.items()
             if key in self.model_fields_set and method not in methods
         ]
+        if self.accuracy_budget is not None and not adapter.labelled_calibration:
+            problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
         if self.target.fused_decoder:
             problems.append(
                 (
@@ -268,16 +286,26 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
     target = options.target
     out = ctx.outdir / "model.onnx"
     start = time.perf_counter()
-    _calibrate_static(artifact.main, out, method, target, exclude, transformer, ctx)
+    recipe = _calibrate_static(artifact.main, method, target, exclude, transformer, ctx)
+    seconds = round(time.perf_counter() - start, 1)
+    searched: dict[str, Any] = {}
+    if options.sensitivity or options.accuracy_budget:
+        sensitivity = options.sensitivity or SensitivityOptions()
+        config = target.int8_session_config()
+        searched = budget_search(recipe, out, sensitivity, options.accuracy_budget, method.samples, ctx, config)
+    else:
+        recipe.write(out)
+    shutil.rmtree(recipe.model.parent)
     info = {
         "method": "static",
-        "calibration_seconds": round(time.perf_counter() - start, 1),
+        "calibration_seconds": seconds,
         "calibrator": method.calibrator,
         "activations": "int8 symmetric" if target.symmetric_activations else "uint8 asymmetric",
         "weights": "int8 symmetric per-channel" if method.per_channel else "int8 symmetric per-tensor",
         "lm_head": options.lm_head,
     }
     info["reduce_range"] = method.reduce_range
+    info.update(searched)
     if method.reduce_range:
         info["weights"] += " (7-bit range)"
     if transformer:
@@ -301,23 +329,14 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
 
 def _calibrate_static(
     src: Path,
-    out: Path,
     method: algorithms.StaticOptions,
     target: targets.TargetOptions,
     exclude: list[str],
     transformer: list[str] | None,
     ctx: StageContext,
-) -> None:
-    """Pre-process `src`, calibrate on the adapter's inputs and write the Q/DQ graph at `out`."""
-    with quiet_third_party():  # importing ORT's quantization configures root logging
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-
+) -> QdqRecipe:
+    """Pre-process `src` into `outdir/_pre/`, calibrate on the adapter's inputs (ranges saved beside it) and
+    return the recipe that writes Q/DQ graphs from them (`compress.quant.calibration` says why two steps)."""
     # ONNX Runtime writes scratch files beside its input: the pre-processed graph lives in a folder of ours.
     pre = ctx.outdir / "_pre" / "model.onnx"
     pre.parent.mkdir()
@@ -334,38 +353,33 @@ def _calibrate_static(
         )
     symmetric = target.symmetric_activations
     # TensorRT takes biases in float (it fuses them itself); an INT32 bias DequantizeLinear breaks its rules.
-    extra = {
-        "WeightSymmetric": True,
-        "ActivationSymmetric": symmetric,
-        "CalibPercentile": method.percentile,
-        "QuantizeBias": not symmetric,
-    }
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": symmetric, "QuantizeBias": not symmetric}
     if transformer:  # their outputs too: else the Add / Mul / Softmax after them would read 8-bit values
         extra["OpTypesToExcludeOutputQuantization"] = transformer
     label = f"calibrate ({method.calibrator}, {method.samples} samples)"
     with ctx.reporter.task(label, total=method.samples) as task:
         reader = _Reader(ctx.adapter.calibration_inputs(method.samples, batch_size=8), method.samples, task)
-        CalibrationDataReader.register(_Reader)
-        with quiet_third_party():
-            quantize_static(
-                str(pre),
-                str(out),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=method.per_channel,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, _CALIBRATORS[method.calibrator]),
-                nodes_to_exclude=exclude or None,
-                op_types_to_quantize=list(method.op_types) if method.op_types else None,
-                use_external_data_format=large,
-                reduce_range=method.reduce_range,
-                extra_options=extra,
-            )
-    shutil.rmtree(pre.parent)
-
-
-_CALIBRATORS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+        cache = compute_ranges(
+            pre,
+            reader,
+            calibrator=method.calibrator,
+            percentile=method.percentile,
+            op_types=method.op_types,
+            cache=pre.parent / "ranges.json",
+            large=large,
+        )
+    return QdqRecipe(
+        model=pre,
+        cache=cache,
+        calibrator=method.calibrator,
+        per_channel=method.per_channel,
+        symmetric_activations=symmetric,
+        reduce_range=bool(method.reduce_range),
+        op_types=tuple(method.op_types) if method.op_types else None,
+        large=large,
+        extra=extra,
+        exclude=tuple(exclude),
+    )
 
 
 #: what ONNX Runtime's symbolic shape inference leaves in the working directory when it gives up

@@ -1,0 +1,102 @@
+"""The report's sensitivity and accuracy-budget section, from an INT8 artifact's info (`sensitivity`,
+`accuracy_budget`, written by compress/stages/quantize/fallback.py): the budget and what met it (or the best
+candidate and what blocked it), the fallback steps, the nodes sorted by sensitivity, and a bar plot."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from compress.report.figures import png_bytes, pyplot
+
+#: info keys this section shows (the stage-details list leaves them out)
+KEYS = ("sensitivity", "accuracy_budget")
+SHOWN = 20  # nodes in the table and the plot
+
+
+def has_section(info: Mapping[str, Any]) -> bool:
+    return "sensitivity" in info
+
+
+def summary(info: Mapping[str, Any]) -> list[str]:
+    """Sentences on the budget: what was asked, what the search found on the slice, which nodes stay float."""
+    sens, budget = info["sensitivity"], info.get("accuracy_budget")
+    start, stop = sens["slice"]
+    full = sens["full_int8"]
+    out = [
+        f"Measured on calibration samples {start}–{stop - 1} ({sens['samples']}), held apart from the "
+        f"{start} the ranges came from. Full INT8 on that slice: relative output error {full['error_pct']:.2f}% "
+        f"and top-1 agreement {full['agreement_pct']:.1f}% with the float graph. Sensitivity: {sens['measure']}."
+    ]
+    if budget is None:
+        return out
+    unit, metric = budget["unit"], budget["metric"]
+    kept = [n["node"] for n in budget["float_nodes"]]
+    head = (
+        f"Budget: {metric} drop ≤ {budget['max_drop']:g} {unit} vs the float graph, at most "
+        f"{budget['max_fallback']} node(s) back in float."
+    )
+    if budget["met"]:
+        found = f"Met on the slice with {len(kept)} node(s) float: drop {budget['drop']:.3f} {unit}"
+    else:
+        blocked = ", ".join(f"`{n['node']}`" for n in budget["blocked_by"]) or "none left"
+        found = (
+            f"**Not met** within {budget['max_fallback']} node(s). Best candidate (this artifact): "
+            f"{len(kept)} node(s) float, drop {budget['drop']:.3f} {unit} on the slice; the most sensitive nodes "
+            f"still quantized, which blocked it: {blocked}"
+        )
+    floated = ", ".join(f"`{n}`" for n in kept) or "none"
+    out.append(f"{head} {found}. Kept in float: {floated}. The evaluation-set result is the `accuracy_budget` gate.")
+    return out
+
+
+def steps_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    budget = info["accuracy_budget"]
+    metric, unit = budget["metric"], budget["unit"]
+    header = ["nodes float", "added", f"{metric} on the slice", f"drop ({unit})"]
+    rows = [[str(s["float_nodes"]), s["added"] or "–", f"{s[metric]:.2f}", f"{s['drop']:.3f}"] for s in budget["steps"]]
+    return header, rows
+
+
+def nodes_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    floated = {n["node"] for n in (info.get("accuracy_budget") or {}).get("float_nodes", ())}
+    header = [
+        "rank",
+        "node",
+        "op",
+        "score",
+        "error % (only it float)",
+        "gain %",
+        "error % (only it quantized)",
+        "agreement % (only it float)",
+        "kept float",
+    ]
+    rows = [
+        [
+            str(i + 1),
+            n["node"],
+            n["op_type"],
+            f"{n['score']:.3f}",
+            f"{n['error_pct']:.3f}",
+            f"{n['gain_pct']:.3f}",
+            f"{n['alone_pct']:.3f}",
+            f"{n['agreement_pct']:.1f}",
+            "yes" if n["node"] in floated else "",
+        ]
+        for i, n in enumerate(info["sensitivity"]["nodes"][:SHOWN])
+    ]
+    return header, rows
+
+
+def figure(info: Mapping[str, Any], title: str) -> bytes:
+    """Horizontal bars of the most sensitive nodes' scores; the ones kept in float in orange."""
+    plt = pyplot()
+    nodes = info["sensitivity"]["nodes"][:SHOWN][::-1]
+    floated = {n["node"] for n in (info.get("accuracy_budget") or {}).get("float_nodes", ())}
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(nodes) + 1.2), dpi=100)
+    colours = ["tab:orange" if n["node"] in floated else "tab:blue" for n in nodes]
+    ax.barh([n["node"][-40:] for n in nodes], [n["score"] for n in nodes], color=colours)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("sensitivity score (output error %: gain when float + error when alone)", fontsize=8)
+    ax.set_title(f"{title}: most sensitive nodes (orange: kept float)", fontsize=9)
+    return png_bytes(fig)

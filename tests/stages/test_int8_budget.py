@@ -1,0 +1,184 @@
+"""Static INT8 sensitivity and the accuracy-budget fallback on a net with two fragile convs (tests/toys.py
+FragileCNN, random weights: only the logic is checked, never the quality of such a model).
+
+The stage runs on an ONNX file with a small stand-in adapter: random calibration images, and as labels of
+the held-apart slice the float graph's own top-1 (so the float graph scores 100 there and any drop is what
+quantization cost). The gate is checked on records, and the cache key on the validated options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from toys import fragile_cnn
+
+from compress.families.base import Evaluation
+from compress.families.vision import task
+from compress.progress import Reporter
+from compress.stages.base import StageContext
+from compress.stages.quantize.int8 import Int8Options, quantize_int8
+
+CALIB, SLICE = 32, 64  # ranges from 32 images, the search on the next 64
+
+
+def _images() -> np.ndarray:
+    """A colour per image plus noise, (N, 3, 28, 28): global pooling keeps what differs between images."""
+    rng = np.random.default_rng(0)
+    shape = (CALIB + SLICE, 3, 28, 28)
+    return (rng.standard_normal((shape[0], 3, 1, 1)) + 0.5 * rng.standard_normal(shape)).astype(np.float32)
+
+
+class _Adapter:
+    """What the static path asks of a family: calibration inputs, the slice metric and compare()."""
+
+    quality = task.QUALITY
+    default_int8_method = "static"
+    labelled_calibration = True
+
+    def __init__(self, model: Path) -> None:
+        import onnxruntime as ort
+
+        self.images = _images()
+        self.labels = ort.InferenceSession(str(model)).run(None, {"input": self.images})[0].argmax(1)
+
+    def calibration_inputs(self, samples: int | None = None, batch_size: int = 1):
+        n = len(self.images) if samples is None else min(samples, len(self.images))
+        for start in range(0, n, batch_size):
+            yield {"input": self.images[start : min(start + batch_size, n)]}
+
+    def evaluate_calibration(self, session, start: int, stop: int, reporter) -> Evaluation:
+        predictions = session.run({"input": self.images[start:stop]})[0].argmax(1)
+        top1 = 100.0 * float((predictions == self.labels[start:stop]).mean())
+        return Evaluation({"top1": top1}, predictions)
+
+    def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
+        return task.compare(result, baseline)
+
+
+@pytest.fixture(scope="module")
+def fragile_onnx(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fragile") / "model.onnx"
+    model = fragile_cnn()
+    for bn in (model.stem[1], model.bn1, model.bn2):
+        bn.momentum = None  # a cumulative average: the statistics of these images, so the features vary
+    with torch.no_grad():
+        model.train()(torch.from_numpy(_images()))
+    torch.onnx.export(
+        model.eval(),
+        torch.zeros(1, 3, 28, 28),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
+def _quantize(model: Path, tmp: Path, **keys) -> dict:
+    options = Int8Options(precision="int8", method={"name": "static", "calibrator": "minmax", "samples": CALIB}, **keys)
+    artifact = SimpleNamespace(name="onnx-fp32", precision="fp32", main=model)
+    ctx = StageContext(_Adapter(model), tmp, {}, None, Reporter(quiet=True), 1, 0, "test")
+    out = quantize_int8(artifact, options, ctx)
+    assert (tmp / out.file).is_file() and not (tmp / "_pre").exists() and not (tmp / "_probe").exists()
+    return out.info
+
+
+def test_the_fragile_convs_rank_first_and_go_back_to_float(fragile_onnx: Path, tmp_path: Path) -> None:
+    info = _quantize(
+        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 4}
+    )
+    ranked = [row["node"] for row in info["sensitivity"]["nodes"]]
+    # a fragile conv first; the spikes beside them (their output is the outlier tensor), the rest after
+    assert ranked[0] in {"/fragile1/Conv", "/fragile2/Conv"}, ranked
+    assert set(ranked[:4]) == {"/fragile1/Conv", "/fragile2/Conv", "/spike1/Conv", "/spike2/Conv"}, ranked
+    budget = info["accuracy_budget"]
+    # full INT8 rounds the outlier activation's other channels away: far over budget on the slice
+    assert budget["steps"][0]["float_nodes"] == 0 and budget["steps"][0]["drop"] > 20
+    assert budget["met"] and budget["drop"] <= 5.0 and budget["blocked_by"] == []
+    assert [n["node"] for n in budget["float_nodes"]] == ranked[: len(budget["float_nodes"])]
+    assert {"/fragile1/Conv", "/fragile2/Conv"} <= {n["node"] for n in budget["float_nodes"]}
+
+
+def test_an_impossible_budget_keeps_the_best_candidate_and_names_the_blockers(
+    fragile_onnx: Path, tmp_path: Path
+) -> None:
+    # one node may go back to float; both fragile convs must: the budget cannot be met
+    info = _quantize(
+        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 1}
+    )
+    budget = info["accuracy_budget"]
+    assert not budget["met"] and len(budget["steps"]) == 2
+    assert budget["drop"] == min(step["drop"] for step in budget["steps"]) > 5.0
+    ranked = [row["node"] for row in info["sensitivity"]["nodes"]]
+    kept = len(budget["float_nodes"])
+    assert [n["node"] for n in budget["blocked_by"]] == ranked[kept : kept + 5]  # the next ones in the ranking
+
+
+def test_the_budget_gate_fails_an_unmet_budget_and_checks_the_evaluation_set() -> None:
+    from compress.config import Gates
+    from compress.metrics.gates import check_gates
+
+    budget = Int8Options(precision="int8", accuracy_budget={"max_drop": 0.5})
+    plan = SimpleNamespace(name="int8", input="onnx-fp32", options=budget)
+    cfg = SimpleNamespace(baseline="finetune", gates=Gates(), quality=task.QUALITY, stages=(plan,))
+
+    def records(met: bool, eval_drop: float) -> dict:
+        found = {"met": met, "drop": 0.2 if met else 1.1, "float_nodes": [], "blocked_by": [{"node": "/a/Conv"}]}
+        return {
+            "finetune": {"artifact": {"parent": "source"}, "evaluation": {"metrics": {"top1": 90.0}}},
+            "onnx-fp32": {"artifact": {"parent": "finetune"}, "evaluation": {"metrics": {"top1": 90.0}}},
+            "int8": {
+                "artifact": {"parent": "onnx-fp32", "info": {"accuracy_budget": found}},
+                "evaluation": {"metrics": {"top1": 90.0 - eval_drop}, "vs_parent": {"top1_drop": eval_drop}},
+            },
+        }
+
+    (passed,) = check_gates(cfg, records(True, 0.3))
+    assert passed.gate == "accuracy_budget" and passed.status == "pass" and passed.vs == "onnx-fp32"
+    (unmet,) = check_gates(cfg, records(False, 0.3))  # within bound on the test set, but the search gave up
+    assert unmet.status == "fail" and "/a/Conv" in unmet.detail
+    (over,) = check_gates(cfg, records(True, 0.7))  # met on the slice, not confirmed on the evaluation set
+    assert over.status == "fail" and over.value == pytest.approx(0.7)
+
+
+def test_the_cache_key_holds_the_budget_and_other_methods_refuse_it() -> None:
+    from compress.families.causal_lm.adapter import CausalLMAdapter
+    from compress.families.vision.adapter import VisionAdapter
+
+    plain = Int8Options(precision="int8")
+    tight = Int8Options(precision="int8", accuracy_budget={"max_drop": 0.15})
+    loose = Int8Options(precision="int8", accuracy_budget={"max_drop": 0.3})
+    keys = [plain.cache_fields(), tight.cache_fields(), loose.cache_fields()]
+    assert keys[1]["accuracy_budget"] == {"max_drop": 0.15, "max_fallback": 10}
+    assert keys[0] != keys[1] != keys[2]
+    assert tight.check_family(VisionAdapter) == []
+    problems = tight.check_family(CausalLMAdapter)  # auto -> weight-only for a decoder
+    assert ("accuracy_budget", "applies to method static only (method is weight-only); remove it") in problems
+    with pytest.raises(ValueError, match="max_drop"):
+        Int8Options(precision="int8", accuracy_budget={"max_drop": -1})
+    with pytest.raises(ValueError, match="extra"):
+        Int8Options(precision="int8", accuracy_budget={"max_drop": 0.1, "budget": 2})
+
+
+def test_the_report_section_shows_budget_steps_and_sorted_nodes(fragile_onnx: Path, tmp_path: Path) -> None:
+    from compress.report import sensitivity
+
+    info = _quantize(
+        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 1}
+    )
+    text = " ".join(sensitivity.summary(info))
+    assert "**Not met** within 1 node(s)" in text and "which blocked it: `" in text
+    _, steps = sensitivity.steps_rows(info)
+    assert [row[0] for row in steps] == ["0", "1"]
+    _, nodes = sensitivity.nodes_rows(info)
+    scores = [float(row[3]) for row in nodes]
+    assert scores == sorted(scores, reverse=True)
+    kept = {n["node"] for n in info["accuracy_budget"]["float_nodes"]}
+    assert {row[1] for row in nodes if row[-1] == "yes"} == kept  # the best candidate's float nodes are marked
+    assert sensitivity.figure(info, "int8")[:8] == b"\x89PNG\r\n\x1a\n"
