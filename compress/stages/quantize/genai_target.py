@@ -110,7 +110,7 @@ def build_genai_artifact(
         execution_provider=target.execution_provider,
         accuracy_level=target.accuracy_level,
         quantized_nodes=quantized_nodes(op_counts(out)),
-        fused_ops=_fused_ops(op_counts(out)),
+        fused_ops=fused_ops(op_counts(out)),
         lm_head_quantizer={"int4": "ours (RTN)", "int8": "onnxruntime-genai builder (RTN)"}.get(options.lm_head),
     )
     unmeasured = None if target.runs_on_cpu else NEEDS_GPU
@@ -126,6 +126,6 @@ def build_genai_artifact(
     )
 
 
-def _fused_ops(counts: Any) -> dict[str, int]:
+def fused_ops(counts: Any) -> dict[str, int]:
     fused = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized")
     return {op: counts[op] for op in fused if counts.get(op)}
