@@ -270,6 +270,11 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
                 "reduce_range": method.reduce_range,
             }
     info.update(method=method.name, seconds=round(time.perf_counter() - start, 1), lm_head=options.lm_head)
+    if isinstance(method, algorithms.WeightOnlyOptions):
+        from compress.stages.quantize.common import op_counts
+
+        tied = op_counts(out).get("GatherBlockQuantized")  # int8_tied: the gather reads the 8-bit head's codes
+        info["embedding"] = "tied: the lm_head's 8-bit codes (GatherBlockQuantized)" if tied else "float"
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
 
 
