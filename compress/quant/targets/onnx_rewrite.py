@@ -19,7 +19,9 @@ Targets:
   ReduceMean/Split changed signature) are refused with the advice to export at opset 21.
 
 Optionally the embedding ``Gather`` becomes ``com.microsoft.GatherBlockQuantized`` (onnxruntime), or
-``Gather(DequantizeLinear(INT4, axis=1))`` in standard ONNX (tensorrt).
+``Gather(DequantizeLinear(INT4, axis=1))`` in standard ONNX (tensorrt). For onnxruntime, an embedding given
+the very QuantizedWeight of a quantized Linear (a tied lm_head) reads that MatMulNBits' tensors through a
+Reshape, so the codes are stored once.
 Linears that cannot be matched are listed in the report, and ``strict=True`` (default) raises.
 Unused float initializers are dropped so the file is really 4-bit.
 """
