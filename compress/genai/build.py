@@ -294,10 +294,11 @@ def build_fused_decoder(
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
 
-    ``quantized`` (``{module name: QuantizedWeight}``, int4 only) replaces those Linears by our codes;
-    MatMuls left in float get the builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how
-    an lm_head that is not in ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding
-    then reads the same codes), or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
+    ``quantized`` (``{module name: QuantizedWeight}``, all 4-bit or all 8-bit as ``precision``; int8 needs
+    every Linear, lm_head included) replaces those Linears by our codes; MatMuls left in float get the
+    builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how an lm_head that is not in
+    ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding then reads the same codes),
+    or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
     0 on CUDA). The folder appears only when complete.
     """
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
