@@ -1,4 +1,4 @@
-"""Build ONNX Runtime GenAI's fused decoder graph, optionally from our own INT4 weights.
+"""Build ONNX Runtime GenAI's fused decoder graph, optionally from our own INT4 or INT8 weights.
 
     build_fused_decoder("runs/x/hf", "runs/x/genai-int4", precision="int4", quantized=qws)
 
@@ -37,8 +37,12 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
 - Execution providers: cpu, cuda, dml, webgpu, NvTensorRtRtx. The graph for cuda is built on any machine
   (fp16 I/O for int4/fp16); nothing here runs it.
 
-Our weights enter through a temporary AutoGPTQ-layout folder written with ``pack_gptq`` (v1 zero points,
-stored modulo 16, so a zero point of 0 survives the builder's ``+1``); the scales are rounded to fp16
+Our weights enter through a temporary AutoGPTQ-layout folder written with ``pack_gptq`` (4 bits) or
+``pack_gptq8`` (8 bits) (v1 zero points, stored modulo 2**bits, so a zero point of 0 survives the
+builder's ``+1``). ``precision="int8"``: the builder runs its int4 path (the only one that reads a GPTQ
+checkpoint and ties a quantized embedding); its loader takes ``bits`` from the checkpoint, so every
+MatMulNBits and the tied GatherBlockQuantized are 8-bit and hold our codes (tests/genai/test_genai_int8.py;
+the builder's "INT4 only" gather messages concern its own RTN of a float embedding). The scales are rounded to fp16
 (the format's type), the only difference between the graph's weights and ours. One graph fix follows
 (``rewrite``) for the tied embedding's GatherBlockQuantized: 2-D scales / zero points, and real input
 names for an 8-bit lm_head.
@@ -58,6 +62,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from compress.errors import MissingDependencyError
@@ -65,7 +70,7 @@ from compress.genai.rewrite import fix_tied_embedding
 from compress.quant.primitives.packing import pack_gptq
 from compress.quant.primitives.weight import QuantizedWeight
 
-Precision = Literal["fp32", "int4"]
+Precision = Literal["fp32", "int4", "int8"]
 ExecutionProvider = Literal["cpu", "cuda"]
 LmHead = Literal["int4", "int8", "float"]
 
@@ -131,10 +136,10 @@ def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str) -> Qua
         )
     first = next(iter(quantized.values()))
     for name, qw in quantized.items():
-        if qw.bits != 4:
+        if qw.bits not in (4, 8) or qw.bits != first.bits:
             raise ValueError(
-                f"quantized[{name!r}].bits = {qw.bits}; allowed: 4 (pack_gptq writes 4-bit AutoGPTQ tensors, and "
-                "the builder's GatherBlockQuantized for a tied embedding is INT4 only)"
+                f"quantized[{name!r}].bits = {qw.bits}, first weight's {first.bits}; allowed: 4 or 8, the same for "
+                "every weight (one quantization_config.bits per checkpoint)"
             )
         if qw.group_size == -1 or qw.group_size & (qw.group_size - 1) or qw.group_size < 16:
             raise ValueError(
@@ -166,6 +171,29 @@ def _float_tensors(hf_folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def pack_gptq8(qw: QuantizedWeight) -> dict[str, np.ndarray]:
+    """AutoGPTQ tensors of 8-bit ``qw`` (zeros as given): four codes an int32, lowest byte first.
+
+    ``pack_gptq`` (``compress.quant.primitives``) writes 4 bits only; this is the same layout at 8 bits, the
+    one the builder's ``unpack_on_row_for_2_4_8_bits`` reads (shifts 0, 8, 16, 24 along K / along N).
+    """
+    n, k = qw.shape
+    if k % 4 or n % 4:
+        raise ValueError(f"8-bit GPTQ packing needs in and out features divisible by 4, got [{n}, {k}]")
+
+    def pack_rows(codes: np.ndarray) -> np.ndarray:  # (R, C) uint8 -> (R/4, C) int32, row 4i+j at byte j
+        c = codes.astype(np.uint32).reshape(-1, 4, codes.shape[1])
+        packed = c[:, 0] | (c[:, 1] << 8) | (c[:, 2] << 16) | (c[:, 3] << 24)
+        return np.ascontiguousarray(packed.view(np.int32))
+
+    return {
+        "qweight": pack_rows(qw.qweight.numpy().T),  # (K/4, N)
+        "qzeros": np.ascontiguousarray(pack_rows(qw.zeros.numpy()).T),  # (n_groups, N/4)
+        "scales": np.ascontiguousarray(qw.scales.float().numpy().T.astype(np.float16)),  # (n_groups, N)
+        "g_idx": qw.group_index().numpy().astype(np.int32),
+    }
+
+
 def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedWeight], folder: Path) -> Path:
     """Write ``folder`` as the AutoGPTQ-layout checkpoint the builder's GPTQ loader reads.
 
@@ -182,17 +210,20 @@ def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedW
         raise ValueError(f"quantized weights {missing} name no Linear weight in {hf_folder}")
     out: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if k[: -len(".weight")] not in quantized}
     for name, qw in quantized.items():
-        stored = replace(qw, zeros=((qw.zeros.to(torch.int16) - 1) % 16).to(torch.uint8))
-        t = pack_gptq(stored, "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
-        out[f"{name}.qweight"] = torch.from_numpy(t.qweight)
-        out[f"{name}.qzeros"] = torch.from_numpy(t.qzeros)
-        out[f"{name}.scales"] = torch.from_numpy(t.scales)
-        out[f"{name}.g_idx"] = torch.from_numpy(t.g_idx)
+        levels = 1 << qw.bits
+        stored = replace(qw, zeros=((qw.zeros.to(torch.int16) - 1) % levels).to(torch.uint8))
+        if qw.bits == 4:
+            t = pack_gptq(stored, "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
+            tensors = {"qweight": t.qweight, "qzeros": t.qzeros, "scales": t.scales, "g_idx": t.g_idx}
+        else:
+            tensors = pack_gptq8(stored)
+        for key, value in tensors.items():
+            out[f"{name}.{key}"] = torch.from_numpy(value)
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config["quantization_config"] = {
         "quant_method": "gptq",
-        "bits": 4,
+        "bits": first.bits,
         "group_size": first.group_size,
         "desc_act": False,  # act-order g_idx is refused above
         "sym": first.symmetric,
@@ -263,39 +294,52 @@ def build_fused_decoder(
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
 
-    ``quantized`` (``{module name: QuantizedWeight}``, int4 only) replaces those Linears by our codes;
-    MatMuls left in float get the builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how
-    an lm_head that is not in ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding
-    then reads the same codes), or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
+    ``quantized`` (``{module name: QuantizedWeight}``, all 4-bit or all 8-bit as ``precision``; int8 needs
+    every Linear, lm_head included) replaces those Linears by our codes; MatMuls left in float get the
+    builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how an lm_head that is not in
+    ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding then reads the same codes),
+    or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
     0 on CUDA). The folder appears only when complete.
     """
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
-    if precision not in ("fp32", "int4"):
-        raise ValueError(f"precision = {precision!r}; allowed: fp32, int4")
+    if precision not in ("fp32", "int4", "int8"):
+        raise ValueError(f"precision = {precision!r}; allowed: fp32, int4, int8")
     if execution_provider not in ("cpu", "cuda"):
         raise ValueError(f"execution_provider = {execution_provider!r}; allowed: cpu, cuda")
-    if quantized and precision != "int4":
-        raise ValueError(f"quantized weights given with precision = {precision!r}; they need precision='int4'")
+    if quantized and precision == "fp32":
+        raise ValueError("quantized weights given with precision = 'fp32'; they need precision 'int4' or 'int8'")
+    bits = {"int4": 4, "int8": 8}.get(precision)
+    wrong = [name for name, qw in (quantized or {}).items() if qw.bits != bits]
+    if wrong:
+        raise ValueError(f"precision = {precision!r} but quantized{wrong[:3]} are not {bits}-bit")
+    if precision == "int8" and (not quantized or "lm_head" not in quantized):
+        raise ValueError(
+            "precision = 'int8' builds from our 8-bit weights only, lm_head included (the builder's own RTN "
+            "would quantize every float MatMul at 4 bits): pass quantized= with every Linear and 'lm_head'"
+        )
     if lm_head not in ("int4", "int8", "float"):
         raise ValueError(f"lm_head = {lm_head!r}; allowed: int4, int8, float")
-    if quantized and "lm_head" in quantized and lm_head != "int4":
-        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our 4-bit 'lm_head'; drop one of them")
+    if quantized and "lm_head" in quantized and lm_head != precision:
+        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our {bits}-bit 'lm_head'; drop one of them")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
     _architecture(hf_folder)
+    # our 8-bit weights go through the builder's int4 path: its GPTQ loader takes each layer's bits from the
+    # checkpoint (MatMulNBits bits=8), and only that path makes the tied GatherBlockQuantized
+    builder_precision = "int4" if precision == "int8" else precision
     extra = _extra_options(
-        precision,
+        builder_precision,
         accuracy_level=accuracy_level,
         block_size=block_size,
         symmetric=symmetric,
-        lm_head=lm_head,
+        lm_head="int4" if precision == "int8" else lm_head,  # no option: the 8-bit head is ours
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         source = write_builder_checkpoint(hf_folder, quantized, work / "gptq") if quantized else hf_folder
-        _run_builder(source, work / "model", precision, execution_provider, extra, verbose)
-        if precision == "int4":
+        _run_builder(source, work / "model", builder_precision, execution_provider, extra, verbose)
+        if builder_precision == "int4":
             fix_tied_embedding(work / "model" / "model.onnx")
         os.replace(work / "model", out_dir)
     finally:

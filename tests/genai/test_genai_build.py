@@ -258,7 +258,7 @@ def _rtn(group_size: int = 32, bits: int = 4):
     [
         (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(64)["model.layers.0.mlp.up_proj"]}, "differ from"),
         (lambda q: _rtn(-1), "allowed a power of two >= 16"),
-        (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(bits=8)["model.layers.0.mlp.up_proj"]}, "allowed: 4"),
+        (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(bits=8)["model.layers.0.mlp.up_proj"]}, "not 4-bit"),
         (lambda q: {"model.layers.0.mlp.nope": q["model.layers.0.mlp.up_proj"]}, "name no Linear weight"),
     ],
     ids=["mixed-groups", "per-row", "8-bit", "unknown-name"],
@@ -281,7 +281,7 @@ def test_act_order_g_idx_is_refused(tied, tmp_path):
 
 def test_bad_options_are_named(tied, tmp_path):
     folder, _ = tied
-    with pytest.raises(ValueError, match="need precision='int4'"):
+    with pytest.raises(ValueError, match="need precision 'int4' or 'int8'"):
         build_fused_decoder(folder, tmp_path / "x", precision="fp32", quantized=_rtn())
     with pytest.raises(ValueError, match="execution_provider = 'dml'; allowed: cpu, cuda"):
         build_fused_decoder(folder, tmp_path / "x", execution_provider="dml")

@@ -13,8 +13,10 @@ Candidates (no hand-written kernels):
   ``accuracy_level=4`` lets the kernel quantize activations to int8 and use integer dot products.
 
 The lm_head (the last MatMul, onto the vocabulary; a transposed copy of the embedding when tied) is
-quantized by default (``lm_head="int8"``): on SmolLM2 it is 49152 x 576, ~20% of all MatMul weights. The
-embedding Gather is left in FP32 (quantizing it forced opset 21, and the re-versioned graph then failed to
+quantized by default (``lm_head="int8"``): on SmolLM2 it is 49152 x 576, ~20% of all MatMul weights. A tied
+embedding then reads the head's 8-bit codes through ``GatherBlockQuantized`` (``int8_tied``), so the file
+holds the table once, at 8 bits (SmolLM2-135M: 113 MB of FP32 table gone); an untied embedding keeps its
+own FP32 table (ORT's 8-bit Gather quantization would need opset 21, and the re-versioned graph failed to
 load in ONNX Runtime: "Unrecognized attribute: axes for operator ReduceMean").
 
 ``DEFAULT_INT8_METHOD = "weight-only"`` (``accuracy_level=4``, groups of 32, lm_head included) was chosen
@@ -46,6 +48,7 @@ from pathlib import Path
 from compress.families.causal_lm.export import lm_head_matmul
 from compress.onnx_files import copy_model, wants_external_data, write_atomically
 from compress.progress import quiet_third_party
+from compress.quant.algorithms.int8_tied import share_quantized_table
 from compress.quant.scheme import group_size_problem
 from compress.quant.vocab import Int8Method
 
@@ -100,9 +103,12 @@ def quantize_weight_only_int8(
     accuracy_level: int | None = 4,
     symmetric: bool = True,
     lm_head: bool = True,
+    share_table: bool = True,
 ) -> Path:
     """Weight-only INT8 (``MatMulNBits`` bits=8, groups of ``group_size`` along K); ``lm_head=False`` keeps
-    the output projection float."""
+    the output projection float. With an 8-bit lm_head and ``share_table`` a tied embedding reads the head's
+    8-bit codes (``int8_tied``) instead of keeping its FP32 table; ``share_table=False`` keeps the old layout
+    (the table in FP32, beside the 8-bit head), for comparison."""
     import onnx
 
     with quiet_third_party():
@@ -114,6 +120,8 @@ def quantize_weight_only_int8(
         raise ValueError(f"accuracy_level = {accuracy_level}; allowed: None, 0, 1, 2, 3, 4")
     exclude = [] if lm_head else lm_head_nodes(src)
     model = onnx.load(str(src))
+    head = lm_head_matmul(model.graph)
+    head_names = (head.input[1], head.output[0]) if head is not None and head.op_type == "MatMul" else None
     with quiet_third_party():
         quant = MatMulNBitsQuantizer(
             model,
@@ -124,6 +132,8 @@ def quantize_weight_only_int8(
             nodes_to_exclude=exclude,
         )
         quant.process()
+    if lm_head and share_table and head_names:
+        share_quantized_table(quant.model.model, *head_names)
     external = wants_external_data(Path(src))
 
     def write(tmp: Path) -> None:

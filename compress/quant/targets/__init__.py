@@ -6,9 +6,10 @@
 - `tensorrt`: standard ONNX only, TensorRT's explicit-quantization rules: INT8 symmetric activations and
   weights (zero point 0), float biases; INT4 as opset-21 blocked `DequantizeLinear` + `MatMul`, symmetric.
   Every artifact for this target is checked against those rules on CPU (`compress.checks.tensorrt`).
-- `onnxruntime-genai` (int4, causal-lm only): onnxruntime-genai's model builder writes its fused decoder
-  graph (GroupQueryAttention, packed QKV, MatMulNBits, a tied embedding stored once) from our quantized
-  weights (`compress.genai.build`); `execution_provider: cuda` builds the GPU graph (fp16 I/O) on any machine.
+- `onnxruntime-genai` (int4, and int8 weight-only; causal-lm only): onnxruntime-genai's model builder writes
+  its fused decoder graph (GroupQueryAttention, packed QKV, MatMulNBits, a tied embedding stored once) from
+  our quantized weights (`compress.genai.build`); `execution_provider: cuda` builds the GPU graph (fp16 I/O)
+  on any machine.
 
 The INT4 rewrite of an exported graph for either target is `onnx_rewrite`.
 
@@ -53,7 +54,7 @@ class TargetOptions(NamedOptions):
     rewrite: ClassVar[str] = "onnxruntime"
     #: check the artifact against TensorRT's Q/DQ rules
     tensorrt_rules: ClassVar[bool] = False
-    #: the artifact is onnxruntime-genai's builder output (int4 only; no export + rewrite, no `opset`/`dynamo`)
+    #: the artifact is onnxruntime-genai's builder output (from torch; no export + rewrite, no `opset`/`dynamo`)
     fused_decoder: ClassVar[bool] = False
 
     @property
@@ -99,7 +100,7 @@ class TensorRT(TargetOptions):
 
 
 class OnnxruntimeGenai(TargetOptions):
-    """onnxruntime-genai's fused decoder graph, built by its model builder from our INT4 weights."""
+    """onnxruntime-genai's fused decoder graph, built by its model builder from our INT4 / INT8 weights."""
 
     name: Literal["onnxruntime-genai"] = "onnxruntime-genai"
     execution_provider: Literal["cpu", "cuda"] = Field(

@@ -19,7 +19,9 @@ Targets:
   ReduceMean/Split changed signature) are refused with the advice to export at opset 21.
 
 Optionally the embedding ``Gather`` becomes ``com.microsoft.GatherBlockQuantized`` (onnxruntime), or
-``Gather(DequantizeLinear(INT4, axis=1))`` in standard ONNX (tensorrt).
+``Gather(DequantizeLinear(INT4, axis=1))`` in standard ONNX (tensorrt). For onnxruntime, an embedding given
+the very QuantizedWeight of a quantized Linear (a tied lm_head) reads that MatMulNBits' tensors through a
+Reshape, so the codes are stored once.
 Linears that cannot be matched are listed in the report, and ``strict=True`` (default) raises.
 Unused float initializers are dropped so the file is really 4-bit.
 """
@@ -231,6 +233,61 @@ def _gather_block_quantized(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight
     ]
 
 
+def _shared_head(
+    G: _Graph,
+    new_nodes: Mapping[int, list[onnx.NodeProto]],
+    quantized: Mapping[str, QuantizedWeight],
+    qw: QuantizedWeight,
+) -> onnx.NodeProto | None:
+    """The MatMulNBits written for the Linear whose QuantizedWeight *is* ``qw`` (a tied head), if its
+    codes can serve a gather as they are (no padding of K, contiguous groups); else None."""
+    names = [n for n, q in quantized.items() if q is qw]
+    if not names or not qw.has_trivial_g_idx():
+        return None
+    prefix = names[0].replace(".", "_") + "_MatMulNBits_q4_"
+    for nodes in new_nodes.values():
+        for node in nodes:
+            if node.op_type == "MatMulNBits" and node.name.startswith(prefix):
+                attrs = {a.name: a.i for a in node.attribute}
+                return node if attrs["K"] % attrs["block_size"] == 0 else None
+    return None
+
+
+def _gather_from_head(G: _Graph, node: onnx.NodeProto, head: onnx.NodeProto, base: str) -> list[onnx.NodeProto]:
+    """``Gather(E, ids)`` -> ``GatherBlockQuantized`` over the tied head's own MatMulNBits tensors (stored once).
+
+    MatMulNBits keeps ``W (N=vocab, K=hidden)`` row by row in blocks along K, which is the embedding's
+    row layout: ``B (V, n_blocks, blob)`` reshaped to ``(V, H*bits/8)``, scales / zero points to 2-D.
+    """
+    attrs = {a.name: a.i for a in head.attribute}
+    n, k, bits, bs = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
+    nodes, inputs = [], []
+    for slot, last in ((1, k * bits // 8), (2, -1), (3, -1)):
+        if len(head.input) <= slot or not head.input[slot]:
+            continue
+        shape = G.add_init(base + "_shape", np.array([n, last], np.int64))
+        out = G.fresh(base + "_2d")
+        nodes.append(helper.make_node("Reshape", [head.input[slot], shape], [out], name=G.fresh(base + "_Reshape")))
+        inputs.append(out)
+    data, rest = inputs[0], inputs[1:]
+    if bits == 8 and len(rest) == 1:  # symmetric: MatMulNBits' implicit 128, given explicitly to the gather
+        rest.append(G.add_init(base + "_zp", np.full((n, k // bs), 128, np.uint8)))
+    nodes.append(
+        helper.make_node(
+            "GatherBlockQuantized",
+            [data, node.input[1], *rest],
+            list(node.output),
+            name=G.fresh(base + "_GBQ"),
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=bs,
+            bits=bits,
+        )
+    )
+    return nodes
+
+
 def _dq_gather(G: _Graph, node: onnx.NodeProto, qw: QuantizedWeight, base: str) -> list[onnx.NodeProto]:
     """``Gather(E, ids)`` -> ``Gather(DequantizeLinear(E_int4, axis=1, block_size), ids)`` (standard ONNX)."""
     if not qw.symmetric or qw.bits != 4 or not qw.has_trivial_g_idx():
@@ -351,11 +408,16 @@ def quantize_onnx_weights(
         report.record(lname, hits, reasons)
     for ename, qw in embeddings.items():
         hits = []
+        head = _shared_head(G, new_nodes, quantized, qw) if target == "onnxruntime" else None
         for iname in matching(float_weights[ename]):
             for node in G.consumers(iname):
                 if node.op_type == "Gather" and node.input[0] == iname:
-                    make = _gather_block_quantized if target == "onnxruntime" else _dq_gather
-                    new_nodes[index[id(node)]] = make(G, node, qw, ename.replace(".", "_"))
+                    base = ename.replace(".", "_")
+                    if head is not None:  # a tied table: read the head's codes, stored once
+                        new_nodes[index[id(node)]] = _gather_from_head(G, node, head, base)
+                    else:
+                        make = _gather_block_quantized if target == "onnxruntime" else _dq_gather
+                        new_nodes[index[id(node)]] = make(G, node, qw, base)
                     hits.append(node.name or node.output[0])
         report.record(ename, hits, [])
     if strict and (report.unmatched or report.unsupported):

@@ -114,7 +114,7 @@ def build_genai_artifact(
         execution_provider=target.execution_provider,
         accuracy_level=target.accuracy_level,
         quantized_nodes=quantized_nodes(op_counts(out)),
-        fused_ops=_fused_ops(op_counts(out)),
+        fused_ops=fused_ops(op_counts(out)),
         lm_head_quantizer={"int4": "ours (RTN)", "int8": "onnxruntime-genai builder (RTN)"}.get(options.lm_head),
     )
     unmeasured = None if target.runs_on_cpu else NEEDS_GPU
@@ -202,7 +202,7 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
         "layers_reused": sum(t.reused for t in result.layers),
         "layer_seconds_mean": round(sum(seconds) / len(seconds), 2),
         "builder": f"{GENAI_DIST} {genai_version()}",
-        "fused_ops": _fused_ops(op_counts(ctx.outdir / "model.onnx")),
+        "fused_ops": fused_ops(op_counts(ctx.outdir / "model.onnx")),
         "parity": "not run: streamed (the float model is never loaded); the evaluation measures the file",
     }
     unmeasured = None if options.target.runs_on_cpu else NEEDS_GPU
@@ -211,6 +211,6 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
     )
 
 
-def _fused_ops(counts: Any) -> dict[str, int]:
+def fused_ops(counts: Any) -> dict[str, int]:
     fused = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized")
     return {op: counts[op] for op in fused if counts.get(op)}

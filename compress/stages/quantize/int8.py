@@ -46,7 +46,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -105,7 +105,6 @@ class Int8Options(StageOptions):
     ```
     """
 
-    accepts: ClassVar[frozenset[str]] = frozenset({"onnx"})
     precision: Literal["int8"]
     method: Int8MethodField = Field(
         AutoMethod(),
@@ -114,7 +113,8 @@ class Int8Options(StageOptions):
     )
     target: TargetField = Field(
         targets.OnnxruntimeCpu(),
-        description="onnxruntime-cpu | tensorrt, or a mapping (onnxruntime-genai is int4 only)",
+        description="onnxruntime-cpu | tensorrt (from an ONNX artifact) | onnxruntime-genai (weight-only, causal-lm, "
+        "from the torch model: its builder's fused decoder), or a mapping",
     )
     group_size: GroupSize = Field(32, description="weight-only: weights per scale along K")
     lm_head: LmHead = Field("int8", description="output projection: int8 (quantized like the rest) or float")
@@ -129,6 +129,11 @@ class Int8Options(StageOptions):
     @classmethod
     def _flat_keys(cls, data: Any) -> Any:
         return refuse_flat_keys(data, cls.model_fields, algorithms.INT8)
+
+    @property
+    def accepts(self) -> frozenset[str]:  # type: ignore[override] - the target decides (StageOptions.accepts)
+        """ONNX for the ONNX Runtime / TensorRT rewrites; the torch model for onnxruntime-genai's builder."""
+        return frozenset({"torch"}) if self.target.fused_decoder else frozenset({"onnx"})
 
     @field_validator("lm_head")
     @classmethod
@@ -154,6 +159,10 @@ class Int8Options(StageOptions):
         fields = super().cache_fields()
         if getattr(self.method, "calibrator", None) == "entropy":  # before its bins were passed it was minmax
             fields["entropy_bins"] = CALIBRATOR_OPTIONS["entropy"]
+        if self.target.fused_decoder:
+            from compress.stages.quantize.genai_target import genai_version
+
+            fields["onnxruntime_genai"] = genai_version()  # its builder writes the graph
         if isinstance(self.method, AutoMethod):
             fields["auto_reduce_range"] = bool(not self.target.int8_session_config() and int8_dot_saturates())
         return fields
@@ -176,13 +185,18 @@ class Int8Options(StageOptions):
         if self.accuracy_budget is not None and not adapter.labelled_calibration:
             problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
         if self.target.fused_decoder:
-            problems.append(
-                (
-                    "target",
-                    f"{self.target.name} is an int4 target (its builder's fused decoder); "
-                    "use precision: int4, or target onnxruntime-cpu / tensorrt",
+            if self.target.name not in adapter.int4_targets:
+                problems.append(("target", f"{self.target.name}: not for family '{adapter.family}' (decoder LLMs)"))
+            if method != "weight-only":
+                problems.append(("method", f"target {self.target.name} takes weight-only int8 (method is {method})"))
+            if self.lm_head == "float":
+                problems.append(
+                    (
+                        "lm_head",
+                        f"target {self.target.name} quantizes every float MatMul itself (its 4-bit RTN), so a "
+                        "float lm_head cannot stay float there; allowed: int8",
+                    )
                 )
-            )
         for key in ("opset", "dynamo"):
             if key in self.target.model_fields_set:
                 problems.append(("target", f"{key}: int8 starts from an ONNX artifact (opset is export's); remove it"))
@@ -224,6 +238,10 @@ _NOTHING_QUANTIZED = {
 
 def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     refuse_quantized_input(artifact, "quantize int8")
+    if options.target.fused_decoder:  # from the torch model (`accepts`); the method was checked at validate
+        from compress.stages.quantize.int8_genai import quantize_int8_genai
+
+        return quantize_int8_genai(artifact, options, ctx)
     method = options.method_for(ctx.adapter.default_int8_method)
     if isinstance(method, algorithms.StaticOptions):
         out = _static(artifact, options, method, ctx)
@@ -270,6 +288,11 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
                 "reduce_range": method.reduce_range,
             }
     info.update(method=method.name, seconds=round(time.perf_counter() - start, 1), lm_head=options.lm_head)
+    if isinstance(method, algorithms.WeightOnlyOptions):
+        from compress.stages.quantize.common import op_counts
+
+        tied = op_counts(out).get("GatherBlockQuantized")  # int8_tied: the gather reads the 8-bit head's codes
+        info["embedding"] = "tied: the lm_head's 8-bit codes (GatherBlockQuantized)" if tied else "float"
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
 
 
