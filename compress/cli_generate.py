@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import ConfigError
@@ -179,15 +179,17 @@ def generate_command(args: argparse.Namespace) -> int:
         if result.decode_steps:
             rates.append(result.decode_tokens_per_second)
     rate = f", {sum(rates) / len(rates):.1f} tokens/s decode" if rates else ""
-    print(f"[{artifact.name}: {artifact.format} {artifact.precision}, {engine}, preset {args.preset}{rate}]", flush=True)
+    print(
+        f"[{artifact.name}: {artifact.format} {artifact.precision}, {engine}, preset {args.preset}{rate}]", flush=True
+    )
     return 0
 
 
 def _engine(artifact: Artifact, options: GenerationOptions, threads: int) -> tuple[Callable[..., Any], str]:
     """`run(prompts, on_token) -> GenerationResult` for the artifact, and the engine's name: onnxruntime-genai's
     Generator for a genai folder, else our `generate` over the ONNX or torch session."""
-    from compress.families.causal_lm.generate import generate
     from compress.families.causal_lm.genai_engine import genai_generate, is_genai_folder, open_genai_model
+    from compress.families.causal_lm.generate import generate
 
     if artifact.format == "onnx" and is_genai_folder(artifact.main.parent):
         model = open_genai_model(artifact.main.parent, threads=threads, stop_token_ids=options.stop_token_ids)

@@ -80,9 +80,7 @@ def banned_ngram_tokens(sequence: Sequence[int], n: int) -> list[int]:
     if n <= 0 or len(sequence) + 1 < n:
         return []
     prefix = tuple(sequence[len(sequence) - n + 1 :])
-    return [
-        sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i : i + n - 1]) == prefix
-    ]
+    return [sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i : i + n - 1]) == prefix]
 
 
 def process_scores(
