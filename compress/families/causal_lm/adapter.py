@@ -331,7 +331,8 @@ class CausalLMAdapter(Adapter):
         for name, dumped in self.preset_options.items():
             opts = GenerationOptions(**dumped)
             tokens = [generate(session, [p], opts).tokens[0] for p in self.prompt_ids]
-            runs[name] = {"settings": {**preset_settings(opts), "seed": opts.seed}, "tokens": tokens}
+            seed = {"seed": opts.seed} if opts.do_sample else {}  # greedy and beam search draw nothing
+            runs[name] = {"settings": {**preset_settings(opts), **seed}, "tokens": tokens}
         return {"prompts": list(self.data_cfg.prompts), "runs": runs}
 
     def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
