@@ -66,7 +66,7 @@ def describe_presets() -> str:
     """One line per preset: its name and settings (for `compress generate --list-presets`)."""
     lines = []
     for name in PRESETS:
-        settings = preset_settings(preset_options(name))
+        settings = PRESETS[name]  # as the preset states them (beam's length_penalty 1.0 is also the default)
         shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "greedy decoding (the evaluation default)"
         lines.append(f"{name:<9} {shown}")
     return "\n".join(lines)
