@@ -92,18 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         "generate",
         help="complete a prompt with a causal-lm artifact (torch folder or ONNX decoder)",
         description="Generate text from any causal-lm artifact of a run, e.g. "
-        "compress generate runs/smollm2-int8/int8 'The capital of France is'",
+        "compress generate runs/smollm2-int8/int8 'The capital of France is' --preset balanced --seed 0",
     )
-    gen.add_argument("artifact", type=Path, help="artifact folder (holds artifact.json)")
-    gen.add_argument("prompt", nargs="+", help="one or more prompts (generated as one left-padded batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=48)
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    gen.add_argument("--top-k", type=int, default=0, help="with --sample; 0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="with --sample; 1.0 = off")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    from compress.cli_generate import add_generate_arguments
+
+    add_generate_arguments(gen)
 
     sub.add_parser(
         "list-stages", help="list the stages and their options", description="List every stage and its options."

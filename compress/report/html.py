@@ -267,6 +267,28 @@ def _llm(m: RunManifest, ev: Evidence) -> list[str]:
         "<h3>Failure card</h3>",
         _html_table(["artifact", *keys], [[n, *[str(c[k]) for k in keys]] for n, c in cards.items()]),
     ]
+    return out + _presets(ev, decode)
+
+
+def _presets(ev: Evidence, decode: Any) -> list[str]:
+    """The decoding presets' continuations side by side: one table per prompt, artifacts x presets."""
+    view = llm_report.preset_texts({n: e.outputs for n, e in ev.evaluations.items()}, decode)
+    if view is None:
+        return []
+    out = ["<h2>Decoding presets on the fixed prompts</h2>", "<ul>"]
+    out += [f"<li><code>{_e(n)}</code>: {_e(llm_report.settings_text(s))}</li>" for n, s in view.settings.items()]
+    out += ["</ul>", "<p>Each artifact's continuation per preset; gates read the greedy ones only.</p>"]
+    names = list(view.settings)
+    head = "".join(f"<th>{_e(n)}</th>" for n in ["artifact", *names])
+    for prompt, row in zip(view.prompts, view.texts, strict=True):
+        body = "".join(
+            f"<tr><td>{_e(a)}</td>" + "".join(f"<td><pre>{_e(t.get(n, '–'))}</pre></td>" for n in names) + "</tr>"
+            for a, t in row.items()
+        )
+        out += [
+            f"<h3><pre>{_e(prompt)}</pre></h3>",
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        ]
     return out
 
 

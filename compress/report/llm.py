@@ -1,9 +1,12 @@
-"""The numbers behind the causal-lm pictures: where greedy continuations diverge, a failure card, and the
-per-window perplexity plot. Continuations are greedy (the evaluation decodes greedily; presets are not here)."""
+"""The numbers behind the causal-lm pictures: where greedy continuations diverge, a failure card, the
+per-window perplexity plot, and the decoding presets' continuations side by side (`data.presets`; gates read
+the greedy continuations only)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -61,3 +64,56 @@ def window_ppl_figure(window_nll: Mapping[str, np.ndarray]) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return png_bytes(fig)
+
+
+@dataclass(frozen=True)
+class PresetTexts:
+    """Per prompt, per artifact, per preset (greedy first): the continuation's text; and each preset's settings."""
+
+    prompts: list[str]
+    settings: dict[str, dict[str, Any]]
+    texts: list[dict[str, dict[str, str]]]  # [prompt][artifact][preset]
+
+
+def preset_texts(
+    outputs: Mapping[str, Mapping[str, Any]], decode: Callable[[Sequence[int]], list[str]]
+) -> PresetTexts | None:
+    """The preset continuations of every artifact (`outputs`: artifact -> its evaluation's outputs), decoded;
+    None when no artifact recorded any."""
+    recorded = {n: o for n, o in outputs.items() if o.get("presets")}
+    if not recorded:
+        return None
+    first = next(iter(recorded.values()))["presets"]
+    settings = {"greedy": {}} | {name: run["settings"] for name, run in first["runs"].items()}
+    texts: list[dict[str, dict[str, str]]] = []
+    for p in range(len(first["prompts"])):
+        row: dict[str, dict[str, str]] = {}
+        for name, out in recorded.items():
+            runs = {"greedy": out.get("greedy", [])} | {k: r["tokens"] for k, r in out["presets"]["runs"].items()}
+            row[name] = {k: "".join(decode(tokens[p])) for k, tokens in runs.items() if p < len(tokens)}
+        texts.append(row)
+    return PresetTexts(list(first["prompts"]), settings, texts)
+
+
+def settings_text(settings: Mapping[str, Any]) -> str:
+    """`temperature 0.7, top_p 0.9, ...` ("greedy" for none)."""
+    return ", ".join(f"{k} {v}" for k, v in settings.items()) or "greedy"
+
+
+def _cell(text: str) -> str:
+    """A continuation as one markdown table cell: pipes escaped, newlines shown as ⏎."""
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "⏎ ").strip() or "(empty)"
+
+
+def presets_markdown(view: PresetTexts) -> list[str]:
+    """report.md lines: the presets' settings, then one table per prompt (artifacts x presets)."""
+    out = ["## Decoding presets on the fixed prompts", ""]
+    out += [f"- `{name}`: {settings_text(s)}" for name, s in view.settings.items()]
+    out += ["", "Each artifact's continuation per preset (⏎ = newline); gates read the greedy ones only.", ""]
+    names = list(view.settings)
+    for prompt, row in zip(view.prompts, view.texts, strict=True):
+        out += [f"**{_cell(prompt)}**", "", "| artifact | " + " | ".join(names) + " |"]
+        out.append("|---" * (len(names) + 1) + "|")
+        out += [f"| {a} | " + " | ".join(_cell(texts.get(n, "–")) for n in names) + " |" for a, texts in row.items()]
+        out.append("")
+    return out

@@ -292,7 +292,8 @@ def _float_notes(m: RunManifest) -> list[str]:
     return notes
 
 
-def render(m: RunManifest) -> str:
+def render(m: RunManifest, evidence: Evidence | None = None) -> str:
+    """report.md of a finished run; `evidence` adds what the manifest does not hold (preset continuations)."""
     if m.verdict is None:
         raise ValueError("render() is for finished runs; render_unfinished() says why there is no verdict")
     verdict = m.verdict
@@ -338,6 +339,7 @@ def render(m: RunManifest) -> str:
     if m.skipped:
         out += ["## Skipped", ""] + [f"- `{s['artifact']}` ({s['stage']}): {s['reason']}" for s in m.skipped] + [""]
     out += ["## Stages: time and memory", "", _table(*stages_rows(m)), ""]
+    out += _presets(evidence)
     out += ["## Stage details", ""]
     for rec in m.artifacts:
         if rec.info:
@@ -376,6 +378,17 @@ def _write_png(png: bytes, path: Path) -> None:
         tmp.write_bytes(png)
 
 
+def _presets(evidence: Evidence | None) -> list[str]:
+    """The decoding presets' continuations (causal-lm `data.presets`), or nothing."""
+    from compress.report import llm as llm_report
+
+    if evidence is None:
+        return []
+    decode = evidence.view.decode or (lambda ids: [f"{i} " for i in ids])
+    view = llm_report.preset_texts({n: e.outputs for n, e in evidence.evaluations.items()}, decode)
+    return [] if view is None else llm_report.presets_markdown(view)
+
+
 def write_report(manifest: RunManifest, run_dir: Path, evidence: Evidence | None = None) -> dict[Path, str]:
     """Write the plot, report.md and report.html; return each file that could not be written (or a section of
     report.html that could not be drawn), with why."""
@@ -385,7 +398,7 @@ def write_report(manifest: RunManifest, run_dir: Path, evidence: Evidence | None
     problems = {}
     html_path = run_dir / REPORT_HTML_FILE
     outputs = [
-        (run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest))),
+        (run_dir / REPORT_FILE, lambda path: write_text_atomic(path, render(manifest, evidence))),
         (html_path, lambda path: write_html(manifest, run_dir, evidence or Evidence(), path)),
     ]
     if any(rec.bench for rec in manifest.artifacts):

@@ -301,9 +301,39 @@ class CausalLMAdapter(Adapter):
                 "windows": hashes["evaluation"],
                 "prompts": self.prompt_ids,
                 "generation_tokens": self.data_cfg.generation_tokens,
+                # only when asked, so a pipeline without presets keeps its cached evaluations
+                **({"presets": self.preset_options} if self.data_cfg.presets else {}),
             }
         )
         return hashes
+
+    @cached_property
+    def preset_options(self) -> dict[str, dict[str, Any]]:
+        """`data.presets` as GenerationOptions dumps: the prompts' length, the seed, the tokenizer's EOS."""
+        from compress.families.causal_lm.presets import preset_options
+
+        eos = self.tokenizer.eos_token_id
+        common = {
+            "max_new_tokens": self.data_cfg.generation_tokens,
+            "seed": self.data_cfg.preset_seed,
+            "stop_token_ids": (eos,) if eos is not None else (),
+            "pad_token_id": self.tokenizer.pad_token_id or 0,
+        }
+        return {n: preset_options(n, common).model_dump(mode="json") for n in self.data_cfg.presets}
+
+    def preset_continuations(self, session: DecoderSession) -> dict[str, Any]:
+        """Each preset's continuation of each prompt (one prompt at a time, the sampler seeded per prompt) and
+        the settings that differ from greedy, for the report."""
+        from compress.families.causal_lm.generate import GenerationOptions, generate
+        from compress.families.causal_lm.presets import preset_settings
+
+        runs = {}
+        for name, dumped in self.preset_options.items():
+            opts = GenerationOptions(**dumped)
+            tokens = [generate(session, [p], opts).tokens[0] for p in self.prompt_ids]
+            seed = {"seed": opts.seed} if opts.do_sample else {}  # greedy and beam search draw nothing
+            runs[name] = {"settings": {**preset_settings(opts), **seed}, "tokens": tokens}
+        return {"prompts": list(self.data_cfg.prompts), "runs": runs}
 
     def calibration_inputs(self, samples: int | None = None, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         cal = self.windows["calibration"][:samples]
@@ -352,8 +382,11 @@ class CausalLMAdapter(Adapter):
         n = self.data_cfg.generation_tokens
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
             generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
+            outputs: dict[str, Any] = {"greedy": generated}
+            if self.data_cfg.presets:
+                outputs["presets"] = self.preset_continuations(session)
         metrics = {"ppl": result.perplexity, "tokens": result.tokens}
-        return Evaluation(metrics, result.predictions, {"greedy": generated}, samples={"window_nll": result.window_nll})
+        return Evaluation(metrics, result.predictions, outputs, samples={"window_nll": result.window_nll})
 
     def report_view(self) -> ReportView:
         d = self.data_cfg

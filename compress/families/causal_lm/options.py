@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.errors import ConfigError
 from compress.schema import Count
@@ -72,6 +72,8 @@ class TextDataOptions(BaseModel):
       window: 512
       evaluation_windows: 8
       calibration_windows: 16
+      presets: [balanced, beam]   # optional: also record each artifact's continuations with these presets
+      preset_seed: 0
     ```
     """
 
@@ -84,3 +86,22 @@ class TextDataOptions(BaseModel):
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, description="prompts whose greedy continuations are compared")
     generation_tokens: Count = Field(32, ge=1, description="greedy tokens generated per prompt")
     batch_size: Count = Field(1, gt=0, description="windows per forward during evaluation")
+    presets: tuple[str, ...] = Field(
+        (),
+        description="decoding presets (compress generate --list-presets) whose continuations of the prompts are "
+        "recorded per artifact and shown in the report; gates read the greedy ones only",
+    )
+    preset_seed: int = Field(0, ge=0, description="sampler seed of the sampling presets, so the report is repeatable")
+
+    @field_validator("presets")
+    @classmethod
+    def _known_presets(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        from compress.families.causal_lm.presets import check_preset
+
+        for name in names:
+            check_preset(name, "data.presets")
+            if name == "greedy":
+                raise ConfigError("data.presets lists 'greedy': greedy continuations are always recorded; drop it")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.presets = {list(names)}: a preset is listed twice")
+        return names

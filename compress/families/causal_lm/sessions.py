@@ -96,6 +96,14 @@ class TorchCausalLM(_GreedyDecoder):
             out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
         return out.logits.float().numpy(), (out.past_key_values, mask)
 
+    def reorder(self, state: Any, rows: np.ndarray) -> Any:
+        """The cache with batch rows picked by `rows` (beam search's parent beams; may repeat rows)."""
+        torch = self._threads()
+        past, mask = state
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        past.reorder_cache(index)  # transformers' Cache: in place, as its own beam search does
+        return past, mask[index]
+
     def continue_greedy(self, prompt: list[int], n: int) -> list[int]:
         """Greedy with the model's own cache and no attention mask (the figures of the reports so far).
 
@@ -232,6 +240,15 @@ class OrtCausalLM(_GreedyDecoder):
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.concatenate([state.attention_mask, np.ones_like(ids)], axis=1)  # (B, total)
         return self._run(ids, KVState(state.past, mask), last_only=False)
+
+    def reorder(self, state: KVState, rows: np.ndarray) -> KVState:
+        """The cache with batch rows picked by `rows` (beam search's parent beams; may repeat rows)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        past = {
+            name: np.ascontiguousarray((v if isinstance(v, np.ndarray) else v.numpy())[rows])
+            for name, v in state.past.items()
+        }
+        return KVState(past, state.attention_mask[rows])
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Full logits (B, T, V) of a batch of unpadded windows: the ``logits_fn`` of the metrics."""

@@ -20,7 +20,7 @@ def llm_run(tmp_path_factory):
     pipeline.write_text(f"""name: tinyllm
 model: {{family: causal-lm, source: "hf:{model_dir}"}}
 data: {{window: 64, evaluation_windows: 4, calibration_windows: 4, generation_tokens: 8,
-       prompts: ["The for statement", "def"]}}
+       prompts: ["The for statement", "def"], presets: [balanced, beam], preset_seed: 0}}
 stages:
   - export: {{opset: 17, name: onnx-fp32}}
   - quantize: {{precision: int8, name: int8}}
@@ -65,6 +65,59 @@ def test_generate_command_reads_tokenizer_from_parents(llm_run, capsys) -> None:
     )
     out = capsys.readouterr().out
     assert out.startswith("The for statement") and "[int8: onnx int8" in out
+
+
+def _preset_runs(run_dir, name: str) -> dict:
+    from compress.artifact import EVAL_FILE
+
+    return json.loads((run_dir / name / EVAL_FILE).read_text())["outputs"]["presets"]["runs"]
+
+
+def test_preset_continuations_recorded_and_reported(llm_run) -> None:
+    _, run_dir, _ = llm_run
+    runs = {n: _preset_runs(run_dir, n) for n in ("source", "onnx-fp32", "int8")}
+    for by_preset in runs.values():
+        assert set(by_preset) == {"balanced", "beam"}
+        for run in by_preset.values():
+            assert len(run["tokens"]) == 2 and all(0 < len(r) <= 8 for r in run["tokens"])
+    assert runs["source"]["balanced"]["settings"] == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "seed": 0,
+    }
+    # beam search is deterministic and the ONNX export computes torch's function: the same beams
+    assert runs["onnx-fp32"]["beam"]["tokens"] == runs["source"]["beam"]["tokens"]
+    report, html = (run_dir / "report.md").read_text(), (run_dir / "report.html").read_text()
+    assert "## Decoding presets on the fixed prompts" in report
+    assert "- `balanced`: do_sample True, temperature 0.7, top_p 0.9, repetition_penalty 1.1, seed 0" in report
+    assert "| artifact | greedy | balanced | beam |" in report and "**The for statement**" in report
+    assert "<h2>Decoding presets on the fixed prompts</h2>" in html
+
+
+def test_unknown_pipeline_preset_is_a_config_error(llm_run, tmp_path, capsys) -> None:
+    _, _, pipeline = llm_run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(pipeline.read_text().replace("presets: [balanced, beam]", "presets: [balanced, wild]"))
+    assert main(["validate", str(bad)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "data.presets = 'wild': unknown preset; allowed: greedy, precise, balanced, creative, beam" in err
+
+
+def test_generate_presets_on_torch_and_onnx_artifacts(llm_run, capsys) -> None:
+    _, run_dir, _ = llm_run
+
+    def text(name: str, *flags: str) -> list[str]:
+        args = ["generate", str(run_dir / name), "def", "--max-new-tokens", "6", "--threads", "1", *flags]
+        assert main(args) == 0
+        return capsys.readouterr().out.splitlines()
+
+    torch_beam, onnx_beam = text("source", "--preset", "beam"), text("onnx-fp32", "--preset", "beam")
+    assert torch_beam[0] == onnx_beam[0] and "torch, preset beam" in torch_beam[-1]
+    sampled = text("int8", "--preset", "balanced", "--temperature", "1.5", "--seed", "0")
+    assert sampled == text("int8", "--preset", "balanced", "--temperature", "1.5", "--seed", "0")
+    assert "onnxruntime, preset balanced" in sampled[-1]
 
 
 def test_weight_only_int8_cannot_target_tensorrt(llm_run, tmp_path) -> None:

@@ -96,6 +96,28 @@ def test_generate_refuses_the_gpu_flavour(genai_run, capsys) -> None:
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
 
 
+def test_generate_runs_the_genai_artifact_through_its_generator(genai_run, capsys) -> None:
+    """The deployable engine: onnxruntime-genai's Generator, its greedy text that of our engine on the graph."""
+    _, run_dir, _, _ = genai_run
+
+    def lines(name: str, *flags: str) -> list[str]:
+        assert main(["generate", str(run_dir / name), "def", "--max-new-tokens", "6", "--threads", "1", *flags]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    genai = lines("int4-genai")
+    assert "onnxruntime-genai Generator, preset greedy" in genai[-1]
+    sampled = lines("int4-genai", "--preset", "creative", "--seed", "0")
+    assert sampled == lines("int4-genai", "--preset", "creative", "--seed", "0")
+    from compress.families.causal_lm.genai_engine import genai_generate, open_genai_model
+    from compress.families.causal_lm.generate import GenerationOptions, generate
+    from compress.families.causal_lm.sessions import OrtCausalLM
+
+    folder = run_dir / "int4-genai"
+    opts = GenerationOptions(max_new_tokens=8, stop_token_ids=(2,))
+    ours = generate(OrtCausalLM(folder / "model.onnx", threads=1), [[5, 6, 7]], opts).tokens
+    assert genai_generate(open_genai_model(folder, threads=1, stop_token_ids=(2,)), [[5, 6, 7]], opts).tokens == ours
+
+
 @pytest.mark.parametrize(
     ("options", "key"),
     [
