@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from compress.bench.harness import machine_info
     from compress.config import load_pipeline
-    from compress.families.causal_lm.model_io import convert_gguf
+    from compress.families.causal_lm.model_io import convert_gguf, gguf_weight_types
     from compress.progress import Reporter
     from compress.runner import make_adapter
     from compress.sources import local_target, parse_source
@@ -447,11 +447,14 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = machine_info()
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    weights = gguf_weight_types(cfg.model.source)
+    published = f" (published as GGUF {', '.join(weights)}: its FP32 is that model dequantised)" if weights else ""
     header = (
-        f"SmolLM2-135M-Instruct (published at 4 bits, Q4_1: FP32 = that model dequantised), {when}, "
-        f"{machine.get('cpu', platform.processor())}; `scripts/peer_llm.py` in {time.perf_counter() - started:.0f} s. "
-        f"ppl: {len(windows)} x {windows.shape[1]} pydoc windows (same ids for all); prefill {PREFILL} tokens "
-        f"from an empty cache, 1 thread; decode {DECODE} greedy tokens after a {PROMPT}-token prompt, batch 1."
+        f"{cfg.model.source}{published}; {when}, {machine.get('cpu', platform.processor())}, "
+        f"{machine.get('cores')} cores, {' '.join(map(str, machine.get('cpu_flags', [])))}; "
+        f"`scripts/peer_llm.py` in {time.perf_counter() - started:.0f} s. ppl: {len(windows)} x {windows.shape[1]} "
+        f"windows of {args.pipeline}'s data (same ids for all); prefill {PREFILL} tokens from an empty cache, "
+        f"1 thread; decode {DECODE} greedy tokens after a {PROMPT}-token prompt, batch 1."
     )
     text = header + "\n\n" + table(rows) + "\n"
     peers_dir.mkdir(parents=True, exist_ok=True)
