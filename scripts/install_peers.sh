@@ -11,6 +11,7 @@
 #    this CPU (AVX2, FMA, F16C, AVX-VNNI, AVX-512 F/CD/VL/DQ/BW, VBMI, VNNI, BF16) is named explicitly.
 # 2. llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py) copied from the same
 #    sdist to $LLAMA_CPP_SRC, where peer_llm.py finds it: the GGUF rows are written by llama.cpp's own tool.
+# (-DLLAVA_BUILD=OFF: the multimodal library is not needed here and is imported lazily by llama_cpp.)
 # 3. openvino + nncf only with WITH_OPENVINO=1 (no OpenVINO row in peer_llm.py yet).
 #
 # Environment: PY (python of the venv), LLAMA_CPP_VERSION, LLAMA_CPP_SDIST (a downloaded sdist .tar.gz to
@@ -30,7 +31,7 @@ fi
 
 export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
--DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+-DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 "$PY" -m pip install --no-binary llama-cpp-python --no-cache-dir --verbose "$SDIST"
 

@@ -443,23 +443,29 @@ def main(argv: list[str] | None = None) -> None:
     fp32_onnx = next((s.path for s in systems if s.system.endswith("/onnx-fp32")), None)
     systems += peer_systems(args.peers, hf, peers_dir, src or Path("."), fp32_onnx, reporter.log)
     reporter.log(f"{len(systems)} systems to measure: " + ", ".join(s.system for s in systems))
-    rows = [measure(s, windows, args, reporter) for s in systems]
-
+    if not systems:
+        raise SystemExit("nothing to measure: no run of --runs exists and --peers is empty")
+    peers_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     weights = gguf_weight_types(cfg.model.source)
     published = f" (published as GGUF {', '.join(weights)}: its FP32 is that model dequantised)" if weights else ""
-    header = (
-        f"{cfg.model.source}{published}; {when}, {machine.get('cpu', platform.processor())}, "
-        f"{machine.get('cores')} cores, {' '.join(map(str, machine.get('cpu_flags', [])))}; "
-        f"`scripts/peer_llm.py` in {time.perf_counter() - started:.0f} s. ppl: {len(windows)} x {windows.shape[1]} "
-        f"windows of {args.pipeline}'s data (same ids for all); prefill {PREFILL} tokens from an empty cache, "
-        f"1 thread; decode {DECODE} greedy tokens after a {PROMPT}-token prompt, batch 1."
-    )
-    text = header + "\n\n" + table(rows) + "\n"
-    peers_dir.mkdir(parents=True, exist_ok=True)
-    (peers_dir / "peer_llm.md").write_text(text)
-    (peers_dir / "peer_llm.json").write_text(json.dumps({"header": header, "machine": machine, "rows": rows}, indent=1))
+    rows: list[dict] = []
+    for s in systems:  # the table is rewritten after every row: a stopped run keeps what it measured
+        rows.append(measure(s, windows, args, reporter))
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        header = (
+            f"{cfg.model.source}{published}; {when}, {machine.get('cpu', platform.processor())}, "
+            f"{machine.get('cores')} cores, {' '.join(map(str, machine.get('cpu_flags', [])))}; "
+            f"`scripts/peer_llm.py`, {len(rows)} of {len(systems)} rows in {time.perf_counter() - started:.0f} s. "
+            f"ppl: {len(windows)} x {windows.shape[1]} windows of {args.pipeline}'s data (same ids for all); "
+            f"prefill {PREFILL} tokens from an empty cache, 1 thread; decode {DECODE} greedy tokens after a "
+            f"{PROMPT}-token prompt, batch 1."
+        )
+        text = header + "\n\n" + table(rows) + "\n"
+        (peers_dir / "peer_llm.md").write_text(text)
+        (peers_dir / "peer_llm.json").write_text(
+            json.dumps({"header": header, "machine": machine, "rows": rows}, indent=1)
+        )
     print("\n" + text)
     reporter.log(f"written: {peers_dir / 'peer_llm.md'}, {peers_dir / 'peer_llm.json'}")
 
