@@ -34,8 +34,9 @@ export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=O
 -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 "$PY" -m pip install --no-binary llama-cpp-python --no-cache-dir --verbose "$SDIST"
+"$PY" -m pip install sentencepiece  # convert_hf_to_gguf.py imports it before it looks for a tokenizer.model
 
-top="$(tar -tzf "$SDIST" | head -1 | cut -d/ -f1)"
+top="$(basename "$SDIST" .tar.gz)"  # the sdist's top folder (not `tar -t | head`: SIGPIPE under pipefail)
 tar -xzf "$SDIST" -C "$WORK" "$top/vendor/llama.cpp/convert_hf_to_gguf.py" "$top/vendor/llama.cpp/conversion" \
   "$top/vendor/llama.cpp/gguf-py"
 rm -rf "$SRC" && mkdir -p "$(dirname "$SRC")" && mv "$WORK/$top/vendor/llama.cpp" "$SRC"

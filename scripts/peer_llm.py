@@ -275,7 +275,9 @@ def gguf_f32(hf: Path, out: Path, src: Path, log: Any) -> Path:
         cmd = [sys.executable, str(script), str(hf), "--outfile", str(tmp / "model-f32.gguf"), "--outtype", "f32"]
         log(f"  converting to GGUF: {' '.join(cmd[1:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), str(src)])}
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{script.name} failed ({done.returncode}): {done.stderr[-800:]}")
         _commit(tmp, out, key)
     return out / "model-f32.gguf"
 
@@ -303,35 +305,41 @@ def gguf_quantized(f32: Path, out: Path, peer: str, log: Any) -> Path:
 def peer_systems(
     peers: Sequence[str], hf: Path, peers_dir: Path, src: Path, fp32_onnx: Path | None, log: Any
 ) -> list[System]:
+    """The peers' files, built (or verified and reused); a peer whose tool fails is logged and left out."""
     systems = []
     for peer in peers:
-        if peer.startswith("ort-"):
-            if fp32_onnx is None:
-                raise SystemExit(f"--peers {peer}: needs the onnx-fp32 of a run among our rows (see --runs, --only)")
-            path = ort_peer(fp32_onnx, peers_dir / peer, peer, log)
-            name = "RTN (default, asymmetric)" if "-rtn-" in peer else "HQQ"
-            method = f"MatMulNBitsQuantizer {name}, block {peer.split('-g')[1]}, lm_head int4"
-            systems.append(System(f"ONNX Runtime quantizer {peer}", method, path, "onnx"))
-            continue
-        if peer.startswith("genai-"):
-            import onnxruntime_genai
-
-            precision = peer.removeprefix("genai-")
-            path = genai_peer(hf, peers_dir / peer, precision, log)
-            flags = "-p fp32" if precision == "fp32" else "-p int4 -e cpu"
-            systems.append(System(f"onnxruntime-genai {onnxruntime_genai.__version__} builder `{flags}`",
-                                  "builder defaults", path, "onnx"))  # fmt: skip
-            continue
         try:
-            import llama_cpp
-        except ImportError:
-            raise SystemExit("llama_cpp is not installed: run scripts/install_peers.sh (the `peers` extra)") from None
-        f32 = gguf_f32(hf, peers_dir / "llama-f32", src, log)
-        path = f32 if peer == "llama-f32" else gguf_quantized(f32, peers_dir / peer, peer, log)
-        kind = peer.removeprefix("llama-").upper()
-        method = "convert_hf_to_gguf --outtype f32" if peer == "llama-f32" else "llama_model_quantize"
-        systems.append(System(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {kind}", method, path, "gguf"))
+            systems.append(_peer_system(peer, hf, peers_dir, src, fp32_onnx, log))
+        except (SystemExit, subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
+            log(f"  {peer}: not built, left out of the table: {e}")
     return systems
+
+
+def _peer_system(peer: str, hf: Path, peers_dir: Path, src: Path, fp32_onnx: Path | None, log: Any) -> System:
+    if peer.startswith("ort-"):
+        if fp32_onnx is None:
+            raise SystemExit(f"--peers {peer}: needs the onnx-fp32 of a run among our rows (see --runs, --only)")
+        path = ort_peer(fp32_onnx, peers_dir / peer, peer, log)
+        name = "RTN (default, asymmetric)" if "-rtn-" in peer else "HQQ"
+        method = f"MatMulNBitsQuantizer {name}, block {peer.split('-g')[1]}, lm_head int4"
+        return System(f"ONNX Runtime quantizer {peer}", method, path, "onnx")
+    if peer.startswith("genai-"):
+        import onnxruntime_genai
+
+        precision = peer.removeprefix("genai-")
+        path = genai_peer(hf, peers_dir / peer, precision, log)
+        flags = "-p fp32" if precision == "fp32" else "-p int4 -e cpu"
+        version = onnxruntime_genai.__version__
+        return System(f"onnxruntime-genai {version} builder `{flags}`", "builder defaults", path, "onnx")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("llama_cpp is not installed: run scripts/install_peers.sh (the `peers` extra)") from None
+    f32 = gguf_f32(hf, peers_dir / "llama-f32", src, log)
+    path = f32 if peer == "llama-f32" else gguf_quantized(f32, peers_dir / peer, peer, log)
+    kind = peer.removeprefix("llama-").upper()
+    method = "convert_hf_to_gguf --outtype f32" if peer == "llama-f32" else "llama_model_quantize"
+    return System(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {kind}", method, path, "gguf")
 
 
 # -- measuring -----------------------------------------------------------------------------------------------
