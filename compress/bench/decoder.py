@@ -3,7 +3,7 @@ memory-bandwidth bound of decode, for any decoder session (`compress.backends.De
 
     res = bench_decoder(session, vocab_size=..., weight_bytes=onnx_weight_bytes(path), size_bytes=..., threads=1)
 
-`compress run` calls it through the causal-lm adapter's `benchmark`; scripts/peer_int4.py for peers' files.
+`compress run` calls it through the causal-lm adapter's `benchmark`; scripts/peer_llm.py for peers' files.
 
 Decode at small batch reads every weight once per token, so ``weight bytes / memory bandwidth`` is a
 floor on the step time (the "memory wall" argument of e.g. Kim et al. 2023, SqueezeLLM, arXiv:2306.07629).
