@@ -116,7 +116,8 @@ def test_generate_presets_on_torch_and_onnx_artifacts(llm_run, capsys) -> None:
     torch_beam, onnx_beam = text("source", "--preset", "beam"), text("onnx-fp32", "--preset", "beam")
     assert torch_beam[0] == onnx_beam[0] and "torch, preset beam" in torch_beam[-1]
     sampled = text("int8", "--preset", "balanced", "--temperature", "1.5", "--seed", "0")
-    assert sampled == text("int8", "--preset", "balanced", "--temperature", "1.5", "--seed", "0")
+    again = text("int8", "--preset", "balanced", "--temperature", "1.5", "--seed", "0")
+    assert sampled[:-1] == again[:-1]  # the text; the last line holds the measured tokens/s
     assert "onnxruntime, preset balanced" in sampled[-1]
 
 

@@ -107,7 +107,8 @@ def test_generate_runs_the_genai_artifact_through_its_generator(genai_run, capsy
     genai = lines("int4-genai")
     assert "onnxruntime-genai Generator, preset greedy" in genai[-1]
     sampled = lines("int4-genai", "--preset", "creative", "--seed", "0")
-    assert sampled == lines("int4-genai", "--preset", "creative", "--seed", "0")
+    again = lines("int4-genai", "--preset", "creative", "--seed", "0")
+    assert sampled[:-1] == again[:-1]  # the text; the last line holds the measured tokens/s
     from compress.families.causal_lm.genai_engine import genai_generate, open_genai_model
     from compress.families.causal_lm.generate import GenerationOptions, generate
     from compress.families.causal_lm.sessions import OrtCausalLM
