@@ -81,40 +81,27 @@ def build_genai_artifact(
     model: Any, qws: dict[str, Any], options: Int4Options, ctx: StageContext, info: dict[str, Any]
 ) -> StageOutput:
     """Save `model`, build the fused graph from `qws` into `ctx.outdir`, check parity (cpu flavour)."""
-    from compress.genai.build import build_fused_decoder
     from compress.stages.quantize.common import op_counts, quantized_nodes
 
     target = options.target  # an OnnxruntimeGenai: the caller dispatches on target.fused_decoder
-    hf, built = ctx.outdir / "_hf", ctx.outdir / "_genai"
     first = next(iter(qws.values()))
-    with ctx.reporter.task(f"onnxruntime-genai builder ({target.execution_provider})", total=None):
-        ctx.adapter.save_torch(model, hf)
-        try:
-            build_fused_decoder(
-                hf,
-                built,
-                precision="int4",
-                quantized=qws,
-                execution_provider=target.execution_provider,
-                accuracy_level=target.accuracy_level,
-                block_size=first.group_size,
-                symmetric=first.symmetric,
-                lm_head=options.lm_head,
-            )
-        except ValueError as e:  # weights the builder cannot take (e.g. an act-order checkpoint)
-            raise StageError(f"quantize int4 → onnxruntime-genai: {e}") from None
-        finally:
-            shutil.rmtree(hf, ignore_errors=True)
-        for path in sorted(built.iterdir()):
-            os.replace(path, ctx.outdir / path.name)
-        built.rmdir()
+    build_into_outdir(
+        model,
+        qws,
+        ctx,
+        target,
+        precision="int4",
+        block_size=first.group_size,
+        symmetric=first.symmetric,
+        lm_head=options.lm_head,
+    )
     out = ctx.outdir / "model.onnx"
     info.update(
         builder=f"{GENAI_DIST} {genai_version()}",
         execution_provider=target.execution_provider,
         accuracy_level=target.accuracy_level,
-        quantized_nodes=quantized_nodes(op_counts(out)),
-        fused_ops=fused_ops(op_counts(out)),
+        quantized_nodes=quantized_nodes(counts := op_counts(out)),
+        fused_ops=fused_ops(counts),
         lm_head_quantizer={"int4": "ours (RTN)", "int8": "onnxruntime-genai builder (RTN)"}.get(options.lm_head),
     )
     unmeasured = None if target.runs_on_cpu else NEEDS_GPU
@@ -128,6 +115,45 @@ def build_genai_artifact(
     return StageOutput(
         file="model.onnx", format="onnx", precision="int4", info=info, target=target.name, unmeasured=unmeasured
     )
+
+
+def build_into_outdir(
+    model: Any,
+    qws: dict[str, Any],
+    ctx: StageContext,
+    target: Any,
+    *,
+    precision: str,
+    block_size: int,
+    symmetric: bool,
+    lm_head: str,
+) -> None:
+    """Save `model`, run the builder on it with our weights `qws` for `target` (an OnnxruntimeGenai), and move
+    the files it writes into `ctx.outdir` (the int4 and int8 genai stages share this)."""
+    from compress.genai.build import build_fused_decoder
+
+    hf, built = ctx.outdir / "_hf", ctx.outdir / "_genai"
+    with ctx.reporter.task(f"onnxruntime-genai builder, {precision} ({target.execution_provider})", total=None):
+        ctx.adapter.save_torch(model, hf)
+        try:
+            build_fused_decoder(
+                hf,
+                built,
+                precision=precision,
+                quantized=qws,
+                execution_provider=target.execution_provider,
+                accuracy_level=target.accuracy_level,
+                block_size=block_size,
+                symmetric=symmetric,
+                lm_head=lm_head,
+            )
+        except ValueError as e:  # weights the builder cannot take (e.g. an act-order checkpoint)
+            raise StageError(f"quantize {precision} → onnxruntime-genai: {e}") from None
+        finally:
+            shutil.rmtree(hf, ignore_errors=True)
+        for path in sorted(built.iterdir()):
+            os.replace(path, ctx.outdir / path.name)
+        built.rmdir()
 
 
 def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:

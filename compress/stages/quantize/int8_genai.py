@@ -20,12 +20,9 @@ The refusals of this target (architecture, `lm_head: float`, other methods) are 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
-from compress.errors import StageError
 from compress.stages.base import StageContext, StageOutput
 
 if TYPE_CHECKING:
@@ -38,13 +35,13 @@ PARITY_SAMPLES = 8
 def quantize_int8_genai(artifact, options: Int8Options, ctx: StageContext) -> StageOutput:
     import torch
 
-    from compress.genai.build import build_fused_decoder
     from compress.quant.algorithms.rtn import rtn_quantize_model
     from compress.quant.primitives.weight import WeightQuantConfig
     from compress.stages.quantize.common import op_counts, quantized_nodes
     from compress.stages.quantize.genai_target import (
         GENAI_DIST,
         NEEDS_GPU,
+        build_into_outdir,
         fused_ops,
         genai_version,
         refuse_architecture,
@@ -59,28 +56,9 @@ def quantize_int8_genai(artifact, options: Int8Options, ctx: StageContext) -> St
     config = WeightQuantConfig(bits=8, group_size=options.group_size, symmetric=True)
     with torch.no_grad():
         qws = rtn_quantize_model(model, config=config, layers_filter=lambda name, module: True)
-    hf, built = ctx.outdir / "_hf", ctx.outdir / "_genai"
-    with ctx.reporter.task(f"onnxruntime-genai builder, int8 ({target.execution_provider})", total=None):
-        ctx.adapter.save_torch(model, hf)
-        try:
-            build_fused_decoder(
-                hf,
-                built,
-                precision="int8",
-                quantized=qws,
-                execution_provider=target.execution_provider,
-                accuracy_level=target.accuracy_level,
-                block_size=options.group_size,
-                symmetric=True,
-                lm_head="int8",
-            )
-        except ValueError as e:
-            raise StageError(f"quantize int8 → onnxruntime-genai: {e}") from None
-        finally:
-            shutil.rmtree(hf, ignore_errors=True)
-        for path in sorted(built.iterdir()):
-            os.replace(path, ctx.outdir / path.name)
-        built.rmdir()
+    build_into_outdir(
+        model, qws, ctx, target, precision="int8", block_size=options.group_size, symmetric=True, lm_head="int8"
+    )
     out = ctx.outdir / "model.onnx"
     counts = op_counts(out)
     info: dict[str, Any] = {
