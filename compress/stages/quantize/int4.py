@@ -76,7 +76,11 @@ if TYPE_CHECKING:
     from compress.families.base import Adapter
 
 Int4Method = Annotated[
-    algorithms.RtnOptions | algorithms.GptqOptions | algorithms.AwqOptions | algorithms.CheckpointOptions,
+    algorithms.RtnOptions
+    | algorithms.GptqOptions
+    | algorithms.AwqOptions
+    | algorithms.AutoRoundOptions
+    | algorithms.CheckpointOptions,
     Field(discriminator="name"),
     BeforeValidator(named(algorithms.INT4, "method")),
 ]
@@ -93,7 +97,7 @@ class Int4Options(StageOptions):
     precision: Literal["int4"]
     method: Int4Method = Field(
         algorithms.GptqOptions(),
-        description="rtn | gptq | awq | checkpoint, or a mapping {name: ..., <its keys>}",
+        description="rtn | gptq | awq | autoround | checkpoint, or a mapping {name: ..., <its keys>}",
     )
     target: TargetField = Field(
         targets.OnnxruntimeCpu(), description="onnxruntime-cpu | tensorrt | onnxruntime-genai, or a mapping"
@@ -359,6 +363,7 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
     Returns ({name: QuantizedWeight}, checkpoint folder or None, AWQ scale groups left unscaled).
     """
     from compress.families.causal_lm.archs import find_arch
+    from compress.quant.algorithms.autoround import AutoRoundConfig, autoround_quantize_model
     from compress.quant.algorithms.awq import AWQConfig, awq_quantize_model
     from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
     from compress.quant.algorithms.rtn import rtn_quantize_model
@@ -381,6 +386,12 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         if isinstance(method, algorithms.RtnOptions):
             qws = rtn_quantize_model(model, layers_filter=keep, config=WeightQuantConfig(**base))
             task.advance(1)
+        elif isinstance(method, algorithms.AutoRoundOptions):
+            cfg = AutoRoundConfig(**base, iters=method.iters, lr=method.lr, amp=method.amp, seed=ctx.seed)
+            qws = autoround_quantize_model(
+                model, ctx.adapter.tokenizer, _calibration(ctx, method.samples), layers_filter=keep, config=cfg
+            )
+            task.advance(total)
         elif isinstance(method, algorithms.GptqOptions):
             cfg = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
             qws = gptq_quantize_model(
