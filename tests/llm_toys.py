@@ -11,13 +11,13 @@ VOCAB = 1000
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
 
-def tiny_llama(tie: bool, seed: int = 0):
+def tiny_llama(tie: bool, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=128,

@@ -1,0 +1,376 @@
+"""onnxruntime-genai's fused decoder graph for a layer-streamed checkpoint, written one decoder layer at a time.
+
+    build_layered_decoder("work/gptq", "work/onnx", lm_head="int4")  # a compress.quant.streamed folder
+
+Why: the model builder holds the whole model while it converts it (its GPTQ loader unpacks and repacks every
+layer, then ``save_model`` turns the whole graph into one protobuf): 11 GB on a 3B shape, more than this machine
+has for an 8B one (README, "Large models"). Every decoder layer of a Llama-style model is the same subgraph, so:
+
+1. **Pattern**: the builder runs once on a 2-layer copy of the folder (its config with ``num_hidden_layers: 2``,
+   the first two layer files and the embedding / norm / head file, linked, not copied). Its graph has the
+   nodes before the layers (attention-mask subgraph, embedding), layer 0, layer 1, then the final norm and
+   the head; its data holds the embedding, head, final norm and rotary caches of the full model.
+2. **Graph**: layer 1's nodes are replicated for layers 1..N-1, their tensor names renamed by layer index
+   (``/model/layers.1/`` → ``.i/``, ``model.layers.1.`` → ``.i.``, ``past_key_values.1.`` / ``present.1.`` → ``.i.``;
+   a reference to layer 0 → ``i-1``), the final norm's ``layers.2`` → ``layers.N``; graph inputs, outputs and
+   value infos likewise. The proto holds names and external-data offsets only.
+3. **Data**: ``model.onnx.data`` is written sequentially: each layer's initializers are converted from its
+   layer file (``layer_initializers``: the builder's own GPTQ loader methods, one Linear at a time, q/k/v packed
+   as its ``make_packed_matmul_int4_class`` does, cast to the pattern's dtype), appended, and freed; the
+   pattern's other initializers are copied from its data file in chunks. So one layer is in memory at a time.
+
+Checked on every build: the conversion of layer files 0 and 1 must give the pattern's bytes for layers 0 and 1
+(the builder's own output), and every layer's tensors the pattern's names, dtypes and shapes; otherwise a
+ValueError names the tensor (an architecture whose layers the builder converts differently is refused, never
+written wrong). On the tiny Llama the written graph equals the builder's full graph: same initializers byte for
+byte, same logits (tests/genai/test_layered.py). genai_config.json is the pattern's with ``num_hidden_layers: N``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Builder initializer prefix (a projection's name in the graph) -> the checkpoint Linears it is made of, in
+#: order (Llama names, the ones the builder's GPTQ loader reads; a packed qkv concatenates along N).
+PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.q_proj": ("self_attn.q_proj",),
+    "attn.k_proj": ("self_attn.k_proj",),
+    "attn.v_proj": ("self_attn.v_proj",),
+    "attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj",),
+    "mlp.up_proj": ("mlp.up_proj",),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+PATTERN_LAYERS = 2
+COPY_CHUNK = 64 << 20  # bytes copied at once from the pattern's data file
+Say = Callable[[str], None]
+
+
+def _layer_files(folder: Path, n: int) -> list[Path]:
+    paths = [folder / f"layer-{i:05d}.safetensors" for i in range(n)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: missing {missing[:3]}; write the folder with stream_quantize first")
+    return paths
+
+
+def _pattern_source(folder: Path, work: Path) -> Path:
+    """A 2-layer copy of the streamed folder: its config with 2 layers, its files linked (no bytes copied)."""
+    src = work / "pattern-src"
+    src.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = PATTERN_LAYERS
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    keep = {f"layer-{i:05d}.safetensors" for i in range(PATTERN_LAYERS)}
+    for path in folder.iterdir():
+        if path.name == "config.json" or (path.name.startswith("layer-") and path.name not in keep):
+            continue
+        if path.suffix in (".safetensors", ".json", ".txt", ".model"):
+            os.symlink(path.resolve(), src / path.name)
+    return src
+
+
+def _builder_loader() -> Any:
+    """The builder's GPTQ loader class, used for its conversion methods only (no checkpoint is read here)."""
+    from onnxruntime_genai.models.loaders.gptq import GPTQModel
+
+    return GPTQModel.__new__(GPTQModel)  # its unpack / repack methods read only the module they are given
+
+
+def _repack(loader: Any, tensors: dict[str, torch.Tensor], name: str, bits: int, group_size: int) -> Any:
+    """One Linear's GPTQ tensors in ONNX Runtime's MatMulNBits layout, by the builder's loader (as it does on load:
+    properties, zero-point shift, unpack, dequantize to fp16, requantize, pack; g_idx dropped, desc_act false)."""
+    from onnxruntime_genai.models.loaders.base import QuantizedTensorModule
+
+    module = QuantizedTensorModule()
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        setattr(module, part, tensors[f"{name}.{part}"])
+    module.bits, module.group_size = bits, group_size
+    loader.set_quantized_tensor_properties(module)
+    loader.repack_quantized_tensor(module, clear_g_idx=True)
+    return module
+
+
+def layer_initializers(
+    path: Path, index: int, specs: dict[str, tuple[int, list[int]]], bits: int, group_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The builder's initializers of decoder layer `index`, from its streamed layer file, in `specs` order.
+
+    `specs`: {initializer name: (ONNX data type, dims)} of this layer, as the pattern has them (renamed).
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    loader, prefix, packed = _builder_loader(), f"model.layers.{index}.", {}
+    for name, (data_type, dims) in specs.items():
+        rest = name.removeprefix(prefix)
+        projection, _, part = rest.rpartition(".MatMulNBits.")
+        if projection:
+            if projection not in PROJECTIONS or part not in ("qweight", "scales", "qzeros"):
+                raise ValueError(f"{name}: the layer writer has no source for this builder tensor (PROJECTIONS)")
+            if projection not in packed:
+                modules = [_repack(loader, tensors, prefix + m, bits, group_size) for m in PROJECTIONS[projection]]
+                packed = {projection: modules}  # one projection's modules at a time
+            value = torch.cat([getattr(m, part) for m in packed[projection]], dim=0)  # along N, the builder's order
+        elif prefix + rest in tensors:
+            value = tensors[prefix + rest]  # norms: cast below, as the builder's make_initializer(..., to=io_dtype)
+        else:
+            raise ValueError(f"{name}: no tensor {prefix + rest} in {path}")
+        value = value.to(_torch_dtype(data_type))
+        if list(value.shape) != dims:
+            raise ValueError(f"{name}: shape {list(value.shape)} from {path.name}, the builder's pattern has {dims}")
+        yield name, value
+
+
+def _torch_dtype(data_type: int) -> torch.dtype:
+    import onnx
+
+    table = {
+        onnx.TensorProto.FLOAT: torch.float32,
+        onnx.TensorProto.FLOAT16: torch.float16,
+        onnx.TensorProto.BFLOAT16: torch.bfloat16,
+        onnx.TensorProto.UINT8: torch.uint8,
+        onnx.TensorProto.INT32: torch.int32,
+        onnx.TensorProto.INT64: torch.int64,
+    }
+    if data_type not in table:
+        raise ValueError(f"ONNX data type {data_type}: not one the layer writer converts")
+    return table[data_type]
+
+
+def _renamer(mapping: dict[int, int]) -> Callable[[str], str]:
+    """Rename the layer indices of a builder tensor / node name by `mapping` (old index -> new index)."""
+    pattern = re.compile(r"(/model/layers\.|model\.layers\.|past_key_values\.|present\.)(\d+)([./])")
+
+    def rename(s: str) -> str:
+        return pattern.sub(lambda m: f"{m[1]}{mapping.get(int(m[2]), int(m[2]))}{m[3]}", s)
+
+    return rename
+
+
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"(?:/model/layers\.|model\.layers\.|past_key_values\.|present\.)(\d+)[./]", name)
+    return int(m[1]) if m else None
+
+
+def _renamed_node(node: Any, rename: Callable[[str], str]) -> Any:
+    import onnx
+
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.name = rename(node.name)
+    out.input[:] = [rename(x) for x in node.input]
+    out.output[:] = [rename(x) for x in node.output]
+    return out
+
+
+def _replicated(items: list[Any], n: int, key: Callable[[Any], str], copy: Callable[[Any, Callable], Any]) -> list:
+    """`items` (pattern order) for `n` layers: layer-1 items repeated for layers 1..n-1, the final ones (layer 2,
+    the final norm) moved to layer n; items of no layer and of layer 0 kept as they are."""
+    first = next((j for j, it in enumerate(items) if _layer_of(key(it)) == 1), None)
+    if first is None:
+        raise ValueError("the builder's 2-layer pattern has no layer-1 node or tensor")
+    last = max(j for j, it in enumerate(items) if _layer_of(key(it)) == 1)
+    head, body, tail = items[:first], items[first : last + 1], items[last + 1 :]
+    stray = [key(it) for it in body if _layer_of(key(it)) not in (1, None)]
+    if stray:
+        raise ValueError(f"the builder's pattern interleaves layer 1 with {stray[:3]}: not a layer-by-layer graph")
+    out = list(head)
+    for i in range(1, n):
+        rename = _renamer({0: i - 1, 1: i})
+        out += [copy(it, rename) for it in body if i == 1 or _layer_of(key(it)) == 1]
+    final = _renamer({1: n - 1, 2: n})
+    return out + [copy(it, final) for it in tail]
+
+
+def _graph_io(items: list[Any], n: int) -> list[Any]:
+    """Graph inputs / outputs / value infos for n layers: each `*.1.*` entry repeated for layers 1..n-1 at its place,
+    `*.2.*` entries (the final norm) renamed to n."""
+    import onnx
+
+    out = []
+    for item in items:
+        layer = _layer_of(item.name)
+        indices = range(1, n) if layer == 1 else [n] if layer == PATTERN_LAYERS else [None]
+        for i in indices:
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(item)
+            if i is not None:
+                copy.name = _renamer({layer: i})(item.name)
+            out.append(copy)
+    return out
+
+
+class _DataWriter:
+    """Appends initializer bytes to one external data file and returns the TensorProto that points at them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.handle, self.offset = path, path.open("wb"), 0
+
+    def _proto(self, name: str, data_type: int, dims: list[int], length: int) -> Any:
+        import onnx
+
+        t = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += length
+        return t
+
+    def tensor(self, name: str, data_type: int, dims: list[int], value: torch.Tensor) -> Any:
+        data = value.contiguous().view(torch.uint8).numpy() if value.numel() else b""
+        self.handle.write(memoryview(data))
+        return self._proto(name, data_type, dims, value.numel() * value.element_size())
+
+    def copy(self, init: Any, source: Path) -> Any:
+        """`init` (external, in the pattern's data file `source`) copied in chunks."""
+        loc = {e.key: e.value for e in init.external_data}
+        offset, length = int(loc.get("offset", 0)), int(loc["length"])
+        with (source.parent / loc["location"]).open("rb") as fh:
+            fh.seek(offset)
+            left = length
+            while left:
+                chunk = fh.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise ValueError(f"{source}: {init.name} ends before its recorded length {length}")
+                self.handle.write(chunk)
+                left -= len(chunk)
+        return self._proto(init.name, init.data_type, list(init.dims), length)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _check_pattern_layer(written: dict[str, torch.Tensor], pattern: dict[str, Any], data_dir: Path) -> None:
+    """The conversion of layer files 0 and 1 must give the builder's own bytes for them."""
+    from onnx import numpy_helper
+
+    for name, value in written.items():
+        want = numpy_helper.to_array(pattern[name], base_dir=str(data_dir))
+        got = value.numpy()
+        if want.dtype != got.dtype or want.shape != got.shape or want.tobytes() != got.tobytes():
+            raise ValueError(
+                f"{name}: the layer writer's bytes differ from the builder's pattern (this architecture's layers "
+                "are converted differently by the builder; build it with compress.genai.build.build_fused_decoder)"
+            )
+
+
+def write_layered_graph(folder: Path, pattern_dir: Path, out_dir: Path, say: Say) -> None:
+    """Write `out_dir/model.onnx` (+ `.data`) for every layer of `folder` from the 2-layer `pattern_dir`."""
+    import onnx
+
+    config = json.loads((folder / "config.json").read_text())
+    n, q = int(config["num_hidden_layers"]), config["quantization_config"]
+    pattern_path = pattern_dir / "model.onnx"
+    pattern = onnx.load(str(pattern_path), load_external_data=False)
+    graph = pattern.graph
+    inits = list(graph.initializer)
+    by_name = {t.name: t for t in inits}
+    layer_specs = {t.name: (t.data_type, list(t.dims)) for t in inits if _layer_of(t.name) == 1}
+    paths = _layer_files(folder, n)
+
+    model = onnx.ModelProto()
+    model.CopyFrom(pattern)
+    del model.graph.node[:], model.graph.initializer[:], model.graph.input[:], model.graph.output[:]
+    del model.graph.value_info[:]
+    model.graph.node.extend(_replicated(list(graph.node), n, lambda x: x.name, _renamed_node))
+    model.graph.input.extend(_graph_io(list(graph.input), n))
+    model.graph.output.extend(_graph_io(list(graph.output), n))
+    model.graph.value_info.extend(_graph_io(list(graph.value_info), n))
+
+    out_dir.mkdir(parents=True)
+    writer = _DataWriter(out_dir / "model.onnx.data")
+    written: list[Any] = []
+    first_layer_tensor = next(t.name for t in inits if _layer_of(t.name) == 0)
+    try:
+        for t in inits:  # pattern order; layer 0 and 1 tensors come from the layer files
+            layer = _layer_of(t.name)
+            if layer in (0, 1):
+                if t.name != first_layer_tensor:
+                    continue
+                for i in range(n):  # at the place of layer 0's first tensor: every layer, in order
+                    specs = {_renamer({1: i})(k): v for k, v in layer_specs.items()}
+                    values = dict(layer_initializers(paths[i], i, specs, q["bits"], q["group_size"]))
+                    if i < PATTERN_LAYERS:
+                        _check_pattern_layer(values, by_name, pattern_dir)
+                    written += [writer.tensor(k, *specs[k], v) for k, v in values.items()]
+                    del values
+                    say(f"layer {i + 1}/{n} written")
+            elif t.data_location == onnx.TensorProto.EXTERNAL:
+                copied = writer.copy(t, pattern_path)
+                copied.name = _renamer({PATTERN_LAYERS: n})(t.name)
+                written.append(copied)
+            else:
+                inline = onnx.TensorProto()
+                inline.CopyFrom(t)
+                written.append(inline)
+    finally:
+        writer.close()
+    model.graph.initializer.extend(written)
+    onnx.save(model, str(out_dir / "model.onnx"))
+
+
+def build_layered_decoder(
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    lm_head: str = "float",
+    accuracy_level: int | None = None,
+    execution_provider: str = "cpu",
+    verbose: bool = False,
+    say: Say | None = None,
+) -> Path:
+    """The builder's fused INT4 graph of a `compress.quant.streamed` folder, one decoder layer in memory at a time
+    (module docstring). A folder of at most 2 layers is its own pattern. `out_dir` appears only when complete."""
+    from compress.genai.build import build_fused_decoder
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    say = say or (lambda _m: None)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
+    config = json.loads((folder / "config.json").read_text())
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "gptq" or q.get("desc_act"):
+        raise ValueError(
+            f"{folder}/config.json: quantization_config = {q}; a stream_quantize folder (gptq, no act-order)"
+        )
+    n = int(config["num_hidden_layers"])
+    options = {
+        "precision": "int4",
+        "execution_provider": execution_provider,
+        "accuracy_level": accuracy_level,
+        "block_size": q["group_size"],
+        "symmetric": q["sym"],
+        "lm_head": lm_head,
+        "verbose": verbose,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if n <= PATTERN_LAYERS:
+            build_fused_decoder(folder, work / "model", **options)
+        else:
+            pattern = build_fused_decoder(_pattern_source(folder, work), work / "pattern", **options)
+            say(f"builder pattern ({PATTERN_LAYERS} layers) written")
+            write_layered_graph(folder, pattern, work / "model", say)
+            genai = json.loads((pattern / "genai_config.json").read_text())
+            genai["model"]["decoder"]["num_hidden_layers"] = n
+            (work / "model" / "genai_config.json").write_text(json.dumps(genai, indent=4))
+            for path in pattern.iterdir():
+                if path.name not in ("model.onnx", "model.onnx.data", "genai_config.json"):
+                    shutil.copy2(path, work / "model" / path.name)
+        os.replace(work / "model", out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
