@@ -52,7 +52,6 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "mlp.down_proj": ("mlp.down_proj",),
 }
 PATTERN_LAYERS = 2
-COPY_CHUNK = 64 << 20  # bytes copied at once from the pattern's data file
 Say = Callable[[str], None]
 
 
@@ -212,41 +211,31 @@ def _graph_io(items: list[Any], n: int) -> list[Any]:
 
 
 class _DataWriter:
-    """Appends initializer bytes to one external data file and returns the TensorProto that points at them."""
+    """Appends initializer bytes to one external data file (`compress.onnx_files`' layout: page-aligned tensors)
+    and returns the TensorProtos that point at them."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.handle, self.offset = path, path.open("wb"), 0
-
-    def _proto(self, name: str, data_type: int, dims: list[int], length: int) -> Any:
-        import onnx
-
-        t = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        self.offset += length
-        return t
+        self.location, self.handle = path.name, path.open("wb")
 
     def tensor(self, name: str, data_type: int, dims: list[int], value: torch.Tensor) -> Any:
-        data = value.contiguous().view(torch.uint8).numpy() if value.numel() else b""
-        self.handle.write(memoryview(data))
-        return self._proto(name, data_type, dims, value.numel() * value.element_size())
+        import onnx
 
-    def copy(self, init: Any, source: Path) -> Any:
-        """`init` (external, in the pattern's data file `source`) copied in chunks."""
-        loc = {e.key: e.value for e in init.external_data}
-        offset, length = int(loc.get("offset", 0)), int(loc["length"])
-        with (source.parent / loc["location"]).open("rb") as fh:
-            fh.seek(offset)
-            left = length
-            while left:
-                chunk = fh.read(min(COPY_CHUNK, left))
-                if not chunk:
-                    raise ValueError(f"{source}: {init.name} ends before its recorded length {length}")
-                self.handle.write(chunk)
-                left -= len(chunk)
-        return self._proto(init.name, init.data_type, list(init.dims), length)
+        from compress.onnx_files import append_external
+
+        proto = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+        append_external(self.handle, proto, memoryview(value.contiguous().view(torch.uint8).numpy()), self.location)
+        return proto
+
+    def copy(self, init: Any, pattern: Path) -> Any:
+        """`init`, an external tensor of the graph `pattern`, with its bytes copied in chunks."""
+        import onnx
+
+        from compress.onnx_files import copy_external
+
+        proto = onnx.TensorProto()
+        proto.CopyFrom(init)
+        copy_external(pattern, proto, self.handle, self.location)
+        return proto
 
     def close(self) -> None:
         self.handle.close()

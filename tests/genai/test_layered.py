@@ -5,12 +5,11 @@ graph inputs / outputs, initializers byte for byte, genai_config.json, and logit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from llm_toys import VOCAB, tiny_llama, tiny_tokenizer
+from llm_toys import VOCAB, genai_logits, tiny_llama, tiny_tokenizer
 from onnx import numpy_helper
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'compress[llm]')")
@@ -20,7 +19,8 @@ from compress.genai.build import build_fused_decoder  # noqa: E402
 from compress.quant.primitives.weight import WeightQuantConfig  # noqa: E402
 from compress.quant.streamed import build_streamed_decoder, stream_quantize  # noqa: E402
 
-LAYERS, KV_HEADS, HEAD = 5, 2, 16
+LAYERS = 5
+IDS = np.random.default_rng(0).integers(3, VOCAB, size=(1, 17)).astype(np.int64)
 CFG = WeightQuantConfig(group_size=32)
 
 
@@ -34,18 +34,6 @@ def models(tmp_path_factory):
         tiny_tokenizer().save_pretrained(folder)
         out[tie] = folder
     return out
-
-
-def _logits(folder: Path) -> np.ndarray:
-    import onnxruntime as ort
-
-    ids = np.random.default_rng(0).integers(3, VOCAB, size=(1, 17)).astype(np.int64)
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feed[i.name] = np.zeros((1, KV_HEADS, 0, HEAD), np.float32)  # (B, kv_heads, 0, head)
-    return session.run(["logits"], feed)[0]
 
 
 def _nodes(model) -> list[tuple]:
@@ -79,7 +67,7 @@ def test_layered_graph_equals_builders_full_graph(models, tie, lm_head, tmp_path
     ends = [sum(int(e.value) for e in t.external_data if e.key in ("offset", "length")) for t in external]
     assert ends[-1] == (ours / "model.onnx.data").stat().st_size and ends == sorted(ends)
     # same graph, same bytes, same kernels: equal logits (the stated tolerance, 1e-5, is not even needed)
-    np.testing.assert_allclose(_logits(ours), _logits(ref), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(genai_logits(ours, IDS), genai_logits(ref, IDS), rtol=0, atol=1e-5)
 
 
 def test_conversion_that_differs_from_the_builder_is_refused(models, tmp_path, monkeypatch) -> None:
