@@ -266,7 +266,8 @@ def write_layered_graph(folder: Path, pattern_dir: Path, out_dir: Path, say: Say
     graph = pattern.graph
     inits = list(graph.initializer)
     by_name = {t.name: t for t in inits}
-    layer_specs = {t.name: (t.data_type, list(t.dims)) for t in inits if _layer_of(t.name) == 1}
+    # layer 0's tensors as the pattern has them (its first norm differs in kind), every later one as layer 1's
+    layer_specs = [{t.name: (t.data_type, list(t.dims)) for t in inits if _layer_of(t.name) == k} for k in (0, 1)]
     paths = _layer_files(folder, n)
 
     model = onnx.ModelProto()
@@ -289,7 +290,7 @@ def write_layered_graph(folder: Path, pattern_dir: Path, out_dir: Path, say: Say
                 if t.name != first_layer_tensor:
                     continue
                 for i in range(n):  # at the place of layer 0's first tensor: every layer, in order
-                    specs = {_renamer({1: i})(k): v for k, v in layer_specs.items()}
+                    specs = {_renamer({1: i})(k): v for k, v in layer_specs[min(i, 1)].items()}
                     values = dict(layer_initializers(paths[i], i, specs, q["bits"], q["group_size"]))
                     if i < PATTERN_LAYERS:
                         _check_pattern_layer(values, by_name, pattern_dir)
