@@ -52,6 +52,14 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "mlp.down_proj": ("mlp.down_proj",),
 }
 PATTERN_LAYERS = 2
+#: vocabulary sizes of the two patterns (multiples of 8: GPTQ qzeros pack 8 outputs per int32); what differs
+#: between their graphs is what depends on the vocabulary, rewritten for the model's own
+PATTERN_VOCABS = (64, 72)
+REST_FILE = "rest.safetensors"  # compress.quant.streamed's embedding / final norm / head file
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")  # [vocab, hidden]
+VOCAB_COLUMNS = {"lm_head.qweight": 1, "lm_head.scales": 1, "lm_head.qzeros": 8}  # [.., vocab / n]
+HEAD_BLOCK = 8192  # vocabulary rows converted at once (a multiple of 8)
+HIDDEN_BLOCK = 512  # rows of a transposed float head [hidden, vocab] written at once
 Say = Callable[[str], None]
 
 
@@ -63,19 +71,34 @@ def _layer_files(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def _pattern_source(folder: Path, work: Path) -> Path:
-    """A 2-layer copy of the streamed folder: its config with 2 layers, its files linked (no bytes copied)."""
-    src = work / "pattern-src"
+def _pattern_source(folder: Path, work: Path, vocab: int) -> Path:
+    """A 2-layer, `vocab`-token copy of the streamed folder: its config with 2 layers and `vocab` tokens, its first
+    two layer files linked (no bytes copied), and the first `vocab` rows of its embedding / head."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = work / f"pattern-src-{vocab}"
     src.mkdir()
     config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = PATTERN_LAYERS
+    config.update(num_hidden_layers=PATTERN_LAYERS, vocab_size=vocab)
     (src / "config.json").write_text(json.dumps(config, indent=2))
     keep = {f"layer-{i:05d}.safetensors" for i in range(PATTERN_LAYERS)}
     for path in folder.iterdir():
-        if path.name == "config.json" or (path.name.startswith("layer-") and path.name not in keep):
+        if path.name in ("config.json", REST_FILE) or (path.name.startswith("layer-") and path.name not in keep):
             continue
         if path.suffix in (".safetensors", ".json", ".txt", ".model"):
             os.symlink(path.resolve(), src / path.name)
+    rest: dict[str, torch.Tensor] = {}
+    with safe_open(str(folder / REST_FILE), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 - not a dict
+            t = fh.get_slice(name)
+            if name in VOCAB_ROWS:
+                rest[name] = t[:vocab]
+            elif name in VOCAB_COLUMNS:  # GPTQ head tensors: [.., N] (qzeros pack 8 outputs per int32)
+                rest[name] = t[:, : vocab // VOCAB_COLUMNS[name]]
+            else:
+                rest[name] = t[:]
+    save_file({k: v.contiguous() for k, v in rest.items()}, str(src / REST_FILE), metadata={"format": "pt"})
     return src
 
 
@@ -226,6 +249,28 @@ class _DataWriter:
         append_external(self.handle, proto, memoryview(value.contiguous().view(torch.uint8).numpy()), self.location)
         return proto
 
+    def tensors(self, name: str, data_type: int, dims: list[int], blocks: Iterator[torch.Tensor]) -> Any:
+        """One tensor written from consecutive blocks along its first axis (never whole in memory)."""
+        import onnx
+
+        from compress.onnx_files import append_external
+
+        proto = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+        first = None
+        for block in blocks:
+            data = memoryview(block.contiguous().view(torch.uint8).numpy())
+            if first is None:
+                append_external(self.handle, proto, data, self.location)
+                first = int(next(e.value for e in proto.external_data if e.key == "offset"))
+            else:
+                self.handle.write(data)
+        length = self.handle.tell() - first
+        want = int(torch.Size(dims).numel()) * torch.empty(0, dtype=_torch_dtype(data_type)).element_size()
+        if length != want:
+            raise ValueError(f"{name}: {length} bytes written, its shape {dims} holds {want}")
+        next(e for e in proto.external_data if e.key == "length").value = str(length)
+        return proto
+
     def copy(self, init: Any, pattern: Path) -> Any:
         """`init`, an external tensor of the graph `pattern`, with its bytes copied in chunks."""
         import onnx
@@ -241,8 +286,111 @@ class _DataWriter:
         self.handle.close()
 
 
-def _check_pattern_layer(written: dict[str, torch.Tensor], pattern: dict[str, Any], data_dir: Path) -> None:
-    """The conversion of layer files 0 and 1 must give the builder's own bytes for them."""
+class _VocabSource:
+    """The builder's vocabulary-sized tensors (head, embedding) for any block of rows, from the streamed folder's
+    embedding / head file: the head's GPTQ tensors repacked by the builder's loader methods (rows are independent:
+    the MatMulNBits layout is [N, ..] and its scales / zero points are flattened N-major), float tables cast."""
+
+    def __init__(self, folder: Path, bits: int, group_size: int) -> None:
+        from safetensors import safe_open
+
+        self.file = safe_open(str(folder / REST_FILE), framework="pt")
+        self.names = set(self.file.keys())  # noqa: SIM118 - not a dict
+        self.bits, self.group_size, self.loader, self.cached = bits, group_size, _builder_loader(), None
+
+    def float_table(self) -> str:
+        return "lm_head.weight" if "lm_head.weight" in self.names else "model.embed_tokens.weight"
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the builder's `name` (its vocabulary axis first; flattened: the rows' elements)."""
+        if name.startswith("lm_head.MatMulNBits."):
+            if self.cached is None or self.cached[0] != (start, stop):
+                tensors = {
+                    f"lm_head.{p}": self.file.get_slice(f"lm_head.{p}")[:, start // n : stop // n]
+                    for p, n in (("qweight", 1), ("scales", 1), ("qzeros", 8))
+                }
+                tensors["lm_head.g_idx"] = self.file.get_slice("lm_head.g_idx")[:]
+                self.cached = ((start, stop), _repack(self.loader, tensors, "lm_head", self.bits, self.group_size))
+            return getattr(self.cached[1], name.rsplit(".", 1)[1])
+        if name == "model.embed_tokens.weight":
+            return self.file.get_slice(name)[start:stop]
+        if name == "lm_head.MatMul.weight":  # [hidden, vocab]: the float head transposed
+            return self.file.get_slice(self.float_table())[start:stop].T
+        raise ValueError(f"{name}: a vocabulary-sized builder tensor the layer writer has no source for")
+
+    def write(self, writer: _DataWriter, name: str, data_type: int, dims: list[int], vocab: int) -> Any:
+        """The whole tensor (`dims`: the model's), written in blocks of rows along its first axis."""
+        dtype = _torch_dtype(data_type)
+        if name == "lm_head.MatMul.weight":  # vocabulary on axis 1: blocks of hidden rows, each of the whole vocab
+            table = self.file.get_slice(self.float_table())
+            blocks = (table[:, h : h + HIDDEN_BLOCK].T for h in range(0, dims[0], HIDDEN_BLOCK))
+        else:
+            blocks = (self.rows(name, i, min(i + HEAD_BLOCK, vocab)) for i in range(0, vocab, HEAD_BLOCK))
+        return writer.tensors(name, data_type, dims, (b.to(dtype) for b in blocks))
+
+
+def _int64_as_fields(model: Any, back: bool) -> None:
+    """INT64 constants and inline initializers as int64_data (so that their values read as numbers in the text
+    form), or `back` to raw_data, the builder's form."""
+    import numpy as np
+    import onnx
+
+    tensors = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    for t in (t for t in tensors if t.data_type == onnx.TensorProto.INT64):
+        if back and t.int64_data:
+            t.raw_data = np.array(t.int64_data, np.int64).tobytes()
+            t.ClearField("int64_data")
+        elif not back and t.HasField("raw_data"):
+            t.int64_data.extend(np.frombuffer(t.raw_data, np.int64).tolist())
+            t.ClearField("raw_data")
+
+
+def vocabulary_graph(a: Any, b: Any, vocabs: tuple[int, int], vocab: int) -> Any:
+    """The graph of pattern `a` (vocabulary `vocabs[0]`) for `vocab` tokens: every number where `a` and pattern `b`
+    (`vocabs[1]`) differ is k * the vocabulary (a shape, a name like ``/model/constants/INT64/[64, 32]``, an
+    attribute ``N``), and becomes k * `vocab`. Any other difference is refused. External initializers are left out
+    (their offsets differ; they are written separately)."""
+    import onnx
+    from google.protobuf import text_format
+
+    texts = []
+    for m in (a, b):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(m)
+        keep = [t for t in copy.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        del copy.graph.initializer[:]
+        copy.graph.initializer.extend(keep)
+        _int64_as_fields(copy, back=False)
+        texts.append(text_format.MessageToString(copy).splitlines())
+    if len(texts[0]) != len(texts[1]):
+        raise ValueError("the builder's graph changes with the vocabulary size beyond its shapes: not replicable")
+    v0, v1 = vocabs
+    lines = []
+    for x, y in zip(*texts, strict=True):
+        if x == y:
+            lines.append(x)
+            continue
+        tx, ty = re.split(r"(\d+)", x), re.split(r"(\d+)", y)
+        merged = []
+        for j, (p, q) in enumerate(zip(tx, ty, strict=False)):
+            if p == q:
+                merged.append(p)
+            elif j % 2 and int(p) % v0 == 0 and int(p) // v0 == int(q) // v1 and int(q) % v1 == 0:
+                merged.append(str(int(p) // v0 * vocab))
+            else:
+                raise ValueError(f"the builder's graph differs with the vocabulary size here: {x.strip()!r}")
+        if len(tx) != len(ty):
+            raise ValueError(f"the builder's graph differs with the vocabulary size here: {x.strip()!r}")
+        lines.append("".join(merged))
+    out = text_format.Parse("\n".join(lines), onnx.ModelProto())
+    _int64_as_fields(out, back=True)
+    return out
+
+
+def _check_pattern(written: dict[str, torch.Tensor], pattern: dict[str, Any], data_dir: Path) -> None:
+    """Our conversion must give the builder's own bytes where the pattern has them (layers 0, 1; the first rows
+    of the head and embedding)."""
     from onnx import numpy_helper
 
     for name, value in written.items():
@@ -255,23 +403,29 @@ def _check_pattern_layer(written: dict[str, torch.Tensor], pattern: dict[str, An
             )
 
 
-def write_layered_graph(folder: Path, pattern_dir: Path, out_dir: Path, say: Say) -> None:
-    """Write `out_dir/model.onnx` (+ `.data`) for every layer of `folder` from the 2-layer `pattern_dir`."""
+def write_layered_graph(folder: Path, patterns: tuple[Path, Path], out_dir: Path, say: Say) -> None:
+    """Write `out_dir/model.onnx` (+ `.data`) for every layer and the whole vocabulary of `folder` from the two
+    2-layer patterns (vocabularies `PATTERN_VOCABS`)."""
     import onnx
 
     config = json.loads((folder / "config.json").read_text())
-    n, q = int(config["num_hidden_layers"]), config["quantization_config"]
-    pattern_path = pattern_dir / "model.onnx"
-    pattern = onnx.load(str(pattern_path), load_external_data=False)
-    graph = pattern.graph
-    inits = list(graph.initializer)
+    n, vocab, q = int(config["num_hidden_layers"]), int(config["vocab_size"]), config["quantization_config"]
+    if vocab % 8:
+        raise ValueError(f"{folder}/config.json: vocab_size = {vocab}; the GPTQ head packs 8 rows per int32")
+    pattern_path = patterns[0] / "model.onnx"
+    a, b = (onnx.load(str(d / "model.onnx"), load_external_data=False) for d in patterns)
+    graph = vocabulary_graph(a, b, PATTERN_VOCABS, vocab).graph
+    inits = list(a.graph.initializer)
     by_name = {t.name: t for t in inits}
+    inline = {t.name: t for t in graph.initializer}
+    other_dims = {t.name: list(t.dims) for t in b.graph.initializer}
     # layer 0's tensors as the pattern has them (its first norm differs in kind), every later one as layer 1's
     layer_specs = [{t.name: (t.data_type, list(t.dims)) for t in inits if _layer_of(t.name) == k} for k in (0, 1)]
     paths = _layer_files(folder, n)
+    source = _VocabSource(folder, q["bits"], q["group_size"])
 
     model = onnx.ModelProto()
-    model.CopyFrom(pattern)
+    model.CopyFrom(a)
     del model.graph.node[:], model.graph.initializer[:], model.graph.input[:], model.graph.output[:]
     del model.graph.value_info[:]
     model.graph.node.extend(_replicated(list(graph.node), n, lambda x: x.name, _renamed_node))
@@ -293,18 +447,23 @@ def write_layered_graph(folder: Path, pattern_dir: Path, out_dir: Path, say: Say
                     specs = {_renamer({1: i})(k): v for k, v in layer_specs[min(i, 1)].items()}
                     values = dict(layer_initializers(paths[i], i, specs, q["bits"], q["group_size"]))
                     if i < PATTERN_LAYERS:
-                        _check_pattern_layer(values, by_name, pattern_dir)
+                        _check_pattern(values, by_name, patterns[0])
                     written += [writer.tensor(k, *specs[k], v) for k, v in values.items()]
                     del values
                     say(f"layer {i + 1}/{n} written")
-            elif t.data_location == onnx.TensorProto.EXTERNAL:
+            elif t.data_location != onnx.TensorProto.EXTERNAL:
+                written.append(inline[t.name])  # vocabulary-dependent values already rewritten
+            elif list(t.dims) != other_dims[t.name]:  # sized by the vocabulary: the head, the embedding
+                axis = next(j for j, (x, y) in enumerate(zip(t.dims, other_dims[t.name], strict=True)) if x != y)
+                dims = [d // PATTERN_VOCABS[0] * vocab if j == axis else d for j, d in enumerate(t.dims)]
+                first = source.rows(t.name, 0, PATTERN_VOCABS[0]).to(_torch_dtype(t.data_type))
+                _check_pattern({t.name: first}, by_name, patterns[0])  # the pattern's rows are the model's first
+                written.append(source.write(writer, t.name, t.data_type, dims, vocab))
+                say(f"{t.name} written")
+            else:
                 copied = writer.copy(t, pattern_path)
                 copied.name = _renamer({PATTERN_LAYERS: n})(t.name)
                 written.append(copied)
-            else:
-                inline = onnx.TensorProto()
-                inline.CopyFrom(t)
-                written.append(inline)
     finally:
         writer.close()
     model.graph.initializer.extend(written)
@@ -351,13 +510,17 @@ def build_layered_decoder(
         if n <= PATTERN_LAYERS:
             build_fused_decoder(folder, work / "model", **options)
         else:
-            pattern = build_fused_decoder(_pattern_source(folder, work), work / "pattern", **options)
-            say(f"builder pattern ({PATTERN_LAYERS} layers) written")
-            write_layered_graph(folder, pattern, work / "model", say)
-            genai = json.loads((pattern / "genai_config.json").read_text())
+            patterns = tuple(
+                build_fused_decoder(_pattern_source(folder, work, v), work / f"pattern-{v}", **options)
+                for v in PATTERN_VOCABS
+            )
+            say(f"builder patterns ({PATTERN_LAYERS} layers, {' and '.join(map(str, PATTERN_VOCABS))} tokens) written")
+            write_layered_graph(folder, patterns, work / "model", say)
+            genai = json.loads((patterns[0] / "genai_config.json").read_text())
             genai["model"]["decoder"]["num_hidden_layers"] = n
+            genai["model"]["vocab_size"] = int(config["vocab_size"])
             (work / "model" / "genai_config.json").write_text(json.dumps(genai, indent=4))
-            for path in pattern.iterdir():
+            for path in patterns[0].iterdir():
                 if path.name not in ("model.onnx", "model.onnx.data", "genai_config.json"):
                     shutil.copy2(path, work / "model" / path.name)
         os.replace(work / "model", out_dir)
