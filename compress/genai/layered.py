@@ -6,24 +6,31 @@ Why: the model builder holds the whole model while it converts it (its GPTQ load
 layer, then ``save_model`` turns the whole graph into one protobuf): 11 GB on a 3B shape, more than this machine
 has for an 8B one (README, "Large models"). Every decoder layer of a Llama-style model is the same subgraph, so:
 
-1. **Pattern**: the builder runs once on a 2-layer copy of the folder (its config with ``num_hidden_layers: 2``,
-   the first two layer files and the embedding / norm / head file, linked, not copied). Its graph has the
-   nodes before the layers (attention-mask subgraph, embedding), layer 0, layer 1, then the final norm and
-   the head; its data holds the embedding, head, final norm and rotary caches of the full model.
+1. **Patterns**: the builder runs on two small copies of the folder: 2 layers (its config with
+   ``num_hidden_layers: 2``, the first two layer files linked, not copied) and a vocabulary of 64, resp. 72,
+   tokens (the first rows of the embedding and head). Each graph has the nodes before the layers (attention-mask
+   subgraph, embedding), layer 0, layer 1, then the final norm and the head. What differs between the two graphs
+   is what depends on the vocabulary size (shapes, a Reshape constant and its name, the head's ``N``): every such
+   number is k * the vocabulary and is rewritten for the model's own (`vocabulary_graph`); any other difference
+   is refused.
 2. **Graph**: layer 1's nodes are replicated for layers 1..N-1, their tensor names renamed by layer index
    (``/model/layers.1/`` → ``.i/``, ``model.layers.1.`` → ``.i.``, ``past_key_values.1.`` / ``present.1.`` → ``.i.``;
    a reference to layer 0 → ``i-1``), the final norm's ``layers.2`` → ``layers.N``; graph inputs, outputs and
    value infos likewise. The proto holds names and external-data offsets only.
-3. **Data**: ``model.onnx.data`` is written sequentially: each layer's initializers are converted from its
-   layer file (``layer_initializers``: the builder's own GPTQ loader methods, one Linear at a time, q/k/v packed
-   as its ``make_packed_matmul_int4_class`` does, cast to the pattern's dtype), appended, and freed; the
-   pattern's other initializers are copied from its data file in chunks. So one layer is in memory at a time.
+3. **Data**: ``model.onnx.data`` is written sequentially (page-aligned tensors, `compress.onnx_files`): each
+   layer's initializers converted from its layer file (`layer_initializers`: the builder's own GPTQ loader
+   methods, one Linear at a time, q/k/v packed as its ``make_packed_matmul_int4_class`` does, cast to the
+   pattern's dtype), appended, and freed; the head and embedding converted the same way in blocks of
+   `HEAD_BLOCK` rows (`_VocabSource`); the rotary caches and final norm copied from the pattern. So one layer,
+   or one block of the head, is in memory at a time.
 
-Checked on every build: the conversion of layer files 0 and 1 must give the pattern's bytes for layers 0 and 1
-(the builder's own output), and every layer's tensors the pattern's names, dtypes and shapes; otherwise a
-ValueError names the tensor (an architecture whose layers the builder converts differently is refused, never
-written wrong). On the tiny Llama the written graph equals the builder's full graph: same initializers byte for
-byte, same logits (tests/genai/test_layered.py). genai_config.json is the pattern's with ``num_hidden_layers: N``.
+Checked on every build: our conversion must give the builder's own bytes where the pattern has them (layers 0
+and 1, the first 64 rows of the head and embedding), and every layer's tensors the pattern's names, dtypes and
+shapes; otherwise a ValueError names the tensor (an architecture whose layers the builder converts differently is
+refused, never written wrong). On the tiny Llama the written graph equals the builder's full graph: same
+initializers byte for byte, same logits (tests/genai/test_layered.py). genai_config.json is the pattern's with the
+model's ``num_hidden_layers`` and ``vocab_size``. The head's blocks are converted once per tensor (qweight, scales,
+zero points: three passes), which costs time, not memory.
 """
 
 from __future__ import annotations
