@@ -29,8 +29,7 @@ and 1, the first 64 rows of the head and embedding), and every layer's tensors t
 shapes; otherwise a ValueError names the tensor (an architecture whose layers the builder converts differently is
 refused, never written wrong). On the tiny Llama the written graph equals the builder's full graph: same
 initializers byte for byte, same logits (tests/genai/test_layered.py). genai_config.json is the pattern's with the
-model's ``num_hidden_layers`` and ``vocab_size``. The head's blocks are converted once per tensor (qweight, scales,
-zero points: three passes), which costs time, not memory.
+model's ``num_hidden_layers`` and ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -303,7 +302,8 @@ class _VocabSource:
 
         self.file = safe_open(str(folder / REST_FILE), framework="pt")
         self.names = set(self.file.keys())  # noqa: SIM118 - not a dict
-        self.bits, self.group_size, self.loader, self.cached = bits, group_size, _builder_loader(), None
+        self.bits, self.group_size, self.loader = bits, group_size, _builder_loader()
+        self.kept: dict[str, list[torch.Tensor]] = {}  # head parts converted with another part, not written yet
 
     def float_table(self) -> str:
         return "lm_head.weight" if "lm_head.weight" in self.names else "model.embed_tokens.weight"
@@ -311,19 +311,34 @@ class _VocabSource:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the builder's `name` (its vocabulary axis first; flattened: the rows' elements)."""
         if name.startswith("lm_head.MatMulNBits."):
-            if self.cached is None or self.cached[0] != (start, stop):
-                tensors = {
-                    f"lm_head.{p}": self.file.get_slice(f"lm_head.{p}")[:, start // n : stop // n]
-                    for p, n in (("qweight", 1), ("scales", 1), ("qzeros", 8))
-                }
-                tensors["lm_head.g_idx"] = self.file.get_slice("lm_head.g_idx")[:]
-                self.cached = ((start, stop), _repack(self.loader, tensors, "lm_head", self.bits, self.group_size))
-            return getattr(self.cached[1], name.rsplit(".", 1)[1])
+            return getattr(self._head(start, stop), name.rsplit(".", 1)[1])
         if name == "model.embed_tokens.weight":
             return self.file.get_slice(name)[start:stop]
         if name == "lm_head.MatMul.weight":  # [hidden, vocab]: the float head transposed
             return self.file.get_slice(self.float_table())[start:stop].T
         raise ValueError(f"{name}: a vocabulary-sized builder tensor the layer writer has no source for")
+
+    def _head(self, start: int, stop: int) -> Any:
+        """The head's rows [start, stop) repacked (qweight, scales, qzeros of the MatMulNBits layout)."""
+        tensors = {
+            f"lm_head.{p}": self.file.get_slice(f"lm_head.{p}")[:, start // n : stop // n]
+            for p, n in (("qweight", 1), ("scales", 1), ("qzeros", 8))
+        }
+        tensors["lm_head.g_idx"] = self.file.get_slice("lm_head.g_idx")[:]
+        return _repack(self.loader, tensors, "lm_head", self.bits, self.group_size)
+
+    def _head_blocks(self, name: str, vocab: int) -> Iterator[torch.Tensor]:
+        """One head part in blocks; each block is converted once: the other parts' blocks are kept for their turn
+        (scales and zero points are 1/8 and 1/64 of the codes' bytes)."""
+        if name in self.kept:
+            yield from self.kept.pop(name)
+            return
+        for i in range(0, vocab, HEAD_BLOCK):
+            module = self._head(i, min(i + HEAD_BLOCK, vocab))
+            for part in ("qweight", "scales", "qzeros"):
+                if f"lm_head.MatMulNBits.{part}" != name:
+                    self.kept.setdefault(f"lm_head.MatMulNBits.{part}", []).append(getattr(module, part))
+            yield getattr(module, name.rsplit(".", 1)[1])
 
     def write(self, writer: _DataWriter, name: str, data_type: int, dims: list[int], vocab: int) -> Any:
         """The whole tensor (`dims`: the model's), written in blocks of rows along its first axis."""
@@ -331,6 +346,8 @@ class _VocabSource:
         if name == "lm_head.MatMul.weight":  # vocabulary on axis 1: blocks of hidden rows, each of the whole vocab
             table = self.file.get_slice(self.float_table())
             blocks = (table[:, h : h + HIDDEN_BLOCK].T for h in range(0, dims[0], HIDDEN_BLOCK))
+        elif name.startswith("lm_head.MatMulNBits."):
+            blocks = self._head_blocks(name, vocab)
         else:
             blocks = (self.rows(name, i, min(i + HEAD_BLOCK, vocab)) for i in range(0, vocab, HEAD_BLOCK))
         return writer.tensors(name, data_type, dims, (b.to(dtype) for b in blocks))
