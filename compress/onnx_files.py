@@ -94,13 +94,11 @@ def move_model(src: Path, dst: Path) -> None:
         with open(data_file(tmp), "wb") as out:
             for tensor in _get_all_tensors(model):
                 if uses_external_data(tensor):
-                    _copy_external(src, tensor, out, data_file(dst).name)
+                    copy_external(src, tensor, out, data_file(dst).name)
                 elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _SMALL:
-                    _pad(out)
-                    offset = out.tell()
-                    out.write(tensor.raw_data)
+                    data = tensor.raw_data
                     tensor.ClearField("raw_data")
-                    _point(tensor, data_file(dst).name, offset, out.tell() - offset)
+                    append_external(out, tensor, data, data_file(dst).name)
         onnx.save_model(model, str(tmp))
 
     write_atomically(dst, write)
@@ -145,7 +143,16 @@ def _inside(model: Path, location: str) -> Path:
     return path
 
 
-def _copy_external(src: Path, tensor, out, location: str) -> None:
+def append_external(out, tensor, data: bytes | memoryview, location: str) -> None:
+    """Append `data` (`tensor`'s bytes) to the open data file `out` at the next page boundary; `tensor` then
+    points at them in `location` (the file's name beside the graph)."""
+    _pad(out)
+    offset = out.tell()
+    out.write(data)
+    _point(tensor, location, offset, out.tell() - offset)
+
+
+def copy_external(src: Path, tensor, out, location: str) -> None:
     """Append `tensor`'s bytes from its external file to `out`; `tensor` then points at them in `location`."""
     from onnx.external_data_helper import ExternalDataInfo
 

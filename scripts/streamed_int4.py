@@ -5,7 +5,8 @@
 
 Phases, each measured with `compress.memory.PeakRss` (this process's resident high-water mark, reset before
 the phase): (1) streamed RTN (`compress.quant.streamed.stream_quantize`: one layer in memory at
-a time), (2) onnxruntime-genai's builder on the quantized folder (`build_streamed_decoder`), (3) ONNX Runtime
+a time), (2) the fused INT4 graph written layer by layer from the quantized folder (`build_streamed_decoder`:
+onnxruntime-genai's builder on a 2-layer copy, then one layer file at a time; a line per layer), (3) ONNX Runtime
 loads the INT4 model and runs a prefill of 8 tokens and one decode step. Prints one JSON line per layer and a
 summary line; the work folder is removed at the end unless `--keep`.
 
@@ -103,6 +104,16 @@ def _layer_stats(result) -> dict:
     }
 
 
+def _build_say(t0: float):
+    """Print each step of the layer-by-layer ONNX writer with its time since `t0` and the RSS then."""
+
+    def say(message: str) -> None:
+        line = {"build": message, "t_s": round(time.perf_counter() - t0, 1), "rss_mb": round(current_rss_mb())}
+        print(json.dumps(line), flush=True)
+
+    return say
+
+
 def trace_rss(every_s: float) -> threading.Event:
     """Print this process's RSS every `every_s` seconds until the returned event is set (where the builder's
     memory goes: its own progress lines are printed in between with --trace-rss)."""
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = trace_rss(args.trace_rss) if args.trace_rss else threading.Event()
     with PeakRss() as peak:
         onnx_dir = build_streamed_decoder(
-            result.folder, args.work / "onnx", lm_head=args.lm_head, verbose=bool(args.trace_rss)
+            result.folder, args.work / "onnx", lm_head=args.lm_head, verbose=bool(args.trace_rss), say=_build_say(t0)
         )
     stop.set()
     summary["build"] = {"seconds": round(time.perf_counter() - t0, 1), "gb": round(_folder_gb(onnx_dir), 2)}

@@ -11,13 +11,13 @@ VOCAB = 1000
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
 
-def tiny_llama(tie: bool, seed: int = 0):
+def tiny_llama(tie: bool, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=128,
@@ -28,6 +28,19 @@ def tiny_llama(tie: bool, seed: int = 0):
         bos_token_id=None,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def genai_logits(folder: Path, ids, kv_heads: int = 2, head: int = 16):
+    """Full-sequence logits of the fused graph `folder/model.onnx` for `ids` (1, T), from an empty cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((1, kv_heads, 0, head), np.float32)  # (B, kv_heads, 0, head)
+    return session.run(["logits"], feed)[0]
 
 
 def tiny_tokenizer():

@@ -58,7 +58,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -67,7 +66,7 @@ import torch
 
 from compress.errors import MissingDependencyError
 from compress.genai.rewrite import fix_tied_embedding
-from compress.quant.primitives.packing import pack_gptq
+from compress.quant.primitives.packing import pack_gptq, shift_zero_points
 from compress.quant.primitives.weight import QuantizedWeight
 
 Precision = Literal["fp32", "int4", "int8"]
@@ -210,8 +209,7 @@ def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedW
         raise ValueError(f"quantized weights {missing} name no Linear weight in {hf_folder}")
     out: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if k[: -len(".weight")] not in quantized}
     for name, qw in quantized.items():
-        levels = 1 << qw.bits
-        stored = replace(qw, zeros=((qw.zeros.to(torch.int16) - 1) % levels).to(torch.uint8))
+        stored = shift_zero_points(qw, -1)  # the loader adds 1 modulo 2**bits
         if qw.bits == 4:
             t = pack_gptq(stored, "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
             tensors = {"qweight": t.qweight, "qzeros": t.qzeros, "scales": t.scales, "g_idx": t.g_idx}

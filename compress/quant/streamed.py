@@ -16,7 +16,7 @@ result written as one AutoGPTQ-layout file per layer, and the layer freed.
   (read from the checkpoint) and the rotary embedding (rebuilt from the config) materialised, stopped at layer
   0's pre-hook; every layer then gets the same arguments (architectures with sliding-window layers are
   refused). Each layer is materialised in float32 (`to_empty` + `load_state_dict`), quantized with the
-  in-memory path's Hessian hooks and sequential groups (`gptq._quantize_with_hooks`,
+  in-memory path's Hessian hooks and sequential groups (`gptq.quantize_with_hooks`,
   `sequential.layer_linear_groups`), and its outputs from the quantized weights are the next layer's inputs:
   the codes come out identical to `gptq_quantize_model`'s. The activations stay float32 (16 windows of 512 on
   an 8B shape: 134 MB) and are also written after each layer (`hidden.activations`) to resume from.
@@ -26,9 +26,9 @@ result written as one AutoGPTQ-layout file per layer, and the layer freed.
 
 The output folder is the quantized checkpoint onnxruntime-genai's model builder reads (`config.json` with a
 GPTQ `quantization_config`, the builder reads every `*.safetensors` in it; see `compress.genai.build` for the
-layout and the zero-point shift its loader needs): `build_streamed_decoder` runs the builder on it through
-`compress.genai.build.build_fused_decoder`, so the ONNX graph is assembled from the quantized weights without
-the float model. (The builder itself holds far more than the quantized weights: README, "Large models".)
+layout and the zero-point shift its loader needs). `build_streamed_decoder` writes the builder's fused graph
+from it one layer at a time (`compress.genai.layered`: the builder runs on a 2-layer copy only, since on the
+whole folder it holds far more than the quantized weights: README, "Large models").
 
 Resume: each layer file has a sidecar `layer-NNNNN.json` with its sha256 and the key of what made it (the
 quantization settings, the layer's tensor names and the size and mtime of the source shards it read, the
@@ -47,7 +47,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ import torch
 
 from compress.families.causal_lm.archs import DecoderArch, arch_for_model_type
 from compress.hashing import sha256_file, sha256_json
-from compress.quant.algorithms.gptq import GPTQConfig, _quantize_with_hooks
+from compress.quant.algorithms.gptq import GPTQConfig, quantize_with_hooks
 from compress.quant.algorithms.rtn import rtn_quantize
 from compress.quant.algorithms.sequential import (
     LayerCall,
@@ -66,7 +66,7 @@ from compress.quant.algorithms.sequential import (
     run_layer,
     with_hidden,
 )
-from compress.quant.primitives.packing import pack_gptq
+from compress.quant.primitives.packing import pack_gptq, shift_zero_points
 from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 STREAM_VERSION = 2  # joins every file's key: a change of the layout invalidates finished files (2: tied head)
@@ -143,10 +143,9 @@ def meta_skeleton(config: Any) -> torch.nn.Module:
 
 
 def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """AutoGPTQ v1 tensors of one Linear for the builder's GPTQ loader (zero points stored as (zero - 1) mod 16,
-    as `compress.genai.build.write_builder_checkpoint` writes them, since its loader adds 1 modulo 16)."""
-    stored = replace(qw, zeros=((qw.zeros.to(torch.int16) - 1) % 16).to(torch.uint8))
-    t = pack_gptq(stored, "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
+    """AutoGPTQ v1 tensors of one Linear for the builder's GPTQ loader (zero points `shift_zero_points(qw, -1)`:
+    its loader adds 1 modulo 16)."""
+    t = pack_gptq(shift_zero_points(qw, -1), "gptq_v2")  # v2 packing stores the zeros as given: the shifted v1 values
     return {
         f"{name}.qweight": torch.from_numpy(t.qweight),
         f"{name}.qzeros": torch.from_numpy(t.qzeros),
@@ -281,7 +280,7 @@ def _gptq_layer(
         groups = [[m for grp in groups for m in grp]]
     qws: dict[str, QuantizedWeight] = {}
     for members in groups:
-        qws.update(_quantize_with_hooks(lambda: run_layer(layer, inputs), members, cfg))
+        qws.update(quantize_with_hooks(lambda: run_layer(layer, inputs), members, cfg))
     with torch.no_grad():
         out_hidden = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
     layer.to("meta")
@@ -482,7 +481,7 @@ def read_quantized(folder: str | Path) -> Iterator[tuple[str, QuantizedWeight]]:
         for name in sorted(n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")):
             t = GPTQTensors(*(tensors[f"{name}.{part}"].numpy() for part in ("qweight", "qzeros", "scales", "g_idx")))
             qw = unpack_gptq(t, cfg["group_size"], cfg["sym"], "gptq_v2")
-            yield name, replace(qw, zeros=((qw.zeros.to(torch.int16) + 1) % 16).to(torch.uint8))
+            yield name, shift_zero_points(qw, 1)
 
 
 def build_streamed_decoder(
@@ -493,20 +492,18 @@ def build_streamed_decoder(
     accuracy_level: int | None = None,
     execution_provider: Literal["cpu", "cuda"] = "cpu",
     verbose: bool = False,
+    say: Say | None = None,
 ) -> Path:
-    """onnxruntime-genai's fused INT4 decoder from a `stream_quantize` folder (the builder reads its tensors;
-    float MatMuls, if any, would get the builder's RTN: none are left but a float head, kept float)."""
-    from compress.genai.build import build_fused_decoder
+    """onnxruntime-genai's fused INT4 decoder from a `stream_quantize` folder, written one layer at a time
+    (`compress.genai.layered`: the builder on a 2-layer copy gives the pattern and converts nothing else)."""
+    from compress.genai.layered import build_layered_decoder
 
-    q = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
-    return build_fused_decoder(
+    return build_layered_decoder(
         folder,
         out_dir,
-        precision="int4",
-        execution_provider=execution_provider,
-        accuracy_level=accuracy_level,
-        block_size=q["group_size"],
-        symmetric=q["sym"],
         lm_head="int4" if lm_head == "int4" else "float",
+        accuracy_level=accuracy_level,
+        execution_provider=execution_provider,
         verbose=verbose,
+        say=say,
     )

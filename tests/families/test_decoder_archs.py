@@ -254,14 +254,14 @@ def test_each_layer_gets_the_arguments_the_model_gives_it() -> None:
 
 def _reference_gptq(model, batches, cfg):
     """GPTQ by groups with each group's Hessian from a full-model forward: the true inputs, slowly."""
-    from compress.quant.algorithms.gptq import _quantize_with_hooks
+    from compress.quant.algorithms.gptq import quantize_with_hooks
     from compress.quant.algorithms.sequential import default_filter, layer_linear_groups
 
     arch = arch_of(model)
     result = {}
     for i, layer in enumerate(model.get_submodule(arch.layers)):
         for members in layer_linear_groups(layer, arch, default_filter, f"{arch.layers}.{i}."):
-            result.update(_quantize_with_hooks(lambda: logits(model, batches), members, cfg))
+            result.update(quantize_with_hooks(lambda: logits(model, batches), members, cfg))
     return result
 
 

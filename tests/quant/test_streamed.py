@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from llm_toys import VOCAB, tiny_llama, tiny_tokenizer
+from llm_toys import VOCAB, genai_logits, tiny_llama, tiny_tokenizer
 from onnx import numpy_helper
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'compress[llm]')")
@@ -32,7 +32,6 @@ from compress.quant.streamed import (  # noqa: E402
 )
 
 CFG = WeightQuantConfig(group_size=32)  # hidden 64, intermediate 128: whole groups everywhere
-KV_HEADS, HEAD = 2, 16
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(1, 33)).astype(np.int64)
 
 
@@ -80,17 +79,6 @@ def test_streamed_rtn_is_bit_exact(which, lm_head, request, tmp_path) -> None:
         assert torch.equal(got.scales, qw.scales.half().float()), name
 
 
-def _ort_logits(out: Path) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": IDS, "attention_mask": np.ones_like(IDS)}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feed[i.name] = np.zeros((1, KV_HEADS, 0, HEAD), np.float32)  # (B, kv_heads, 0, head)
-    return session.run(["logits"], feed)[0]
-
-
 def _ppl(logits: np.ndarray) -> float:
     """Perplexity of IDS[1:] under the logits (log-softmax in float64)."""
     lg = torch.from_numpy(logits[0, :-1]).double()
@@ -113,7 +101,7 @@ def test_streamed_onnx_equals_in_memory_onnx(tied, tmp_path) -> None:
     for name in inits_a:
         assert inits_a[name].dtype == inits_b[name].dtype and np.array_equal(inits_a[name], inits_b[name]), name
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
-    la, lb = _ort_logits(streamed_dir), _ort_logits(memory_dir)
+    la, lb = genai_logits(streamed_dir, IDS), genai_logits(memory_dir, IDS)
     assert np.array_equal(la, lb)  # same graph, same weights, same kernels: identical, no tolerance needed
     assert _ppl(la) == _ppl(lb)
 

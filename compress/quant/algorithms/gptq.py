@@ -166,7 +166,7 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, config: GPTQConf
     )
 
 
-def _quantize_with_hooks(
+def quantize_with_hooks(
     runner: Any, members: list[tuple[str, nn.Linear]], cfg: GPTQConfig
 ) -> dict[str, QuantizedWeight]:
     """Collect Hessians of ``members`` while ``runner()`` runs, then GPTQ each and write back."""
@@ -224,7 +224,7 @@ def gptq_quantize_model(
             for b in batches:  # a tuple is positional inputs (e.g. images of a CNN), else model kwargs
                 model(*b) if isinstance(b, tuple) else model(**as_model_kwargs(b))
 
-        result.update(_quantize_with_hooks(run_all, members, cfg))
+        result.update(quantize_with_hooks(run_all, members, cfg))
         if progress:
             progress(1, 1, f"GPTQ {len(members)} Linear layers (one pass)")
         return result
@@ -236,7 +236,7 @@ def gptq_quantize_model(
             groups = [[m for grp in groups for m in grp]]
         for members in groups:
             result.update(
-                _quantize_with_hooks(lambda layer=layer, inputs=inputs: run_layer(layer, inputs), members, cfg)
+                quantize_with_hooks(lambda layer=layer, inputs=inputs: run_layer(layer, inputs), members, cfg)
             )
         if progress:
             progress(i + 1, n_layers, f"GPTQ decoder layer {i}")

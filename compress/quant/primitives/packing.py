@@ -24,7 +24,7 @@ ORT's own packer lives inside its quantizer classes; each layout here is a few r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -208,6 +208,17 @@ class GPTQTensors:
     qzeros: np.ndarray  # int32 (n_groups, N/8)
     scales: np.ndarray  # float16 (n_groups, N)
     g_idx: np.ndarray  # int32 (K,)
+
+
+def shift_zero_points(qw: QuantizedWeight, by: int) -> QuantizedWeight:
+    """``qw`` with zero points ``(zero + by) mod 2**bits``.
+
+    onnxruntime-genai's GPTQ loader reads v1 ``qzeros`` and adds 1 modulo ``2**bits``, so a checkpoint
+    written for it stores ``shift_zero_points(qw, -1)`` (packed as given: ``pack_gptq(.., "gptq_v2")``) and
+    every zero point 0..15 reads back, 0 included (AutoGPTQ v1 cannot store it); ``by=+1`` reads one back.
+    """
+    levels = 1 << qw.bits
+    return replace(qw, zeros=((qw.zeros.to(torch.int16) + by) % levels).to(torch.uint8))
 
 
 def pack_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> GPTQTensors:

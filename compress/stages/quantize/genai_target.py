@@ -169,7 +169,7 @@ def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:
 
 
 def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageContext) -> StageOutput:
-    """Layer-streamed RTN / GPTQ of the input's safetensors folder, then the builder on the quantized folder.
+    """Layer-streamed RTN / GPTQ of the input's safetensors folder, then the fused graph written layer by layer.
 
     The per-layer files live in the adapter's cache (keyed by this artifact's key), so a killed run resumes at
     the first unfinished layer; they are removed once the artifact is complete. No dequantized parity check:
@@ -210,6 +210,7 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
             lm_head=options.lm_head,
             accuracy_level=options.target.accuracy_level,
             execution_provider=options.target.execution_provider,
+            say=ctx.reporter.log,
         )
     for path in sorted(built.iterdir()):
         os.replace(path, ctx.outdir / path.name)

@@ -38,7 +38,8 @@ only, so there the embedding Gather keeps a float table (holding the dequantized
 - `onnxruntime-genai` (causal-lm): no export + rewrite; onnxruntime-genai's model builder writes its fused
   decoder graph from the quantized weights (`compress.stages.quantize.genai_target`, which says what is
   refused); `execution_provider: cpu | cuda`, `accuracy_level`. `streamed: true` (method rtn or gptq) quantizes one
-  decoder layer at a time from the input's safetensors without loading the model (`compress.quant.streamed`).
+  decoder layer at a time from the input's safetensors without loading the model (`compress.quant.streamed`), and
+  the fused graph is written one layer at a time from the builder's 2-layer pattern (`compress.genai.layered`).
 
 Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
 `calibration_batch_size` says how many inputs go in one calibration forward (vision 8, others 1);
@@ -115,7 +116,8 @@ class Int4Options(StageOptions):
     streamed: bool = Field(
         False,
         description="quantize one decoder layer at a time from the input's safetensors, never loading the float "
-        "model (models larger than memory; method rtn or gptq, target onnxruntime-genai; resumes per layer)",
+        "model, and write the ONNX graph layer by layer (models larger than memory; method rtn or gptq, target "
+        "onnxruntime-genai; resumes per layer)",
     )
     parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
     parity_atol: Real | None = Field(
