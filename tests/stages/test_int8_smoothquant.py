@@ -44,7 +44,8 @@ def test_smoothquant_artifacts(run) -> None:
         assert rec[name]["evaluation"]["metrics"]["ppl"] > 0
     # alpha 0.5 is applied to every group: 4 groups x 2 layers
     assert rec["sq-05"]["artifact"]["info"]["alphas_by_producer"] == {
-        k: {"0.5": 2} for k in ("input_layernorm", "post_attention_layernorm", "up_proj", "v_proj")  # no head
+        k: {"0.5": 2}
+        for k in ("input_layernorm", "post_attention_layernorm", "up_proj", "v_proj")  # no head
     }
     assert rec["dyn"]["artifact"]["info"]["method"] == "dynamic"
 
