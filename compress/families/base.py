@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from compress.errors import StageError
-from compress.quant.vocab import INT4_ALGORITHMS, TARGETS, Int8Method
+from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS, TARGETS, Int8Method
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +87,8 @@ class Adapter(ABC):
     measures_decode: ClassVar[bool] = False
     #: INT8 method `quantize: {precision: int8, method: auto}` picks (see stages/quantize/int8.py)
     default_int8_method: ClassVar[Int8Method] = "static"
+    #: INT8 methods this family's models can take (smoothquant folds into a decoder's norms: causal-lm only)
+    int8_methods: ClassVar[frozenset[str]] = frozenset(INT8_METHODS) - {"smoothquant"}
     #: INT4 algorithms (`quantize: {precision: int4, method: ...}`) this family's models can take
     #: (autoround: Hugging Face decoders with a tokenizer, so only the causal-lm family declares it)
     int4_methods: ClassVar[frozenset[str]] = frozenset(INT4_ALGORITHMS) - {"autoround"}

@@ -16,8 +16,9 @@ QuantPrecision = Literal["int8", "int4"]
 Target = Literal["onnxruntime-cpu", "tensorrt", "onnxruntime-genai"]
 #: torch-side weight-only algorithms of `precision: int4`
 Int4Algorithm = Literal["rtn", "gptq", "awq", "autoround", "checkpoint"]
-#: ONNX-side methods of `precision: int8` (`auto` asks the family: `Adapter.default_int8_method`)
-Int8Method = Literal["static", "weight-only", "dynamic"]
+#: methods of `precision: int8` (`auto` asks the family: `Adapter.default_int8_method`); smoothquant starts
+#: from the torch model (its scales are folded there), the others from ONNX
+Int8Method = Literal["static", "weight-only", "dynamic", "smoothquant"]
 #: `method: auto` of `precision: int8`: the family's default INT8 method
 AUTO = "auto"
 #: the output projection (and a tied embedding): left float or quantized at 8 / 4 bits

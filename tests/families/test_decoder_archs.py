@@ -162,7 +162,7 @@ def test_int4_logits_close(name: str, method: str) -> None:
 
 def _fold_all(model, scales: dict[tuple[int, int], torch.Tensor], inverse: bool = False) -> list[str]:
     """Apply every applicable scale group of the map with `scales[(layer, group)]`; names of those skipped."""
-    from compress.quant.algorithms.awq import _producer_rows, fold_scale
+    from compress.quant.algorithms.awq import fold_scale, producer_rows
 
     arch = arch_of(model)
     skipped = []
@@ -170,7 +170,7 @@ def _fold_all(model, scales: dict[tuple[int, int], torch.Tensor], inverse: bool 
         for i, layer in enumerate(model.get_submodule(arch.layers)):
             for j, group in enumerate(arch.scale_groups):
                 producer, consumers = layer.get_submodule(group.producer), group.consumers
-                rows = _producer_rows(group, producer, layer.get_submodule(consumers[0]))
+                rows = producer_rows(group, producer, layer.get_submodule(consumers[0]))
                 if isinstance(rows, str):
                     skipped.append(group.producer)
                     continue

@@ -148,7 +148,7 @@ def test_reduce_range_auto_follows_this_cpu_and_the_target(monkeypatch, saturate
     import compress.stages.quantize.int8 as int8
 
     monkeypatch.setattr(int8, "int8_dot_saturates", lambda: saturates)
-    for method in ("static", "dynamic"):
+    for method in ("static", "dynamic", "smoothquant"):
         cpu = Int8Options(precision="int8", method=method)
         assert cpu.method.reduce_range is saturates
         assert cpu.cache_fields()["method"]["reduce_range"] is saturates
@@ -159,3 +159,17 @@ def test_reduce_range_auto_follows_this_cpu_and_the_target(monkeypatch, saturate
     auto = Int8Options(precision="int8")  # `method: auto`: resolved with the family, so the key says this CPU's answer
     assert auto.cache_fields()["auto_reduce_range"] is saturates
     assert auto.method_for("static").reduce_range is saturates
+
+
+def test_smoothquant_options_and_refusals(tmp_path: Path) -> None:
+    """alpha joins the cache key; a bad alpha names its place and range; the method starts from torch, writes
+    ONNX, and is refused for a family without decoder layers to fold into."""
+    auto = Int8Options(precision="int8", method="smoothquant")
+    half = Int8Options(precision="int8", method={"name": "smoothquant", "alpha": 0.5})
+    assert auto.method.alpha == "auto" and half.method.alpha == 0.5
+    assert auto.cache_fields()["method"]["alpha"] == "auto" and half.cache_fields()["method"]["alpha"] == 0.5
+    assert auto.accepts == frozenset({"torch"}) and auto.output_format("torch") == "onnx"
+    msg = _error(tmp_path, "{precision: int8, method: {name: smoothquant, alpha: 1.5}}")
+    assert "stages[2].quantize.method" in msg and "alpha = 1.5; allowed: auto or a number in [0, 1]" in msg
+    msg = _error(tmp_path, "{precision: int8, method: smoothquant}")
+    assert "smoothquant: not for family 'vision'; allowed: static, weight-only, dynamic" in msg

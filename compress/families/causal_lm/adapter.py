@@ -23,7 +23,7 @@ from compress.families.causal_lm.model_io import is_gguf
 from compress.families.causal_lm.options import CausalLMModelOptions, TextDataOptions
 from compress.progress import quiet_third_party
 from compress.prune.options import DECODER_PRUNING
-from compress.quant.vocab import INT4_ALGORITHMS, TARGETS
+from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS, TARGETS
 from compress.registry import register_adapter
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class CausalLMAdapter(Adapter):
     default_int8_method = "weight-only"
     int4_targets = frozenset(TARGETS)  # onnxruntime-genai's builder takes decoder LLMs
     int4_methods = frozenset(INT4_ALGORITHMS)  # autoround included: it needs a decoder and its tokenizer
+    int8_methods = frozenset(INT8_METHODS)  # smoothquant: its scales fold into the decoder layers (archs.py)
     calibration_batch_size = 1  # one window per forward
     comparisons = (
         ("ppl_rise_pct", "perplexity rise %", 1),

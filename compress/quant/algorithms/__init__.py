@@ -2,9 +2,10 @@
 
 INT4 (torch side, weight-only): `rtn`, `gptq`, `awq`, `autoround` (Intel's auto-round package, decoder LLMs),
 `checkpoint` (an AutoGPTQ/GPTQModel folder).
-INT8 (ONNX side): `static` (calibrated Q/DQ), `weight-only` (MatMulNBits, 8 bits), `dynamic` (W8A8).
+INT8 (ONNX side): `static` (calibrated Q/DQ), `weight-only` (MatMulNBits, 8 bits), `dynamic` (W8A8);
+`smoothquant` (torch side: SmoothQuant scales folded into the decoder, then the dynamic W8A8 export).
 The math lives in this package's modules (`rtn`, `gptq`, `awq`, `checkpoint`, `sequential`,
-`int8_matmul`); importing this package loads only these options models.
+`int8_matmul`, `smoothquant`); importing this package loads only these options models.
 
 ```yaml
 method: gptq                                        # shorthand for {name: gptq}
@@ -15,9 +16,9 @@ method: {name: static, calibrator: percentile, samples: 512}
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from compress.quant.registry import NamedOptions, registry
 from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS
@@ -102,7 +103,31 @@ class DynamicOptions(NamedOptions):
     reduce_range: ReduceRange = REDUCE_RANGE
 
 
+class SmoothQuantOptions(NamedOptions):
+    """SmoothQuant (arXiv 2211.10438) on the torch decoder, then dynamic W8A8 (`quantize_dynamic`)."""
+
+    name: Literal["smoothquant"] = "smoothquant"
+    alpha: float | Literal["auto"] = Field(
+        "auto",
+        description="share of the activation range moved into the weights, in [0, 1]; auto: searched per "
+        "scale group on the calibration windows (0.3..0.8, or no smoothing)",
+    )
+    samples: Count = Field(16, gt=0, description="calibration windows")
+    per_channel: bool = Field(True, description="per-channel weight scales")
+    reduce_range: ReduceRange = REDUCE_RANGE
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> Any:
+        ok = value == "auto" or (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
+        )
+        if not ok:
+            raise ValueError(f"alpha = {value!r}; allowed: auto or a number in [0, 1] (e.g. 0.5)")
+        return value
+
+
 INT4 = registry((RtnOptions, GptqOptions, AwqOptions, AutoRoundOptions, CheckpointOptions), INT4_ALGORITHMS)
-INT8 = registry((StaticOptions, WeightOnlyOptions, DynamicOptions), INT8_METHODS)
+INT8 = registry((StaticOptions, WeightOnlyOptions, DynamicOptions, SmoothQuantOptions), INT8_METHODS)
 #: algorithms that read calibration data
-CALIBRATED = frozenset({"gptq", "awq", "autoround", "static"})
+CALIBRATED = frozenset({"gptq", "awq", "autoround", "static", "smoothquant"})

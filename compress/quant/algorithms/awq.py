@@ -45,8 +45,8 @@ from compress.quant.algorithms.sequential import (
     LayerInputs,
     LinearFilter,
     Progress,
+    collect_linear_inputs,
     default_filter,
-    run_layer,
     walk_layers,
 )
 from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
@@ -159,7 +159,7 @@ def fold_scale(producer: nn.Module, s: torch.Tensor, *, norm_offset: float = 0.0
     weight.copy_(((norm_offset + weight.double()) / s.double() - norm_offset).to(weight.dtype))
 
 
-def _producer_rows(group: ScaleGroup, producer: nn.Module, consumer: nn.Linear) -> slice | None | str:
+def producer_rows(group: ScaleGroup, producer: nn.Module, consumer: nn.Linear) -> slice | None | str:
     """Rows of ``producer`` feeding ``consumer`` one for one, or why the fold would not be exact."""
     if not isinstance(producer, nn.Linear):
         return None
@@ -171,22 +171,6 @@ def _producer_rows(group: ScaleGroup, producer: nn.Module, consumer: nn.Linear) 
             f"({group.consumers[0]} input columns): grouped-query attention"
         )
     return slice(index * width, (index + 1) * width) if group.part else None
-
-
-def _collect_inputs(layer: nn.Module, inputs: LayerInputs) -> dict[str, torch.Tensor]:
-    """Input rows ``(tokens, in)`` of every Linear of ``layer`` over the calibration inputs."""
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    feats: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    handles = [
-        m.register_forward_hook(lambda _m, inp, _o, n=n: feats[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
-        for n, m in linears.items()
-    ]
-    try:
-        run_layer(layer, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v, dim=0).float() for n, v in feats.items() if v}
 
 
 @torch.no_grad()
@@ -201,7 +185,7 @@ def awq_quantize_layer(
 ) -> dict[str, QuantizedWeight]:
     """AWQ one decoder layer in place (scale search, folds, clipping, quantization)."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    x_of = _collect_inputs(layer, inputs)
+    x_of = {n: torch.cat(v, dim=0) for n, v in collect_linear_inputs(layer, inputs).items()}
 
     for group in arch.scale_groups:
         names = [n for n in group.consumers if n in linears]
@@ -209,7 +193,7 @@ def awq_quantize_layer(
         if not scored:
             continue
         producer = layer.get_submodule(group.producer)
-        rows = _producer_rows(group, producer, linears[names[0]])
+        rows = producer_rows(group, producer, linears[names[0]])
         if isinstance(rows, str):
             if on_skip:
                 on_skip(f"{prefix}{group.producer} -> {', '.join(names)}: {rows}")

@@ -130,6 +130,23 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> None:
         layer(*args, **kwargs)
 
 
+def collect_linear_inputs(layer: nn.Module, inputs: LayerInputs) -> dict[str, list[torch.Tensor]]:
+    """Input rows ``(tokens, in)`` (float32) of every Linear of ``layer``, one tensor per calibration batch."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    feats: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        feats[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+
+    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: record(n, inp[0])) for n, m in linears.items()]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: v for n, v in feats.items() if v}
+
+
 def layer_linear_groups(
     layer: nn.Module, arch: DecoderArch, keep: LinearFilter, prefix: str
 ) -> list[list[tuple[str, nn.Linear]]]:

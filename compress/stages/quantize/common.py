@@ -92,3 +92,19 @@ def require_quantized(out: Path, src: Path, scheme: str, hint: str) -> dict[str,
         has = ", ".join(f"{before.get(op, 0)} {op}" for op in ("Conv", "Gemm", "MatMul"))
         raise StageError(f"{scheme}: no node was quantized (the model has {has} nodes); {hint}")
     return added
+
+
+def torch_calibration(ctx: Any, samples: int, scheme: str) -> list[Any]:
+    """The adapter's calibration inputs as torch (a StageContext's): keyword batches for multi-input models,
+    positional for one input; StageError naming `scheme` when there is none."""
+    import numpy as np
+    import torch
+
+    names = list(ctx.adapter.io_spec().inputs)
+    batches = []
+    for batch in ctx.adapter.calibration_inputs(samples, batch_size=ctx.adapter.calibration_batch_size):
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+        batches.append((tensors[names[0]],) if len(names) == 1 else tensors)
+    if not batches:
+        raise StageError(f"{scheme}: the adapter produced no calibration inputs")
+    return batches

@@ -193,10 +193,10 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
     method, calibration = options.method, None
     if method.name == "gptq":
         from compress.quant.algorithms.gptq import GPTQConfig
-        from compress.stages.quantize.int4 import _calibration
+        from compress.stages.quantize.common import torch_calibration
 
         cfg: WeightQuantConfig = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
-        calibration = _calibration(ctx, method.samples)
+        calibration = torch_calibration(ctx, method.samples, "quantize int4")
     else:
         cfg = WeightQuantConfig(**base)
     result = stream_quantize(

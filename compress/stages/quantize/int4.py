@@ -61,7 +61,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import BeforeValidator, Field, model_validator
 
 from compress.errors import StageError
@@ -71,7 +70,7 @@ from compress.quant.scheme import GroupSize
 from compress.quant.vocab import LmHead
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
-from compress.stages.quantize.common import TargetField, refuse_flat_keys
+from compress.stages.quantize.common import TargetField, refuse_flat_keys, torch_calibration
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -345,20 +344,6 @@ def _kept_linears(model: Any, options: Int4Options) -> dict[str, Any]:
     }
 
 
-def _calibration(ctx: StageContext, samples: int) -> list[Any]:
-    """Adapter calibration inputs as torch: keyword batches for multi-input models, positional for one input."""
-    import torch
-
-    names = list(ctx.adapter.io_spec().inputs)
-    batches = []
-    for batch in ctx.adapter.calibration_inputs(samples, batch_size=ctx.adapter.calibration_batch_size):
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-        batches.append((tensors[names[0]],) if len(names) == 1 else tensors)
-    if not batches:
-        raise StageError("quantize int4: the adapter produced no calibration inputs")
-    return batches
-
-
 def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None, list[str]]:
     """Quantize the selected Linears in place.
 
@@ -391,19 +376,27 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
         elif isinstance(method, algorithms.AutoRoundOptions):
             cfg = AutoRoundConfig(**base, iters=method.iters, lr=method.lr, amp=method.amp, seed=ctx.seed)
             qws = autoround_quantize_model(
-                model, ctx.adapter.tokenizer, _calibration(ctx, method.samples), layers_filter=keep, config=cfg
+                model,
+                ctx.adapter.tokenizer,
+                torch_calibration(ctx, method.samples, "quantize int4"),
+                layers_filter=keep,
+                config=cfg,
             )
             task.advance(total)
         elif isinstance(method, algorithms.GptqOptions):
             cfg = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
             qws = gptq_quantize_model(
-                model, _calibration(ctx, method.samples), layers_filter=keep, config=cfg, progress=progress
+                model,
+                torch_calibration(ctx, method.samples, "quantize int4"),
+                layers_filter=keep,
+                config=cfg,
+                progress=progress,
             )
         else:
             cfg = AWQConfig(**base, quantizer=method.then, seed=ctx.seed)
             qws = awq_quantize_model(
                 model,
-                _calibration(ctx, method.samples),
+                torch_calibration(ctx, method.samples, "quantize int4"),
                 layers_filter=keep,
                 config=cfg,
                 progress=progress,

@@ -1,4 +1,4 @@
-"""INT8 on the ONNX side. Three methods (`compress.quant.algorithms`, each with its own keys under
+"""INT8, mostly on the ONNX side. Four methods (`compress.quant.algorithms`, each with its own keys under
 `method: {name: ...}`); `auto` asks the adapter (vision: static, causal-lm: weight-only, text-encoder: dynamic):
 
 - `static`: calibrated Q/DQ with `onnxruntime.quantization.quantize_static` (CNNs: activations are
@@ -7,7 +7,10 @@
   `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
-- `dynamic`: W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only).
+- `dynamic`: W8A8 with dynamic activation scales (`quantize_dynamic`, MatMul only; ONNX Runtime's
+  DynamicQuantizeLinear takes one scale per activation tensor, i.e. per prefill).
+- `smoothquant` (causal-lm, from the torch model): SmoothQuant's per-channel scales folded into the
+  decoder (`compress.quant.algorithms.smoothquant`), exported, then `dynamic` (`int8_smooth`).
 
 Transformers (a graph with LayerNormalization or Softmax: ViTs, ConvNeXt) get Q/DQ on MatMul / Gemm /
 Conv only: LayerNorm, Softmax, GELU (Erf) and the residual Adds stay float, because 8-bit per-tensor
@@ -60,7 +63,7 @@ from compress.quant import algorithms, targets
 from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges
 from compress.quant.registry import NamedOptions, named
 from compress.quant.scheme import GroupSize
-from compress.quant.vocab import AUTO, LmHead
+from compress.quant.vocab import AUTO, INT8_METHODS, LmHead
 from compress.stages.base import StageContext, StageOptions, StageOutput
 from compress.stages.quantize.common import (
     TargetField,
@@ -83,14 +86,18 @@ class AutoMethod(NamedOptions):
 
 _METHODS = {AUTO: AutoMethod, **algorithms.INT8}
 Int8MethodField = Annotated[
-    AutoMethod | algorithms.StaticOptions | algorithms.WeightOnlyOptions | algorithms.DynamicOptions,
+    AutoMethod
+    | algorithms.StaticOptions
+    | algorithms.WeightOnlyOptions
+    | algorithms.DynamicOptions
+    | algorithms.SmoothQuantOptions,
     Field(discriminator="name"),
     BeforeValidator(named(_METHODS, "method")),
 ]
 #: scheme keys and the methods they apply to
 _APPLIES = {
     "group_size": ("weight-only",),
-    "lm_head": ("weight-only", "dynamic", "static"),
+    "lm_head": ("weight-only", "dynamic", "static", "smoothquant"),
     "sensitivity": ("static",),
     "accuracy_budget": ("static",),
 }
@@ -102,6 +109,7 @@ class Int8Options(StageOptions):
     ```yaml
     - quantize: {precision: int8, method: {name: static, calibrator: percentile, samples: 512}, target: tensorrt}
     - quantize: {precision: int8, method: weight-only, group_size: 32}
+    - quantize: {precision: int8, method: {name: smoothquant, alpha: auto}, input: source}
     ```
     """
 
@@ -109,7 +117,7 @@ class Int8Options(StageOptions):
     method: Int8MethodField = Field(
         AutoMethod(),
         description="auto (the family's best: vision static, causal-lm weight-only, text-encoder dynamic) | "
-        "static | weight-only | dynamic, or a mapping {name: ..., <its keys>}",
+        "static | weight-only | dynamic | smoothquant (from the torch model), or a mapping {name: ..., <its keys>}",
     )
     target: TargetField = Field(
         targets.OnnxruntimeCpu(),
@@ -132,8 +140,13 @@ class Int8Options(StageOptions):
 
     @property
     def accepts(self) -> frozenset[str]:  # type: ignore[override] - the target decides (StageOptions.accepts)
-        """ONNX for the ONNX Runtime / TensorRT rewrites; the torch model for onnxruntime-genai's builder."""
-        return frozenset({"torch"}) if self.target.fused_decoder else frozenset({"onnx"})
+        """ONNX for the ONNX Runtime / TensorRT rewrites; the torch model for onnxruntime-genai's builder and for
+        smoothquant (its scales are folded into the torch decoder before export)."""
+        from_torch = self.target.fused_decoder or isinstance(self.method, algorithms.SmoothQuantOptions)
+        return frozenset({"torch"}) if from_torch else frozenset({"onnx"})
+
+    def output_format(self, input_format: str) -> str:
+        return "onnx"
 
     @field_validator("lm_head")
     @classmethod
@@ -182,6 +195,9 @@ class Int8Options(StageOptions):
             for key, methods in _APPLIES.items()
             if key in self.model_fields_set and method not in methods
         ]
+        if method not in adapter.int8_methods:
+            allowed = ", ".join(m for m in INT8_METHODS if m in adapter.int8_methods)
+            problems.append(("method", f"{method}: not for family '{adapter.family}'; allowed: {allowed}"))
         if self.accuracy_budget is not None and not adapter.labelled_calibration:
             problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
         if self.target.fused_decoder:
@@ -198,7 +214,7 @@ class Int8Options(StageOptions):
                     )
                 )
         for key in ("opset", "dynamo"):
-            if key in self.target.model_fields_set:
+            if key in self.target.model_fields_set and method != "smoothquant":  # smoothquant exports itself
                 problems.append(("target", f"{key}: int8 starts from an ONNX artifact (opset is export's); remove it"))
         if "accuracy_level" in self.target.model_fields_set and method != "weight-only":
             problems.append(("target", f"accuracy_level applies to method weight-only only (method is {method})"))
@@ -233,6 +249,7 @@ _NOTHING_QUANTIZED = {
     "static": "check op_types and exclude_nodes",
     "weight-only": "weight-only quantizes MatMul weights only; use method: static",
     "dynamic": "dynamic quantizes MatMul weights only; use method: static",
+    "smoothquant": "smoothquant quantizes MatMul weights only; use method: static",
 }
 
 
@@ -243,6 +260,10 @@ def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOut
 
         return quantize_int8_genai(artifact, options, ctx)
     method = options.method_for(ctx.adapter.default_int8_method)
+    if isinstance(method, algorithms.SmoothQuantOptions):  # from the torch model (`accepts`)
+        from compress.stages.quantize.int8_smooth import quantize_int8_smooth
+
+        return quantize_int8_smooth(artifact, options, method, ctx)
     if isinstance(method, algorithms.StaticOptions):
         out = _static(artifact, options, method, ctx)
     else:
