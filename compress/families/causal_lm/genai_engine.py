@@ -146,6 +146,7 @@ class GeneratorBench:
 
     def __init__(self, folder: Path, *, threads: int | None = None) -> None:
         self.model = open_genai_model(folder, threads=threads)
+        self.vocab_size = int(json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]["vocab_size"])
 
     def _generator(self, ids: np.ndarray, new_tokens: int) -> Any:
         import onnxruntime_genai as og

@@ -95,7 +95,7 @@ def test_generator_bench_decodes_exactly_the_tokens_asked(genai_run) -> None:
     engine = GeneratorBench(run_dir / "int4-genai", threads=1)
     ids = np.random.default_rng(0).integers(3, 900, size=(2, 9))
     steps = engine.timed_decode(ids, 5)  # raises unless every row holds prompt + 1 + 5 tokens
-    assert len(steps) == 5 and min(steps) > 0
+    assert len(steps) == 5 and min(steps) > 0 and engine.vocab_size == 1000
     logits, _ = engine.prefill(ids)
     assert logits.shape[:2] == (2, 1)
     res = bench_decoder(
