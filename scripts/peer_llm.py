@@ -344,10 +344,14 @@ def _peer_system(peer: str, hf: Path, peers_dir: Path, src: Path, fp32_onnx: Pat
 
 # -- measuring -----------------------------------------------------------------------------------------------
 def open_session(s: System, threads: int, *, logits_all: bool = False) -> Any:
+    """The system's session; for timing (not `logits_all`) a genai folder runs through its Generator."""
     if s.kind == "gguf":
         return LlamaCppDecoder(s.path, threads=threads, logits_all=logits_all)
+    from compress.families.causal_lm.genai_engine import GeneratorBench, is_genai_folder
     from compress.families.causal_lm.sessions import OrtCausalLM
 
+    if not logits_all and is_genai_folder(s.path.parent):  # the deployable engine of a genai artifact
+        return GeneratorBench(s.path.parent, threads=threads)
     return OrtCausalLM(s.path, threads=threads, session_config=s.session_config)
 
 
@@ -382,6 +386,7 @@ def measure(s: System, windows: np.ndarray, args: argparse.Namespace, reporter: 
             )
             row[f"prefill_ms_{threads}"] = res.prefill_ms[PREFILL]
             row[f"decode_tps_{threads}"] = res.decode_tokens_per_s[1]
+            row["engine"] = res.engine
             del session
     row["scaling"] = row["decode_tps_2"] / row["decode_tps_1"]
     reporter.log(
@@ -392,11 +397,13 @@ def measure(s: System, windows: np.ndarray, args: argparse.Namespace, reporter: 
 
 
 def table(rows: list[dict]) -> str:
-    head = ["system", "method", "file MB", "ppl", "prefill 512 ms 1 thr", "decode tok/s 1 thr", "2 thr", "1→2"]
+    head = ["system", "method", "engine", "file MB", "ppl", "prefill 512 ms 1 thr", "decode tok/s 1 thr", "2 thr",
+            "1→2"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["system"], r["method"], f"{r['file_mb']:.1f}", f"{r['ppl']:.2f}", f"{r['prefill_ms_1']:.0f}",
-                 f"{r['decode_tps_1']:.1f}", f"{r['decode_tps_2']:.1f}", f"{r['scaling']:.2f}×"]  # fmt: skip
+        cells = [r["system"], r["method"], r.get("engine", ""), f"{r['file_mb']:.1f}", f"{r['ppl']:.2f}",
+                 f"{r['prefill_ms_1']:.0f}", f"{r['decode_tps_1']:.1f}", f"{r['decode_tps_2']:.1f}",
+                 f"{r['scaling']:.2f}×"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

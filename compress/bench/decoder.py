@@ -9,7 +9,9 @@ Decode at small batch reads every weight once per token, so ``weight bytes / mem
 floor on the step time (the "memory wall" argument of e.g. Kim et al. 2023, SqueezeLLM, arXiv:2306.07629).
 Bandwidth is measured here with a numpy copy of a large array (read + write traffic / time), so the bound
 is this machine's, not a datasheet's. Torch and ONNX Runtime go through the same ``prefill``/``decode``
-session protocol and the same timing code.
+session protocol and the same timing code. A decoder with its own generation loop (onnxruntime-genai's
+Generator, `compress.families.causal_lm.genai_engine.GeneratorBench`) times its steps itself
+(``timed_decode``); ``engine`` in the result names what produced the figures.
 Timings are medians; fix ``threads`` and run on a quiet machine (2 busy threads on 2 cores distort them).
 """
 
@@ -84,6 +86,7 @@ class LLMBench:
 
     backend: str
     threads: int | None
+    engine: str = ""  # what drove the backend: the session itself, or e.g. onnxruntime-genai's Generator
     prefill_ms: dict[int, float] = field(default_factory=dict)
     ttft_ms: dict[int, float] = field(default_factory=dict)
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
@@ -111,10 +114,14 @@ def _median_ms(fn: Callable[[], object], warmup: int, iterations: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _decode_step_ms(decoder: DecoderSession, ctx: np.ndarray, decode_tokens: int, rounds: int) -> float:
+def _decode_step_ms(decoder: DecoderSession | Any, ctx: np.ndarray, decode_tokens: int, rounds: int) -> float:
     """Median ms of one greedy decode step after prefilling `ctx` (B, T), over `rounds` x `decode_tokens` steps."""
-    steps_ms = []
+    steps_ms: list[float] = []
+    timed = getattr(decoder, "timed_decode", None)
     for _ in range(rounds):
+        if timed is not None:  # an engine with its own loop (the Generator picks its tokens itself)
+            steps_ms += timed(ctx, decode_tokens)
+            continue
         logits, state = decoder.prefill(ctx, last_only=True)
         for _ in range(decode_tokens):
             nxt = logits[:, -1].argmax(-1)[:, None]  # (B, 1)
@@ -125,7 +132,7 @@ def _decode_step_ms(decoder: DecoderSession, ctx: np.ndarray, decode_tokens: int
 
 
 def bench_decoder(
-    decoder: DecoderSession,
+    decoder: DecoderSession | Any,
     *,
     vocab_size: int,
     weight_bytes: int,
@@ -153,7 +160,7 @@ def bench_decoder(
     if decode_prompt_lengths and min(decode_prompt_lengths) < 1:
         raise ValueError(f"decode_prompt_lengths {decode_prompt_lengths} must be >= 1")
     rng = np.random.default_rng(seed)
-    res = LLMBench(decoder.backend, threads)
+    res = LLMBench(decoder.backend, threads, engine=getattr(decoder, "engine", decoder.backend))
     for n in prompt_lengths:
         ids = rng.integers(0, vocab_size, size=(1, n))
         res.prefill_ms[n] = _median_ms(lambda ids=ids: decoder.prefill(ids, last_only=True), warmup, iterations)

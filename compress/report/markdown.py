@@ -148,6 +148,7 @@ def llm_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     header = [
         "artifact",
         "backend",
+        "engine",
         "weights MB",
         *[f"prefill {n} ms" for n in lengths],
         f"TTFT {lengths[-1]} ms",
@@ -168,6 +169,7 @@ def llm_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
             [
                 rec.name,
                 rec.bench.backend,
+                llm.get("engine") or rec.bench.backend,  # records made before `engine` existed: the session
                 _fmt(llm["weight_mb"], ".1f"),
                 *[_fmt(prefill.get(n)) for n in lengths],
                 _fmt({int(k): v for k, v in llm["ttft_ms"].items()}.get(lengths[-1])),

@@ -415,25 +415,32 @@ class CausalLMAdapter(Adapter):
 
     def benchmark(self, session: DecoderSession, settings: BenchOptions, machine: dict[str, Any]) -> dict[str, Any]:
         """Prefill latency and TTFT at each prompt length, decode tokens/s at each batch size, and the
-        memory-bandwidth bound of a decode step (weight bytes / measured copy bandwidth)."""
+        memory-bandwidth bound of a decode step (weight bytes / measured copy bandwidth).
+
+        An onnxruntime-genai artifact (genai_config.json beside the graph) is timed through its Generator,
+        the engine a deployer runs (`engine` in the result), not through our session on the same graph."""
         from dataclasses import asdict
 
         from compress.bench.decoder import bench_decoder, file_bytes, onnx_weight_bytes, torch_weight_bytes
+        from compress.families.causal_lm.genai_engine import GeneratorBench, is_genai_folder
         from compress.families.causal_lm.sessions import OrtCausalLM
 
+        timed: Any = session
         if isinstance(session, OrtCausalLM):
             vocab, weights, size = (
                 int(session.info["vocab_size"]),
                 onnx_weight_bytes(session.path),
                 file_bytes(session.path),
             )
+            if is_genai_folder(session.path.parent):  # the deployable engine times the deployable file
+                timed = GeneratorBench(session.path.parent, threads=settings.threads)
         else:
             model = session.model
             vocab, weights = int(model.config.vocab_size), torch_weight_bytes(model)
             size = torch_weight_bytes(model, decode_only=False)
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
             res = bench_decoder(
-                session,
+                timed,
                 vocab_size=vocab,
                 weight_bytes=weights,
                 size_bytes=size,

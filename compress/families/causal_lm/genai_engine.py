@@ -14,6 +14,9 @@ tokens, `random_seed` = seed, `early_stopping=False` as HF's default and our eng
   within genai, but not the tokens our numpy sampler draws. Greedy and beam search are deterministic in both.
 - One prompt at a time (the Generator's batch needs padded prompts; deployment decodes one stream).
 
+`GeneratorBench` puts the Generator behind the decoder benchmark (`compress.bench.decoder`): a genai
+artifact's prefill and decode figures are those of the runtime a deployer runs.
+
 onnxruntime-genai is imported lazily: it is the `llm` extra.
 """
 
@@ -125,3 +128,55 @@ def genai_generate(
         reasons.append("length" if len(out) >= options.max_new_tokens else "stop")
     # decode steps per prompt, so that `decode_tokens_per_second` (steps x rows / seconds) counts every row's
     return GenerationResult(tokens, reasons, prefill_s, decode_s, steps // max(len(prompts), 1))
+
+
+class GeneratorBench:
+    """onnxruntime-genai's Generator in the shape `compress.bench.decoder.bench_decoder` times.
+
+    ``prefill(ids)``: a fresh Generator (its KV buffer allocated for the prompt) and ``append_tokens``, the
+    prompt's forward pass. ``timed_decode(ctx, n)``: after that prefill, the Generator's own greedy loop;
+    the first ``generate_next_token`` only picks a token from the prefill's logits and is not timed, each of
+    the next ``n`` runs one forward step plus the search, timed one by one. ``min_length`` keeps EOS from
+    ending the loop early, so every row decodes exactly ``n`` tokens. Equal-length rows need no padding,
+    so batch ``B`` is one Generator of batch size ``B``.
+    """
+
+    backend = "onnxruntime"  # the runtime underneath; `engine` is what drives it
+    engine = "onnxruntime-genai"
+
+    def __init__(self, folder: Path, *, threads: int | None = None) -> None:
+        self.model = open_genai_model(folder, threads=threads)
+        self.vocab_size = int(json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]["vocab_size"])
+
+    def _generator(self, ids: np.ndarray, new_tokens: int) -> Any:
+        import onnxruntime_genai as og
+
+        batch, length = ids.shape  # (B, T)
+        params = og.GeneratorParams(self.model)
+        total = length + new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=batch)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.ascontiguousarray(ids, dtype=np.int32))
+        return generator
+
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, last_only: bool = True
+    ) -> tuple[np.ndarray, Any]:
+        """Last-position logits (B, 1, V) of the prompt and the Generator holding its cache."""
+        if attention_mask is not None or not last_only:
+            raise ValueError("GeneratorBench.prefill: unpadded prompts and last-position logits only")
+        generator = self._generator(input_ids, 1)
+        return generator.get_logits(), generator
+
+    def timed_decode(self, input_ids: np.ndarray, new_tokens: int) -> list[float]:
+        """Milliseconds of each of ``new_tokens`` greedy steps after the prompt ``input_ids`` (B, T)."""
+        generator = self._generator(input_ids, new_tokens + 1)
+        generator.generate_next_token()  # the first token, from the prefill's logits: no forward pass
+        steps = []
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            generator.generate_next_token()
+            steps.append((time.perf_counter() - start) * 1e3)
+        if not generator.is_done() or len(generator.get_sequence(0)) != input_ids.shape[1] + new_tokens + 1:
+            raise RuntimeError("onnxruntime-genai Generator did not decode the requested number of tokens")
+        return steps

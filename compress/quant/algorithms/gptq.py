@@ -33,6 +33,7 @@ from compress.quant.algorithms.sequential import (
     Progress,
     all_linears,
     as_model_kwargs,
+    capture_module_inputs,
     default_filter,
     layer_linear_groups,
     run_layer,
@@ -241,3 +242,27 @@ def gptq_quantize_model(
         if progress:
             progress(i + 1, n_layers, f"GPTQ decoder layer {i}")
     return result
+
+
+@torch.no_grad()
+def gptq_quantize_head(
+    model: nn.Module, calib_batches: Iterable[Any], name: str, config: GPTQConfig | None = None
+) -> QuantizedWeight:
+    """GPTQ the output projection ``name`` on its own calibration inputs; its weight becomes the dequantized one.
+
+    Run after the decoder layers are quantized: the head's Hessian comes from the final norm's outputs of
+    the quantized body (what the shipped file feeds it). A tied embedding shares the weight, so the table is
+    quantized once for both uses; its error is minimised for the head's inputs only (an embedding row is
+    read, not multiplied, so it has no input statistics to weigh the columns by). AWQ scaling cannot be
+    applied here: the scale would have to be folded into the table, which the tied embedding also reads.
+    """
+    cfg = config or GPTQConfig()
+    head = model.get_submodule(name)
+    if not isinstance(head, nn.Linear):
+        raise StageError(f"{name}: {type(head).__name__}, not a Linear; GPTQ of the head needs nn.Linear")
+    acc = HessianAccumulator(head.in_features)
+    if capture_module_inputs(model, head, calib_batches, acc.add) == 0 or acc.n == 0:
+        raise StageError(f"{name}: no calibration activation reached the output projection")
+    qw = gptq_quantize_weight(head.weight, acc.H, cfg)
+    head.weight.copy_(qw.dequantize(head.weight.dtype))
+    return qw

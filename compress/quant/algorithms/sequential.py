@@ -96,6 +96,33 @@ def capture_layer_calls(
     return hidden, calls
 
 
+def capture_module_inputs(
+    model: nn.Module, module: nn.Module, calib_batches: Iterable[Any], add: Callable[[torch.Tensor], None]
+) -> int:
+    """Run ``model`` on each batch until ``module`` is reached; ``add(x)`` gets its first input each time.
+
+    Nothing after ``module`` is computed (for an LM head: no ``(B, T, vocab)`` logits). Returns the number
+    of batches that reached it. A tuple batch is positional inputs, anything else model kwargs.
+    """
+
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        add(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    reached = 0
+    try:
+        with torch.no_grad():
+            for batch in calib_batches:
+                try:
+                    model(*batch) if isinstance(batch, tuple) else model(**as_model_kwargs(batch), use_cache=False)
+                except _Stop:
+                    reached += 1
+    finally:
+        handle.remove()
+    return reached
+
+
 def with_hidden(hidden: list[torch.Tensor], calls: list[LayerCall]) -> LayerInputs:
     """(args, kwargs) of each batch's call of one layer, with these hidden states."""
     return [((hs, *call.args), call.kwargs) for hs, call in zip(hidden, calls, strict=True)]

@@ -16,7 +16,9 @@ builder's own RTN), `opset` / `dynamo` (the builder writes its own graph), a fam
 LLM (`Adapter.int4_targets`); at run, before any work (`refuse_architecture`), an architecture outside
 `GPTQ_ARCHITECTURES` (config.json is not read at validate); an act-order checkpoint with a g_idx is refused
 by `build_fused_decoder`. (The group size is a power of two >= 16 for every target, `GroupSize`.)
-`lm_head: int8` is the builder's own 8-bit RTN (`pack_gptq` writes 4-bit tensors only); `int4` is ours.
+`lm_head: int8` is the builder's own 8-bit RTN (the builder reads one `bits` per checkpoint); `int4` is ours: GPTQ
+on the head's calibration inputs when the method runs GPTQ (`int4.head_quantizer`), stored once for the tied
+embedding (GatherBlockQuantized reads the head's codes).
 
 `streamed: true` (`build_streamed_artifact`, method rtn or gptq): no torch model at all; `compress.quant.streamed`
 quantizes the input folder's safetensors one decoder layer at a time into the builder's GPTQ layout (per-layer
@@ -102,7 +104,7 @@ def build_genai_artifact(
         accuracy_level=target.accuracy_level,
         quantized_nodes=quantized_nodes(counts := op_counts(out)),
         fused_ops=fused_ops(counts),
-        lm_head_quantizer={"int4": "ours (RTN)", "int8": "onnxruntime-genai builder (RTN)"}.get(options.lm_head),
+        lm_head_quantizer=_head_quantizer(options),
     )
     unmeasured = None if target.runs_on_cpu else NEEDS_GPU
     if unmeasured:
@@ -115,6 +117,16 @@ def build_genai_artifact(
     return StageOutput(
         file="model.onnx", format="onnx", precision="int4", info=info, target=target.name, unmeasured=unmeasured
     )
+
+
+def _head_quantizer(options: Int4Options) -> str | None:
+    """Who quantized the lm_head in the shipped file (None: float)."""
+    from compress.stages.quantize.int4 import head_quantizer
+
+    if options.lm_head == "int8":
+        return "onnxruntime-genai builder (RTN)"
+    how = head_quantizer(options)
+    return f"ours ({how.upper()})" if how else None
 
 
 def build_into_outdir(

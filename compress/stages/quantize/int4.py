@@ -30,7 +30,9 @@ Targets:
 
 `lm_head` (the output projection, and the embedding table when tied to it, as in SmolLM2) stays float by
 default: on SmolLM2-135M quantizing the tied head/embedding to 4 bits cost about 3.7 perplexity points
-(14.70 baseline). `int8` / `int4` quantize it by RTN (GPTQ/AWQ work inside the decoder layers only). For
+(14.70 baseline). `int8` / `int4` quantize it after the decoder layers: by GPTQ on its own calibration inputs
+(the quantized body's final-norm outputs) when the method runs GPTQ (`gptq`, `awq` then `gptq`), else by RTN;
+AWQ's scale is not applied to it (a tied table would carry the scale into the embedding). For
 onnxruntime-cpu a tied table is then untied in the exported graph so the embedding Gather reads the same
 8/4-bit codes (`GatherBlockQuantized`) and no float copy stays; TensorRT takes INT4 weights on MatMul/Gemm
 only, so there the embedding Gather keeps a float table (holding the dequantized values).
@@ -106,8 +108,8 @@ class Int4Options(StageOptions):
     symmetric: bool = Field(False, description="zero point fixed at 8; required by target tensorrt")
     lm_head: LmHead = Field(
         "float",
-        description="output projection (and a tied embedding): float, or RTN at 8 / 4 bits; 4 bits cost "
-        "~3.7 perplexity on SmolLM2-135M (14.70 -> ~18.4 on top of the body's loss)",
+        description="output projection (and a tied embedding): float, or 8 / 4 bits (GPTQ when the method runs "
+        "GPTQ, else RTN); 4-bit RTN cost ~3.7 perplexity on SmolLM2-135M (14.70 -> ~18.4 on top of the body's loss)",
     )
     keep: tuple[str, ...] = Field(
         (), description="module-name globs kept at float, e.g. 'model.layers.0.*' (their bytes are reported)"
@@ -182,6 +184,8 @@ class Int4Options(StageOptions):
         fields = super().cache_fields()
         if not self.streamed:  # added later: the keys of artifacts made before it stay as they were
             fields.pop("streamed")
+        if head_quantizer(self) == "gptq" and not (self.target.fused_decoder and self.lm_head == "int8"):
+            fields["lm_head_quantizer"] = "gptq"  # was RTN: artifacts with a GPTQ head get new keys
         if isinstance(self.method, algorithms.CheckpointOptions):
             from compress.hashing import file_fingerprint
 
@@ -218,7 +222,7 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
     start = time.perf_counter()
     qws, loaded, unscaled = _quantize(model, options, ctx)
     # the builder's own RTN makes an 8-bit head (our 4-bit tensors go through pack_gptq, 4 bits only)
-    head = None if fused and options.lm_head == "int8" else _quantize_head(model, options, qws)
+    head = None if fused and options.lm_head == "int8" else _quantize_head(model, options, qws, ctx)
     info = {**_scheme_info(options, qws, loaded), "quantize_seconds": round(time.perf_counter() - start, 1)}
     if isinstance(options.method, algorithms.AwqOptions):
         info["awq_groups_unscaled"] = unscaled
@@ -316,6 +320,7 @@ def _scheme_info(options: Int4Options, qws: dict[str, Any], loaded: str | None) 
         "symmetric": first.symmetric if loaded else options.symmetric,
         "target": options.target.name,
         "lm_head": options.lm_head,
+        "lm_head_quantizer": head_quantizer(options),
     }
     if "samples" in info:
         info["calibration_samples"] = info.pop("samples")
@@ -459,10 +464,25 @@ def _load_checkpoint(model: Any, checkpoint: str, target: targets.TargetOptions,
     return qws
 
 
-def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any]) -> str | None:
-    """RTN the output projection at 8/4 bits when asked; returns its module name (None when float)."""
+def head_quantizer(options: Int4Options) -> str | None:
+    """How the output projection is quantized: None (float), "gptq" when the method runs GPTQ (gptq, awq then
+    gptq: on the head's calibration inputs), else "rtn" (rtn, awq then rtn, a checkpoint: no head in it)."""
     if options.lm_head == "float":
         return None
+    method = options.method
+    gptq = isinstance(method, algorithms.GptqOptions) or getattr(method, "then", None) == "gptq"
+    return "gptq" if gptq else "rtn"
+
+
+def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any], ctx: StageContext) -> str | None:
+    """Quantize the output projection at 8/4 bits when asked (`head_quantizer`); returns its module name.
+
+    Runs after the decoder layers, so GPTQ sees the head's inputs from the quantized body."""
+    how = head_quantizer(options)
+    if how is None:
+        return None
+    import torch
+
     from compress.quant.algorithms.rtn import rtn_quantize
     from compress.quant.primitives.weight import WeightQuantConfig
 
@@ -471,12 +491,17 @@ def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any]) -> str
     if head is None:
         raise StageError(f"lm_head = {options.lm_head}: this model has no output projection; use lm_head: float")
     name = next(n for n, m in model.named_modules() if m is head)
-    cfg = WeightQuantConfig(
-        bits=8 if options.lm_head == "int8" else 4, group_size=options.group_size, symmetric=options.symmetric
-    )
-    qw = rtn_quantize(head.weight, cfg)
-    import torch
+    base = {"bits": 8 if options.lm_head == "int8" else 4, "group_size": options.group_size}
+    base["symmetric"] = options.symmetric
+    if how == "gptq":
+        from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_head
 
+        method = options.method
+        own = {"act_order": method.act_order, "percdamp": method.damp} if method.name == "gptq" else {}  # awq: its GPTQ
+        with ctx.reporter.task(f"GPTQ {name} ({base['bits']} bit g{options.group_size})", total=None):
+            qws[name] = gptq_quantize_head(model, _calibration(ctx, method.samples), name, GPTQConfig(**base, **own))
+        return name
+    qw = rtn_quantize(head.weight, WeightQuantConfig(**base))
     with torch.no_grad():
         head.weight.copy_(qw.dequantize(head.weight.dtype))  # a tied embedding shares these values
     qws[name] = qw
