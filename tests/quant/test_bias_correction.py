@@ -98,3 +98,41 @@ def test_bias_correction_brings_the_output_closer_to_float(pre: Path, tmp_path: 
     assert changed and changed <= biases, (changed, biases)
     kinds = {b[k].dtype for k in changed}
     assert kinds == ({np.dtype(np.int32)} if quantize_bias else {np.dtype(np.float32)})
+
+
+class _Adapter:
+    """What the static path of the stage asks of a family when no search runs: calibration inputs."""
+
+    default_int8_method = "static"
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.images = np.concatenate([b["input"] for b in batches])
+
+    def calibration_inputs(self, samples: int | None = None, batch_size: int = 1):
+        n = len(self.images) if samples is None else min(samples, len(self.images))
+        for start in range(0, n, batch_size):
+            yield {"input": self.images[start : min(start + batch_size, n)]}
+
+
+def test_the_stage_corrects_when_asked_and_records_it(pre: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from compress.progress import Reporter
+    from compress.stages.base import StageContext
+    from compress.stages.quantize.int8 import Int8Options, quantize_int8
+
+    artifact = SimpleNamespace(name="onnx-fp32", precision="fp32", main=pre)
+    files = {}
+    for on in (False, True):
+        method = {"name": "static", "calibrator": "minmax", "samples": 64, "bias_correction": on}
+        out = tmp_path / str(on)
+        out.mkdir()
+        ctx = StageContext(_Adapter(_batches(0)), out, {}, None, Reporter(quiet=True), 1, 0, "test")
+        info = quantize_int8(artifact, Int8Options(precision="int8", method=method), ctx).info
+        assert not (out / "_pre").exists()
+        assert ("bias_correction" in info) is on
+        files[on] = out / "model.onnx"
+    assert info["bias_correction"]["corrected_layers"] == 5 and info["bias_correction"]["seconds"] >= 0
+    reference = _logits(pre, _batches(1))
+    errors = {on: np.linalg.norm(_logits(f, _batches(1)) - reference) for on, f in files.items()}
+    assert errors[True] < errors[False], errors
