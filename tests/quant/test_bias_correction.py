@@ -4,25 +4,14 @@ output is closer to the float graph's on data it was not corrected on, and only 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
-from toys import tiny_cnn
 
 from compress.quant.bias_correction import correct_biases
-from compress.quant.calibration import QdqRecipe, compute_ranges
-from compress.stages.quantize.int8 import pre_process
-
-
-class _Reader:
-    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
-        self._it = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
 
 
 def _batches(seed: int, n: int = 8) -> list[dict[str, np.ndarray]]:
@@ -37,42 +26,21 @@ def _logits(path: Path, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pre(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bc")
-    torch.onnx.export(
-        tiny_cnn().eval(),
-        torch.zeros(1, 3, 28, 28),
-        str(folder / "model.onnx"),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    pre_process(str(folder / "model.onnx"), str(folder / "pre.onnx"))
-    return folder / "pre.onnx"
+def pre(tiny_cnn_pre: Path) -> Path:
+    return tiny_cnn_pre
 
 
 @pytest.mark.parametrize("quantize_bias", [True, False], ids=["int32-bias", "float-bias"])
-def test_bias_correction_brings_the_output_closer_to_float(pre: Path, tmp_path: Path, quantize_bias: bool) -> None:
+def test_bias_correction_brings_the_output_closer_to_float(
+    pre: Path, tmp_path: Path, quantize_bias: bool, minmax_recipe
+) -> None:
     calibration, held_apart = _batches(0), _batches(1)
-    recipe = QdqRecipe(
-        model=pre,
-        cache=compute_ranges(
-            pre,
-            _Reader(calibration),
-            calibrator="minmax",
-            percentile=99.99,
-            op_types=None,
-            cache=tmp_path / "r.json",
-            large=False,
-        ),
-        calibrator="minmax",
-        per_channel=False,  # per-tensor weights: a coarse grid, a clear mean shift per output channel
-        symmetric_activations=False,
+    recipe = minmax_recipe(
+        pre,
+        calibration,
+        tmp_path / "r.json",
+        per_channel=False,  # per-tensor 7-bit weights: a coarse grid, a clear mean shift per output channel
         reduce_range=True,
-        op_types=None,
-        large=False,
         extra={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": quantize_bias},
     )
     plain = recipe.write(tmp_path / "plain.onnx")
@@ -115,8 +83,6 @@ class _Adapter:
 
 
 def test_the_stage_corrects_when_asked_and_records_it(pre: Path, tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
     from compress.progress import Reporter
     from compress.stages.base import StageContext
     from compress.stages.quantize.int8 import Int8Options, quantize_int8
