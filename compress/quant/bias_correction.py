@@ -12,16 +12,20 @@ space), then `bias[c] += delta[c]`. In graph order, with the layers before it al
 layer does not also absorb the shift that an earlier layer's correction removes (correcting every layer at
 once from one pass counts that shift twice). One pass of the Q/DQ graph per corrected layer.
 
-The Q/DQ graph runs with ONNX Runtime's Q/DQ fusion off (`session.disable_quant_qdq`): every
-DequantizeLinear feeds a float op, so a Conv's output before its QuantizeLinear can be read; it equals the
-integer kernels' accumulation up to float rounding. An INT32 bias (`QuantizeBias`, scale = input scale x
+The Q/DQ graph runs as it ships (ONNX Runtime's integer kernels), cut down to what the layer's output needs,
+with that output as the graph's output: ORT then leaves that one layer as DequantizeLinear -> float op (its
+accumulation, before its QuantizeLinear, can be read) and every layer before it in its integer kernels. On
+MobileNetV2 that was 4-6x faster than running the whole graph with Q/DQ fusion off, and it measures the
+kernels the file runs with (the two agree to 0.1-4% of a channel's mean here). A graph the target evaluates
+with the fusion off (TensorRT's flavour, `session.disable_quant_qdq`) is measured that way instead.
+An INT32 bias (`QuantizeBias`, scale = input scale x
 weight scale) moves by `round(delta / scale)` steps; a float bias (the TensorRT flavour) by `delta`.
 Layers without a bias input (and MatMul) are left as they are and counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +99,11 @@ def _only(model, outputs: Sequence[str]) -> None:  # noqa: ANN001 - onnx.ModelPr
 
 
 def _channel_means(
-    model_bytes: bytes, outputs: Sequence[str], batches: Sequence[dict[str, np.ndarray]], threads: int, fused: bool
+    model_bytes: bytes,
+    outputs: Sequence[str],
+    batches: Sequence[dict[str, np.ndarray]],
+    threads: int,
+    config: Mapping[str, str],
 ) -> dict[str, np.ndarray]:
     """Per-channel (axis 1) means of `outputs` over every batch, sample and position."""
     import onnx
@@ -105,7 +113,6 @@ def _channel_means(
 
     model = onnx.load_from_string(model_bytes)
     _only(model, outputs)
-    config = {} if fused else {"session.disable_quant_qdq": "1"}
     opts = session_options(threads, config)
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
@@ -122,10 +129,16 @@ def _channel_means(
 
 
 def correct_biases(
-    float_model: Path, qdq_model: Path, batches: Sequence[dict[str, np.ndarray]], *, threads: int
+    float_model: Path,
+    qdq_model: Path,
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    threads: int,
+    session_config: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Shift the biases of `qdq_model` (written from `float_model` by quantize_static, same node names) in place
-    so each quantized layer's per-channel output mean on `batches` matches the float graph's; returns what was
+    so each quantized layer's per-channel output mean on `batches` matches the float graph's, the Q/DQ graph run
+    with `session_config` (the target's: its integer kernels, or the float simulation of TensorRT's); returns what was
     done (layers corrected, layers without a bias, the mean absolute shift in the outputs' units)."""
     import onnx
     from onnx import numpy_helper
@@ -143,12 +156,14 @@ def correct_biases(
             "written from that float graph"
         )
     reference = _channel_means(
-        float_proto.SerializeToString(), [float_out[layer.node] for layer in layers], batches, threads, fused=True
+        float_proto.SerializeToString(), [float_out[layer.node] for layer in layers], batches, threads, {}
     )
     inits = _initializers(qdq)
     shifts = []
     for layer in layers:
-        ours = _channel_means(qdq.SerializeToString(), [layer.output], batches, threads, fused=False)[layer.output]
+        ours = _channel_means(qdq.SerializeToString(), [layer.output], batches, threads, session_config or {})[
+            layer.output
+        ]
         delta = reference[float_out[layer.node]] - ours
         tensor = inits[layer.values]
         values = numpy_helper.to_array(tensor)

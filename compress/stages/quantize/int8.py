@@ -336,7 +336,7 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
         recipe.write(out)
     corrected: dict[str, Any] = {}
     if method.bias_correction:
-        corrected = _correct_biases(recipe, out, method, ctx)
+        corrected = _correct_biases(recipe, out, method, target.int8_session_config(), ctx)
     shutil.rmtree(recipe.model.parent)
     info = {
         "method": "static",
@@ -372,7 +372,7 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
 
 
 def _correct_biases(
-    recipe: QdqRecipe, out: Path, method: algorithms.StaticOptions, ctx: StageContext
+    recipe: QdqRecipe, out: Path, method: algorithms.StaticOptions, config: dict[str, str], ctx: StageContext
 ) -> dict[str, Any]:
     """`bias_correction: true`: the written graph's biases shifted on the samples the ranges came from."""
     from compress.quant.bias_correction import correct_biases
@@ -385,7 +385,7 @@ def _correct_biases(
     batches = list(ctx.adapter.calibration_inputs(method.samples, batch_size=32))
     start = time.perf_counter()
     with ctx.reporter.task(f"bias correction ({method.samples} samples)", total=None):
-        info = correct_biases(recipe.model, out, batches, threads=ctx.threads)
+        info = correct_biases(recipe.model, out, batches, threads=ctx.threads, session_config=config)
     if not info["corrected_layers"]:
         raise StageError(f"quantize int8: bias_correction found no quantized Conv/Gemm with a bias in {out.name}")
     info["seconds"] = round(time.perf_counter() - start, 1)
