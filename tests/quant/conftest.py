@@ -89,3 +89,54 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn_pre(tmp_path_factory) -> Path:
+    """tests/toys.py's tiny CNN exported (opset 17, dynamic batch) and pre-processed for static INT8."""
+    from toys import tiny_cnn
+
+    from compress.stages.quantize.int8 import pre_process
+
+    folder = tmp_path_factory.mktemp("tiny-cnn")
+    torch.onnx.export(
+        tiny_cnn().eval(),
+        torch.zeros(1, 3, 28, 28),
+        str(folder / "model.onnx"),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    pre_process(str(folder / "model.onnx"), str(folder / "pre.onnx"))
+    return folder / "pre.onnx"
+
+
+@pytest.fixture
+def minmax_recipe():
+    """A factory: `minmax_recipe(pre, batches, cache, **keys)` is a static INT8 recipe for `pre`: min/max
+    ranges from `batches` saved at `cache`, per-channel uint8 asymmetric defaults, `keys` overriding any field."""
+    return _minmax_recipe
+
+
+def _minmax_recipe(pre: Path, batches: list, cache: Path, **keys):  # -> QdqRecipe
+    from functools import partial
+    from types import SimpleNamespace
+
+    from compress.quant.calibration import QdqRecipe, compute_ranges
+
+    reader = SimpleNamespace(get_next=partial(next, iter(batches), None))
+    ranges = compute_ranges(pre, reader, calibrator="minmax", percentile=99.99, op_types=None, cache=cache, large=False)
+    fields = dict(
+        model=pre,
+        cache=ranges,
+        calibrator="minmax",
+        per_channel=True,
+        symmetric_activations=False,
+        reduce_range=False,
+        op_types=None,
+        large=False,
+        extra={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": True},
+    )
+    return QdqRecipe(**{**fields, **keys})

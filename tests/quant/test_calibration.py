@@ -8,11 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-from toys import tiny_cnn
 
-from compress.quant.calibration import QdqRecipe, compute_ranges
-from compress.stages.quantize.int8 import pre_process
+from compress.quant.calibration import compute_ranges
 
 
 class _Reader:
@@ -29,20 +26,8 @@ def _batches() -> list[dict[str, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def pre(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("calib")
-    torch.onnx.export(
-        tiny_cnn().eval(),
-        torch.zeros(1, 3, 28, 28),
-        str(folder / "model.onnx"),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    pre_process(str(folder / "model.onnx"), str(folder / "pre.onnx"))
-    return folder / "pre.onnx"
+def pre(tiny_cnn_pre: Path) -> Path:
+    return tiny_cnn_pre
 
 
 def _ranges(pre: Path, calibrator: str, tmp: Path) -> dict[str, tuple[float, float]]:
@@ -90,29 +75,11 @@ def test_entropy_with_ort_default_bins_is_minmax_and_ours_is_not(pre: Path, tmp_
     assert min(widths) < 0.9 and max(widths) <= 1.0 + 1e-6, widths
 
 
-def test_a_graph_from_saved_ranges_equals_quantize_static_in_one_call(pre: Path, tmp_path: Path) -> None:
+def test_a_graph_from_saved_ranges_equals_quantize_static_in_one_call(pre: Path, tmp_path: Path, minmax_recipe) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     extra = {"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": True}
-    recipe = QdqRecipe(
-        model=pre,
-        cache=compute_ranges(
-            pre,
-            _Reader(_batches()),
-            calibrator="minmax",
-            percentile=99.99,
-            op_types=None,
-            cache=tmp_path / "r.json",
-            large=False,
-        ),
-        calibrator="minmax",
-        per_channel=True,
-        symmetric_activations=False,
-        reduce_range=False,
-        op_types=None,
-        large=False,
-        extra=extra,
-    )
+    recipe = minmax_recipe(pre, _batches(), tmp_path / "r.json", extra=extra)
     ours = onnx.load(str(recipe.write(tmp_path / "ours.onnx")))
     quantize_static(
         str(pre),

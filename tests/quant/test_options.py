@@ -173,3 +173,22 @@ def test_smoothquant_options_and_refusals(tmp_path: Path) -> None:
     assert "stages[2].quantize.method" in msg and "alpha = 1.5; allowed: auto or a number in [0, 1]" in msg
     msg = _error(tmp_path, "{precision: int8, method: smoothquant}")
     assert "smoothquant: not for family 'vision'; allowed: static, weight-only, dynamic" in msg
+
+
+def test_bias_correction_joins_the_cache_key_only_when_on_and_is_refused_with_a_search(tmp_path: Path) -> None:
+    from compress.families.vision.adapter import VisionAdapter
+
+    off = Int8Options(precision="int8", method={"name": "static"}).cache_fields()
+    on = Int8Options(precision="int8", method={"name": "static", "bias_correction": True}).cache_fields()
+    assert "bias_correction" not in off["method"]  # graphs made before the option existed keep their key
+    assert on["method"]["bias_correction"] is True and on["bias_correction_version"] >= 1
+    with pytest.raises(ValidationError):
+        Int8Options(precision="int8", method={"name": "static", "bias_correction": "maybe"})
+    searched = Int8Options(
+        precision="int8", method={"name": "static", "bias_correction": True}, accuracy_budget={"max_drop": 0.1}
+    )
+    [(key, message)] = searched.check_family(VisionAdapter)
+    assert key == "method" and "bias_correction with accuracy_budget: not built" in message
+    assert "not built" in _error(
+        tmp_path, "{precision: int8, method: {name: static, bias_correction: true}, sensitivity: {samples: 4}}"
+    )

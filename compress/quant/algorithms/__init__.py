@@ -87,6 +87,11 @@ class StaticOptions(NamedOptions):
     op_types: tuple[str, ...] | None = Field(
         None, description="only quantize these op types (default: all ORT supports)"
     )
+    bias_correction: bool = Field(
+        False,
+        description="shift each quantized Conv/Gemm bias by its mean output error on the calibration samples "
+        "(compress.quant.bias_correction)",
+    )
 
 
 class WeightOnlyOptions(NamedOptions):

@@ -499,7 +499,9 @@ def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any], ctx: S
         method = options.method
         own = {"act_order": method.act_order, "percdamp": method.damp} if method.name == "gptq" else {}  # awq: its GPTQ
         with ctx.reporter.task(f"GPTQ {name} ({base['bits']} bit g{options.group_size})", total=None):
-            qws[name] = gptq_quantize_head(model, _calibration(ctx, method.samples), name, GPTQConfig(**base, **own))
+            qws[name] = gptq_quantize_head(
+                model, torch_calibration(ctx, method.samples, "quantize int4"), name, GPTQConfig(**base, **own)
+            )
         return name
     qw = rtn_quantize(head.weight, WeightQuantConfig(**base))
     with torch.no_grad():

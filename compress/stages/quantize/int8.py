@@ -3,6 +3,8 @@
 
 - `static`: calibrated Q/DQ with `onnxruntime.quantization.quantize_static` (CNNs: activations are
   quantized too, and ONNX Runtime runs the convolutions in INT8).
+  `bias_correction: true` then shifts each quantized Conv / Gemm bias by its mean output error on the
+  calibration samples (`compress.quant.bias_correction`, our code: neither ORT nor NNCF does it to this graph).
 - `weight-only`: `MatMulNBits` with 8-bit weights in groups of the scheme's `group_size` (the target's
   `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
@@ -60,6 +62,7 @@ from compress.errors import StageError
 from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.quant import algorithms, targets
+from compress.quant.bias_correction import VERSION as BIAS_CORRECTION_VERSION
 from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges
 from compress.quant.registry import NamedOptions, named
 from compress.quant.scheme import GroupSize
@@ -170,6 +173,10 @@ class Int8Options(StageOptions):
         """`method: auto` resolves `reduce_range` only when the family is known: this CPU's answer joins the key;
         the entropy calibrator's bins too."""
         fields = super().cache_fields()
+        if getattr(self.method, "bias_correction", None) is False:  # the key of every graph made before it existed
+            del fields["method"]["bias_correction"]
+        elif getattr(self.method, "bias_correction", None):
+            fields["bias_correction_version"] = BIAS_CORRECTION_VERSION
         if getattr(self.method, "calibrator", None) == "entropy":  # before its bins were passed it was minmax
             fields["entropy_bins"] = CALIBRATOR_OPTIONS["entropy"]
         if self.target.fused_decoder:
@@ -198,6 +205,15 @@ class Int8Options(StageOptions):
         if method not in adapter.int8_methods:
             allowed = ", ".join(m for m in INT8_METHODS if m in adapter.int8_methods)
             problems.append(("method", f"{method}: not for family '{adapter.family}'; allowed: {allowed}"))
+        if getattr(self.method, "bias_correction", False) and (self.sensitivity or self.accuracy_budget):
+            key = "sensitivity" if self.sensitivity else "accuracy_budget"
+            problems.append(
+                (
+                    "method",
+                    f"bias_correction with {key}: not built (each probe and fallback candidate would need its own "
+                    "correction); use one of them",
+                )
+            )
         if self.accuracy_budget is not None and not adapter.labelled_calibration:
             problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
         if self.target.fused_decoder:
@@ -339,6 +355,9 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
         searched = budget_search(recipe, out, sensitivity, options.accuracy_budget, method.samples, ctx, config)
     else:
         recipe.write(out)
+    corrected: dict[str, Any] = {}
+    if method.bias_correction:
+        corrected = _correct_biases(recipe, out, method, target.int8_session_config(), ctx)
     shutil.rmtree(recipe.model.parent)
     info = {
         "method": "static",
@@ -349,6 +368,8 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
         "lm_head": options.lm_head,
     }
     info["reduce_range"] = method.reduce_range
+    if corrected:
+        info["bias_correction"] = corrected
     info.update(searched)
     if method.reduce_range:
         info["weights"] += " (7-bit range)"
@@ -369,6 +390,27 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
         info["tensorrt_rules"] = "passed"
         ctx.reporter.log("  TensorRT Q/DQ rules: passed")
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
+
+
+def _correct_biases(
+    recipe: QdqRecipe, out: Path, method: algorithms.StaticOptions, config: dict[str, str], ctx: StageContext
+) -> dict[str, Any]:
+    """`bias_correction: true`: the written graph's biases shifted on the samples the ranges came from."""
+    from compress.quant.bias_correction import correct_biases
+
+    if recipe.large:
+        raise StageError(
+            "quantize int8: bias_correction handles graphs under 2 GB only (this one is stored with external data); "
+            "remove bias_correction"
+        )
+    batches = list(ctx.adapter.calibration_inputs(method.samples, batch_size=32))
+    start = time.perf_counter()
+    with ctx.reporter.task(f"bias correction ({method.samples} samples)", total=None):
+        info = correct_biases(recipe.model, out, batches, threads=ctx.threads, session_config=config)
+    if not info["corrected_layers"]:
+        raise StageError(f"quantize int8: bias_correction found no quantized Conv/Gemm with a bias in {out.name}")
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    return info
 
 
 def _calibrate_static(
