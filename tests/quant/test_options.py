@@ -168,6 +168,8 @@ def test_smoothquant_options_and_refusals(tmp_path: Path) -> None:
     half = Int8Options(precision="int8", method={"name": "smoothquant", "alpha": 0.5})
     assert auto.method.alpha == "auto" and half.method.alpha == 0.5
     assert auto.cache_fields()["method"]["alpha"] == "auto" and half.cache_fields()["method"]["alpha"] == 0.5
+    assert auto.cache_fields()["smoothquant_alpha_grid"][-1] == 0.95  # a new grid is a new graph
+    assert "smoothquant_alpha_grid" not in half.cache_fields()
     assert auto.accepts == frozenset({"torch"}) and auto.output_format("torch") == "onnx"
     msg = _error(tmp_path, "{precision: int8, method: {name: smoothquant, alpha: 1.5}}")
     assert "stages[2].quantize.method" in msg and "alpha = 1.5; allowed: auto or a number in [0, 1]" in msg

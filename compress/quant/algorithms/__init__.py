@@ -115,7 +115,7 @@ class SmoothQuantOptions(NamedOptions):
     alpha: float | Literal["auto"] = Field(
         "auto",
         description="share of the activation range moved into the weights, in [0, 1]; auto: searched per "
-        "scale group on the calibration windows (0.3..0.8, or no smoothing)",
+        "scale group on the calibration windows (0.3..0.95, or no smoothing)",
     )
     samples: Count = Field(16, gt=0, description="calibration windows")
     per_channel: bool = Field(True, description="per-channel weight scales")

@@ -47,7 +47,7 @@ from compress.quant.algorithms.awq import fold_scale, producer_rows
 from compress.quant.algorithms.sequential import Progress, collect_linear_inputs, walk_layers
 
 #: alphas `alpha: auto` tries per scale group (the paper's range; 0.5 is its default)
-ALPHA_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+ALPHA_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 #: what the alpha search scores: at most this many calibration windows and sampled output rows of a group
 #: (the weight scales are per row, so a row's error does not depend on the others; the lm_head has 49152).
 #: The channel maxima come from every window. On SmolLM2 with 16 windows and every row a layer took ~46 s at

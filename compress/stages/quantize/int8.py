@@ -177,6 +177,10 @@ class Int8Options(StageOptions):
             del fields["method"]["bias_correction"]
         elif getattr(self.method, "bias_correction", None):
             fields["bias_correction_version"] = BIAS_CORRECTION_VERSION
+        if getattr(self.method, "alpha", None) == "auto":  # the grid searched is part of what made the graph
+            from compress.quant.algorithms.smoothquant import ALPHA_GRID
+
+            fields["smoothquant_alpha_grid"] = list(ALPHA_GRID)
         if getattr(self.method, "calibrator", None) == "entropy":  # before its bins were passed it was minmax
             fields["entropy_bins"] = CALIBRATOR_OPTIONS["entropy"]
         if self.target.fused_decoder:
