@@ -429,3 +429,13 @@ def test_head_quantizer_follows_the_method(method, lm_head, expected):
     assert head_quantizer(options) == expected
     # only a head whose codes changed (GPTQ, was RTN) changes the cache key of artifacts made before
     assert ("lm_head_quantizer" in options.cache_fields()) == (expected == "gptq")
+
+
+def test_streamed_head_is_rtn_and_said_so():
+    """The streamed path quantizes the head in row blocks by RTN whatever the method: info and key say RTN."""
+    from compress.stages.quantize.genai_target import _head_quantizer
+    from compress.stages.quantize.int4 import Int4Options, head_quantizer
+
+    options = Int4Options(precision="int4", method="gptq", lm_head="int4", target="onnxruntime-genai", streamed=True)
+    assert head_quantizer(options) == "rtn" and _head_quantizer(options) == "ours (RTN)"
+    assert "lm_head_quantizer" not in options.cache_fields()

@@ -236,6 +236,7 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
         "group_size": options.group_size,
         "symmetric": options.symmetric,
         "lm_head": options.lm_head,
+        "lm_head_quantizer": _head_quantizer(options),
         "streamed": True,
         "layers_streamed": len(seconds),
         "layers_reused": sum(t.reused for t in result.layers),

@@ -466,11 +466,14 @@ def _load_checkpoint(model: Any, checkpoint: str, target: targets.TargetOptions,
 
 def head_quantizer(options: Int4Options) -> str | None:
     """How the output projection is quantized: None (float), "gptq" when the method runs GPTQ (gptq, awq then
-    gptq: on the head's calibration inputs), else "rtn" (rtn, awq then rtn, a checkpoint: no head in it)."""
+    gptq: on the head's calibration inputs), else "rtn" (rtn, awq then rtn, a checkpoint: no head in it; and
+    `streamed: true`, whose head is quantized in row blocks by RTN, `compress.quant.streamed`)."""
     if options.lm_head == "float":
         return None
     method = options.method
-    gptq = isinstance(method, algorithms.GptqOptions) or getattr(method, "then", None) == "gptq"
+    gptq = not options.streamed and (
+        isinstance(method, algorithms.GptqOptions) or getattr(method, "then", None) == "gptq"
+    )
     return "gptq" if gptq else "rtn"
 
 
