@@ -26,6 +26,7 @@ from torch import nn
 
 from compress.errors import StageError
 from compress.quant.algorithms.sequential import LinearFilter, as_model_kwargs, default_filter
+from compress.quant.primitives.qparams import column_groups
 from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 #: largest |codes · scale − weight| accepted when reading the package's result back (its scales are fp16,
@@ -76,14 +77,13 @@ def _read_back(name: str, module: nn.Linear, config: WeightQuantConfig) -> Quant
     w = module.weight.detach().float()
     out_f, in_f = w.shape
     scales = scale.float().reshape(out_f, -1)
-    group = in_f if config.group_size == -1 else config.group_size
     half = 2 ** (config.bits - 1)
     if config.symmetric:  # codes in [-half, half - 1], zero point `half` in our unsigned layout
         zeros = torch.full_like(scales, float(half))
     else:
         zeros = torch.as_tensor(module.zp).float().reshape(out_f, -1)
-    expand = lambda t: t.repeat_interleave(group, dim=1)[:, :in_f]  # noqa: E731
-    codes = torch.round(w / expand(scales) + expand(zeros)).clamp(0, 2**config.bits - 1)
+    gi = column_groups(in_f, config.group_size)
+    codes = torch.round(w / scales[:, gi] + zeros[:, gi]).clamp(0, 2**config.bits - 1)
     qw = QuantizedWeight(
         qweight=codes.to(torch.uint8),
         scales=scales,

@@ -494,8 +494,11 @@ def _quantize_head(model: Any, options: Int4Options, qws: dict[str, Any], ctx: S
     if head is None:
         raise StageError(f"lm_head = {options.lm_head}: this model has no output projection; use lm_head: float")
     name = next(n for n, m in model.named_modules() if m is head)
-    base = {"bits": 8 if options.lm_head == "int8" else 4, "group_size": options.group_size}
-    base["symmetric"] = options.symmetric
+    base = {
+        "bits": 8 if options.lm_head == "int8" else 4,
+        "group_size": options.group_size,
+        "symmetric": options.symmetric,
+    }
     if how == "gptq":
         from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_head
 
