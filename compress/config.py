@@ -421,9 +421,9 @@ def _check_linked_source(plans: list[StagePlan], problems: _Problems) -> None:
         if SOURCE in (plan.input, *plan.options.extra_inputs()) and not plan.options.streams_weights:
             problems.add(
                 ("stages", plan.index, plan.kind),
-                f"needs the float model in memory, which model.link: true never materialises; with a linked "
-                f"source use quantize {{precision: int4, method: rtn | gptq, target: onnxruntime-genai, "
-                f"streamed: true}}, or remove model.link (the model is then loaded whole)",
+                "needs the float model in memory, which model.link: true never materialises; with a linked "
+                "source use quantize {precision: int4, method: rtn | gptq, target: onnxruntime-genai, "
+                "streamed: true}, or remove model.link (the model is then loaded whole)",
             )
 
 
