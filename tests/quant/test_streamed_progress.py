@@ -5,26 +5,18 @@ with their measured seconds, the peak over all holds)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from llm_toys import tiny_llama
+from toys import load_script
 
 from compress.quant import streamed
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "streamed_int4.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("streamed_int4", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["streamed_int4"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("streamed_int4")
 
 
 def test_summary_covers_every_hold(script, tmp_path, monkeypatch, capsys) -> None:
