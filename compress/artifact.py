@@ -154,7 +154,8 @@ def commit_artifact(tmp: Path, final: Path, art: Artifact) -> Artifact:
         {
             **art.to_json(),
             "path": str(final),
-            "size_bytes": folder_size(tmp),
+            # a linked source's weights are in the folder it names (families/causal_lm/linked.py): its size counts them
+            "size_bytes": folder_size(tmp) + int(art.info.get("linked_bytes", 0)),
             "files": record_files(tmp),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

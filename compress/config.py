@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from compress.errors import ConfigError
+from compress.families.base import links_source
 from compress.paths import NAME_PATTERN
 from compress.quant.vocab import AUTO, INT4_ALGORITHMS, INT8_METHODS, QUANT_PRECISIONS, TARGETS
 from compress.registry import StageSpec, registered_adapters, registered_stages
@@ -256,6 +257,8 @@ def load_pipeline(file: str | Path) -> PipelineConfig:
     if baseline not in names:
         problems.add(("baseline",), f"no artifact of that name; artifacts: {', '.join(sorted(names))}", baseline, True)
     _check_lineages(plans, baseline, problems)
+    if model is not None and links_source(model):
+        _check_linked_source(plans, problems)
     _check_gate_names(top, names, problems)
     _check_family_gates(top.gates, family, adapter_cls, problems)
     if model is not None and data is not None:
@@ -410,6 +413,18 @@ def _check_lineages(plans: list[StagePlan], baseline: str, problems: _Problems) 
         for key, message in plan.options.check_lineage(tuple(lineage), baseline, dict(earlier)):
             problems.add(("stages", plan.index, plan.kind, key), message)
         earlier[plan.name] = plan.output_format
+
+
+def _check_linked_source(plans: list[StagePlan], problems: _Problems) -> None:
+    """A linked source (`model.link: true`) is never loaded: only stages that stream its weight files read it."""
+    for plan in plans:
+        if SOURCE in (plan.input, *plan.options.extra_inputs()) and not plan.options.streams_weights:
+            problems.add(
+                ("stages", plan.index, plan.kind),
+                "needs the float model in memory, which model.link: true never materialises; with a linked "
+                "source use quantize {precision: int4, method: rtn | gptq, target: onnxruntime-genai, "
+                "streamed: true}, or remove model.link (the model is then loaded whole)",
+            )
 
 
 def _plan_stages(items: list[Any], family: str, adapter_cls: type[Adapter], problems: _Problems) -> list[StagePlan]:

@@ -71,6 +71,12 @@ def current_rss_mb() -> float:
     return _status_mb("VmRSS") or 0.0
 
 
+def high_water_mb() -> float:
+    """This process's resident high-water mark now, in MiB: VmHWM (since its last reset by `PeakRss`), else
+    `ru_maxrss` (since the process started)."""
+    return _status_mb("VmHWM") or _ru_maxrss_mb(resource.RUSAGE_SELF)
+
+
 def _ru_maxrss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 

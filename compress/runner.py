@@ -153,8 +153,14 @@ class Runner:
         return self._finish()
 
     def _source(self) -> None:
+        linked = self.adapter.links_source
         key = sha256_json(
-            {"family": self.cfg.family, "source": self.adapter.source_fingerprint(), "version": SOURCE_VERSION}
+            {
+                "family": self.cfg.family,
+                "source": self.adapter.source_fingerprint(),
+                "version": SOURCE_VERSION,
+                **({"link": True} if linked else {}),  # only when set: the keys of loaded sources stay as they were
+            }
         )
         folder = inside(self.run_dir, SOURCE)
         cached = self._reusable(folder, key, forced=SOURCE in self.force)
@@ -163,23 +169,29 @@ class Runner:
             self._record(cached, cached=True, seconds=0.0)
             return
         start = time.perf_counter()
-        self.reporter.log(f"[cyan]load[/]       {SOURCE} ({self.cfg.model.source})")
-        self.step = f"loading the source ({self.cfg.model.source})"
+        self.reporter.log(f"[cyan]{'link' if linked else 'load':<11}[/]{SOURCE} ({self.cfg.model.source})")
+        self.step = f"{'linking' if linked else 'loading'} the source ({self.cfg.model.source})"
         with PeakRss() as peak:
-            model, task_ready = self.adapter.load_source()
             tmp = temp_folder(folder)
-            file = self.adapter.save_torch(model, tmp)
+            if linked:  # the weights stay in their folder; the artifact names them (Adapter.link_source)
+                out = self.adapter.link_source(tmp)
+                file, precision, task_ready, info, unmeasured = out.file, out.precision, True, out.info, out.unmeasured
+            else:
+                model, task_ready = self.adapter.load_source()
+                file, precision, info, unmeasured = self.adapter.save_torch(model, tmp), "fp32", {}, None
         art = Artifact(
             name=SOURCE,
             path=folder,
             file=file,
             format="torch",
-            precision="fp32",
+            precision=precision,
             stage=SOURCE,
             parent=None,
             key=key,
             config={"source": self.cfg.model.source},
+            info=info,
             task_ready=task_ready,
+            unmeasured=unmeasured,
         )
         self._record(commit_artifact(tmp, folder, art), cached=False, seconds=time.perf_counter() - start)
         self._memory(SOURCE, "stage", peak)

@@ -10,6 +10,11 @@ onnxruntime-genai's builder on a 2-layer copy, then one layer file at a time; a 
 loads the INT4 model and runs a prefill of 8 tokens and one decode step. Prints one JSON line per layer and a
 summary line; the work folder is removed at the end unless `--keep`.
 
+Killed and run again with the same work folder, the quantization resumes at the first unfinished layer
+(`stream_quantize` verifies the finished ones). Every finished layer and the head step append a line to
+`WORK/progress.jsonl` (seconds, reused, the hold's peak RSS so far), so the summary's `quantize_all_holds`
+covers every hold: the seconds of layers quantized by earlier runs and the peak over all of them.
+
 On a random-weight folder (scripts/make_shapes.py) only bytes, seconds and memory mean anything: the logits
 are checked to be finite, never reported as quality.
 """
@@ -18,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +37,7 @@ import torch
 from compress.memory import PeakRss, current_rss_mb
 from compress.quant.algorithms.gptq import GPTQConfig
 from compress.quant.primitives.weight import WeightQuantConfig
-from compress.quant.streamed import build_streamed_decoder, stream_quantize
+from compress.quant.streamed import LayerTiming, build_streamed_decoder, stream_quantize
 
 
 def _folder_gb(folder: Path) -> float:
@@ -66,33 +74,68 @@ def decode_step(onnx_dir: Path, threads: int, prompt: int = 8) -> dict[str, floa
     return {"session_load_s": round(load_s, 1), "prefill_ms": round(prefill_ms, 1), "decode_step_ms": round(step_ms, 1)}
 
 
+PROGRESS_FILE = "progress.jsonl"
+
+
 class _Stopped(Exception):
     def __init__(self, layers: int) -> None:
         self.layers = layers
 
 
-_STOPPED_TIMES: list[float] = []
+def record_progress(path: Path, hold: str, stop_after: int = 0) -> Callable[[LayerTiming], None]:
+    """An `on_layer` callback: appends one JSON line per finished layer (and one for the head step) to `path`
+    and prints it; raises `_Stopped` after `stop_after` layers of this hold (0: never). The lines of every
+    hold (a run that was killed and resumed is several) are what `summarize_holds` reads."""
+    done = [0]
+
+    def on_layer(t: LayerTiming) -> None:
+        line = {
+            "hold": hold,
+            "layer": "head" if t.head else t.index,
+            "seconds": round(t.seconds, 2),
+            "reused": t.reused,
+            "peak_rss_mb": round(t.peak_rss_mb, 1),
+        }
+        with path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+        done[0] += not t.head
+        if stop_after and done[0] >= stop_after:
+            raise _Stopped(done[0])
+
+    return on_layer
 
 
-def _stopper(after: int, t0: float):
-    """A `say` callback that records the time of each finished layer and stops after `after` layers (0: never).
-    The first figure includes the skeleton, and for GPTQ the capture of layer 0's inputs."""
-    last = [t0]
-
-    def say(message: str) -> None:
-        if not message.startswith("layer "):
-            return
-        now = time.perf_counter()
-        _STOPPED_TIMES.append(round(now - last[0], 2))
-        last[0] = now
-        if after and len(_STOPPED_TIMES) >= after:
-            raise _Stopped(len(_STOPPED_TIMES))
-
-    return say
+def read_progress(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _layer_stats(result) -> dict:
-    seconds = [t.seconds for t in result.layers if not t.reused]
+def summarize_holds(lines: list[dict]) -> dict:
+    """The quantization over every hold: each layer's seconds from the hold that quantized it (the last one,
+    if redone), how many each hold did, the head step's seconds, and the peak RSS over all holds (each line
+    carries its hold's high-water mark so far, so a hold killed before it ended still counts)."""
+    holds = list(dict.fromkeys(line["hold"] for line in lines))
+    measured: dict[int, float] = {}
+    by_hold = dict.fromkeys(holds, 0)
+    head = None
+    for line in lines:
+        if line["reused"]:
+            continue
+        if line["layer"] == "head":
+            head = line["seconds"]
+        else:
+            measured[line["layer"]] = line["seconds"]
+            by_hold[line["hold"]] += 1
+    return {
+        "holds": len(holds),
+        "layers_quantized_by_hold": list(by_hold.values()),
+        "layer_seconds": _stats([measured[i] for i in sorted(measured)]),
+        "head_seconds": head,
+        "peak_rss_mb_all_holds": max((line["peak_rss_mb"] for line in lines), default=None),
+    }
+
+
+def _stats(seconds: list[float]) -> dict:
     if not seconds:
         return {"n": 0}
     return {
@@ -154,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         calibration = [torch.randint(0, vocab, (1, args.window), generator=gen) for _ in range(args.gptq_windows)]
         summary["gptq"] = {"windows": args.gptq_windows, "window": args.window}
     torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    progress = args.work / PROGRESS_FILE
+    hold = f"{datetime.now(timezone.utc).isoformat(timespec='microseconds')} pid {os.getpid()}"
     t0 = time.perf_counter()
     with PeakRss() as peak:
         try:
@@ -163,27 +209,19 @@ def main(argv: list[str] | None = None) -> None:
                 cfg,
                 lm_head=args.lm_head,
                 calibration=calibration,
-                say=_stopper(args.stop_after_layers, t0),
+                on_layer=record_progress(progress, hold, args.stop_after_layers),
             )
         except _Stopped as stop:
             result = None
             summary["stopped_after_layers"] = stop.layers
-    if result is None:
-        summary["quantize"] = {"seconds": round(time.perf_counter() - t0, 1), **peak.result.to_json()}
-        summary["layer_seconds_incl_capture"] = _STOPPED_TIMES
+    summary["quantize"] = {"seconds": round(time.perf_counter() - t0, 1), **peak.result.to_json()}
+    summary["quantize_all_holds"] = summarize_holds(read_progress(progress))
+    if result is None:  # the first figure of a hold includes the skeleton, and for GPTQ the capture of its inputs
         print(json.dumps({"summary": summary}), flush=True)
         if not args.keep:
             shutil.rmtree(args.work)
         return
-    for t in result.layers:
-        print(json.dumps({"layer": t.index, "seconds": round(t.seconds, 2), "reused": t.reused}), flush=True)
-    summary["layer_seconds"] = _layer_stats(result)
-    summary["quantize"] = {
-        "seconds": round(time.perf_counter() - t0, 1),
-        "head_seconds": round(result.head_seconds, 1),
-        "gb": round(_folder_gb(result.folder), 2),
-        **peak.result.to_json(),
-    }
+    summary["quantize"].update(head_seconds=round(result.head_seconds, 1), gb=round(_folder_gb(result.folder), 2))
     print(json.dumps({"phase": "quantize", **summary["quantize"]}), flush=True)
 
     if args.no_build:

@@ -60,11 +60,14 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_pipeline(tmp: Path, name: str, stages: str, *, data: str, gates: str = "{}", sharpen: float = 1.0) -> Path:
+def tiny_pipeline(
+    tmp: Path, name: str, stages: str, *, data: str, gates: str = "{}", sharpen: float = 1.0, link: bool = False
+) -> Path:
     """Save a tiny tied Llama in `tmp/model` (once) and write a pipeline `tmp/<name>.yaml` that loads it.
 
     `sharpen` scales the final norm: a random-init model is near-uniform, a sharper one has opinions that a
     pruned student can lose and win back. `data` and `gates` are YAML flow mappings, `stages` a block list.
+    `link`: the pipeline links the folder (`model.link: true`) instead of loading it.
     """
     model_dir = tmp / "model"
     if not model_dir.exists():
@@ -75,7 +78,7 @@ def tiny_pipeline(tmp: Path, name: str, stages: str, *, data: str, gates: str = 
         tiny_tokenizer().save_pretrained(model_dir)
     path = tmp / f"{name}.yaml"
     path.write_text(f"""name: {name}
-model: {{family: causal-lm, source: "hf:{model_dir}"}}
+model: {{family: causal-lm, source: "hf:{model_dir}"{", link: true" if link else ""}}}
 data: {data}
 stages:{stages}
 gates: {gates}

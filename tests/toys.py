@@ -142,3 +142,15 @@ def run_quietly(pipeline: Path, runs_dir: Path, *flags: str) -> tuple[int, dict,
     name = yaml.safe_load(pipeline.read_text())["name"]
     manifest = json.loads((runs_dir / name / "manifest.json").read_text())
     return code, manifest, {r["artifact"]["name"]: r for r in manifest["artifacts"]}
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` imported as module `name` (scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

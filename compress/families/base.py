@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from compress.config import BenchOptions
     from compress.progress import Reporter
     from compress.prune.options import PruneOptions, PruneSupport
+    from compress.stages.base import StageOutput
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class IOSpec:
     inputs: dict[str, tuple[str | int, ...]]  # name -> shape, symbolic dims as names
     outputs: dict[str, tuple[str | int, ...]]
     dtypes: dict[str, str]  # input name -> numpy dtype
+
+
+def links_source(model_cfg: BaseModel) -> bool:
+    """True when a family's `model:` options set `link: true` (`Adapter.link_source`)."""
+    return bool(getattr(model_cfg, "link", False))
 
 
 class Adapter(ABC):
@@ -132,6 +138,20 @@ class Adapter(ABC):
     @abstractmethod
     def load_source(self) -> tuple[torch.nn.Module, bool]:
         """(model, task_ready): task_ready is False when a new head still has to be trained."""
+
+    @property
+    def links_source(self) -> bool:
+        """True when the pipeline sets `model.link: true`: the source stage calls `link_source`, not `load_source`."""
+        return links_source(self.model_cfg)
+
+    def link_source(self, folder: Path) -> StageOutput:
+        """Write into `folder` a source artifact that names the source's weight files instead of holding the
+        model (config and tokenizer only); its `unmeasured` says why the float model is not evaluated."""
+        raise StageError(f"the {self.family} family cannot link its source (model.link); remove model.link")
+
+    def weights_folder(self, artifact: Artifact) -> Path:
+        """The folder holding `artifact`'s weight files: its own, or the linked folder once verified."""
+        return artifact.path
 
     @abstractmethod
     def save_torch(self, model: torch.nn.Module, folder: Path) -> str:

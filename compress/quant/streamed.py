@@ -81,9 +81,13 @@ Say = Callable[[str], None]
 
 @dataclass(frozen=True)
 class LayerTiming:
+    """One finished step: decoder layer `index`, or (`head`) the embedding / final norm / head file."""
+
     index: int
     seconds: float
-    reused: bool
+    reused: bool  # verified and kept from an earlier run
+    peak_rss_mb: float = 0.0  # this process's high-water mark when the step ended (`memory.high_water_mb`)
+    head: bool = False
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,7 @@ def stream_quantize(
     calibration: list[Any] | None = None,
     say: Say | None = None,
     quantize_layer: Callable[..., dict[str, Any]] = _quantize_layer,
+    on_layer: Callable[[LayerTiming], None] | None = None,
 ) -> StreamResult:
     """Quantize every decoder layer's Linears of `hf_folder`, one layer in memory at a time, into `out`.
 
@@ -342,9 +347,13 @@ def stream_quantize(
     kwargs), layer by layer on the outputs of the already quantized layers, as `gptq_quantize_model`. `out`
     becomes the builder's input folder (module docstring); finished layers found there are verified and
     reused (GPTQ also keeps the last finished layer's outputs, `hidden.activations`, to resume from).
-    `quantize_layer` is the RTN per-layer step (a test replaces it to simulate a kill).
+    `quantize_layer` is the RTN per-layer step (a test replaces it to simulate a kill). `on_layer` is called
+    after each layer, once its file is written, and after the head step (`LayerTiming.head`): what a caller
+    keeps to sum up a run that was killed and resumed (scripts/streamed_int4.py).
     """
     from transformers import AutoConfig
+
+    from compress.memory import high_water_mb
 
     hf_folder, out = Path(hf_folder), Path(out)
     say = say or (lambda _m: None)
@@ -405,8 +414,10 @@ def stream_quantize(
             _save_verified(tensors, path, key, {"layer": i})
             del tensors
         seconds = time.perf_counter() - t0
-        timings.append(LayerTiming(i, seconds, reused))
+        timings.append(LayerTiming(i, seconds, reused, high_water_mb()))
         say(f"layer {i + 1}/{len(layers)}: {'verified, reused' if reused else 'quantized'} in {seconds:.2f} s")
+        if on_layer is not None:
+            on_layer(timings[-1])
     (out / HIDDEN_FILE).unlink(missing_ok=True)
     (out / HIDDEN_FILE).with_suffix(".json").unlink(missing_ok=True)
 
@@ -415,7 +426,8 @@ def stream_quantize(
     head_src = f"{arch.lm_head}.weight" if f"{arch.lm_head}.weight" in ckpt.where else f"{arch.embed}.weight"
     key = sha256_json({**base, "rest": sorted(rest), "lm_head": lm_head, "source": ckpt.stamp(rest)})
     path = out / REST_FILE
-    if not _finished(path, key):
+    head_reused = _finished(path, key)
+    if not head_reused:
         tensors = ckpt.read(rest)
         if lm_head == "int4":
             head = tensors.pop(head_src)
@@ -429,6 +441,8 @@ def stream_quantize(
         del tensors
     head_seconds = time.perf_counter() - t0
     say(f"embedding / norm / head ({lm_head}) in {head_seconds:.2f} s")
+    if on_layer is not None:
+        on_layer(LayerTiming(len(layers), head_seconds, head_reused, high_water_mb(), head=True))
     _write_config(hf_folder, out, hf_config, config)
     return StreamResult(out, tuple(timings), head_seconds)
 

@@ -50,6 +50,12 @@ class StageOptions(BaseModel):
     #: launched N-wide, every process runs the stage (it trains with DDP); else rank 0 alone (`compress.follower`)
     every_process: ClassVar[bool] = False
 
+    @property
+    def streams_weights(self) -> bool:
+        """True when the stage reads its input's weight files one piece at a time, never the model in memory:
+        the only kind of stage a linked source (`model.link: true`) can feed."""
+        return False
+
     def output_format(self, input_format: str) -> str:
         return input_format
 

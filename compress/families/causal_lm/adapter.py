@@ -19,6 +19,7 @@ import numpy as np
 from compress.errors import ConfigError
 from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric, ReportView
 from compress.families.causal_lm import sessions  # noqa: F401  (registers the decoder sessions with backends)
+from compress.families.causal_lm.linked import LINK_FILE, NOT_MATERIALISED, LinkedSource, link_folder, link_problem
 from compress.families.causal_lm.model_io import is_gguf
 from compress.families.causal_lm.options import CausalLMModelOptions, TextDataOptions
 from compress.progress import quiet_third_party
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from compress.config import BenchOptions
     from compress.progress import Reporter
     from compress.prune.options import PruneOptions
+    from compress.stages.base import StageOutput
 
 
 @register_adapter("causal-lm")
@@ -76,6 +78,8 @@ class CausalLMAdapter(Adapter):
         problems = self._text_problems()
         try:
             scheme, rest = local_target(*parse_source(self.model_cfg.source))
+            if self.model_cfg.link and (problem := link_problem(scheme, rest)):
+                problems.append((("model", "link"), problem))
             if scheme == "gguf":
                 path = Path(rest).expanduser()
                 if not path.is_file():
@@ -128,8 +132,12 @@ class CausalLMAdapter(Adapter):
             raise ValueError(f"model.source = {self.model_cfg.source}: no tokenizer found with the model")
         return model, tokenizer
 
-    @property
+    @cached_property
     def tokenizer(self) -> Any:
+        if self.links_source:  # the tokenizer alone: the weights stay where they are
+            from compress.families.causal_lm.linked import load_tokenizer
+
+            return load_tokenizer(self.model_cfg.source, trust_remote_code=self.model_cfg.trust_remote_code)
         return self._loaded[1]
 
     def source_fingerprint(self) -> dict[str, Any]:
@@ -141,12 +149,34 @@ class CausalLMAdapter(Adapter):
     def load_source(self) -> tuple[torch.nn.Module, bool]:
         return self._loaded[0], True
 
+    def link_source(self, folder: Path) -> StageOutput:
+        from compress.sources import local_target, parse_source
+        from compress.stages.base import StageOutput
+
+        linked = link_folder(
+            Path(local_target(*parse_source(self.model_cfg.source))[1]), self.tokenizer, folder, self.cache_dir
+        )
+        self.reporter.log(f"  linked {len(linked.files)} files of {linked.folder} ({linked.total_bytes / 1e9:.2f} GB)")
+        info = {"linked": str(linked.folder), "linked_files": len(linked.files), "linked_bytes": linked.total_bytes}
+        return StageOutput(
+            file=LINK_FILE, format="torch", precision=linked.precision, info=info, unmeasured=NOT_MATERIALISED
+        )
+
+    def weights_folder(self, artifact: Artifact) -> Path:
+        linked = LinkedSource.read(artifact.path)
+        return artifact.path if linked is None else linked.verify(self.cache_dir)
+
     def notes(self) -> list[str]:
         """Facts about the source a reader of the numbers must know (e.g. weights published at 4 bits)."""
         from compress.families.causal_lm.model_io import gguf_weight_types
         from compress.families.causal_lm.task import bos_note
 
         notes = [f"Perplexity windows and prompts: {bos_note(self.tokenizer)}."]
+        if self.links_source:
+            notes.append(
+                "The source is linked (model.link: true): the float model is never materialised, so the baseline "
+                "is not evaluated and gates relative to it are not checked."
+            )
         kinds = gguf_weight_types(self.model_cfg.source)
         if kinds:
             notes.append(

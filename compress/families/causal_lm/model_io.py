@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Bump when the GGUF -> safetensors conversion changes, so stale cache folders are not reused.
 _GGUF_CACHE_VERSION = 1
 
@@ -119,7 +119,7 @@ def _load_hf(
     if not trust_remote_code and getattr(model.config, "auto_map", None):  # a hub model, seen once downloaded
         raise ConfigError(remote_code_message(source, {"config.json": model.config.auto_map}))
     tok = None
-    if not is_local or any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    if not is_local or any((folder / f).is_file() for f in TOKENIZER_FILES):
         tok = AutoTokenizer.from_pretrained(str(folder) if is_local else name, **kwargs)
     return model.eval(), tok
 

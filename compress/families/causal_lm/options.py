@@ -60,6 +60,12 @@ class CausalLMModelOptions(BaseModel):
     family: Literal["causal-lm"] = "causal-lm"
     source: str = Field(description="hf:NAME_OR_FOLDER | gguf:PATH | pkg:DIST/PATH | python:module:function")
     trust_remote_code: bool = Field(False, description="let transformers run code shipped with the model")
+    link: bool = Field(
+        False,
+        description="hf:FOLDER only: record the folder's shards (sha256) instead of loading the model, for models "
+        "larger than memory; then only `quantize: {..., streamed: true}` reads the source and the float baseline "
+        "is not evaluated (compress/families/causal_lm/linked.py)",
+    )
 
 
 class TextDataOptions(BaseModel):

@@ -212,7 +212,12 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
     else:
         cfg = WeightQuantConfig(**base)
     result = stream_quantize(
-        artifact.path, work, cfg, lm_head=options.lm_head, calibration=calibration, say=ctx.reporter.log
+        ctx.adapter.weights_folder(artifact),  # a linked source's folder, its files verified first
+        work,
+        cfg,
+        lm_head=options.lm_head,
+        calibration=calibration,
+        say=ctx.reporter.log,
     )
     built = ctx.outdir / "_genai"
     with ctx.reporter.task(f"onnxruntime-genai builder ({options.target.execution_provider}, streamed)", total=None):

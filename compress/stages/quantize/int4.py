@@ -180,6 +180,10 @@ class Int4Options(StageOptions):
             problems += streamed_refusals(self)
         return problems
 
+    @property
+    def streams_weights(self) -> bool:
+        return self.streamed
+
     def cache_fields(self) -> dict[str, Any]:
         fields = super().cache_fields()
         if not self.streamed:  # added later: the keys of artifacts made before it stay as they were
