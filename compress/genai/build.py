@@ -375,7 +375,7 @@ def build_fused_decoder(
     if lm_head not in ("int4", "int8", "float"):
         raise ValueError(f"lm_head = {lm_head!r}; allowed: int4, int8, float")
     if quantized and "lm_head" in quantized and lm_head != f"int{quantized['lm_head'].bits}":
-        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our {bits}-bit 'lm_head'; drop one of them")
+        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our {quantized['lm_head'].bits}-bit 'lm_head'; drop one of them")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
     _architecture(hf_folder)

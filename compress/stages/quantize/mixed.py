@@ -108,13 +108,11 @@ def _refuse_budget(options: Int4Options, low: int, high: int) -> None:
         )
 
 
-def sensitivity_key(artifact: Any, options: Int4Options, ctx: StageContext) -> str:
-    """What the sensitivity table depends on: the input, every option but the budget and name, the data, seed."""
+def quantization_key(artifact: Any, options: Int4Options, ctx: StageContext) -> str:
+    """What the 4-bit quantization depends on: the input, every option but `mixed` and the name, the data, seed."""
     from compress.hashing import sha256_json
 
-    fields = options.cache_fields()
-    fields["mixed"] = {k: v for k, v in fields["mixed"].items() if k != "max_mb"}
-    fields["mixed"]["group_size"] = options.mixed.group_size or options.group_size
+    fields = {k: v for k, v in options.cache_fields().items() if k != "mixed"}
     return sha256_json(
         {
             "artifact": [artifact.key, artifact.content_digest],
@@ -123,6 +121,62 @@ def sensitivity_key(artifact: Any, options: Int4Options, ctx: StageContext) -> s
             "seed": ctx.seed,
         }
     )
+
+
+def sensitivity_key(quantized_key: str, options: Int4Options) -> str:
+    """The sensitivity table's key: the 4-bit model's, the held-apart windows and the 8-bit group size."""
+    from compress.hashing import sha256_json
+
+    g8 = options.mixed.group_size or options.group_size
+    return sha256_json({"quantized": quantized_key, "windows": options.mixed.windows, "group_size_8bit": g8})
+
+
+def _quantized_model(
+    model: Any, key: str, options: Int4Options, ctx: StageContext
+) -> tuple[dict[str, Any], dict[str, Any], list[str], bool]:
+    """Quantize `model` in place at 4 bits (method, then the lm_head), or restore that from the adapter's cache.
+
+    Returns ({name: QuantizedWeight}, {name: the float weight each Linear had when quantized}, AWQ groups
+    left unscaled, reused). The cache (one safetensors file: the model's state, the float weights, the codes)
+    lets every budget of a pipeline share one AWQ/GPTQ pass."""
+    import json
+
+    import torch
+
+    from compress.quant.primitives.weight import QuantizedWeight
+    from compress.stages.quantize.int4 import _quantize, _quantize_head
+    from compress.tensorfile import read_tensors, write_tensors
+
+    path = ctx.adapter.cache_dir / "mixed-quantized" / f"{key[:32]}.safetensors"
+    if path.exists():
+        tensors, meta = read_tensors(path)
+        if meta.get("key") == key:
+            model.load_state_dict({k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")})
+            floats = {k[len("float.") :]: v for k, v in tensors.items() if k.startswith("float.")}
+            qws = {
+                name: QuantizedWeight(
+                    tensors[f"q.{name}.qweight"], tensors[f"q.{name}.scales"], tensors[f"q.{name}.zeros"], g, b, sym
+                )
+                for name, (b, g, sym) in json.loads(meta["qws"]).items()
+            }
+            return qws, floats, json.loads(meta["unscaled"]), True
+    floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    qws, _, unscaled = _quantize(model, options, ctx, on_float=lambda n, w: floats.__setitem__(n, w.detach().clone()))
+    _quantize_head(model, options, qws, ctx)
+    if any(not qw.has_trivial_g_idx() for qw in qws.values()):
+        raise StageError("quantize int4 mixed: act-order without static groups (a g_idx) is not taken by the builder")
+    tensors = {f"state.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"float.{k}": v for k, v in floats.items()})
+    for name, qw in qws.items():
+        tensors.update({f"q.{name}.qweight": qw.qweight, f"q.{name}.scales": qw.scales, f"q.{name}.zeros": qw.zeros})
+    meta = {
+        "key": key,
+        "qws": json.dumps({n: [qw.bits, qw.group_size, qw.symmetric] for n, qw in qws.items()}),
+        "unscaled": json.dumps(unscaled),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensors(path, tensors, meta)
+    return qws, floats, unscaled, False
 
 
 def _cached_table(key: str, ctx: StageContext, compute: Any) -> tuple[dict[str, Any], bool]:
@@ -153,7 +207,7 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
 
     from compress.quant.mixed import choose_units, eight_bit_weights, model_logits, unit_sensitivity
     from compress.stages.quantize.genai_target import build_genai_artifact
-    from compress.stages.quantize.int4 import _quantize, _quantize_head, _scheme_info
+    from compress.stages.quantize.int4 import _scheme_info
 
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -170,9 +224,10 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
     start = time.perf_counter()
     with ctx.reporter.task("mixed: float logits on the held-apart windows", total=None):
         reference = model_logits(model, batches)
-    floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    qws, _, unscaled = _quantize(model, options, ctx, on_float=lambda n, w: floats.__setitem__(n, w.detach().clone()))
-    _quantize_head(model, options, qws, ctx)
+    qkey = quantization_key(artifact, options, ctx)
+    qws, floats, unscaled, quantized_reused = _quantized_model(model, qkey, options, ctx)
+    if quantized_reused:
+        ctx.reporter.log("  4-bit weights reused from the cache (same input, method, scheme, data and seed)")
     missing = sorted(set(linears) - set(qws))
     if missing:
         raise StageError(f"quantize int4 mixed: Linears left unquantized by the method: {missing[:5]}")
@@ -185,7 +240,7 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
         with ctx.reporter.task("mixed: sensitivity (one unit at 8 bits at a time)", total=len(units)) as task:
             return unit_sensitivity(model, units, dequant, batches, reference, progress=lambda n: task.advance(1))
 
-    table, reused = _cached_table(sensitivity_key(artifact, options, ctx), ctx, compute)
+    table, reused = _cached_table(sensitivity_key(qkey, options), ctx, compute)
     ctx.reporter.log(f"  sensitivity table {'reused from the cache' if reused else 'measured'} ({len(units)} units)")
     choice = choose_units(table, costs, low, int(options.mixed.max_mb * 1e6))
     by_node = {u.node: u for u in units}
@@ -216,6 +271,7 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
         "eight_bit": list(choice.eight),
         "units": choice.rows,
         "sensitivity_reused": reused,
+        "quantized_reused": quantized_reused,
     }
     out = build_genai_artifact(model, qws, options, ctx, {**info, "layers_quantized": len(qws)}, mixed=True)
     real = (ctx.outdir / WEIGHT_FILE).stat().st_size
@@ -225,4 +281,6 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
             "the builder stored something compress.quant.mixed does not count; the budget cannot be trusted"
         )
     out.info["mixed"]["real_bytes"] = real
+    if head_bits == 8:
+        out.info["lm_head_quantizer"] = f"ours (RTN 8 bit g{g8}, chosen by mixed)"
     return out
