@@ -127,9 +127,7 @@ def _architecture(hf_folder: Path) -> tuple[dict, str]:
     return config, arch
 
 
-def _check_quantized(
-    quantized: Mapping[str, QuantizedWeight], arch: str, mixed: bool = False
-) -> QuantizedWeight:
+def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str, mixed: bool = False) -> QuantizedWeight:
     """The (bits, group_size, symmetric) setting of the checkpoint's ``quantization_config``, or a ValueError.
 
     Without ``mixed`` every weight shares it; with ``mixed`` the 4-bit weights do and 8-bit ones may carry their
@@ -375,7 +373,9 @@ def build_fused_decoder(
     if lm_head not in ("int4", "int8", "float"):
         raise ValueError(f"lm_head = {lm_head!r}; allowed: int4, int8, float")
     if quantized and "lm_head" in quantized and lm_head != f"int{quantized['lm_head'].bits}":
-        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our {quantized['lm_head'].bits}-bit 'lm_head'; drop one of them")
+        raise ValueError(
+            f"lm_head = {lm_head!r} but quantized holds our {quantized['lm_head'].bits}-bit 'lm_head'; drop one of them"
+        )
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
     _architecture(hf_folder)

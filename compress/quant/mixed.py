@@ -102,8 +102,10 @@ def model_logits(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Te
 
 
 @torch.no_grad()
-def mean_kl(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], reference: list[torch.Tensor]) -> float:
-    return sum(kl_divergence(r, o) for r, o in zip(reference, model_logits(model, batches))) / len(batches)
+def mean_kl(
+    model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], reference: list[torch.Tensor]
+) -> float:
+    return sum(kl_divergence(r, o) for r, o in zip(reference, model_logits(model, batches), strict=True)) / len(batches)
 
 
 @torch.no_grad()
@@ -140,9 +142,7 @@ class Choice:
     rows: list[dict[str, Any]]  # every unit: node, gain, cost_bytes, gain_per_mb, chosen; sorted by gain per MB
 
 
-def choose_units(
-    table: Mapping[str, Any], costs: Mapping[str, int], base_bytes: int, max_bytes: int
-) -> Choice:
+def choose_units(table: Mapping[str, Any], costs: Mapping[str, int], base_bytes: int, max_bytes: int) -> Choice:
     """Greedy by KL gain per MB: a unit goes to 8 bits when its extra bytes still fit under ``max_bytes``
     (``base_bytes`` = the all-4-bit file); units that do not fit are passed over for smaller ones."""
     rows = [

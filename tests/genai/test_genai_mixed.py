@@ -82,10 +82,14 @@ def test_builder_writes_8_bit_nodes_exactly_where_chosen_and_the_predicted_bytes
         "/lm_head/MatMulNBits",
     }
     for node, a in attrs.items():
-        want = {"bits": 8, "block_size": 64} if node in chosen or "embed_tokens" in node else {"bits": 4, "block_size": 32}
+        want = (
+            {"bits": 8, "block_size": 64} if node in chosen or "embed_tokens" in node else {"bits": 4, "block_size": 32}
+        )
         assert a == want, node  # the tied embedding reads the 8-bit head's codes
     got = _nbits_weights(_graph(out))
-    assert torch.equal(got["/model/layers.0/mlp/down_proj/MatMulNBits"], _ours_fp16_scales(qws["model.layers.0.mlp.down_proj"]))
+    assert torch.equal(
+        got["/model/layers.0/mlp/down_proj/MatMulNBits"], _ours_fp16_scales(qws["model.layers.0.mlp.down_proj"])
+    )
     predicted = fixed_bytes(model.config) + sum(
         unit_bytes(u, 8, 64) if u.node in chosen else unit_bytes(u, 4, 32) for u in fused_units(shapes)
     )
@@ -108,7 +112,9 @@ def test_kl_and_greedy_choice_by_gain_per_mb():
     ref = torch.tensor([[0.0, 1.0, 2.0]])
     assert kl_divergence(ref, ref) == 0.0
     p, q = torch.softmax(ref, -1), torch.softmax(torch.tensor([[2.0, 1.0, 0.0]]), -1)
-    assert math.isclose(kl_divergence(ref, torch.tensor([[2.0, 1.0, 0.0]])), float((p * (p / q).log()).sum()), rel_tol=1e-6)
+    assert math.isclose(
+        kl_divergence(ref, torch.tensor([[2.0, 1.0, 0.0]])), float((p * (p / q).log()).sum()), rel_tol=1e-6
+    )
     table = {
         "kl_4bit": 1.0,
         "units": [
@@ -157,7 +163,13 @@ def _fragile_model_dir(tmp_path):
 
 
 def _stage(
-    name: str, max_mb: float, g8: int = 32, *, method: str = "rtn", head: str = "int4", target: str = "onnxruntime-genai"
+    name: str,
+    max_mb: float,
+    g8: int = 32,
+    *,
+    method: str = "rtn",
+    head: str = "int4",
+    target: str = "onnxruntime-genai",
 ) -> str:
     return (
         f"\n  - quantize: {{precision: int4, method: {method}, group_size: 32, lm_head: {head}, target: {target}, "

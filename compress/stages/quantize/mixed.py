@@ -10,10 +10,12 @@ their sizes are exact, so the budget is checked first: below the all-4-bit file 
 minimum), at or above the all-8-bit file it is refused too (then nothing is mixed: use `precision: int8`).
 The float model's logits on `windows` calibration windows held apart from the method's `samples` are kept,
 the model is quantized at 4 bits by the method (the float weights each Linear had when quantized are kept
-beside: AWQ-scaled for AWQ, `on_float`), the lm_head at 4 bits as `lm_head: int4` says. Sensitivity: per unit,
+beside: AWQ-scaled for AWQ, `on_float`), the lm_head at 4 bits as `lm_head: int4` says; that state is cached
+in the adapter's cache (safetensors, keyed on everything but `mixed`), so every budget and 8-bit group size of
+a pipeline starts from the same 4-bit weights after one AWQ/GPTQ pass. Sensitivity: per unit,
 the KL won back on those windows when only it is at 8 bits (RTN of its float weights at `mixed.group_size`,
-near lossless), cached in the adapter's cache keyed on everything it depends on but the budget, so a second
-budget reuses it. Units go to 8 bits greedily by KL gain per MB while the file stays within `max_mb`, the
+near lossless), cached (JSON) keyed on the 4-bit weights' key, `windows` and the 8-bit group size, so a
+second budget reuses it. Units go to 8 bits greedily by KL gain per MB while the file stays within `max_mb`, the
 builder writes them as 8-bit MatMulNBits (`build_fused_decoder(mixed=True)`), and the weight file
 (`model.onnx.data`) must have exactly the predicted size (a StageError names both otherwise).
 """
@@ -251,7 +253,8 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
                 qws[m] = eight[m]
                 modules[m].weight.copy_(dequant[m].to(modules[m].weight.dtype))  # the parity check's torch side
     ctx.reporter.log(
-        f"  mixed: {len(choice.eight)} of {len(units)} units at 8 bits, predicted {choice.predicted_bytes / 1e6:.2f} MB "
+        f"  mixed: {len(choice.eight)} of {len(units)} units at 8 bits, "
+        f"predicted {choice.predicted_bytes / 1e6:.2f} MB "
         f"(budget {options.mixed.max_mb:g}, all 4-bit {low / 1e6:.2f})"
     )
     info = {**_scheme_info(options, qws, None), "quantize_seconds": round(time.perf_counter() - start, 1)}
@@ -277,7 +280,8 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
     real = (ctx.outdir / WEIGHT_FILE).stat().st_size
     if real != choice.predicted_bytes:
         raise StageError(
-            f"quantize int4 mixed: {ctx.outdir / WEIGHT_FILE} has {real} bytes, the prediction {choice.predicted_bytes}: "
+            f"quantize int4 mixed: {ctx.outdir / WEIGHT_FILE} has {real} bytes, "
+            f"the prediction {choice.predicted_bytes}: "
             "the builder stored something compress.quant.mixed does not count; the budget cannot be trusted"
         )
     out.info["mixed"]["real_bytes"] = real
