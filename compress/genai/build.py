@@ -55,6 +55,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -126,19 +127,23 @@ def _architecture(hf_folder: Path) -> tuple[dict, str]:
     return config, arch
 
 
-def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str) -> QuantizedWeight:
-    """The one (bits, group_size, symmetric) setting every weight shares, or a ValueError saying why not."""
+def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str, mixed: bool = False) -> QuantizedWeight:
+    """The (bits, group_size, symmetric) setting of the checkpoint's ``quantization_config``, or a ValueError.
+
+    Without ``mixed`` every weight shares it; with ``mixed`` the 4-bit weights do and 8-bit ones may carry their
+    own group size (written as per-module ``dynamic`` overrides, ``_dynamic_overrides``)."""
     if arch not in GPTQ_ARCHITECTURES:
         raise ValueError(
             f"quantized weights for {arch}: the builder's GPTQ loader is used here only for "
             f"{', '.join(sorted(GPTQ_ARCHITECTURES))}; build precision='int4' without quantized= instead"
         )
-    first = next(iter(quantized.values()))
+    four = [qw for qw in quantized.values() if qw.bits == 4]
+    first = four[0] if mixed and four else next(iter(quantized.values()))
     for name, qw in quantized.items():
-        if qw.bits not in (4, 8) or qw.bits != first.bits:
+        if qw.bits not in (4, 8) or (qw.bits != first.bits and not mixed):
             raise ValueError(
                 f"quantized[{name!r}].bits = {qw.bits}, first weight's {first.bits}; allowed: 4 or 8, the same for "
-                "every weight (one quantization_config.bits per checkpoint)"
+                "every weight (one quantization_config.bits per checkpoint; mixed=True takes 4 and 8 per module)"
             )
         if qw.group_size == -1 or qw.group_size & (qw.group_size - 1) or qw.group_size < 16:
             raise ValueError(
@@ -150,12 +155,48 @@ def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str) -> Qua
                 f"quantized[{name!r}] has an act-order g_idx; the builder hands it to MatMulNBits, whose CPU "
                 "result then disagrees with the weights (tests/genai); quantize with static_groups=True"
             )
-        if (qw.group_size, qw.symmetric) != (first.group_size, first.symmetric):
+        if qw.symmetric != first.symmetric or (qw.bits == first.bits and qw.group_size != first.group_size):
             raise ValueError(
                 f"quantized[{name!r}]: group_size/symmetric = {(qw.group_size, qw.symmetric)} differ from "
                 f"{(first.group_size, first.symmetric)}; the builder reads one quantization_config per model"
+                + (" (with mixed=True only the 8-bit weights may have their own group size)" if mixed else "")
             )
+    if mixed:
+        _check_packed_units(quantized)
     return first
+
+
+#: Linears the builder packs into one MatMulNBits (``make_packed_matmul_int4_class``: same bits and group size).
+PACKED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)
+
+
+def _check_packed_units(quantized: Mapping[str, QuantizedWeight]) -> None:
+    for name, qw in quantized.items():
+        for group in PACKED:
+            if not name.endswith("." + group[0]):
+                continue
+            prefix = name[: -len(group[0])]
+            for other in group[1:]:
+                o = quantized.get(prefix + other)
+                if o is not None and (o.bits, o.group_size) != (qw.bits, qw.group_size):
+                    raise ValueError(
+                        f"quantized[{prefix + other!r}] is {o.bits}-bit g{o.group_size}, {name!r} {qw.bits}-bit "
+                        f"g{qw.group_size}: the builder packs {', '.join(group)} into one MatMulNBits; give them "
+                        "the same bits and group size"
+                    )
+
+
+def _dynamic_overrides(quantized: Mapping[str, QuantizedWeight], first: QuantizedWeight) -> dict[str, dict]:
+    """GPTQModel-style ``dynamic`` overrides for the weights that differ from ``first``'s bits / group size.
+
+    The builder's GPTQ loader (``loaders/gptq.py``, ``get_overrides``) ``re.match``es each pattern, ``+:``
+    prefix removed, against the tensor names (``model.layers.0.mlp.down_proj.qweight``, ``lm_head.qweight``).
+    """
+    return {
+        "+:^" + re.escape(name) + r"\.": {"bits": qw.bits, "group_size": qw.group_size}
+        for name, qw in quantized.items()
+        if (qw.bits, qw.group_size) != (first.bits, first.group_size)
+    }
 
 
 def _float_tensors(hf_folder: Path) -> dict[str, torch.Tensor]:
@@ -193,8 +234,12 @@ def pack_gptq8(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     }
 
 
-def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedWeight], folder: Path) -> Path:
+def write_builder_checkpoint(
+    hf_folder: Path, quantized: Mapping[str, QuantizedWeight], folder: Path, *, mixed: bool = False
+) -> Path:
     """Write ``folder`` as the AutoGPTQ-layout checkpoint the builder's GPTQ loader reads.
+
+    ``mixed``: 4- and 8-bit weights side by side, the 8-bit ones named in ``dynamic`` overrides.
 
     Zero points are stored as ``(zero - 1) mod 16``: the loader adds 1 modulo 16, so every zero point
     0..15 reads back exactly (AutoGPTQ v1 cannot store 0; the builder's wrap-around can).
@@ -202,7 +247,7 @@ def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedW
     from safetensors.torch import save_file
 
     config, arch = _architecture(hf_folder)
-    first = _check_quantized(quantized, arch)
+    first = _check_quantized(quantized, arch, mixed)
     tensors = _float_tensors(hf_folder)
     missing = [name for name in quantized if f"{name}.weight" not in tensors and name != "lm_head"]
     if missing:
@@ -227,6 +272,8 @@ def write_builder_checkpoint(hf_folder: Path, quantized: Mapping[str, QuantizedW
         "sym": first.symmetric,
         "checkpoint_format": "gptq",
     }
+    if mixed and (dynamic := _dynamic_overrides(quantized, first)):
+        config["quantization_config"]["dynamic"] = dynamic
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name in _HF_SIDE_FILES:
         if (hf_folder / name).exists():
@@ -288,6 +335,7 @@ def build_fused_decoder(
     block_size: int = 32,
     symmetric: bool = True,
     lm_head: LmHead = "int4",
+    mixed: bool = False,
     verbose: bool = False,
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
@@ -296,7 +344,10 @@ def build_fused_decoder(
     every Linear, lm_head included) replaces those Linears by our codes; MatMuls left in float get the
     builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how an lm_head that is not in
     ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding then reads the same codes),
-    or float. ``accuracy_level`` None keeps the builder's default (4 on CPU,
+    or float. ``mixed`` (precision int4): ``quantized`` may hold 8-bit weights beside the 4-bit ones (at their
+    own group size); the builder's loader reads their bits from per-module ``dynamic`` overrides, so those
+    MatMulNBits (and a tied embedding's GatherBlockQuantized, for an 8-bit lm_head) are 8-bit.
+    ``accuracy_level`` None keeps the builder's default (4 on CPU,
     0 on CUDA). The folder appears only when complete.
     """
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
@@ -307,9 +358,13 @@ def build_fused_decoder(
     if quantized and precision == "fp32":
         raise ValueError("quantized weights given with precision = 'fp32'; they need precision 'int4' or 'int8'")
     bits = {"int4": 4, "int8": 8}.get(precision)
-    wrong = [name for name, qw in (quantized or {}).items() if qw.bits != bits]
+    if mixed and precision != "int4":
+        raise ValueError(f"mixed=True with precision = {precision!r}; mixed 4/8-bit weights build with 'int4'")
+    allowed = {4, 8} if mixed else {bits}
+    wrong = [name for name, qw in (quantized or {}).items() if qw.bits not in allowed]
     if wrong:
-        raise ValueError(f"precision = {precision!r} but quantized{wrong[:3]} are not {bits}-bit")
+        said = "4- or 8-bit (mixed)" if mixed else f"{bits}-bit"
+        raise ValueError(f"precision = {precision!r} but quantized{wrong[:3]} are not {said}")
     if precision == "int8" and (not quantized or "lm_head" not in quantized):
         raise ValueError(
             "precision = 'int8' builds from our 8-bit weights only, lm_head included (the builder's own RTN "
@@ -317,8 +372,10 @@ def build_fused_decoder(
         )
     if lm_head not in ("int4", "int8", "float"):
         raise ValueError(f"lm_head = {lm_head!r}; allowed: int4, int8, float")
-    if quantized and "lm_head" in quantized and lm_head != precision:
-        raise ValueError(f"lm_head = {lm_head!r} but quantized holds our {bits}-bit 'lm_head'; drop one of them")
+    if quantized and "lm_head" in quantized and lm_head != f"int{quantized['lm_head'].bits}":
+        raise ValueError(
+            f"lm_head = {lm_head!r} but quantized holds our {quantized['lm_head'].bits}-bit 'lm_head'; drop one of them"
+        )
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists; remove it or choose another output folder")
     _architecture(hf_folder)
@@ -330,12 +387,13 @@ def build_fused_decoder(
         accuracy_level=accuracy_level,
         block_size=block_size,
         symmetric=symmetric,
-        lm_head="int4" if precision == "int8" else lm_head,  # no option: the 8-bit head is ours
+        # no option when the head is ours (an 8-bit one too): the builder's RTN is for a float head only
+        lm_head="int4" if precision == "int8" or "lm_head" in (quantized or {}) else lm_head,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        source = write_builder_checkpoint(hf_folder, quantized, work / "gptq") if quantized else hf_folder
+        source = write_builder_checkpoint(hf_folder, quantized, work / "gptq", mixed=mixed) if quantized else hf_folder
         _run_builder(source, work / "model", builder_precision, execution_provider, extra, verbose)
         if builder_precision == "int4":
             fix_tied_embedding(work / "model" / "model.onnx")

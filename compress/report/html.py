@@ -17,7 +17,7 @@ from compress.atomic import atomic_path
 from compress.families.base import Evaluation, ReportView
 from compress.records import RunManifest
 from compress.report import llm as llm_report
-from compress.report import plots, sensitivity
+from compress.report import mixed_bits, plots, sensitivity
 from compress.report import vision as vision_report
 from compress.report.markdown import (
     _float_notes,
@@ -86,6 +86,7 @@ def render_html(manifest: RunManifest, run_dir: Path, evidence: Evidence) -> tup
         ("plots", lambda: _plots(m, run_dir)),
         ("vision", lambda: _vision(m, evidence)),
         ("sensitivity", lambda: _sensitivity(m)),
+        ("mixed bits", lambda: _mixed_bits(m)),
         ("language model", lambda: _llm(m, evidence)),
         ("cards", lambda: _cards(m, run_dir, evidence)),
     ]
@@ -130,6 +131,17 @@ def _sensitivity(m: RunManifest) -> list[str]:
             out.append(_html_table(*sensitivity.steps_rows(rec.info)))
         out += [_img(sensitivity.figure(rec.info, rec.name), f"sensitivity of {rec.name}")]
         out.append(_html_table(*sensitivity.nodes_rows(rec.info)))
+    return out
+
+
+def _mixed_bits(m: RunManifest) -> list[str]:
+    """Per mixed 4/8-bit artifact: the budget, the size check and the units sorted by KL gain per MB."""
+    out = []
+    for rec in m.artifacts:
+        if mixed_bits.has_section(rec.info):
+            out.append(f"<h2>Mixed 4/8 bits under a size budget: {_e(rec.name)}</h2>")
+            out += [f"<p>{_e(line)}</p>" for line in mixed_bits.summary(rec.info)]
+            out.append(_html_table(*mixed_bits.units_rows(rec.info)))
     return out
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from compress.atomic import atomic_path
 from compress.paths import PLOT_FILE, REPORT_FILE, REPORT_HTML_FILE
 from compress.records import ArtifactRecord, Comparison, GateRecord, RunManifest
-from compress.report import sensitivity
+from compress.report import mixed_bits, sensitivity
 
 if TYPE_CHECKING:
     from compress.report.html import Evidence
@@ -311,7 +311,7 @@ def render(m: RunManifest, evidence: Evidence | None = None) -> str:
     out += [f"> **Note.** {note}" for note in notes] + ([""] if notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
     out += ["## Gates", "", gates_table(m), ""] + _gate_notes(list(m.gates), verdict)
-    out += sensitivity_sections(m)
+    out += sensitivity_sections(m) + mixed_bits_sections(m)
     if any(rec.bench for rec in m.artifacts):
         mach = m.machine or {}
         llm = llm_table(m)
@@ -345,7 +345,8 @@ def render(m: RunManifest, evidence: Evidence | None = None) -> str:
     out += ["## Stage details", ""]
     for rec in m.artifacts:
         if rec.info:
-            shown = {k: v for k, v in rec.info.items() if k not in sensitivity.KEYS}  # they have their section
+            own = sensitivity.KEYS + mixed_bits.KEYS  # they have their section
+            shown = {k: v for k, v in rec.info.items() if k not in own}
             details = ", ".join(f"{k} {_detail(v)}" for k, v in shown.items())
             out.append(f"- `{rec.name}` ({rec.artifact['stage']} from `{rec.parent}`): {details}")
     out += ["", "## Data", ""] + [f"- {role}: sha256 `{h}`" for role, h in m.data.items()] + [""]
@@ -372,6 +373,17 @@ def sensitivity_sections(m: RunManifest) -> list[str]:
             _table(*sensitivity.nodes_rows(rec.info)),
             "",
         ]
+    return out
+
+
+def mixed_bits_sections(m: RunManifest) -> list[str]:
+    """One section per mixed 4/8-bit artifact (compress/report/mixed_bits.py)."""
+    out: list[str] = []
+    for rec in m.artifacts:
+        if mixed_bits.has_section(rec.info):
+            out += [f"## Mixed 4/8 bits under a size budget: `{rec.name}`", ""]
+            out += [part for line in mixed_bits.summary(rec.info) for part in (line, "")]
+            out += [_table(*mixed_bits.units_rows(rec.info)), ""]
     return out
 
 

@@ -182,8 +182,10 @@ def awq_quantize_layer(
     cfg: AWQConfig,
     arch: DecoderArch,
     on_skip: Callable[[str], None] | None = None,
+    on_float: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """AWQ one decoder layer in place (scale search, folds, clipping, quantization)."""
+    """AWQ one decoder layer in place (scale search, folds, clipping, quantization); ``on_float(name, weight)``
+    hears each Linear's scaled float weight just before it is clipped and quantized."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     x_of = {n: torch.cat(v, dim=0) for n, v in collect_linear_inputs(layer, inputs).items()}
 
@@ -212,6 +214,8 @@ def awq_quantize_layer(
         if not keep(prefix + n, mod) or n not in x_of:
             continue
         w = mod.weight.detach().float()
+        if on_float:
+            on_float(prefix + n, w)
         if cfg.clip and n not in arch.softmax_inputs:
             w = awq_search_clip(x_of[n], w, cfg)
         if cfg.quantizer == "gptq":
@@ -235,10 +239,13 @@ def awq_quantize_model(
     config: AWQConfig | None = None,
     progress: Progress | None = None,
     on_skip: Callable[[str], None] | None = None,
+    on_float: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """AWQ every selected Linear of a mapped decoder in place; returns ``{name: QuantizedWeight}``.
 
-    ``on_skip(message)`` hears of each scale group left unscaled (its fold would not be exact).
+    ``on_skip(message)`` hears of each scale group left unscaled (its fold would not be exact);
+    ``on_float(name, weight)`` of each Linear's scaled float weight before it is quantized (the float
+    equivalent of the quantized model, e.g. to quantize that Linear at other bits later).
     The model keeps the float-equivalent folds (RMSNorm weights / producer rows divided by ``s``)
     and its quantized Linears hold their dequantized weights, so exporting it afterwards gives the
     graph the returned QuantizedWeights belong to.
@@ -257,7 +264,7 @@ def awq_quantize_model(
     n_layers = len(model.get_submodule(arch.layers))
     result: dict[str, QuantizedWeight] = {}
     for i, prefix, layer, inputs in walk_layers(model, arch, batches):
-        result.update(awq_quantize_layer(layer, inputs, keep, prefix, cfg, arch, on_skip))
+        result.update(awq_quantize_layer(layer, inputs, keep, prefix, cfg, arch, on_skip, on_float))
         if progress:
             progress(i + 1, n_layers, f"AWQ decoder layer {i}")
     return result

@@ -80,9 +80,11 @@ def refuse_architecture(model: Any) -> None:
 
 
 def build_genai_artifact(
-    model: Any, qws: dict[str, Any], options: Int4Options, ctx: StageContext, info: dict[str, Any]
+    model: Any, qws: dict[str, Any], options: Int4Options, ctx: StageContext, info: dict[str, Any], mixed: bool = False
 ) -> StageOutput:
-    """Save `model`, build the fused graph from `qws` into `ctx.outdir`, check parity (cpu flavour)."""
+    """Save `model`, build the fused graph from `qws` into `ctx.outdir`, check parity (cpu flavour).
+
+    `mixed`: `qws` holds 8-bit weights beside the 4-bit ones (`compress.stages.quantize.mixed`)."""
     from compress.stages.quantize.common import op_counts, quantized_nodes
 
     target = options.target  # an OnnxruntimeGenai: the caller dispatches on target.fused_decoder
@@ -95,7 +97,8 @@ def build_genai_artifact(
         precision="int4",
         block_size=first.group_size,
         symmetric=first.symmetric,
-        lm_head=options.lm_head,
+        lm_head=f"int{qws['lm_head'].bits}" if mixed and "lm_head" in qws else options.lm_head,
+        mixed=mixed,
     )
     out = ctx.outdir / "model.onnx"
     info.update(
@@ -139,6 +142,7 @@ def build_into_outdir(
     block_size: int,
     symmetric: bool,
     lm_head: str,
+    mixed: bool = False,
 ) -> None:
     """Save `model`, run the builder on it with our weights `qws` for `target` (an OnnxruntimeGenai), and move
     the files it writes into `ctx.outdir` (the int4 and int8 genai stages share this)."""
@@ -158,6 +162,7 @@ def build_into_outdir(
                 block_size=block_size,
                 symmetric=symmetric,
                 lm_head=lm_head,
+                mixed=mixed,
             )
         except ValueError as e:  # weights the builder cannot take (e.g. an act-order checkpoint)
             raise StageError(f"quantize {precision} → onnxruntime-genai: {e}") from None

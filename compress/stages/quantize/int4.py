@@ -73,6 +73,7 @@ from compress.quant.vocab import LmHead
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
 from compress.stages.quantize.common import TargetField, refuse_flat_keys, torch_calibration
+from compress.stages.quantize.mixed import MixedOptions
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -119,6 +120,11 @@ class Int4Options(StageOptions):
         description="quantize one decoder layer at a time from the input's safetensors, never loading the float "
         "model, and write the ONNX graph layer by layer (models larger than memory; method rtn or gptq, target "
         "onnxruntime-genai; resumes per layer)",
+    )
+    mixed: MixedOptions | None = Field(
+        None,
+        description="{max_mb, windows, group_size}: MatMulNBits units to 8 bits by sensitivity per MB within max_mb "
+        "(target onnxruntime-genai, lm_head int4; compress/stages/quantize/mixed.py)",
     )
     parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
     parity_atol: Real | None = Field(
@@ -178,6 +184,10 @@ class Int4Options(StageOptions):
             from compress.stages.quantize.genai_target import streamed_refusals
 
             problems += streamed_refusals(self)
+        if self.mixed:
+            from compress.stages.quantize.mixed import refusals as mixed_refusals
+
+            problems += mixed_refusals(self)
         return problems
 
     @property
@@ -188,6 +198,8 @@ class Int4Options(StageOptions):
         fields = super().cache_fields()
         if not self.streamed:  # added later: the keys of artifacts made before it stay as they were
             fields.pop("streamed")
+        if self.mixed is None:  # likewise
+            fields.pop("mixed")
         if head_quantizer(self) == "gptq" and not (self.target.fused_decoder and self.lm_head == "int8"):
             fields["lm_head_quantizer"] = "gptq"  # was RTN: artifacts with a GPTQ head get new keys
         if isinstance(self.method, algorithms.CheckpointOptions):
@@ -223,6 +235,10 @@ def quantize_int4(artifact, options: Int4Options, ctx: StageContext) -> StageOut
         from compress.stages.quantize.genai_target import build_genai_artifact, refuse_architecture
 
         refuse_architecture(model)
+    if options.mixed:
+        from compress.stages.quantize.mixed import quantize_mixed
+
+        return quantize_mixed(artifact, model, options, ctx)
     start = time.perf_counter()
     qws, loaded, unscaled = _quantize(model, options, ctx)
     # the builder's own RTN makes an 8-bit head (our 4-bit tensors go through pack_gptq, 4 bits only)
@@ -353,8 +369,10 @@ def _kept_linears(model: Any, options: Int4Options) -> dict[str, Any]:
     }
 
 
-def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict[str, Any], str | None, list[str]]:
-    """Quantize the selected Linears in place.
+def _quantize(
+    model: Any, options: Int4Options, ctx: StageContext, on_float: Any = None
+) -> tuple[dict[str, Any], str | None, list[str]]:
+    """Quantize the selected Linears in place (AWQ tells ``on_float(name, weight)`` each scaled float weight).
 
     Returns ({name: QuantizedWeight}, checkpoint folder or None, AWQ scale groups left unscaled).
     """
@@ -410,6 +428,7 @@ def _quantize(model: Any, options: Int4Options, ctx: StageContext) -> tuple[dict
                 config=cfg,
                 progress=progress,
                 on_skip=skipped.append,
+                on_float=on_float,
             )
     if not qws:
         raise StageError("quantize int4: no Linear layer was selected (check `keep`)")
