@@ -7,7 +7,8 @@ Candidates (no hand-written kernels):
 
 - ``dynamic``: ``quantize_dynamic`` (W8A8: weights int8 per output channel, activations uint8 quantized
   per tensor at run time) on every MatMul with a constant weight -> ``DynamicQuantizeLinear`` +
-  ``MatMulInteger``. ORT docs recommend dynamic quantization for transformers on CPU.
+  ``MatMulInteger``. ORT docs recommend dynamic quantization for transformers on CPU. With
+  ``activations="token"`` the ``DynamicQuantizeLinear`` nodes become per-token scales (``int8_per_token``).
 - ``weight-only``: ``MatMulNBitsQuantizer(bits=8)`` -> ``com.microsoft.MatMulNBits`` with int8 groups
   (``group_size`` along K, `compress.quant.scheme`'s rule) dequantised inside the kernel;
   ``accuracy_level=4`` lets the kernel quantize activations to int8 and use integer dot products.

@@ -10,7 +10,8 @@
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
 - `dynamic`: W8A8 with dynamic activation scales (`quantize_dynamic`, MatMul only; ONNX Runtime's
-  DynamicQuantizeLinear takes one scale per activation tensor, i.e. per prefill).
+  DynamicQuantizeLinear takes one scale per activation tensor, i.e. per prefill; `activations: token`
+  gives each token its own, `compress.quant.algorithms.int8_per_token`).
 - `smoothquant` (causal-lm, from the torch model): SmoothQuant's per-channel scales folded into the
   decoder (`compress.quant.algorithms.smoothquant`), exported, then `dynamic` (`int8_smooth`).
 
