@@ -19,6 +19,8 @@ Int4Algorithm = Literal["rtn", "gptq", "awq", "autoround", "checkpoint"]
 #: methods of `precision: int8` (`auto` asks the family: `Adapter.default_int8_method`); smoothquant starts
 #: from the torch model (its scales are folded there), the others from ONNX
 Int8Method = Literal["static", "weight-only", "dynamic", "smoothquant"]
+#: dynamic W8A8 activation scales: one per tensor (ONNX Runtime's DynamicQuantizeLinear) or one per token
+Activations = Literal["tensor", "token"]
 #: `method: auto` of `precision: int8`: the family's default INT8 method
 AUTO = "auto"
 #: the output projection (and a tied embedding): left float or quantized at 8 / 4 bits
@@ -31,3 +33,4 @@ TARGETS: tuple[str, ...] = get_args(Target)
 INT4_ALGORITHMS: tuple[str, ...] = get_args(Int4Algorithm)
 INT8_METHODS: tuple[str, ...] = get_args(Int8Method)
 LM_HEAD: tuple[str, ...] = get_args(LmHead)
+ACTIVATIONS: tuple[str, ...] = get_args(Activations)

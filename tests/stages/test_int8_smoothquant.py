@@ -15,7 +15,10 @@ STAGES = """
   - export: {opset: 17, name: onnx-fp32}
   - quantize: {precision: int8, method: dynamic, name: dyn, input: onnx-fp32}
   - quantize: {precision: int8, method: {name: smoothquant, samples: 3}, name: sq, input: source}
-  - quantize: {precision: int8, method: {name: smoothquant, alpha: 0.5}, lm_head: float, name: sq-05, input: source}"""
+  - quantize: {precision: int8, method: {name: smoothquant, alpha: 0.5}, lm_head: float, name: sq-05, input: source}
+  - quantize: {precision: int8, method: {name: dynamic, activations: token}, name: dyn-token, input: onnx-fp32}
+  - quantize: {precision: int8, method: {name: smoothquant, samples: 3, activations: token}, name: sq-token,
+               input: source}"""
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,30 @@ def test_smoothquant_artifacts(run) -> None:
     assert rec["dyn"]["artifact"]["info"]["method"] == "dynamic"
 
 
+def test_per_token_branches(run) -> None:
+    """`activations: token`: recorded in the info, no DynamicQuantizeLinear left in either graph, and the
+    same MatMulIntegers as the per-tensor branches."""
+    import onnx
+
+    _, _, (code, _, rec) = run
+    assert code == EXIT_OK
+    for name, tensor in (("dyn-token", "dyn"), ("sq-token", "sq")):
+        info = rec[name]["artifact"]["info"]
+        assert (
+            "one scale per token" in info["activations"]
+            and "per tensor" in rec[tensor]["artifact"]["info"]["activations"]
+        )
+        assert (
+            info["quantized_nodes"]["MatMulInteger"]
+            == rec[tensor]["artifact"]["info"]["quantized_nodes"]["MatMulInteger"]
+        )
+        ops = [n.op_type for n in onnx.load(str(Path(rec[name]["artifact"]["path"]) / "model.onnx")).graph.node]
+        assert "DynamicQuantizeLinear" not in ops and ops.count("ReduceMax") > 0
+        assert rec[name]["evaluation"]["metrics"]["ppl"] > 0
+
+
 def test_a_rerun_is_a_cache_hit(run) -> None:
     pipeline, runs, _ = run
     code, _, rec = run_quietly(pipeline, runs, "--no-bench")
     assert code == EXIT_OK
-    assert rec["sq"]["cached"] and rec["sq-05"]["cached"]
+    assert rec["sq"]["cached"] and rec["sq-05"]["cached"] and rec["sq-token"]["cached"]

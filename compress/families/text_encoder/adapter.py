@@ -1,11 +1,12 @@
 """The `text-encoder` adapter: composes `model_io` (load, save, export) and `task` (data, metrics).
 
-INT8 default (`quantize: {precision: int8}`): `dynamic` (W8A8, `MatMulInteger` with per-row activation
-scales computed at run time). An encoder runs every token of every text at once, like an LLM's prefill:
-there W8A8 integer GEMMs are what makes INT8 faster (SmolLM2 prefill of 128 tokens in the README: dynamic
-130 ms, weight-only 342 ms, FP32 373 ms), and the activation scales follow each input without calibration
-data. ONNX Runtime recommends dynamic quantization for transformer encoders on CPU; `static` also
-quantizes the activation-activation MatMuls of attention and the residual Adds, the usual accuracy trap.
+INT8 default (`quantize: {precision: int8}`): `dynamic` (W8A8, `MatMulInteger` with one activation scale per
+tensor computed at run time; `activations: token` for one per token). An encoder runs every token of every
+text at once, like an LLM's prefill: there W8A8 integer GEMMs are what makes INT8 faster (SmolLM2 prefill of
+128 tokens in the README: dynamic 130 ms, weight-only 342 ms, FP32 373 ms), and the activation scales follow
+each input without calibration data. ONNX Runtime recommends dynamic quantization for transformer encoders on
+CPU; `static` also quantizes the activation-activation MatMuls of attention and the residual Adds, the usual
+accuracy trap.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from compress.quant.registry import NamedOptions, registry
-from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS
+from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS, Activations
 from compress.schema import Count, Real
 
 #: 7-bit weights for ONNX Runtime's CPU integer kernels; `auto` resolves, when the options are validated, to
@@ -30,6 +30,11 @@ from compress.schema import Count, Real
 ReduceRange = bool | Literal["auto"]
 REDUCE_RANGE = Field(
     "auto", description="7-bit weights (avoids u8·s8 saturation on CPUs without VNNI); auto: true on such a CPU"
+)
+ACTIVATIONS = Field(
+    "tensor",
+    description="activation scales: tensor (one per MatMul input, DynamicQuantizeLinear) | token (one per "
+    "token, compress.quant.algorithms.int8_per_token)",
 )
 
 
@@ -101,11 +106,12 @@ class WeightOnlyOptions(NamedOptions):
 
 
 class DynamicOptions(NamedOptions):
-    """W8A8 with per-row dynamic activation scales (`quantize_dynamic`, MatMul only)."""
+    """W8A8 with dynamic activation scales (`quantize_dynamic`, MatMul only), per tensor or per token."""
 
     name: Literal["dynamic"] = "dynamic"
     per_channel: bool = Field(True, description="per-channel weight scales")
     reduce_range: ReduceRange = REDUCE_RANGE
+    activations: Activations = ACTIVATIONS
 
 
 class SmoothQuantOptions(NamedOptions):
@@ -120,6 +126,7 @@ class SmoothQuantOptions(NamedOptions):
     samples: Count = Field(16, gt=0, description="calibration windows")
     per_channel: bool = Field(True, description="per-channel weight scales")
     reduce_range: ReduceRange = REDUCE_RANGE
+    activations: Activations = ACTIVATIONS
 
     @field_validator("alpha", mode="before")
     @classmethod

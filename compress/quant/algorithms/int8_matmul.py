@@ -7,7 +7,8 @@ Candidates (no hand-written kernels):
 
 - ``dynamic``: ``quantize_dynamic`` (W8A8: weights int8 per output channel, activations uint8 quantized
   per tensor at run time) on every MatMul with a constant weight -> ``DynamicQuantizeLinear`` +
-  ``MatMulInteger``. ORT docs recommend dynamic quantization for transformers on CPU.
+  ``MatMulInteger``. ORT docs recommend dynamic quantization for transformers on CPU. With
+  ``activations="token"`` the ``DynamicQuantizeLinear`` nodes become per-token scales (``int8_per_token``).
 - ``weight-only``: ``MatMulNBitsQuantizer(bits=8)`` -> ``com.microsoft.MatMulNBits`` with int8 groups
   (``group_size`` along K, `compress.quant.scheme`'s rule) dequantised inside the kernel;
   ``accuracy_level=4`` lets the kernel quantize activations to int8 and use integer dot products.
@@ -48,11 +49,19 @@ from pathlib import Path
 from compress.families.causal_lm.export import lm_head_matmul
 from compress.onnx_files import copy_model, wants_external_data, write_atomically
 from compress.progress import quiet_third_party
+from compress.quant.algorithms.int8_per_token import rewrite_file
 from compress.quant.algorithms.int8_tied import share_quantized_table
 from compress.quant.scheme import group_size_problem
-from compress.quant.vocab import Int8Method
+from compress.quant.vocab import ACTIVATIONS, Int8Method
 
 DEFAULT_INT8_METHOD: Int8Method = "weight-only"
+
+
+#: how each `activations` choice is described in an artifact's info
+ACTIVATION_INFO: dict[str, str] = {
+    "tensor": "uint8 dynamic, one scale per tensor (DynamicQuantizeLinear)",
+    "token": "uint8 dynamic, one scale per token (symmetric, zero point 128)",
+}
 
 
 def lm_head_nodes(onnx_path: Path) -> list[str]:
@@ -64,9 +73,18 @@ def lm_head_nodes(onnx_path: Path) -> list[str]:
 
 
 def quantize_dynamic_int8(
-    src: Path, dst: Path, *, per_channel: bool = True, lm_head: bool = True, reduce_range: bool = False
+    src: Path,
+    dst: Path,
+    *,
+    per_channel: bool = True,
+    lm_head: bool = True,
+    reduce_range: bool = False,
+    activations: str = "tensor",
 ) -> Path:
     """W8A8 dynamic quantization of every constant-weight MatMul (``onnxruntime.quantization``).
+
+    ``activations``: ``tensor`` (one uint8 scale per MatMul input, ``DynamicQuantizeLinear``) or ``token``
+    (one scale per token, ``int8_per_token``).
 
     ``reduce_range``: 7-bit weights, so ONNX Runtime's u8·s8 kernels cannot saturate on a CPU without VNNI
     (``compress.bench.harness.int8_dot_saturates``).
@@ -74,6 +92,8 @@ def quantize_dynamic_int8(
     ONNX Runtime writes a scratch copy beside its input, so it reads a copy of ``src`` in our own
     folder (``copy_model``), never writing into the folder of ``src``.
     """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations = {activations!r}; allowed: {', '.join(ACTIVATIONS)}")
     exclude = [] if lm_head else lm_head_nodes(src)
 
     def write(tmp: Path) -> None:
@@ -91,6 +111,8 @@ def quantize_dynamic_int8(
                 use_external_data_format=wants_external_data(Path(src)),
                 extra_options={"MatMulConstBOnly": True},
             )
+        if activations == "token":
+            rewrite_file(tmp)
 
     return write_atomically(Path(dst), write)
 

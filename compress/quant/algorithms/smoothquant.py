@@ -22,8 +22,8 @@ float rounding) and only the INT8 rounding changes. Folds, from the decoder's ar
 ``alpha``: a number applies to every group; ``auto`` searches ``ALPHA_GRID`` (and ``s = 1``, plain dynamic
 W8A8, so the search can never choose worse than no smoothing on the calibration data) per scale group,
 keeping the alpha with the least output MSE of the group's Linears under a simulation of the export's
-arithmetic (``fake_dynamic_w8a8``: uint8 asymmetric activations with one scale per calibration window,
-int8 symmetric per-output-channel weights).
+arithmetic (``fake_dynamic_w8a8``: uint8 asymmetric activations with one scale per calibration window, or
+one symmetric scale per token with ``activations: token``; int8 symmetric per-output-channel weights).
 
 Why our own code: ONNX Runtime's ``quantize_static(extra_options={"SmoothQuant": True})`` delegates to
 Intel Neural Compressor (not a dependency here) and serves the static Q/DQ path, not the dynamic
@@ -66,18 +66,27 @@ class SmoothReport:
     error_ratio: dict[str, float] = field(default_factory=dict)  # chosen MSE / MSE without smoothing
 
 
-def fake_dynamic_w8a8(x: torch.Tensor, w: torch.Tensor, *, reduce_range: bool = False) -> torch.Tensor:
+def fake_dynamic_w8a8(
+    x: torch.Tensor, w: torch.Tensor, *, reduce_range: bool = False, per_token: bool = False
+) -> torch.Tensor:
     """``x @ w.T`` as ONNX Runtime's dynamic INT8 MatMul computes it (``quantize_dynamic``, per-channel).
 
     ``x`` ``(windows, tokens, in)``: uint8 asymmetric, one scale / zero point per window (DynamicQuantizeLinear
-    on one prefill); ``w`` ``(out, in)``: int8 symmetric per output row, ``[-127, 127]`` (``[-64, 64]`` with
-    ``reduce_range``).
+    on one prefill), or with ``per_token`` symmetric, one scale ``max|x| / 127`` per token (``int8_per_token``;
+    its zero point 128 only shifts the codes); ``w`` ``(out, in)``: int8 symmetric per output row,
+    ``[-127, 127]`` (``[-64, 64]`` with ``reduce_range``).
     """
-    lo = x.amin(dim=(1, 2), keepdim=True).clamp(max=0)
-    hi = x.amax(dim=(1, 2), keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / 255).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, 255)
-    xq = (torch.round(x / scale) + zero).clamp(0, 255).sub(zero).mul(scale)
+    if per_token:
+        from compress.quant.algorithms.int8_per_token import EPS
+
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / 127
+        xq = torch.round(x / scale).clamp(-128, 127).mul(scale)
+    else:
+        lo = x.amin(dim=(1, 2), keepdim=True).clamp(max=0)
+        hi = x.amax(dim=(1, 2), keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / 255).clamp(min=1e-12)
+        zero = torch.round(-lo / scale).clamp(0, 255)
+        xq = (torch.round(x / scale) + zero).clamp(0, 255).sub(zero).mul(scale)
     qmax = 64 if reduce_range else 127
     wscale = (w.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
     wq = torch.round(w / wscale).clamp(-qmax, qmax) * wscale
@@ -117,7 +126,11 @@ def _reduce(values: torch.Tensor, index: torch.Tensor | None, size: int) -> torc
 
 @torch.no_grad()
 def _choose(
-    x: torch.Tensor, w: torch.Tensor, candidates: list[tuple[float | None, torch.Tensor]], reduce_range: bool
+    x: torch.Tensor,
+    w: torch.Tensor,
+    candidates: list[tuple[float | None, torch.Tensor]],
+    reduce_range: bool,
+    per_token: bool,
 ) -> tuple[float | None, torch.Tensor, float]:
     """The candidate ``(alpha, s per column)`` with the least output MSE; returns it and its MSE / that of s = 1."""
     x = x[:SCORE_WINDOWS]
@@ -126,7 +139,8 @@ def _choose(
     ref = x @ w.T
     scored = []
     for alpha, s in candidates:
-        err = float((fake_dynamic_w8a8(x / s, w * s, reduce_range=reduce_range) - ref).pow(2).mean())
+        got = fake_dynamic_w8a8(x / s, w * s, reduce_range=reduce_range, per_token=per_token)
+        err = float((got - ref).pow(2).mean())
         scored.append((err, alpha, s))
     best = min(scored, key=lambda t: t[0])
     plain = next((err for err, alpha, _ in scored if alpha is None), best[0])
@@ -142,6 +156,7 @@ def smooth_layer(
     alpha: float | None,
     norm_offset: float = 0.0,
     reduce_range: bool = False,
+    per_token: bool = False,
     prefix: str = "",
     report: SmoothReport | None = None,
 ) -> SmoothReport:
@@ -169,7 +184,7 @@ def smooth_layer(
         if alpha is None:
             channel.append((None, torch.ones(size)))
         per_column = [(a, s if index is None else s[index]) for a, s in channel]
-        chosen, s_col, ratio = _choose(x, w, per_column, reduce_range)
+        chosen, s_col, ratio = _choose(x, w, per_column, reduce_range, per_token)
         key = prefix + group.producer
         report.alphas[key], report.error_ratio[key] = chosen, round(ratio, 4)
         if chosen is None:
@@ -189,13 +204,15 @@ def smooth_model(
     *,
     alpha: float | None = None,
     reduce_range: bool = False,
+    per_token: bool = False,
     head: bool = False,
     progress: Progress | None = None,
 ) -> SmoothReport:
     """SmoothQuant every decoder layer of a mapped decoder in place (float function unchanged).
 
     ``calib_batches``: one window (``(1, T)`` token tensor or mapping) per batch, all of one length: each is one
-    per-tensor activation scale of the simulated export. ``alpha`` None: searched per scale group. ``head``:
+    per-tensor activation scale of the simulated export (``per_token``: one scale per token, as the
+    ``activations: token`` export). ``alpha`` None: searched per scale group. ``head``:
     the lm_head too (untied from the embedding when tied).
     """
     if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -220,13 +237,14 @@ def smooth_model(
             alpha=alpha,
             norm_offset=arch.norm_offset,
             reduce_range=reduce_range,
+            per_token=per_token,
             prefix=prefix,
             report=report,
         )
         if progress:
             progress(i + 1, n_layers, f"SmoothQuant decoder layer {i}")
     if head:
-        _smooth_head(model, arch, batches, alpha=alpha, reduce_range=reduce_range, report=report)
+        _smooth_head(model, arch, batches, alpha=alpha, reduce_range=reduce_range, per_token=per_token, report=report)
     return report
 
 

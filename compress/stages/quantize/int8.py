@@ -10,7 +10,8 @@
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
 - `dynamic`: W8A8 with dynamic activation scales (`quantize_dynamic`, MatMul only; ONNX Runtime's
-  DynamicQuantizeLinear takes one scale per activation tensor, i.e. per prefill).
+  DynamicQuantizeLinear takes one scale per activation tensor, i.e. per prefill; `activations: token`
+  gives each token its own, `compress.quant.algorithms.int8_per_token`).
 - `smoothquant` (causal-lm, from the torch model): SmoothQuant's per-channel scales folded into the
   decoder (`compress.quant.algorithms.smoothquant`), exported, then `dynamic` (`int8_smooth`).
 
@@ -177,6 +178,8 @@ class Int8Options(StageOptions):
             del fields["method"]["bias_correction"]
         elif getattr(self.method, "bias_correction", None):
             fields["bias_correction_version"] = BIAS_CORRECTION_VERSION
+        if getattr(self.method, "activations", None) == "tensor":  # the key of every W8A8 graph made before it
+            del fields["method"]["activations"]
         if getattr(self.method, "alpha", None) == "auto":  # the grid searched is part of what made the graph
             from compress.quant.algorithms.smoothquant import ALPHA_GRID
 
@@ -303,7 +306,11 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
             f"quantize int8: method '{method.name}' writes com.microsoft ops that {target.name} cannot build; "
             f"use method: static for target: {target.name}"
         )
-    from compress.quant.algorithms.int8_matmul import quantize_dynamic_int8, quantize_weight_only_int8
+    from compress.quant.algorithms.int8_matmul import (
+        ACTIVATION_INFO,
+        quantize_dynamic_int8,
+        quantize_weight_only_int8,
+    )
 
     start = time.perf_counter()
     out = ctx.outdir / "model.onnx"
@@ -321,11 +328,16 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
             }
         else:
             quantize_dynamic_int8(
-                artifact.main, out, per_channel=method.per_channel, lm_head=head, reduce_range=method.reduce_range
+                artifact.main,
+                out,
+                per_channel=method.per_channel,
+                lm_head=head,
+                reduce_range=method.reduce_range,
+                activations=method.activations,
             )
             info = {
                 "weights": "int8 per-channel" + (" (7-bit range)" if method.reduce_range else ""),
-                "activations": "int8 dynamic per-row",
+                "activations": ACTIVATION_INFO[method.activations],
                 "reduce_range": method.reduce_range,
             }
     info.update(method=method.name, seconds=round(time.perf_counter() - start, 1), lm_head=options.lm_head)

@@ -30,7 +30,7 @@ def quantize_int8_smooth(artifact, options: Int8Options, method: SmoothQuantOpti
     import torch
 
     from compress.families.causal_lm.archs import find_arch
-    from compress.quant.algorithms.int8_matmul import quantize_dynamic_int8
+    from compress.quant.algorithms.int8_matmul import ACTIVATION_INFO, quantize_dynamic_int8
     from compress.quant.algorithms.sequential import as_model_kwargs
     from compress.quant.algorithms.smoothquant import smooth_model, summarize
     from compress.stages.export import export_to
@@ -53,6 +53,7 @@ def quantize_int8_smooth(artifact, options: Int8Options, method: SmoothQuantOpti
                 batches,
                 alpha=alpha,
                 reduce_range=bool(method.reduce_range),
+                per_token=method.activations == "token",
                 head=options.lm_head == "int8",
                 progress=lambda done, of, message: task.advance(1, info=message),
             )
@@ -68,7 +69,12 @@ def quantize_int8_smooth(artifact, options: Int8Options, method: SmoothQuantOpti
         fp.parent.mkdir()
         export_to(ctx.adapter, model, fp, opset=target.export_opset, dynamo=target.dynamo)
         quantize_dynamic_int8(
-            fp, out, per_channel=method.per_channel, lm_head=options.lm_head == "int8", reduce_range=method.reduce_range
+            fp,
+            out,
+            per_channel=method.per_channel,
+            lm_head=options.lm_head == "int8",
+            reduce_range=method.reduce_range,
+            activations=method.activations,
         )
         nodes = require_quantized(out, fp, "quantize int8 (smoothquant)", "smoothquant quantizes MatMul weights only")
         shutil.rmtree(fp.parent)
@@ -81,7 +87,7 @@ def quantize_int8_smooth(artifact, options: Int8Options, method: SmoothQuantOpti
         "smooth_seconds": smooth_seconds,
         "seconds": round(time.perf_counter() - start, 1),
         "weights": "int8 per-channel" + (" (7-bit range)" if method.reduce_range else ""),
-        "activations": "uint8 dynamic, one scale per tensor (DynamicQuantizeLinear)",
+        "activations": ACTIVATION_INFO[method.activations],
         "reduce_range": method.reduce_range,
         "lm_head": options.lm_head,
         "quantized_nodes": nodes,
