@@ -1,0 +1,182 @@
+"""FSDP: the student's parameters, gradients and optimizer state sharded across the processes of a launch.
+
+    accelerate launch --use_fsdp --fsdp_version 2 --fsdp_cpu_ram_efficient_loading false --num_processes N \
+        -m compress.cli run PIPELINE
+
+We shard with torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) ourselves instead of through
+`Accelerator.prepare`: on a CPU accelerate 1.16 refuses FSDP1 ("sync_module_states=True is not supported on
+cpu") and does not shard with FSDP2 there, while `fully_shard` works over gloo as over NCCL. The launcher
+only tells us that FSDP was asked for (ACCELERATE_USE_FSDP / FSDP_VERSION, read by `check_launch`).
+
+`Sharded` trains a sharded *twin* of the module: the module itself stays a plain torch module (the stages
+save it, evaluate it and checkpoint it as in a 1-process run). `push` copies the module's full weights into
+the twin, `pull` gathers the twin's full weights back into it, and the optimizer state is gathered to the
+1-process format for checkpoints, so a checkpoint or artifact written under FSDP is the one DDP or one
+process writes, and resumes under any of them. The teacher is not sharded (it is whole on every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import ConfigError, StageError
+
+LAUNCH = (
+    "accelerate launch --use_fsdp --fsdp_version 2 --fsdp_cpu_ram_efficient_loading false --num_processes N "
+    "-m compress.cli run PIPELINE"
+)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("true", "1", "yes")
+
+
+def requested() -> bool:
+    """Whether the launcher asked for FSDP (`accelerate launch --use_fsdp`, or an accelerate config with
+    `distributed_type: FSDP`: both set ACCELERATE_USE_FSDP)."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def check_launch() -> None:
+    """Refuse an FSDP launch we would not honour (ConfigError, exit 2), naming the command to use instead."""
+    if not requested():
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(
+            f"FSDP_VERSION={version}: compress shards with FSDP2 (torch fully_shard) only; FSDP1 is not "
+            f"supported. Launch with --fsdp_version 2: {LAUNCH}"
+        )
+    if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ConfigError(
+            "fsdp_cpu_ram_efficient_loading true is not supported: every rank loads the whole student from the "
+            f"parent artifact, then it is sharded (accelerate's default is true). Launch with it false: {LAUNCH}"
+        )
+    if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise ConfigError(
+            "fsdp_activation_checkpointing true is not supported: set `gradient_checkpointing: true` in the "
+            f"distill stage of the pipeline instead, and launch without it: {LAUNCH}"
+        )
+    if _flag("FSDP_OFFLOAD_PARAMS"):
+        raise ConfigError(f"fsdp_offload_params true (CPU offload) is not supported; launch without it: {LAUNCH}")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", ""):
+        raise ConfigError(
+            f"--mixed_precision {precision} under FSDP is not supported (FSDP trains in float32 here); "
+            f"launch without it: {LAUNCH}"
+        )
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules that get an FSDP group of their own: Hugging Face's `_no_split_modules` (decoder layers,
+    encoder blocks) inside `model`; everything else is in the root's group."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if m is not model and type(m).__name__ in names]
+
+
+def _check_ties(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """A parameter used both inside a block and outside it would belong to two FSDP groups: refused."""
+    owners: dict[int, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for block in blocks:
+        for name, p in block.named_parameters():
+            owners[id(p)] = f"{names[id(block)]}.{name}"
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    for name, module in model.named_modules():
+        if any(module is b or _within(module, b) for b in blocks):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in inside:
+                raise StageError(
+                    f"FSDP: the parameter {name}.{pname} is tied to {owners[id(p)]}, which is in another FSDP "
+                    "group; tied parameters across FSDP groups are not supported. Train this student with DDP: "
+                    "accelerate launch --multi_gpu --num_processes N -m compress.cli run PIPELINE"
+                )
+
+
+def _within(module: nn.Module, block: nn.Module) -> bool:
+    return any(module is m for m in block.modules())
+
+
+class Sharded:
+    """A module trained as an FSDP2-sharded twin (module docstring). `model` is what the loop calls."""
+
+    sharded = True
+
+    def __init__(self, module: nn.Module, *, shared: tuple[Any, ...] = (), device_type: str = "cpu") -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.module = module
+        # objects the module only refers to (a task, feature hooks) stay the same objects in the twin
+        self.twin = copy.deepcopy(module, memo={id(x): x for x in shared})
+        mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+        blocks = _blocks(self.twin)
+        _check_ties(self.twin, blocks)
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.twin, mesh=mesh)
+        self.model = self.twin
+        self.push()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer steps: the twin's shards."""
+        return [p for p in self.twin.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Keep this micro-batch's gradients local (accumulated, reduce-scattered with the last one)."""
+        self.twin.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.twin.set_requires_gradient_sync(True)
+
+    def push(self) -> None:
+        """The module's full weights (rank 0's) into the twin's shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.twin, self.module.state_dict(), options=options)
+
+    def pull(self) -> None:
+        """The twin's full weights into the module, on every rank (a collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.twin, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            for name, value in self.module.state_dict(keep_vars=True).items():
+                value.copy_(full[name])
+
+    def _indices(self) -> dict[str, int]:
+        """Parameter name -> its index in `parameters()`, the key of a 1-process optimizer's state."""
+        return {n: i for i, (n, p) in enumerate((n, p) for n, p in self.twin.named_parameters() if p.requires_grad)}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The full optimizer state in `optimizer.state_dict()`'s 1-process format (a collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(self.twin, optimizer, options=StateDictOptions(full_state_dict=True))
+        index = self._indices()
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
+        return {"state": {index[n]: v for n, v in full["state"].items()}, "param_groups": groups}
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a 1-process-format optimizer state (from any checkpoint) into the sharded optimizer."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        name = {i: n for n, i in self._indices().items()}
+        groups = [{**g, "params": [name[int(i)] for i in g["params"]]} for g in state["param_groups"]]
+        full = {"state": {name[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
+        set_optimizer_state_dict(
+            self.twin, optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True)
+        )
