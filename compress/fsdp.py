@@ -84,27 +84,25 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _check_ties(model: nn.Module, blocks: list[nn.Module]) -> None:
-    """A parameter used both inside a block and outside it would belong to two FSDP groups: refused."""
-    owners: dict[int, str] = {}
+    """A parameter used in two FSDP groups (two blocks, or a block and the root) is refused: FSDP2 shards
+    each group's parameters on their own. Ties inside one group (a decoder's embedding and lm_head, both
+    in the root group) are fine."""
     names = {id(m): n for n, m in model.named_modules()}
-    for block in blocks:
-        for name, p in block.named_parameters():
-            owners[id(p)] = f"{names[id(block)]}.{name}"
-    inside = {id(p) for b in blocks for p in b.parameters()}
-    for name, module in model.named_modules():
-        if any(module is b or _within(module, b) for b in blocks):
-            continue
+    group = {id(m): "" for m in model.modules()}  # "" is the root group
+    for block in blocks:  # modules() lists an outer block before an inner one: the innermost wins
+        for m in block.modules():
+            group[id(m)] = names[id(block)]
+    seen: dict[int, tuple[str, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False):
-            if id(p) in inside:
+            here = (group[id(module)], f"{name}.{pname}")
+            first = seen.setdefault(id(p), here)
+            if first[0] != here[0]:
                 raise StageError(
-                    f"FSDP: the parameter {name}.{pname} is tied to {owners[id(p)]}, which is in another FSDP "
-                    "group; tied parameters across FSDP groups are not supported. Train this student with DDP: "
+                    f"FSDP: the parameter {here[1]} is tied to {first[1]}, in another FSDP group; tied parameters "
+                    "across FSDP groups are not supported. Train this student with DDP: "
                     "accelerate launch --multi_gpu --num_processes N -m compress.cli run PIPELINE"
                 )
-
-
-def _within(module: nn.Module, block: nn.Module) -> bool:
-    return any(module is m for m in block.modules())
 
 
 class Sharded:
@@ -171,12 +169,18 @@ class Sharded:
         return {"state": {index[n]: v for n, v in full["state"].items()}, "param_groups": groups}
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Load a 1-process-format optimizer state (from any checkpoint) into the sharded optimizer."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        """Load a 1-process-format optimizer state (from any checkpoint) into the sharded optimizer: each
+        full tensor the size of its parameter is sharded like the parameter (a collective)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        name = {i: n for n, i in self._indices().items()}
-        groups = [{**g, "params": [name[int(i)] for i in g["params"]]} for g in state["param_groups"]]
-        full = {"state": {name[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
-        set_optimizer_state_dict(
-            self.twin, optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True)
-        )
+        params = self.parameters()
+        local: dict[int, dict[str, Any]] = {}
+        for i, values in state["state"].items():
+            p = params[int(i)]
+            local[int(i)] = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape)
+                else v
+                for k, v in values.items()
+            }
+        optimizer.load_state_dict({**state, "state": local})
