@@ -28,10 +28,9 @@ from torch import nn
 
 from compress.errors import ConfigError, StageError
 
-LAUNCH = (
-    "accelerate launch --use_fsdp --fsdp_version 2 --fsdp_cpu_ram_efficient_loading false --num_processes N "
-    "-m compress.cli run PIPELINE"
-)
+#: the `accelerate launch` flags of an FSDP launch we honour (accelerate defaults fsdp_cpu_ram_efficient_loading on)
+LAUNCH_FLAGS = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false")
+LAUNCH = f"accelerate launch {' '.join(LAUNCH_FLAGS)} --num_processes N -m compress.cli run PIPELINE"
 
 
 def _flag(name: str) -> bool:

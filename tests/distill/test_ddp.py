@@ -24,7 +24,7 @@ from ddp_worker import OPTIONS, run
 from distill_toys import MLP, teacher_and_data
 from toys import pipeline_yaml
 
-from compress import distributed
+from compress import distributed, fsdp
 from compress.distill import DistillOptions, distill
 from compress.distill.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from compress.distill.shards import cut, micro_batches
@@ -129,7 +129,7 @@ def test_a_single_process_accelerate_launch_is_refused(monkeypatch) -> None:
 
 ENGINES = {
     "ddp": ["--multi_gpu"],
-    "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false"],
+    "fsdp": list(fsdp.LAUNCH_FLAGS),
 }
 
 
