@@ -69,6 +69,7 @@ class DistillReport:
     teacher_cached: bool
     losses: tuple[float, ...]  # one per step run in this call (the whole batch's loss, over all processes)
     processes: int = 1
+    sharded: bool = False  # the student trained FSDP-sharded (compress.fsdp)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -445,6 +446,7 @@ class _Loop:
             teacher_cached=bool(self.teacher_outputs.use_cache),
             losses=tuple(losses),
             processes=self.procs.world,
+            sharded=self.trainable.sharded,
         )
 
 

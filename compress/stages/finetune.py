@@ -129,6 +129,7 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
         "train_samples": n_train,
         "seconds": round(time.perf_counter() - start, 1),
         "processes": procs.world,
+        "sharded": trainable.sharded,
     }
     return StageOutput(file=file, format="torch", precision="fp32", info=info)
 

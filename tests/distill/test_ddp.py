@@ -213,9 +213,9 @@ def test_two_process_pipeline_writes_one_run_equal_to_the_one_process_run(tmp_pa
     assert [p.name for p in (two / "ddp").iterdir() if p.name.startswith(".")] == [".lock"], "no temp left"
     assert (two / "ddp" / "run.log").read_text().count("===== compress run") == 1
     rec1, rec2 = _records(one / "ddp"), _records(two / "ddp")
-    assert (
-        rec2["distill"]["artifact"]["info"]["processes"] == 2 and rec2["finetune"]["artifact"]["info"]["processes"] == 2
-    )
+    for stage in ("finetune", "distill"):
+        assert rec2[stage]["artifact"]["info"]["processes"] == 2, stage
+        assert rec2[stage]["artifact"]["info"]["sharded"] is (engine == "fsdp"), stage
     assert rec1["finetune"]["artifact"]["key"] == rec2["finetune"]["artifact"]["key"], "one cache key for any N"
     # No BatchNorm: 2 x 16 rows give the 32-row gradient up to round-off, through finetune, prune and distill
     # (seen: 1.8e-7 on weights up to 0.26 after 60 AdamW steps).
