@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from llm_toys import VOCAB, tiny_llama
 from torch import nn
 
 from compress import distributed, fsdp
@@ -125,23 +126,12 @@ def test_the_twin_trains_like_the_module_and_its_weights_and_optimizer_state_com
 
 
 def test_tied_decoder_weights_train_tied_and_a_tie_across_fsdp_groups_is_refused(one_rank_group) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=32,
-        max_position_embeddings=16,
-        tie_word_embeddings=True,
-    )
-    llama = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    llama = tiny_llama(tie=True).train()
     assert llama.lm_head.weight is llama.model.embed_tokens.weight
     sharded = fsdp.Sharded(llama)  # embedding and head are both in the root group: one parameter
     opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
-    ids = torch.randint(0, 32, (2, 8))
+    ids = torch.randint(0, VOCAB, (2, 8))
     before = llama.lm_head.weight.detach().clone()
     opt.zero_grad()
     sharded.model(input_ids=ids, labels=ids).loss.backward()
