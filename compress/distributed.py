@@ -6,6 +6,8 @@ A launcher (accelerate launch --multi_gpu, torchrun) sets WORLD_SIZE / RANK / LO
 nothing here imports accelerate or starts a process group, so a single-process run is what it always was.
 With them, accelerate's `PartialState` joins the group: gloo when there is no CUDA device, else NCCL.
 Rank 0 (the leader) does every write; the others (followers) only train (README "Multi-GPU distillation").
+`prepare` hands the training loops the student whole on every rank (`Replicated`: DDP) or, under an FSDP
+launch, sharded (`compress.fsdp.Sharded`).
 """
 
 from __future__ import annotations
