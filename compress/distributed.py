@@ -6,6 +6,8 @@ A launcher (accelerate launch --multi_gpu, torchrun) sets WORLD_SIZE / RANK / LO
 nothing here imports accelerate or starts a process group, so a single-process run is what it always was.
 With them, accelerate's `PartialState` joins the group: gloo when there is no CUDA device, else NCCL.
 Rank 0 (the leader) does every write; the others (followers) only train (README "Multi-GPU distillation").
+`prepare` hands the training loops the student whole on every rank (`Replicated`: DDP) or, under an FSDP
+launch, sharded (`compress.fsdp.Sharded`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from compress.errors import ConfigError, StageError
+from compress.errors import ConfigError
 
 #: followers wait in a collective while the leader evaluates and benchmarks: gloo's 30-minute default is short
 GROUP_TIMEOUT = timedelta(hours=12)
@@ -67,22 +69,60 @@ class Processes:
         return reduce(torch.tensor(values, dtype=torch.float64, device=device()), "mean").tolist()
 
 
-def accelerator(what: str) -> Any:
+class Replicated:
+    """The module whole on every rank: accelerate's DDP when N-wide, the module itself in one process.
+    The same methods as `compress.fsdp.Sharded`, so a training loop does not ask which it has."""
+
+    sharded = False
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self._acc = accelerator()
+        self.model = self._acc.prepare_model(module, device_placement=False)  # DDP broadcasts rank 0's weights
+
+    def parameters(self) -> list[Any]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def no_sync(self) -> Any:
+        return self._acc.no_sync(self.model)
+
+    def push(self) -> None:
+        """Nothing to do: the module is what trains."""
+
+    def pull(self) -> None:
+        """Nothing to do: the module is what trains."""
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: Any, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+
+def prepare(module: Any, *, shared: tuple[Any, ...] = ()) -> Replicated | Any:
+    """The module ready to train on this launch: `Sharded` (compress.fsdp) under an FSDP launch, else
+    `Replicated`. `shared`: objects the module refers to that a sharded twin must share, not copy."""
+    from compress import fsdp
+
+    if processes().distributed and fsdp.requested():
+        return fsdp.Sharded(module, shared=shared, device_type="cpu" if use_cpu() else "cuda")
+    return Replicated(module)
+
+
+def shards() -> bool:
+    """Whether the training stages of this launch shard the student (an FSDP launch on N > 1 processes)."""
+    from compress import fsdp
+
+    return processes().distributed and fsdp.requested()
+
+
+def accelerator() -> Any:
     """accelerate's Accelerator for this launch: DDP when N-wide, mixed precision as `accelerate launch` was
-    told. FSDP shards the model and its optimizer state, which our training loops' checkpoints and in-place
-    results do not handle yet: refused, naming what to run instead (`what`: the loop, for the message)."""
+    told (never FSDP: `prepare` shards with torch itself, see compress.fsdp)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
 
     processes()  # join the process group with our timeout before accelerate would with its default
-    acc = Accelerator(cpu=use_cpu())
-    if acc.distributed_type == DistributedType.FSDP:
-        raise StageError(
-            f"{what} under FSDP is not implemented (sharded checkpoints and gathering the trained model are not "
-            "written yet); launch without --use_fsdp / an FSDP config: "
-            "accelerate launch --multi_gpu --num_processes N -m compress.cli run PIPELINE (DDP)"
-        )
-    return acc
+    return Accelerator(cpu=use_cpu())
 
 
 def use_cpu() -> bool:
@@ -106,6 +146,9 @@ def device() -> Any:
 @functools.cache
 def processes() -> Processes:
     """This process's place in the launch, joining the process group on first call when launched N-wide."""
+    from compress import fsdp
+
+    fsdp.check_launch()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         _refuse_silent_single_process()

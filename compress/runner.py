@@ -42,7 +42,7 @@ from compress.backends import require_onnx_providers
 from compress.bench.harness import machine_info
 from compress.cachefiles import load_arrays, load_predictions, read_cached, save_arrays, save_predictions, write_cached
 from compress.config import SOURCE, PipelineConfig, StagePlan
-from compress.distributed import processes
+from compress.distributed import processes, shards
 from compress.errors import CompressError, MissingDependencyError, StageError
 from compress.families.base import Adapter, Evaluation, ReportView
 from compress.follower import StageOrder, lead, led_stage_done
@@ -290,7 +290,8 @@ class Runner:
         ctx = dataclasses.replace(ctx, threads=max(1, ctx.threads // procs.local_world))
         index = next(i for i, p in enumerate(self.cfg.stages) if p is plan)
         lead(StageOrder(index, dict(ctx.artifacts), ctx.baseline, ctx.threads, ctx.seed, ctx.key))
-        self.reporter.log(f"           {plan.name}: on {procs.world} processes, {ctx.threads} thread(s) each")
+        how = "FSDP-sharded" if shards() else "DDP"
+        self.reporter.log(f"           {plan.name}: on {procs.world} processes ({how}), {ctx.threads} thread(s) each")
         return ctx
 
     def _reusable(self, folder: Path, key: str, *, forced: bool) -> Artifact | None:

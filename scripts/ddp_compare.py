@@ -1,9 +1,10 @@
-"""2 CPU processes (DDP over gloo) vs 1 process: the figures of README "Multi-GPU distillation".
+"""2 CPU processes (DDP or FSDP over gloo) vs 1 process: the figures of README "Multi-GPU distillation".
 
-    flock /tmp/compress-heavy.lock .venv/bin/python scripts/ddp_compare.py [--steps 200]
+    flock /tmp/compress-heavy.lock .venv/bin/python scripts/ddp_compare.py [--steps 200] [--engine fsdp]
 
 1. The distillation loop on the toy MLP of tests/distill (6 batches of 16 rows, 30 steps, a feature term):
-   its loss curve in one process and on 2 processes of 8 rows each (`accelerate launch --multi_gpu`).
+   its loss curve in one process and on 2 processes of 8 rows each (`accelerate launch --multi_gpu`, or
+   with --engine fsdp `accelerate launch --use_fsdp --fsdp_version 2 ...`: the student sharded, compress.fsdp).
 2. The tiny pipeline (a BatchNorm-free CNN on 960 Fashion-MNIST images at 28 px: finetune 20 steps ->
    prune 30% of channels -> distill --steps steps, batch 32) run by `compress run` in one process with 2
    threads and by `accelerate launch --multi_gpu --num_processes 2 -m compress.cli run` (1 thread each):
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 sys.path[:0] = [str(REPO), str(TESTS), str(TESTS / "distill")]
 
+from compress import fsdp  # noqa: E402
+
 ENV = {
     **os.environ,
     "OMP_NUM_THREADS": "1",
@@ -34,11 +37,18 @@ ENV = {
 }
 
 
+ENGINES = {
+    "ddp": ["--multi_gpu"],
+    "fsdp": list(fsdp.LAUNCH_FLAGS),
+}
+ENGINE = "ddp"  # set by --engine
+
+
 def _launch(*args: str) -> tuple[float, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ENGINES[ENGINE], "--num_processes", "2"]
     start = time.perf_counter()
     proc = subprocess.run(
         [*command, "--main_process_port", port, "--quiet", *args], env=ENV, capture_output=True, text=True
@@ -62,7 +72,8 @@ def loop_curves(tmp: Path) -> None:
     tensors, meta = read_tensors(tmp / "two.safetensors")
     two = json.loads(meta["losses"])
     weights = max((student.state_dict()[k] - v).abs().max().item() for k, v in tensors.items())
-    print("| step | loss, 1 process x 16 rows | loss, 2 processes x 8 rows | difference |\n|---|---|---|---|")
+    print(f"| step | loss, 1 process x 16 rows | loss, 2 processes x 8 rows ({ENGINE}) | difference |")
+    print("|---|---|---|---|")
     for step in (1, 5, 10, 15, 20, 25, 30):
         a, b = one[step - 1], two[step - 1]
         print(f"| {step} | {a:.6f} | {b:.6f} | {abs(a - b):.1e} |")
@@ -100,7 +111,7 @@ def pipeline_runs(tmp: Path, steps: int) -> None:
     b, _ = read_tensors(tmp / "two" / "ddp" / "distill" / "model.safetensors")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print("| run | finetune s | distill s | distill final loss | distill top-1 | wall s |\n|---|---|---|---|---|---|")
-    for name, label in (("one", "1 process, 2 threads"), ("two", "2 processes, 1 thread each")):
+    for name, label in (("one", "1 process, 2 threads"), ("two", f"2 processes ({ENGINE}), 1 thread each")):
         ft, ds = rows[name]["finetune"]["artifact"]["info"], rows[name]["distill"]["artifact"]["info"]
         top1 = rows[name]["distill"]["evaluation"]["metrics"]["top1"]
         print(
@@ -113,7 +124,10 @@ def pipeline_runs(tmp: Path, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="distillation steps of the pipeline")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="ddp", help="how the 2 processes train")
     args = parser.parse_args()
+    global ENGINE
+    ENGINE = args.engine
     with tempfile.TemporaryDirectory(prefix="ddp-compare-") as tmp:
         loop_curves(Path(tmp))
         pipeline_runs(Path(tmp), args.steps)

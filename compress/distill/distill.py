@@ -12,7 +12,8 @@ with `e = step // len(data)`, `i = step % len(data)` and `perm_e` a permutation 
 the data order is a function of the step, so a resumed run sees exactly the batches it would have seen.
 We write this loop ourselves (rather than use transformers' Trainer) because it must serve plain torch
 CNNs and HF decoders alike and resume bit-for-bit. Hugging Face accelerate carries it across processes:
-launched N-wide (`compress.distributed`), the student is wrapped in DDP by `Accelerator.prepare_model`,
+launched N-wide (`compress.distributed`), the student is wrapped in DDP by `Accelerator.prepare_model`
+(or, under an FSDP launch, trained as a sharded twin: `compress.fsdp`),
 every rank computes the teacher and the student on its rows of each batch (`compress.distill.shards`:
 N processes x b rows == 1 process x N*b rows), only rank 0 writes checkpoints, and the checkpoint keeps
 every rank's RNG state, so a killed N-process run resumes as it would have gone on.
@@ -68,6 +69,7 @@ class DistillReport:
     teacher_cached: bool
     losses: tuple[float, ...]  # one per step run in this call (the whole batch's loss, over all processes)
     processes: int = 1
+    sharded: bool = False  # the student trained FSDP-sharded (compress.fsdp)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -167,7 +169,6 @@ def distill(
     task = distill_task(options.task)
     device = next(student.parameters()).device
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    accelerator = distributed.accelerator("distill")
     torch.manual_seed(options.seed)
 
     teacher_training = teacher.training
@@ -178,7 +179,7 @@ def distill(
     t_taps = _FeatureTaps(teacher, [f.teacher for f in options.features], "the teacher")
     checkpointing = _gradient_checkpointing(student, options.gradient_checkpointing)
     try:
-        loop = _Loop(student, teacher, data, options, task, device, s_taps, t_taps, accelerator)
+        loop = _Loop(student, teacher, data, options, task, device, s_taps, t_taps)
         return loop.run(folder, progress)
     finally:
         s_taps.remove()
@@ -279,22 +280,23 @@ class _Loop:
         device: torch.device,
         s_taps: _FeatureTaps,
         t_taps: _FeatureTaps,
-        accelerator: Any,
     ) -> None:
         self.student, self.teacher, self.data, self.options, self.task = student, teacher, data, options, task
-        self.device, self.s_taps, self.t_taps, self.accelerator = device, s_taps, t_taps, accelerator
+        self.device, self.s_taps, self.t_taps = device, s_taps, t_taps
         self.procs: Processes = processes()
         self.total = total_steps(options, len(data))
         self.batch_index = _batch_order(options, len(data))
         micro = options.gradient_accumulation_steps
         self.teacher_outputs = _TeacherOutputs(teacher, task, t_taps, options, len(data) * micro)
         self.projections = self._projections()
-        # DDP (N > 1) broadcasts rank 0's weights here; one process gets the module back unwrapped.
+        # DDP (N > 1) broadcasts rank 0's weights here, FSDP shards them into a twin; one process trains
+        # the module itself.
         trainable = _Trainable(student, self.projections, task, s_taps)
-        self.model = accelerator.prepare_model(trainable, device_placement=False)
+        self.trainable = distributed.prepare(trainable, shared=(task, s_taps))
+        self.model = self.trainable.model
         if self.procs.distributed:
             torch.manual_seed(options.seed + self.procs.rank)  # each rank its own dropout masks
-        self.params = [p for p in student.parameters() if p.requires_grad] + list(self.projections.parameters())
+        self.params = self.trainable.parameters()  # the student's, then the projections'
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(options, self.total))
         self.fingerprint = _fingerprint(options, self.total, len(data))
@@ -326,7 +328,8 @@ class _Loop:
             )
         self.student.load_state_dict(state["student"])
         self.projections.load_state_dict(state["projections"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.trainable.push()
+        self.trainable.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # Every rank reads the file rank 0 wrote (the runs folder is shared by all processes). A rank the
         # checkpoint has no RNG state for (more processes than when it was written) keeps its seed + rank.
@@ -340,12 +343,14 @@ class _Loop:
         if folder is None:
             return
         rngs = self.procs.gather(rng_state())
+        self.trainable.pull()  # FSDP: the full weights and optimizer state, gathered on every rank
+        optimizer = self.trainable.optimizer_state(self.optimizer)
         if not self.procs.is_main:
             return
         state = {
             "student": self.student.state_dict(),
             "projections": self.projections.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "step": step,
             "rng": rngs[0],
@@ -396,13 +401,14 @@ class _Loop:
             w = procs.world
             weights = (w * part_kl / max(kl_rows, 1.0), w * part_task / max(task_rows, 1.0), w * (hi - lo) / n)
             # gradients of all but the last micro-batch stay local; the last backward all-reduces them
-            sync = contextlib.nullcontext() if j == len(parts) - 1 else self.accelerator.no_sync(self.model)
+            sync = contextlib.nullcontext() if j == len(parts) - 1 else self.trainable.no_sync()
             with sync:
                 terms = self._losses(step, (index, j), micro, weights)
                 terms[0].backward()
             sums = [total + float(term.detach()) for total, term in zip(sums, terms, strict=True)]
         if self.options.max_grad_norm is not None:
-            # after DDP's all-reduce every rank holds the same gradients, so torch's clip is the global one
+            # after DDP's all-reduce every rank holds the same gradients, so torch's clip is the global one;
+            # under FSDP the gradients are DTensor shards and torch's clip reduces their norm over the ranks
             torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         self.optimizer.step()
         return procs.mean(sums)
@@ -429,6 +435,7 @@ class _Loop:
             if progress is not None and self.procs.is_main:
                 progress(DistillProgress(step, self.total, *values, lr))
         self._checkpoint(folder, step)
+        self.trainable.pull()  # the student holds the trained weights on every rank
         return DistillReport(
             steps=step,
             total_steps=self.total,
@@ -439,6 +446,7 @@ class _Loop:
             teacher_cached=bool(self.teacher_outputs.use_cache),
             losses=tuple(losses),
             processes=self.procs.world,
+            sharded=self.trainable.sharded,
         )
 
 

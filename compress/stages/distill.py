@@ -230,5 +230,6 @@ def distill(artifact, options: DistillStageOptions, ctx: StageContext) -> StageO
         "train_batches": len(train),
         "distill_seconds": round(seconds, 1),
         "processes": report.processes,
+        "sharded": report.sharded,
     }
     return StageOutput(file=file, format="torch", precision=artifact.precision, info=info)

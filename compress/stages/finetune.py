@@ -62,11 +62,10 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
     import torch
 
     from compress.distill.shards import micro_batches
-    from compress.distributed import accelerator, device, processes
+    from compress.distributed import device, prepare, processes
 
     adapter = ctx.adapter
     procs = processes()
-    acc = accelerator("finetune")
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)
     dev = device()
@@ -81,17 +80,18 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
             p.requires_grad_(False)
         for p in head.parameters():
             p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    warm = int(options.warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warm, total))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
-
     model.train()
     if options.train == "head":
         model.eval()  # keep BatchNorm statistics of the frozen body
         head.train()
-    wrapped = acc.prepare_model(model, device_placement=False)  # DDP when N-wide; the model itself for one
+    # DDP when N-wide, a sharded twin under FSDP (compress.fsdp); the model itself for one process
+    trainable = prepare(model)
+    wrapped = trainable.model
+    opt = torch.optim.AdamW(trainable.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    warm = int(options.warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warm, total))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+
     step, ema, start = 0, None, time.perf_counter()
     with ctx.reporter.task("finetune", total=total) as task:
         epoch = 0
@@ -104,7 +104,7 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
                 for j, (lo, hi) in enumerate(parts):
                     # this part's share of the batch mean; DDP averages the ranks (compress.distill.shards)
                     weight = procs.world * (hi - lo) / len(y)
-                    with contextlib.nullcontext() if j == len(parts) - 1 else acc.no_sync(wrapped):
+                    with contextlib.nullcontext() if j == len(parts) - 1 else trainable.no_sync():
                         loss = loss_fn(wrapped(x[lo:hi].to(dev)), y[lo:hi].to(dev)) * weight
                         loss.backward()
                     batch_loss += loss.item()
@@ -117,6 +117,7 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
                 if step >= total:
                     break
             epoch += 1
+    trainable.pull()  # FSDP: the trained full weights into `model` on every rank
     model.eval()
     if not procs.is_main:  # rank 0 holds the same model and writes it
         return StageOutput(file="", format="torch", precision="fp32")
@@ -128,6 +129,7 @@ def finetune(artifact, options: FinetuneOptions, ctx: StageContext) -> StageOutp
         "train_samples": n_train,
         "seconds": round(time.perf_counter() - start, 1),
         "processes": procs.world,
+        "sharded": trainable.sharded,
     }
     return StageOutput(file=file, format="torch", precision="fp32", info=info)
 

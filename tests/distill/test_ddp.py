@@ -1,7 +1,8 @@
-"""Distillation and fine-tuning on N processes (accelerate, DDP over gloo on this CPU).
+"""Distillation and fine-tuning on N processes (accelerate, DDP or FSDP over gloo on this CPU).
 
 The slow tests launch `accelerate launch --multi_gpu --num_processes 2` (on a machine without CUDA that
-starts 2 processes that train on the CPU with gloo) and compare with one process: 2 x b rows == 1 x 2b rows.
+starts 2 processes that train on the CPU with gloo), or its FSDP form (`--use_fsdp --fsdp_version 2`,
+compress.fsdp), and compare with one process: 2 x b rows == 1 x 2b rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ddp_worker import OPTIONS, run
 from distill_toys import MLP, teacher_and_data
 from toys import pipeline_yaml
 
-from compress import distributed
+from compress import distributed, fsdp
 from compress.distill import DistillOptions, distill
 from compress.distill.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from compress.distill.shards import cut, micro_batches
@@ -126,8 +127,15 @@ def test_a_single_process_accelerate_launch_is_refused(monkeypatch) -> None:
 # -- slow: two processes ----------------------------------------------------------------------------
 
 
-def _launch(*args: str, processes: int = 2, **popen) -> subprocess.Popen:
-    """`accelerate launch --multi_gpu --num_processes N ARGS` with this tree and the test helpers importable."""
+ENGINES = {
+    "ddp": ["--multi_gpu"],
+    "fsdp": list(fsdp.LAUNCH_FLAGS),
+}
+
+
+def _launch(*args: str, processes: int = 2, engine: str = "ddp", **popen) -> subprocess.Popen:
+    """`accelerate launch --multi_gpu --num_processes N ARGS` (or its FSDP form: ENGINES) with this tree and
+    the test helpers importable."""
     with socket.socket() as s:  # a free port: other launches may hold accelerate's default 29500
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -136,7 +144,7 @@ def _launch(*args: str, processes: int = 2, **popen) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], "--num_processes", str(processes)]
     command += ["--main_process_port", str(port), "--quiet", *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -148,14 +156,16 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_student_one_process_trains_on_the_double_batch(tmp_path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_train_the_student_one_process_trains_on_the_double_batch(tmp_path, engine) -> None:
     out = tmp_path / "two.safetensors"
-    _finish(_launch(str(HERE / "ddp_worker.py"), str(out)))
+    _finish(_launch(str(HERE / "ddp_worker.py"), str(out), engine=engine))
     tensors, meta = read_tensors(out)
     assert meta["world"] == "2"
     student, losses = run(OPTIONS)  # here: one process, the whole 16-row batches
-    # DDP averages the two 8-row halves' gradients: the 16-row gradient up to float32 round-off (seen:
-    # 6e-8 on weights, 1.2e-7 on losses after 30 steps). The projection head trains under DDP too.
+    # DDP (all-reduce) and FSDP (reduce-scatter) average the two 8-row halves' gradients: the 16-row
+    # gradient up to float32 round-off (seen, both: 6e-8 on weights, 1.2e-7 on losses after 30 steps).
+    # The projection head trains under DDP and FSDP too.
     for name, value in student.state_dict().items():
         assert torch.allclose(value, tensors[name], atol=5e-6, rtol=0), name
     two = json.loads(meta["losses"])
@@ -177,7 +187,8 @@ def _records(run_dir: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_two_process_pipeline_writes_one_run_equal_to_the_one_process_run(tmp_path, fashion_mnist) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_process_pipeline_writes_one_run_equal_to_the_one_process_run(tmp_path, fashion_mnist, engine) -> None:
     pipeline = pipeline_yaml(
         tmp_path,
         fashion_mnist,
@@ -191,18 +202,20 @@ def test_two_process_pipeline_writes_one_run_equal_to_the_one_process_run(tmp_pa
     single = [sys.executable, "-m", "compress.cli", "run", str(pipeline), "--runs-dir", str(one), "--no-bench"]
     subprocess.run([*single, "--quiet"], env=env, check=True, capture_output=True)
     two = tmp_path / "two"
-    log = _finish(_launch("-m", "compress.cli", "run", str(pipeline), "--runs-dir", str(two), "--no-bench", "--quiet"))
+    args = ("-m", "compress.cli", "run", str(pipeline), "--runs-dir", str(two), "--no-bench", "--quiet")
+    log = _finish(_launch(*args, engine=engine))
 
     assert log.count("run        distill") == 1 and log.count("compress run") == 1, "rank 0 alone reports"
-    assert "distill: on 2 processes" in log and "finetune: on 2 processes" in log
+    how = {"ddp": "(DDP)", "fsdp": "(FSDP-sharded)"}[engine]
+    assert f"distill: on 2 processes {how}" in log and f"finetune: on 2 processes {how}" in log
     entries = sorted(p.name for p in (two / "ddp").iterdir() if not p.name.startswith("."))
     assert entries == sorted(p.name for p in (one / "ddp").iterdir() if not p.name.startswith("."))
     assert [p.name for p in (two / "ddp").iterdir() if p.name.startswith(".")] == [".lock"], "no temp left"
     assert (two / "ddp" / "run.log").read_text().count("===== compress run") == 1
     rec1, rec2 = _records(one / "ddp"), _records(two / "ddp")
-    assert (
-        rec2["distill"]["artifact"]["info"]["processes"] == 2 and rec2["finetune"]["artifact"]["info"]["processes"] == 2
-    )
+    for stage in ("finetune", "distill"):
+        assert rec2[stage]["artifact"]["info"]["processes"] == 2, stage
+        assert rec2[stage]["artifact"]["info"]["sharded"] is (engine == "fsdp"), stage
     assert rec1["finetune"]["artifact"]["key"] == rec2["finetune"]["artifact"]["key"], "one cache key for any N"
     # No BatchNorm: 2 x 16 rows give the 32-row gradient up to round-off, through finetune, prune and distill
     # (seen: 1.8e-7 on weights up to 0.26 after 60 AdamW steps).
@@ -217,7 +230,8 @@ def test_two_process_pipeline_writes_one_run_equal_to_the_one_process_run(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_distillation_resumes_from_its_checkpoint(tmp_path, fashion_mnist) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_killed_two_process_distillation_resumes_from_its_checkpoint(tmp_path, fashion_mnist, engine) -> None:
     pipeline = pipeline_yaml(
         tmp_path,
         fashion_mnist,
@@ -228,7 +242,7 @@ def test_a_killed_two_process_distillation_resumes_from_its_checkpoint(tmp_path,
     )
     runs = tmp_path / "runs"
     args = ("-m", "compress.cli", "run", str(pipeline), "--runs-dir", str(runs), "--no-bench", "--no-eval", "--quiet")
-    proc = _launch(*args)
+    proc = _launch(*args, engine=engine)
     deadline = time.monotonic() + 300
     checkpoints: list[Path] = []
     while not checkpoints and proc.poll() is None and time.monotonic() < deadline:
@@ -246,7 +260,7 @@ def test_a_killed_two_process_distillation_resumes_from_its_checkpoint(tmp_path,
     state = load_checkpoint(checkpoints[0].parent)
     assert 10 <= state["step"] < 200 and len(state["rng_ranks"]) == 1, "rank 1's RNG state is kept"
 
-    log = _finish(_launch(*args))
+    log = _finish(_launch(*args, engine=engine))
     assert "cache hit  finetune" in log and "cache hit  prune" in log
     info = _records(runs / "kill")["distill"]["artifact"]["info"]
     assert info["resumed_from_step"] == state["step"] and info["steps"] == 200 and info["processes"] == 2
