@@ -31,7 +31,9 @@ def test_smollm2_shape_streamed_to_one_decode_step(tmp_path, capsys) -> None:
     _script("make_shapes").write_shape("smollm2-135m", tmp_path / "hf", say=lambda _m: None)
     _script("streamed_int4").main([str(tmp_path / "hf"), str(tmp_path / "work"), "--group-size", "64"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    layers = [line for line in lines if "layer" in line]
+    heads = [line for line in lines if line.get("layer") == "head"]  # the head step's progress line
+    layers = [line for line in lines if "layer" in line and line["layer"] != "head"]
+    assert len(heads) == 1 and not heads[0]["reused"]
     summary = next(line["summary"] for line in lines if "summary" in line)
     assert [line["layer"] for line in layers] == list(range(30)) and not any(line["reused"] for line in layers)
     assert summary["ort"]["decode_step_ms"] > 0  # the decode step ran (non-finite logits raise)
