@@ -299,8 +299,11 @@ def _gptq_layer(
 
 
 def _gptq_resume_point(out: Path, paths: list[Path], keys: list[str]) -> int:
-    """The first layer streamed GPTQ must do: after the last layer whose outputs were kept, when it and every
-    layer before it are intact; else 0."""
+    """The first layer streamed GPTQ must do: none when every layer is intact (the kept outputs are removed
+    once the last layer is done, e.g. before a kill in the ONNX writer); else after the last layer whose
+    outputs were kept, when it and every layer before it are intact; else 0."""
+    if all(_finished(p, k) for p, k in zip(paths, keys, strict=True)):
+        return len(paths)
     side = out / HIDDEN_FILE
     try:
         after = keys.index(json.loads(side.with_suffix(".json").read_text())["key"])

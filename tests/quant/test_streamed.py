@@ -205,3 +205,18 @@ def test_killed_gptq_run_resumes_from_kept_activations(tied, tmp_path, monkeypat
     done.clear()
     stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration()[:2])
     assert done == ["model.layers.0.", "model.layers.1."]
+
+
+def test_finished_gptq_run_is_reused_without_kept_activations(tied, tmp_path, monkeypatch) -> None:
+    """A run killed after its last layer (e.g. in the ONNX writer) has no kept outputs left: every layer is
+    verified and reused, none redone, nothing captured."""
+    out = tmp_path / "q"
+    first = dict(read_quantized(stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration()).folder))
+    assert not (out / "hidden.activations").exists()
+    done = []
+    monkeypatch.setattr(streamed, "_gptq_layer", lambda *a: done.append(a[2]))
+    monkeypatch.setattr(streamed, "capture_layer0", lambda *a: done.append("capture"))
+    result = stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration())
+    assert done == [] and all(t.reused for t in result.layers)
+    again = dict(read_quantized(out))
+    assert all(torch.equal(again[n].qweight, first[n].qweight) for n in first)
