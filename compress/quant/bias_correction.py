@@ -175,7 +175,6 @@ def correct_biases(
     done (layers corrected, layers without a bias, the mean absolute shift in the outputs' units). `deltas`, if
     given, receives each corrected node's per-channel shift (for `shift_biases` on other graphs of the recipe)."""
     import onnx
-    from onnx import numpy_helper
 
     qdq = onnx.load(str(qdq_model))
     layers, no_bias = _quantized_layers(qdq)

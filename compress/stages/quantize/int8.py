@@ -425,9 +425,7 @@ def _correct_biases(
     batches = list(ctx.adapter.calibration_inputs(method.samples, batch_size=32))
     start = time.perf_counter()
     with ctx.reporter.task(f"bias correction ({method.samples} samples)", total=None):
-        info = correct_biases(
-            recipe.model, out, batches, threads=ctx.threads, session_config=config, deltas=deltas
-        )
+        info = correct_biases(recipe.model, out, batches, threads=ctx.threads, session_config=config, deltas=deltas)
     if not info["corrected_layers"]:
         raise StageError(f"quantize int8: bias_correction found no quantized Conv/Gemm with a bias in {out.name}")
     info["seconds"] = round(time.perf_counter() - start, 1)
