@@ -128,6 +128,38 @@ def _channel_means(
     return {name: sums[name] / counts[name] for name in outputs}
 
 
+def _shift(layer: _Bias, inits: dict[str, Any], delta: np.ndarray) -> None:
+    """Add `delta` (output units) to the layer's bias: float values, or INT32 codes in steps of their scale."""
+    from onnx import numpy_helper
+
+    tensor = inits[layer.values]
+    values = numpy_helper.to_array(tensor)
+    if layer.scale is None:
+        new = (values.astype(np.float64) + delta).astype(values.dtype)
+    else:
+        scale = numpy_helper.to_array(inits[layer.scale]).astype(np.float64)
+        steps = np.round(delta / scale)
+        new = np.clip(values.astype(np.int64) + steps, _INT32.min, _INT32.max).astype(values.dtype)
+    tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+
+
+def shift_biases(qdq_model: Path, deltas: Mapping[str, np.ndarray]) -> int:
+    """Apply `deltas` (from `correct_biases` on the full Q/DQ graph of the same recipe) to the layers of
+    `qdq_model` that are still quantized, in place; nodes left float keep their float bias (their shift drops).
+    An INT32 bias moves by `round(delta / its scale)`: the recipe's ranges give a still-quantized layer the same
+    scale as in the full graph, so its codes match the full graph's corrected ones. Returns the layers shifted."""
+    import onnx
+
+    qdq = onnx.load(str(qdq_model))
+    layers, _ = _quantized_layers(qdq)
+    inits = _initializers(qdq)
+    shifted = [layer for layer in layers if layer.node in deltas]
+    for layer in shifted:
+        _shift(layer, inits, deltas[layer.node])
+    onnx.save(qdq, str(qdq_model))
+    return len(shifted)
+
+
 def correct_biases(
     float_model: Path,
     qdq_model: Path,
@@ -135,13 +167,14 @@ def correct_biases(
     *,
     threads: int,
     session_config: Mapping[str, str] | None = None,
+    deltas: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Shift the biases of `qdq_model` (written from `float_model` by quantize_static, same node names) in place
     so each quantized layer's per-channel output mean on `batches` matches the float graph's, the Q/DQ graph run
     with `session_config` (the target's: its integer kernels, or the float simulation of TensorRT's); returns what was
-    done (layers corrected, layers without a bias, the mean absolute shift in the outputs' units)."""
+    done (layers corrected, layers without a bias, the mean absolute shift in the outputs' units). `deltas`, if
+    given, receives each corrected node's per-channel shift (for `shift_biases` on other graphs of the recipe)."""
     import onnx
-    from onnx import numpy_helper
 
     qdq = onnx.load(str(qdq_model))
     layers, no_bias = _quantized_layers(qdq)
@@ -165,16 +198,10 @@ def correct_biases(
             layer.output
         ]
         delta = reference[float_out[layer.node]] - ours
-        tensor = inits[layer.values]
-        values = numpy_helper.to_array(tensor)
-        if layer.scale is None:
-            new = (values.astype(np.float64) + delta).astype(values.dtype)
-        else:
-            scale = numpy_helper.to_array(inits[layer.scale]).astype(np.float64)
-            steps = np.round(delta / scale)
-            new = np.clip(values.astype(np.int64) + steps, _INT32.min, _INT32.max).astype(values.dtype)
-        tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+        _shift(layer, inits, delta)
         shifts.append(float(np.abs(delta).mean()))
+        if deltas is not None:
+            deltas[layer.node] = delta
     onnx.save(qdq, str(qdq_model))
     return {
         "corrected_layers": len(layers),

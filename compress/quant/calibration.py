@@ -87,9 +87,10 @@ class QdqRecipe:
     large: bool
     extra: dict[str, Any] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()  # nodes float in every graph of this recipe (exclude_nodes, lm_head: float)
+    bias_shifts: dict[str, Any] | None = None  # node -> bias correction of the full graph, applied to every graph
 
     def write(self, out: Path, float_nodes: Sequence[str] = ()) -> Path:
-        """The Q/DQ graph at `out` with `exclude` and `float_nodes` left in float."""
+        """The Q/DQ graph at `out` with `exclude` and `float_nodes` left in float (and `bias_shifts` applied)."""
         with quiet_third_party():
             from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -109,6 +110,10 @@ class QdqRecipe:
                 extra_options=dict(self.extra),
                 calibration_cache_path=str(self.cache),
             )
+        if self.bias_shifts:
+            from compress.quant.bias_correction import shift_biases
+
+            shift_biases(out, self.bias_shifts)
         return out
 
     def with_exclude(self, more: Sequence[str]) -> QdqRecipe:

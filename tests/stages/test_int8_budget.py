@@ -80,8 +80,9 @@ def fragile_onnx(tmp_path_factory) -> Path:
     return path
 
 
-def _quantize(model: Path, tmp: Path, **keys) -> dict:
-    options = Int8Options(precision="int8", method={"name": "static", "calibrator": "minmax", "samples": CALIB}, **keys)
+def _quantize(model: Path, tmp: Path, method: dict | None = None, **keys) -> dict:
+    method = {"name": "static", "calibrator": "minmax", "samples": CALIB, **(method or {})}
+    options = Int8Options(precision="int8", method=method, **keys)
     artifact = SimpleNamespace(name="onnx-fp32", precision="fp32", main=model)
     ctx = StageContext(_Adapter(model), tmp, {}, None, Reporter(quiet=True), 1, 0, "test")
     out = quantize_int8(artifact, options, ctx)
@@ -182,3 +183,39 @@ def test_the_report_section_shows_budget_steps_and_sorted_nodes(fragile_onnx: Pa
     kept = {n["node"] for n in info["accuracy_budget"]["float_nodes"]}
     assert {row[1] for row in nodes if row[-1] == "yes"} == kept  # the best candidate's float nodes are marked
     assert sensitivity.figure(info, "int8")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _biases(path: Path) -> dict[str, np.ndarray]:
+    """{Conv / Gemm node: its bias values} (INT32 codes behind a DequantizeLinear, or float)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    found = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+            bias = node.input[2]
+            found[node.name] = inits[bias] if bias in inits else inits[producer[bias].input[0]]
+    return found
+
+
+def test_bias_correction_goes_first_and_every_candidate_keeps_the_corrected_biases(
+    fragile_onnx: Path, tmp_path: Path
+) -> None:
+    budget = {"sensitivity": {"samples": SLICE}, "accuracy_budget": {"max_drop": 5.0, "max_fallback": 4}}
+    (tmp_path / "plain").mkdir(), (tmp_path / "corrected").mkdir(), (tmp_path / "both").mkdir()
+    _quantize(fragile_onnx, tmp_path / "plain", **budget)
+    _quantize(fragile_onnx, tmp_path / "corrected", method={"bias_correction": True})
+    info = _quantize(fragile_onnx, tmp_path / "both", method={"bias_correction": True}, **budget)
+    assert info["bias_correction"]["corrected_layers"] > 0 and "before the search" in info["bias_correction"]["applied"]
+    floated = {n["node"] for n in info["accuracy_budget"]["float_nodes"]}
+    assert floated  # the fragile convs go back to float here too
+    plain, corrected, both = (_biases(tmp_path / d / "model.onnx") for d in ("plain", "corrected", "both"))
+    quantized = [n for n in both if n not in floated]
+    # still-quantized layers carry the full graph's corrected INT32 codes, not the uncorrected ones
+    assert all(np.array_equal(both[n], corrected[n]) for n in quantized)
+    assert any(not np.array_equal(corrected[n], plain[n]) for n in quantized)
+    # the float nodes keep their float bias: their correction dropped
+    assert all(both[n].dtype == np.float32 for n in floated)

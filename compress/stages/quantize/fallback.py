@@ -25,6 +25,12 @@ float graph on the slice is within `max_drop` (`Adapter.evaluate_calibration`), 
 float; then the best candidate seen (smallest drop, fewest float nodes on ties) is the artifact, and its info
 names the nodes still quantized that were ranked next (what blocked the budget). Each graph is written from
 the same calibration ranges (`QdqRecipe`), so a probe costs one `quantize_static` without calibration.
+
+With `bias_correction: true` the stage corrects the full INT8 graph first and the recipe carries its per-layer
+shifts (`QdqRecipe.bias_shifts`): every probe and candidate gets them on the layers it still quantizes (same
+ranges, so the same INT32 codes), and a node left float keeps its float bias. A shift was measured with every
+earlier layer quantized, so with some of them float it is an approximation; measuring each graph's own
+corrections would cost one pass per layer per probe.
 """
 
 from __future__ import annotations

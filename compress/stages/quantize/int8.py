@@ -48,6 +48,7 @@ CNN they would write the float graph back; the stage fails instead and says to u
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Iterator
@@ -212,15 +213,6 @@ class Int8Options(StageOptions):
         if method not in adapter.int8_methods:
             allowed = ", ".join(m for m in INT8_METHODS if m in adapter.int8_methods)
             problems.append(("method", f"{method}: not for family '{adapter.family}'; allowed: {allowed}"))
-        if getattr(self.method, "bias_correction", False) and (self.sensitivity or self.accuracy_budget):
-            key = "sensitivity" if self.sensitivity else "accuracy_budget"
-            problems.append(
-                (
-                    "method",
-                    f"bias_correction with {key}: not built (each probe and fallback candidate would need its own "
-                    "correction); use one of them",
-                )
-            )
         if self.accuracy_budget is not None and not adapter.labelled_calibration:
             problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
         if self.target.fused_decoder:
@@ -365,15 +357,21 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
     recipe = _calibrate_static(artifact.main, method, target, exclude, transformer, ctx)
     seconds = round(time.perf_counter() - start, 1)
     searched: dict[str, Any] = {}
+    corrected: dict[str, Any] = {}
+    config = target.int8_session_config()
     if options.sensitivity or options.accuracy_budget:
+        if method.bias_correction:  # first, on the full graph; every probe and candidate gets its shifts
+            deltas: dict[str, Any] = {}
+            full = recipe.write(recipe.model.parent / "corrected.onnx")
+            corrected = _correct_biases(recipe, full, method, config, ctx, deltas)
+            corrected["applied"] = "before the search, to every probe and candidate; float nodes drop theirs"
+            recipe = dataclasses.replace(recipe, bias_shifts=deltas)
         sensitivity = options.sensitivity or SensitivityOptions()
-        config = target.int8_session_config()
         searched = budget_search(recipe, out, sensitivity, options.accuracy_budget, method.samples, ctx, config)
     else:
         recipe.write(out)
-    corrected: dict[str, Any] = {}
-    if method.bias_correction:
-        corrected = _correct_biases(recipe, out, method, target.int8_session_config(), ctx)
+        if method.bias_correction:
+            corrected = _correct_biases(recipe, out, method, config, ctx)
     shutil.rmtree(recipe.model.parent)
     info = {
         "method": "static",
@@ -409,7 +407,12 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
 
 
 def _correct_biases(
-    recipe: QdqRecipe, out: Path, method: algorithms.StaticOptions, config: dict[str, str], ctx: StageContext
+    recipe: QdqRecipe,
+    out: Path,
+    method: algorithms.StaticOptions,
+    config: dict[str, str],
+    ctx: StageContext,
+    deltas: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`bias_correction: true`: the written graph's biases shifted on the samples the ranges came from."""
     from compress.quant.bias_correction import correct_biases
@@ -422,7 +425,7 @@ def _correct_biases(
     batches = list(ctx.adapter.calibration_inputs(method.samples, batch_size=32))
     start = time.perf_counter()
     with ctx.reporter.task(f"bias correction ({method.samples} samples)", total=None):
-        info = correct_biases(recipe.model, out, batches, threads=ctx.threads, session_config=config)
+        info = correct_biases(recipe.model, out, batches, threads=ctx.threads, session_config=config, deltas=deltas)
     if not info["corrected_layers"]:
         raise StageError(f"quantize int8: bias_correction found no quantized Conv/Gemm with a bias in {out.name}")
     info["seconds"] = round(time.perf_counter() - start, 1)
