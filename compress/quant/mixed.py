@@ -91,9 +91,19 @@ def fixed_bytes(config: Any) -> int:
 
 def kl_divergence(reference: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over tokens of KL(softmax(reference) || softmax(logits)), in nats."""
-    p = torch.log_softmax(reference.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return _LogProbs(reference).kl(logits)
+
+
+class _LogProbs:
+    """The reference's log-probabilities (float64) and probabilities, computed once for every probe."""
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        self.log_p = torch.log_softmax(reference.double(), -1)
+        self.p = self.log_p.exp()
+
+    def kl(self, logits: torch.Tensor) -> float:
+        q = torch.log_softmax(logits.double(), -1)
+        return float((self.p * (self.log_p - q)).sum(-1).mean())
 
 
 @torch.no_grad()
@@ -101,11 +111,83 @@ def model_logits(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Te
     return [model(**b).logits.float() for b in batches]
 
 
-@torch.no_grad()
-def mean_kl(
-    model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], reference: list[torch.Tensor]
-) -> float:
-    return sum(kl_divergence(r, o) for r, o in zip(reference, model_logits(model, batches), strict=True)) / len(batches)
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder's layer list (``model.model.layers`` of a Hugging Face causal LM), None when there is none."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+def unit_layer(unit: Unit) -> int | None:
+    """The decoder layer every Linear of ``unit`` is in, None when one is outside the layers (the lm_head,
+    whose tied table the embedding reads too: its probe must run the whole model)."""
+    found = {m["i"] for m in (_LAYER.match(name) for name in unit.modules) if m is not None}
+    return int(found.pop()) if len(found) == 1 and all(_LAYER.match(n) for n in unit.modules) else None
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer before the restart point: returns the recorded hidden states entering it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        assert self.hidden is not None and self.hidden.shape == hidden_states.shape
+        return self.hidden
+
+
+class LayerRestart:
+    """Probes that restart at a decoder layer: the hidden states entering each layer are recorded once (on
+    ``batches``, under the model's current weights); ``logits(L)`` swaps layers ``0..L-1`` for a replay of
+    what entered layer L and runs the model, so a probe of a unit in layer L computes only layers L.. and
+    the head. Exact as long as nothing before layer L changed since the recording (the probe's unit is in
+    layer L). Own code: transformers has no entry point that starts a decoder at a given layer; the model's
+    own forward still builds the mask, the rotary embedding and the head, only the early layers are replaced.
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        layers = decoder_layers(model)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__}: no model.model.layers ModuleList to restart in")
+        self.model, self.layers, self.batches = model, layers, batches
+        self.entering: list[list[torch.Tensor]] = [[] for _ in batches]  # [batch][layer]
+        current: list[int] = [0]
+
+        def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.entering[current[0]].append(hidden.detach().clone())
+
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+        self.base: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    current[0] = i
+                    self.base.append(model(**batch).logits.float())
+        finally:
+            for h in handles:
+                h.remove()
+        if any(len(e) != len(layers) for e in self.entering):
+            raise ValueError(f"{type(model).__name__}: its forward did not call each of its {len(layers)} layers once")
+
+    @torch.no_grad()
+    def logits(self, start: int) -> list[torch.Tensor]:
+        """The logits on every batch, layers before ``start`` replayed (0: the whole model)."""
+        if start == 0:
+            return model_logits(self.model, self.batches)
+        saved = [self.layers[i] for i in range(start)]
+        replay = _Replay()
+        try:
+            for i in range(start):
+                self.layers[i] = replay
+            out = []
+            for i, batch in enumerate(self.batches):
+                replay.hidden = self.entering[i][start]
+                out.append(self.model(**batch).logits.float())
+            return out
+        finally:
+            for i, layer in enumerate(saved):
+                self.layers[i] = layer
 
 
 @torch.no_grad()
@@ -116,20 +198,30 @@ def unit_sensitivity(
     batches: Sequence[Mapping[str, torch.Tensor]],
     reference: list[torch.Tensor],
     progress: Callable[[str], None] | None = None,
+    restart: bool = True,
 ) -> dict[str, Any]:
     """KL of the all-4-bit model and, per unit, the KL with only that unit at 8 bits (``eight``: module ->
-    its dequantized 8-bit weight); the model's 4-bit weights are put back after each probe."""
+    its dequantized 8-bit weight); the model's 4-bit weights are put back after each probe. ``restart``: a
+    probe of a unit in decoder layer L starts at layer L from the hidden states recorded under the
+    all-4-bit weights (`LayerRestart`, same result; False: every probe runs the whole model)."""
     modules = dict(model.named_modules())
-    base = mean_kl(model, batches, reference)
+    targets = [_LogProbs(r) for r in reference]
+    runner = LayerRestart(model, batches) if restart and decoder_layers(model) is not None else None
+
+    def kl(logits: list[torch.Tensor]) -> float:
+        return sum(t.kl(o) for t, o in zip(targets, logits, strict=True)) / len(batches)
+
+    base = kl(runner.base if runner else model_logits(model, batches))
     rows = []
     for unit in units:
         saved = {m: modules[m].weight.detach().clone() for m in unit.modules}
         for m in unit.modules:
             modules[m].weight.copy_(eight[m].to(modules[m].weight.dtype))
-        kl = mean_kl(model, batches, reference)
+        start = unit_layer(unit) if runner else None
+        probe = kl(runner.logits(start or 0) if runner else model_logits(model, batches))
         for m, w in saved.items():
             modules[m].weight.copy_(w)
-        rows.append({"node": unit.node, "kl_8bit": kl, "gain": base - kl})
+        rows.append({"node": unit.node, "kl_8bit": probe, "gain": base - probe})
         if progress:
             progress(unit.node)
     return {"kl_4bit": base, "units": rows}

@@ -239,8 +239,15 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
     dequant = {n: qw.dequantize(torch.float32) for n, qw in eight.items()}
 
     def compute() -> dict[str, Any]:
+        began = time.perf_counter()
         with ctx.reporter.task("mixed: sensitivity (one unit at 8 bits at a time)", total=len(units)) as task:
-            return unit_sensitivity(model, units, dequant, batches, reference, progress=lambda n: task.advance(1))
+            table = unit_sensitivity(model, units, dequant, batches, reference, progress=lambda n: task.advance(1))
+        seconds = time.perf_counter() - began
+        ctx.reporter.log(
+            f"  sensitivity: {seconds:.0f} s, {seconds / len(units):.1f} s per unit on {torch.get_num_threads()} "
+            "thread(s), each probe restarted at its unit's layer"
+        )
+        return {**table, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
 
     table, reused = _cached_table(sensitivity_key(qkey, options), ctx, compute)
     ctx.reporter.log(f"  sensitivity table {'reused from the cache' if reused else 'measured'} ({len(units)} units)")
