@@ -211,20 +211,22 @@ def unit_sensitivity(
     def kl(logits: list[torch.Tensor]) -> float:
         return sum(t.kl(o) for t, o in zip(targets, logits, strict=True)) / len(batches)
 
+    def probe_logits(unit: Unit) -> list[torch.Tensor]:
+        return runner.logits(unit_layer(unit) or 0) if runner else model_logits(model, batches)
+
     base = kl(runner.base if runner else model_logits(model, batches))
     rows = []
     for unit in units:
         saved = {m: modules[m].weight.detach().clone() for m in unit.modules}
         for m in unit.modules:
             modules[m].weight.copy_(eight[m].to(modules[m].weight.dtype))
-        start = unit_layer(unit) if runner else None
-        probe = kl(runner.logits(start or 0) if runner else model_logits(model, batches))
+        probe = kl(probe_logits(unit))
         for m, w in saved.items():
             modules[m].weight.copy_(w)
         rows.append({"node": unit.node, "kl_8bit": probe, "gain": base - probe})
         if progress:
             progress(unit.node)
-    return {"kl_4bit": base, "units": rows}
+    return {"kl_4bit": base, "units": rows, "restarted": runner is not None}
 
 
 @dataclass(frozen=True)

@@ -243,9 +243,10 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
         with ctx.reporter.task("mixed: sensitivity (one unit at 8 bits at a time)", total=len(units)) as task:
             table = unit_sensitivity(model, units, dequant, batches, reference, progress=lambda n: task.advance(1))
         seconds = time.perf_counter() - began
+        how = "each probe restarted at its unit's layer" if table["restarted"] else "whole-model probes"
         ctx.reporter.log(
             f"  sensitivity: {seconds:.0f} s, {seconds / len(units):.1f} s per unit on {torch.get_num_threads()} "
-            "thread(s), each probe restarted at its unit's layer"
+            f"thread(s), {how}"
         )
         return {**table, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
 
