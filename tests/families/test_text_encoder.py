@@ -123,8 +123,11 @@ def test_fp32_onnx_embeddings_match_torch(te_run) -> None:
     src, fp32 = records["source"]["evaluation"], records["onnx-fp32"]["evaluation"]
     assert src["metrics"]["cosine_pct"] == pytest.approx(100.0, abs=1e-4)  # the FP32 source against itself
     assert fp32["metrics"]["cosine_pct"] >= 99.99 and fp32["vs_baseline"]["agreement"] >= 99.99
-    for metric in ("recall@1", "recall@5", "mrr"):
+    # float noise (~1e-6 in cosine) may swap two near-tied documents far down a ranking: recall@1/@5 stay
+    # equal, MRR moves by 100 / (24 r (r + 1)) points for a swap at rank r (CI saw 0.0009, i.e. r ~ 68)
+    for metric in ("recall@1", "recall@5"):
         assert fp32["metrics"][metric] == pytest.approx(src["metrics"][metric], abs=1e-6)
+    assert fp32["metrics"]["mrr"] == pytest.approx(src["metrics"]["mrr"], abs=0.05)  # no swap above rank ~9
     assert records["onnx-fp32"]["artifact"]["info"]["parity_max_abs_diff"] < 1e-4
     assert src["metrics"]["queries"] == 24 and src["metrics"]["documents"] == 79
 
