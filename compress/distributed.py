@@ -160,6 +160,18 @@ def processes() -> Processes:
     return Processes(rank=state.process_index, world=state.num_processes, local_world=local)
 
 
+def leave() -> None:
+    """Leave the process group, if one was joined, before the interpreter exits.
+
+    Why: a gloo group left to interpreter teardown can abort a rank after its work is done ("terminate called
+    without an active exception", SIGABRT), and the launcher then reports the whole job FAILED.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _refuse_silent_single_process() -> None:
     """`accelerate launch --num_processes 2` on a machine without CUDA starts ONE process (its simple
     launcher needs mpirun for more); it sets MASTER_PORT but no WORLD_SIZE. Running that as a 1-process job

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from compress.distributed import processes
+from compress.distributed import leave, processes
 from compress.progress import Reporter
 from compress.stages.base import StageContext
 
@@ -61,7 +61,8 @@ def led_stage_done() -> None:
 
 
 def finish(exit_code: int) -> None:
-    """Rank 0: release the followers with the run's exit code (no-op in a 1-process run).
+    """Every rank at the end of an N-process run (no-op in a 1-process run): rank 0 releases the followers
+    with the run's exit code, then all leave the process group together (`distributed.leave`).
 
     Not when rank 0 failed inside a stage the followers run: they are waiting in that stage's collectives,
     not for this message, so rank 0 just exits and the launcher stops them (it stops every process when
@@ -69,8 +70,12 @@ def finish(exit_code: int) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _training["now"]:
         return  # not launched N-wide (and `processes()` may be what failed), or see above
     procs = processes()
-    if procs.distributed and procs.is_main:
+    if not procs.distributed:
+        return
+    if procs.is_main:
         procs.broadcast(Done(exit_code))
+    procs.barrier()  # the followers have the message: nobody is still in a collective
+    leave()
 
 
 def follow(cfg: PipelineConfig, runs_dir: Path) -> int:

@@ -110,6 +110,16 @@ def test_new_options_leave_the_cache_keys_of_existing_pipelines_alone() -> None:
     assert "gradient_accumulation_steps" not in FinetuneOptions(steps=3).cache_fields()
 
 
+def test_leave_quits_the_process_group_and_is_a_no_op_without_one(tmp_path) -> None:
+    import torch.distributed as dist
+
+    distributed.leave()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    distributed.leave()
+    assert not dist.is_initialized()
+
+
 def test_a_single_process_accelerate_launch_is_refused(monkeypatch) -> None:
     # `accelerate launch --num_processes 2` without --multi_gpu on a CPU-only machine: one process, no WORLD_SIZE
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
