@@ -422,7 +422,7 @@ def _check_linked_source(plans: list[StagePlan], problems: _Problems) -> None:
             problems.add(
                 ("stages", plan.index, plan.kind),
                 "needs the float model in memory, which model.link: true never materialises; with a linked "
-                "source use quantize {precision: int4, method: rtn | gptq, target: onnxruntime-genai, "
+                "source use quantize {precision: int4, method: rtn | gptq | awq, target: onnxruntime-genai, "
                 "streamed: true}, or remove model.link (the model is then loaded whole)",
             )
 

@@ -4,8 +4,9 @@
     flock /tmp/compress-heavy.lock python scripts/streamed_int4.py /tmp/shapes/llama-3.2-3b /tmp/shapes/work-3b
 
 Phases, each measured with `compress.memory.PeakRss` (this process's resident high-water mark, reset before
-the phase): (1) streamed RTN (`compress.quant.streamed.stream_quantize`: one layer in memory at
-a time), (2) the fused INT4 graph written layer by layer from the quantized folder (`build_streamed_decoder`:
+the phase): (1) streamed RTN (`compress.quant.streamed.stream_quantize`: one layer in memory at a time; GPTQ with
+`--gptq-windows N`, AWQ + RTN on those windows with `--awq`, the kept hidden states in `--activation-dtype`),
+(2) the fused INT4 graph written layer by layer from the quantized folder (`build_streamed_decoder`:
 onnxruntime-genai's builder on a 2-layer copy, then one layer file at a time; a line per layer), (3) ONNX Runtime
 loads the INT4 model and runs a prefill of 8 tokens and one decode step. Prints one JSON line per layer and a
 summary line; the work folder is removed at the end unless `--keep`.
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from compress.memory import PeakRss, current_rss_mb
+from compress.quant.algorithms.awq import AWQConfig
 from compress.quant.algorithms.gptq import GPTQConfig
 from compress.quant.primitives.weight import WeightQuantConfig
 from compress.quant.streamed import LayerTiming, build_streamed_decoder, stream_quantize
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-build", action="store_true", help="stop after the streamed quantization")
     parser.add_argument("--gptq-windows", type=int, default=0, help="GPTQ on this many random-token windows")
     parser.add_argument("--window", type=int, default=512, help="tokens per GPTQ calibration window")
+    parser.add_argument("--awq", action="store_true", help="with --gptq-windows: AWQ (+RTN) on them instead of GPTQ")
+    parser.add_argument(
+        "--activation-dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="kept hidden states"
+    )
     parser.add_argument(
         "--stop-after-layers", type=int, default=0, help="measure the first N layers only (implies --no-build)"
     )
@@ -191,11 +197,17 @@ def main(argv: list[str] | None = None) -> None:
     summary.update(group_size=args.group_size, lm_head=args.lm_head, threads=args.threads)
     cfg, calibration = WeightQuantConfig(group_size=args.group_size), None
     if args.gptq_windows:  # random token ids: the shapes have no tokenizer, and only time and memory count here
-        cfg = GPTQConfig(group_size=args.group_size)
+        cfg = AWQConfig(group_size=args.group_size) if args.awq else GPTQConfig(group_size=args.group_size)
         vocab = json.loads((args.hf_folder / "config.json").read_text())["vocab_size"]
         gen = torch.Generator().manual_seed(0)
         calibration = [torch.randint(0, vocab, (1, args.window), generator=gen) for _ in range(args.gptq_windows)]
-        summary["gptq"] = {"windows": args.gptq_windows, "window": args.window}
+        summary["awq" if args.awq else "gptq"] = {
+            "windows": args.gptq_windows,
+            "window": args.window,
+            "activation_dtype": args.activation_dtype,
+        }
+    elif args.awq or args.activation_dtype != "float32":
+        parser.error("--awq and --activation-dtype need --gptq-windows (calibration windows)")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     progress = args.work / PROGRESS_FILE
@@ -209,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg,
                 lm_head=args.lm_head,
                 calibration=calibration,
+                activation_dtype=args.activation_dtype,
                 on_layer=record_progress(progress, hold, args.stop_after_layers),
             )
         except _Stopped as stop:

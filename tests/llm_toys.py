@@ -11,7 +11,7 @@ VOCAB = 1000
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
 
-def tiny_llama(tie: bool, seed: int = 0, layers: int = 2):
+def tiny_llama(tie: bool, seed: int = 0, layers: int = 2, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -19,7 +19,7 @@ def tiny_llama(tie: bool, seed: int = 0, layers: int = 2):
         hidden_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         intermediate_size=128,
         vocab_size=VOCAB,
         tie_word_embeddings=tie,

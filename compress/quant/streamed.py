@@ -1,10 +1,12 @@
-"""Layer-streamed INT4 RTN and GPTQ of a decoder checkpoint folder, for models larger than this machine's memory.
+"""Layer-streamed INT4 RTN, GPTQ and AWQ of a decoder checkpoint folder, for models larger than this machine's memory.
 
     folder = stream_quantize("hf/llama-3.2-3b", "work/gptq", WeightQuantConfig(group_size=128), lm_head="int4")
     folder = stream_quantize("hf/llama-3.2-3b", "work/gptq", GPTQConfig(group_size=128), calibration=windows)
+    folder = stream_quantize("hf/llama-3.2-3b", "work/awq", AWQConfig(group_size=128), calibration=windows,
+                             activation_dtype="bfloat16")
     build_streamed_decoder(folder, "work/genai-int4")  # onnxruntime-genai's fused INT4 graph
 
-Why streamed: RTN and GPTQ quantize one decoder layer at a time, so the float model never has to be in memory
+Why streamed: RTN, GPTQ and AWQ quantize one decoder layer at a time, so the float model never has to be in memory
 at once: a 7B model is 28 GB in float32 on a 24 GB machine. The model is built as a skeleton on the meta device
 (`from_config` under `torch.device("meta")`: no bytes allocated); it names each layer's Linears. For each layer
 in turn the layer's tensors alone are read from the safetensors shards (`safe_open`), its Linears quantized, the
@@ -18,8 +20,17 @@ result written as one AutoGPTQ-layout file per layer, and the layer freed.
   refused). Each layer is materialised in float32 (`to_empty` + `load_state_dict`), quantized with the
   in-memory path's Hessian hooks and sequential groups (`gptq.quantize_with_hooks`,
   `sequential.layer_linear_groups`), and its outputs from the quantized weights are the next layer's inputs:
-  the codes come out identical to `gptq_quantize_model`'s. The activations stay float32 (16 windows of 512 on
-  an 8B shape: 134 MB) and are also written after each layer (`hidden.activations`) to resume from.
+  the codes come out identical to `gptq_quantize_model`'s. The activations are kept float32 by default (16
+  windows of 512 on an 8B shape: 134 MB) and are also written after each layer (`hidden.activations`) to resume
+  from. `activation_dtype: bfloat16 | float16` keeps them (in memory and in that file) at half the size; every
+  layer still computes in float32 (each batch is cast up as it enters the layer), so only the rounding of the
+  hidden states between layers changes, and the codes move a little (tests/quant/test_streamed_awq.py).
+- AWQ (`AWQConfig`, then RTN or GPTQ as its `quantizer` says): the same capture and hand-over as GPTQ, and
+  `awq.awq_quantize_layer` on each materialised float32 layer, the function `awq_quantize_model` calls; every
+  fold of a scale group (attention / MLP norm, v rows, up rows: `DecoderArch.scale_groups`) stays inside its
+  layer, so no fold crosses a layer file and the codes, scales and zeros are identical to the in-memory
+  path's. The layer file holds the folded norms (and any folded bias) in float32, as the in-memory model does;
+  groups AWQ leaves unscaled (v -> o under grouped-query attention) are in the sidecar (`awq_unscaled`).
 - The embedding, final norm and head go to one more file (`lm_head: int4` quantizes the head, or the tied
   embedding, by RTN and packs it in blocks of rows: RTN is row-wise, so the blocks give the same bytes as the
   whole matrix without its float32 copy and int32 packing; a tied table is then not stored in float at all).
@@ -32,11 +43,13 @@ whole folder it holds far more than the quantized weights: README, "Large models
 
 Resume: each layer file has a sidecar `layer-NNNNN.json` with its sha256 and the key of what made it (the
 quantization settings, the layer's tensor names and the size and mtime of the source shards it read, the
-source config.json, the calibration digest; GPTQ keys chain on the previous layers'). A killed run verifies the
-files of finished layers and starts at the first layer without a valid one (GPTQ: after the last layer whose
-outputs were kept); files are written under a temporary name and renamed.
+source config.json, the calibration digest, a non-float32 activation dtype; GPTQ / AWQ keys chain on the
+previous layers'). A killed run verifies the files of finished layers and starts at the first layer without a
+valid one (GPTQ / AWQ: after the last layer whose outputs were kept); files are written under a temporary name
+and renamed.
 
-Not here yet: AWQ streaming, GGUF sources (convert to a safetensors folder first), fused-projection
+Refused: sliding-window architectures for GPTQ / AWQ (Gemma 2/3: layers take different arguments, and every
+layer here gets layer 0's). Not here yet: GGUF sources (convert to a safetensors folder first), fused-projection
 architectures (Phi-3's qkv_proj: the builder's GPTQ loader reads Llama tensor names only).
 """
 
@@ -55,6 +68,7 @@ import torch
 
 from compress.families.causal_lm.archs import DecoderArch, arch_for_model_type
 from compress.hashing import sha256_file, sha256_json
+from compress.quant.algorithms.awq import AWQConfig, awq_quantize_layer
 from compress.quant.algorithms.gptq import GPTQConfig, quantize_with_hooks
 from compress.quant.algorithms.rtn import rtn_quantize
 from compress.quant.algorithms.sequential import (
@@ -71,9 +85,11 @@ from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
 
 STREAM_VERSION = 2  # joins every file's key: a change of the layout invalidates finished files (2: tied head)
 HeadMode = Literal["float", "int4"]
+#: dtype of the hidden states kept between layers (streamed GPTQ / AWQ); every layer computes in float32
+ActivationDtype = Literal["float32", "bfloat16", "float16"]
 REST_FILE = "rest.safetensors"
-#: streamed GPTQ: float32 outputs of the last finished layer, to resume from (safetensors bytes, but not named
-#: *.safetensors: the builder reads every such file of the folder)
+#: streamed GPTQ / AWQ: outputs (in `activation_dtype`) of the last finished layer, to resume from (safetensors
+#: bytes, but not named *.safetensors: the builder reads every such file of the folder)
 HIDDEN_FILE = "hidden.activations"
 HEAD_ROWS = 8192  # rows of the head quantized at once: 8192 x 4096 float32 = 128 MiB
 Say = Callable[[str], None]
@@ -95,6 +111,7 @@ class StreamResult:
     folder: Path  # the quantized checkpoint (builder input)
     layers: tuple[LayerTiming, ...]
     head_seconds: float
+    awq_unscaled: tuple[str, ...] = ()  # AWQ scale groups left unscaled (their fold would not be exact)
 
 
 class Checkpoint:
@@ -264,38 +281,71 @@ def capture_layer0(
     return hidden, calls
 
 
-def _gptq_layer(
+def _as_float32(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook: the kept hidden states (any `ActivationDtype`) enter the layer in float32, one batch at a
+    time, so a bf16 / fp16 copy is all that is held between the layer's calls."""
+    return (args[0].to(torch.float32), *args[1:]), kwargs
+
+
+def _kept(hidden: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`hidden` in the kept dtype; ValueError when float16 cannot hold it (its largest finite value is 65504)."""
+    kept = hidden.to(dtype)
+    if dtype == torch.float16 and not bool(torch.isfinite(kept).all()) and bool(torch.isfinite(hidden).all()):
+        raise ValueError(
+            f"{what}: hidden states reach |h| = {float(hidden.abs().max()):.4g}, beyond float16's range (65504); "
+            "use activation_dtype: bfloat16 (float32's range) or float32"
+        )
+    return kept
+
+
+def _calibrated_layer(
     ckpt: Checkpoint,
     layer: torch.nn.Module,
     prefix: str,
     arch: DecoderArch,
-    cfg: GPTQConfig,
+    cfg: GPTQConfig | AWQConfig,
     hidden: list[torch.Tensor],
     calls: list[LayerCall],
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """GPTQ one materialised decoder layer as `gptq_quantize_model` does (the map's sequential groups, the same
-    Hessian hooks), then its outputs from the quantized weights: the next layer's hidden states."""
+    keep: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[str]]:
+    """GPTQ or AWQ one materialised decoder layer as the in-memory path does, then its outputs from the quantized
+    weights (kept in `keep`): the next layer's hidden states. Returns (file tensors, outputs, AWQ scale groups
+    left unscaled).
+
+    GPTQ: `gptq_quantize_model`'s sequential groups and Hessian hooks. AWQ: `awq_quantize_layer` itself; its folds
+    (attention / MLP norm, v rows, up rows) are all inside the layer (`DecoderArch.scale_groups`), so the layer
+    file holds the folded norms (and a folded v / up bias) in float32, the in-memory model's values."""
     stored = ckpt.read(ckpt.names(prefix))
     layer.to_empty(device="cpu")  # float32 parameters (the skeleton's dtype), as the in-memory path loads them
     layer.load_state_dict({n[len(prefix) :]: t for n, t in stored.items()}, strict=True)
     inputs = with_hidden(hidden, calls)
-    groups = layer_linear_groups(layer, arch, default_filter, prefix)
-    if not cfg.true_sequential and groups:
-        groups = [[m for grp in groups for m in grp]]
-    qws: dict[str, QuantizedWeight] = {}
-    for members in groups:
-        qws.update(quantize_with_hooks(lambda: run_layer(layer, inputs), members, cfg))
-    with torch.no_grad():
-        out_hidden = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+    unscaled: list[str] = []
+    handle = layer.register_forward_pre_hook(_as_float32, with_kwargs=True)
+    try:
+        if isinstance(cfg, AWQConfig):
+            qws = awq_quantize_layer(layer, inputs, default_filter, prefix, cfg, arch, on_skip=unscaled.append)
+            floats = {prefix + n: t.detach().clone() for n, t in layer.state_dict().items()}
+        else:
+            groups = layer_linear_groups(layer, arch, default_filter, prefix)
+            if not cfg.true_sequential and groups:
+                groups = [[m for grp in groups for m in grp]]
+            qws = {}
+            for members in groups:
+                qws.update(quantize_with_hooks(lambda: run_layer(layer, inputs), members, cfg))
+            floats = stored
+        with torch.no_grad():
+            out_hidden = [_kept(layer_output(layer(*a, **k)), keep, f"{prefix}* outputs") for a, k in inputs]
+    finally:
+        handle.remove()
     layer.to("meta")
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in stored.items():
+    for name in stored:
         module = name.removesuffix(".weight")
         if module in qws:
             tensors.update(_gptq_tensors(module, qws[module]))
         else:
-            tensors[name] = t
-    return tensors, out_hidden
+            tensors[name] = floats[name]
+    return tensors, out_hidden, unscaled
 
 
 def _gptq_resume_point(out: Path, paths: list[Path], keys: list[str]) -> int:
@@ -340,16 +390,18 @@ def stream_quantize(
     *,
     lm_head: HeadMode = "float",
     calibration: list[Any] | None = None,
+    activation_dtype: ActivationDtype = "float32",
     say: Say | None = None,
     quantize_layer: Callable[..., dict[str, Any]] = _quantize_layer,
     on_layer: Callable[[LayerTiming], None] | None = None,
 ) -> StreamResult:
     """Quantize every decoder layer's Linears of `hf_folder`, one layer in memory at a time, into `out`.
 
-    RTN for a `WeightQuantConfig`; GPTQ for a `GPTQConfig`, on `calibration` (token tensors ``(1, T)`` or model
-    kwargs), layer by layer on the outputs of the already quantized layers, as `gptq_quantize_model`. `out`
-    becomes the builder's input folder (module docstring); finished layers found there are verified and
-    reused (GPTQ also keeps the last finished layer's outputs, `hidden.activations`, to resume from).
+    RTN for a `WeightQuantConfig`; GPTQ for a `GPTQConfig` and AWQ for an `AWQConfig`, on `calibration` (token
+    tensors ``(1, T)`` or model kwargs), layer by layer on the outputs of the already quantized layers, as
+    `gptq_quantize_model` / `awq_quantize_model`; those outputs are kept in `activation_dtype` between layers.
+    `out` becomes the builder's input folder (module docstring); finished layers found there are verified and
+    reused (GPTQ / AWQ also keep the last finished layer's outputs, `hidden.activations`, to resume from).
     `quantize_layer` is the RTN per-layer step (a test replaces it to simulate a kill). `on_layer` is called
     after each layer, once its file is written, and after the head step (`LayerTiming.head`): what a caller
     keeps to sum up a run that was killed and resumed (scripts/streamed_int4.py).
@@ -371,11 +423,20 @@ def stream_quantize(
     arch = arch_for_model_type(hf_config.model_type)
     if arch.fused:
         raise ValueError(f"{hf_config.model_type}: fused projections; the builder's GPTQ loader reads Llama names")
-    gptq = isinstance(config, GPTQConfig)
-    if gptq and not calibration:
-        raise ValueError("streamed GPTQ needs calibration batches; got none")
-    if gptq and arch.sliding_window_layers:
-        raise ValueError(f"{hf_config.model_type}: layers take different arguments; streamed GPTQ is for the others")
+    calibrated = isinstance(config, GPTQConfig | AWQConfig)  # layer inputs from the quantized layers before
+    method = "AWQ" if isinstance(config, AWQConfig) else "GPTQ"
+    if calibrated and not calibration:
+        raise ValueError(f"streamed {method} needs calibration batches; got none")
+    if calibrated and arch.sliding_window_layers:
+        raise ValueError(
+            f"{hf_config.model_type}: layers take different arguments (sliding-window and global attention); "
+            f"streamed {method} passes every layer layer 0's, so it is for the other architectures"
+        )
+    if activation_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"activation_dtype = {activation_dtype!r}; allowed: float32, bfloat16, float16")
+    if activation_dtype != "float32" and not calibrated:
+        raise ValueError(f"activation_dtype = {activation_dtype}: RTN keeps no activations; it is for GPTQ / AWQ")
+    keep = getattr(torch, activation_dtype)
     skeleton = meta_skeleton(hf_config)
     ckpt = Checkpoint(hf_folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,31 +446,39 @@ def stream_quantize(
         "version": STREAM_VERSION,
         "quant": config.model_dump(mode="json"),
         "config": sha256_file(config_file),
-        "calibration": _calibration_digest(calibration) if gptq else None,
+        "calibration": _calibration_digest(calibration) if calibrated else None,
     }
+    if activation_dtype != "float32":  # added later: the keys of files made before it stay as they were
+        base["activations"] = activation_dtype
     layers = skeleton.get_submodule(arch.layers)
     keys, key = [], None
     for i in range(len(layers)):
         names = ckpt.names(f"{arch.layers}.{i}.")
         if not names:
             raise ValueError(f"{hf_folder}: no tensor of decoder layer {i} ({arch.layers}.{i}.*)")
-        # GPTQ: a layer's inputs come from every layer before it, so its key chains on theirs
+        # GPTQ / AWQ: a layer's inputs come from every layer before it, so its key chains on theirs
         key = sha256_json({**base, "layer": i, "names": names, "source": ckpt.stamp(names), "after": key})
         keys.append(key)
     paths = [out / f"layer-{i:05d}.safetensors" for i in range(len(layers))]
-    resume = _gptq_resume_point(out, paths, keys) if gptq else None
-    timings, hidden, calls = [], None, []
+    resume = _gptq_resume_point(out, paths, keys) if calibrated else None
+    timings, hidden, calls, unscaled = [], None, [], []
     for i, (path, key) in enumerate(zip(paths, keys, strict=True)):
         t0 = time.perf_counter()
         prefix = f"{arch.layers}.{i}."
-        reused = i < resume if gptq else _finished(path, key)
-        if not reused and gptq:
+        reused = i < resume if calibrated else _finished(path, key)
+        if reused and calibrated:
+            unscaled += json.loads(path.with_suffix(".json").read_text()).get("awq_unscaled", [])
+        elif calibrated:
             if hidden is None:  # the first layer done here: inputs from the embeddings, or kept on disk
                 hidden, calls = capture_layer0(skeleton, arch, ckpt, hf_config, calibration)
+                hidden = [_kept(h, keep, "decoder layer 0 inputs") for h in hidden]
                 if i > 0:
                     hidden = _load_hidden(out / HIDDEN_FILE, len(hidden))
-            tensors, hidden = _gptq_layer(ckpt, layers[i], prefix, arch, config, hidden, calls)
-            _save_verified(tensors, path, key, {"layer": i})
+            tensors, hidden, skipped = _calibrated_layer(ckpt, layers[i], prefix, arch, config, hidden, calls, keep)
+            for message in skipped:
+                say(f"AWQ scale group left unscaled: {message}")
+            unscaled += skipped
+            _save_verified(tensors, path, key, {"layer": i, **({"awq_unscaled": skipped} if method == "AWQ" else {})})
             _save_verified({f"h{j}": h for j, h in enumerate(hidden)}, out / HIDDEN_FILE, key, {"after_layer": i})
             del tensors
         elif not reused:
@@ -447,7 +516,7 @@ def stream_quantize(
     if on_layer is not None:
         on_layer(LayerTiming(len(layers), head_seconds, head_reused, high_water_mb(), head=True))
     _write_config(hf_folder, out, hf_config, config)
-    return StreamResult(out, tuple(timings), head_seconds)
+    return StreamResult(out, tuple(timings), head_seconds, tuple(unscaled))
 
 
 def _write_config(hf_folder: Path, out: Path, hf_config: Any, config: WeightQuantConfig) -> None:

@@ -179,7 +179,7 @@ def test_streamed_gptq_equals_in_memory_gptq(tied, tmp_path) -> None:
 
 
 def test_killed_gptq_run_resumes_from_kept_activations(tied, tmp_path, monkeypatch) -> None:
-    real, done = streamed._gptq_layer, []
+    real, done = streamed._calibrated_layer, []
 
     def killed_at_layer_1(ckpt, layer, prefix, *rest):
         if prefix.endswith(".1."):
@@ -188,13 +188,13 @@ def test_killed_gptq_run_resumes_from_kept_activations(tied, tmp_path, monkeypat
         return real(ckpt, layer, prefix, *rest)
 
     out = tmp_path / "q"
-    monkeypatch.setattr(streamed, "_gptq_layer", killed_at_layer_1)
+    monkeypatch.setattr(streamed, "_calibrated_layer", killed_at_layer_1)
     with pytest.raises(KeyboardInterrupt):
         stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration())
     assert done == ["model.layers.0."] and (out / "hidden.activations").exists()
 
     done.clear()
-    monkeypatch.setattr(streamed, "_gptq_layer", lambda *a: done.append(a[2]) or real(*a))
+    monkeypatch.setattr(streamed, "_calibrated_layer", lambda *a: done.append(a[2]) or real(*a))
     result = stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration())
     assert done == ["model.layers.1."] and [t.reused for t in result.layers] == [True, False]
     fresh = dict(read_quantized(stream_quantize(tied, tmp_path / "fresh", GPTQ_CFG, calibration=_calibration()).folder))
@@ -214,7 +214,7 @@ def test_finished_gptq_run_is_reused_without_kept_activations(tied, tmp_path, mo
     first = dict(read_quantized(stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration()).folder))
     assert not (out / "hidden.activations").exists()
     done = []
-    monkeypatch.setattr(streamed, "_gptq_layer", lambda *a: done.append(a[2]))
+    monkeypatch.setattr(streamed, "_calibrated_layer", lambda *a: done.append(a[2]))
     monkeypatch.setattr(streamed, "capture_layer0", lambda *a: done.append("capture"))
     result = stream_quantize(tied, out, GPTQ_CFG, calibration=_calibration())
     assert done == [] and all(t.reused for t in result.layers)

@@ -20,9 +20,10 @@ by `build_fused_decoder`. (The group size is a power of two >= 16 for every targ
 on the head's calibration inputs when the method runs GPTQ (`int4.head_quantizer`), stored once for the tied
 embedding (GatherBlockQuantized reads the head's codes).
 
-`streamed: true` (`build_streamed_artifact`, method rtn or gptq): no torch model at all; `compress.quant.streamed`
-quantizes the input folder's safetensors one decoder layer at a time into the builder's GPTQ layout (per-layer
-files in the adapter's cache, so a killed run resumes) and the builder reads that folder.
+`streamed: true` (`build_streamed_artifact`, method rtn, gptq or awq): no torch model at all;
+`compress.quant.streamed` quantizes the input folder's safetensors one decoder layer at a time into the builder's
+GPTQ layout (per-layer files in the adapter's cache, so a killed run resumes; `activation_dtype` says how the
+hidden states between layers are kept) and the builder reads that folder.
 
 The `cuda` flavour (fp16 I/O) is built on the CPU; it runs on an NVIDIA GPU only, so its parity check,
 evaluation and benchmark are not run here (`StageOutput.unmeasured`) and no figure is recorded for it.
@@ -174,10 +175,12 @@ def build_into_outdir(
 
 
 def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:
-    """`streamed: true` is layer-streamed RTN / GPTQ into this target's builder (`compress.quant.streamed`)."""
+    """`streamed: true` is layer-streamed RTN / GPTQ / AWQ into this target's builder (`compress.quant.streamed`)."""
     problems = []
-    if options.method.name not in ("rtn", "gptq"):
-        problems.append(("streamed", f"method {options.method.name}: streamed takes rtn or gptq"))
+    if options.method.name not in ("rtn", "gptq", "awq"):
+        problems.append(("streamed", f"method {options.method.name}: streamed takes rtn, gptq or awq"))
+    if options.activation_dtype != "float32" and options.method.name == "rtn":
+        problems.append(("activation_dtype", "streamed rtn keeps no activations; it is for method gptq or awq"))
     if not options.target.fused_decoder:
         problems.append(("streamed", f"target {options.target.name}: streamed needs target: onnxruntime-genai"))
     if options.lm_head == "int8":
@@ -186,7 +189,7 @@ def streamed_refusals(options: Int4Options) -> list[tuple[str, str]]:
 
 
 def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageContext) -> StageOutput:
-    """Layer-streamed RTN / GPTQ of the input's safetensors folder, then the fused graph written layer by layer.
+    """Layer-streamed RTN / GPTQ / AWQ of the input's safetensors folder, then the fused graph written layer by layer.
 
     The per-layer files live in the adapter's cache (keyed by this artifact's key), so a killed run resumes at
     the first unfinished layer; they are removed once the artifact is complete. No dequantized parity check:
@@ -214,6 +217,12 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
 
         cfg: WeightQuantConfig = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
         calibration = torch_calibration(ctx, method.samples, "quantize int4")
+    elif method.name == "awq":
+        from compress.quant.algorithms.awq import AWQConfig
+        from compress.stages.quantize.common import torch_calibration
+
+        cfg = AWQConfig(**base, quantizer=method.then, seed=ctx.seed)  # as the in-memory stage (int4._quantize)
+        calibration = torch_calibration(ctx, method.samples, "quantize int4")
     else:
         cfg = WeightQuantConfig(**base)
     result = stream_quantize(
@@ -222,6 +231,7 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
         cfg,
         lm_head=options.lm_head,
         calibration=calibration,
+        activation_dtype=options.activation_dtype,
         say=ctx.reporter.log,
     )
     built = ctx.outdir / "_genai"
@@ -242,12 +252,14 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
     from compress.stages.quantize.common import op_counts
 
     info = {
+        **method.model_dump(mode="json", exclude={"name"}),  # as the in-memory stage's info (then, samples, ..)
         "method": method.name,
         "group_size": options.group_size,
         "symmetric": options.symmetric,
         "lm_head": options.lm_head,
         "lm_head_quantizer": _head_quantizer(options),
         "streamed": True,
+        "activation_dtype": options.activation_dtype,
         "layers_streamed": len(seconds),
         "layers_reused": sum(t.reused for t in result.layers),
         "layer_seconds_mean": round(sum(seconds) / len(seconds), 2),
@@ -255,6 +267,8 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
         "fused_ops": fused_ops(op_counts(ctx.outdir / "model.onnx")),
         "parity": "not run: streamed (the float model is never loaded); the evaluation measures the file",
     }
+    if method.name == "awq":
+        info["awq_groups_unscaled"] = list(result.awq_unscaled)
     unmeasured = None if options.target.runs_on_cpu else NEEDS_GPU
     return StageOutput(
         file="model.onnx", format="onnx", precision="int4", info=info, target=options.target.name, unmeasured=unmeasured

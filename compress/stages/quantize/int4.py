@@ -39,9 +39,11 @@ only, so there the embedding Gather keeps a float table (holding the dequantized
 
 - `onnxruntime-genai` (causal-lm): no export + rewrite; onnxruntime-genai's model builder writes its fused
   decoder graph from the quantized weights (`compress.stages.quantize.genai_target`, which says what is
-  refused); `execution_provider: cpu | cuda`, `accuracy_level`. `streamed: true` (method rtn or gptq) quantizes one
-  decoder layer at a time from the input's safetensors without loading the model (`compress.quant.streamed`), and
-  the fused graph is written one layer at a time from the builder's 2-layer pattern (`compress.genai.layered`).
+  refused); `execution_provider: cpu | cuda`, `accuracy_level`. `streamed: true` (method rtn, gptq or awq)
+  quantizes one decoder layer at a time from the input's safetensors without loading the model
+  (`compress.quant.streamed`), and the fused graph is written one layer at a time from the builder's 2-layer
+  pattern (`compress.genai.layered`); `activation_dtype: bfloat16 | float16` (streamed gptq / awq) keeps the
+  hidden states between layers at half the size of float32's (every layer still computes in float32).
 
 Families: causal-lm (calibration windows of `data`), vision and text-encoder; the adapter's
 `calibration_batch_size` says how many inputs go in one calibration forward (vision 8, others 1);
@@ -118,8 +120,13 @@ class Int4Options(StageOptions):
     streamed: bool = Field(
         False,
         description="quantize one decoder layer at a time from the input's safetensors, never loading the float "
-        "model, and write the ONNX graph layer by layer (models larger than memory; method rtn or gptq, target "
-        "onnxruntime-genai; resumes per layer)",
+        "model, and write the ONNX graph layer by layer (models larger than memory; method rtn, gptq or awq, "
+        "target onnxruntime-genai; resumes per layer)",
+    )
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="streamed gptq / awq: dtype of the hidden states kept between layers (in memory and on disk); "
+        "bfloat16 / float16 halve them, every layer still computes in float32 (the codes move slightly)",
     )
     mixed: MixedOptions | None = Field(
         None,
@@ -184,6 +191,8 @@ class Int4Options(StageOptions):
             from compress.stages.quantize.genai_target import streamed_refusals
 
             problems += streamed_refusals(self)
+        elif self.activation_dtype != "float32":
+            problems.append(("activation_dtype", "for streamed: true only (the in-memory path keeps float32)"))
         if self.mixed:
             from compress.stages.quantize.mixed import refusals as mixed_refusals
 
@@ -198,6 +207,8 @@ class Int4Options(StageOptions):
         fields = super().cache_fields()
         if not self.streamed:  # added later: the keys of artifacts made before it stay as they were
             fields.pop("streamed")
+        if self.activation_dtype == "float32":  # likewise
+            fields.pop("activation_dtype")
         if self.mixed is None:  # likewise
             fields.pop("mixed")
         if head_quantizer(self) == "gptq" and not (self.target.fused_decoder and self.lm_head == "int8"):
