@@ -168,7 +168,9 @@ def _our_method(art: Any) -> str:
     if art.precision == "fp32":
         return "our ONNX export, fp32"
     method = cfg.get("method")
-    name = method.get("name") if isinstance(method, dict) else method or info.get("method", "")
+    name = method.get("name") if isinstance(method, dict) else method
+    if name in (None, "", "auto"):  # the stage records what `auto` resolved to
+        name = info.get("method", name)
     if name == "awq":
         name = f"awq+{method.get('then') if isinstance(method, dict) else info.get('then')}"
     bits = {"int4": "4 bit", "int8": "8 bit"}.get(art.precision, art.precision)
