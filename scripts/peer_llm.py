@@ -14,7 +14,8 @@ Every row is measured here, in this process, on the same machine state (nothing 
   `compress.families.causal_lm.task.perplexity` (llama.cpp: the same ids evaluated with `logits_all`);
 - prefill of 512 tokens from an empty cache at 1 thread, and decode tokens/s (128 greedy tokens after a
   5-token prompt, batch 1) at 1 and 2 threads, through `compress.bench.decoder.bench_decoder` (the same
-  seeded random prompts for every system; llama.cpp through the small `LlamaCppDecoder` adapter below);
+  seeded random prompts for every system; a genai folder through onnxruntime-genai's Generator, the `engine`
+  column; llama.cpp through the small `LlamaCppDecoder` adapter below);
 - file MB: the weights file(s) a deployer ships (model.onnx + its .data; the .gguf).
 
 The peers, built from the FP32 Hugging Face folder of the SmolLM2 source (SmolLM2-135M-Instruct was published
@@ -168,7 +169,9 @@ def _our_method(art: Any) -> str:
     if art.precision == "fp32":
         return "our ONNX export, fp32"
     method = cfg.get("method")
-    name = method.get("name") if isinstance(method, dict) else method or info.get("method", "")
+    name = method.get("name") if isinstance(method, dict) else method
+    if name in (None, "", "auto"):  # the stage records what `auto` resolved to
+        name = info.get("method", name)
     if name == "awq":
         name = f"awq+{method.get('then') if isinstance(method, dict) else info.get('then')}"
     bits = {"int4": "4 bit", "int8": "8 bit"}.get(art.precision, art.precision)
