@@ -48,16 +48,27 @@ def write_gguf_folder(
     Not atomic: the caller writes into a temporary folder and renames it (`model_io.convert_gguf`).
     """
     import torch
+    import transformers
     from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.integrations.gguf import GGUF_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-    )
+
+    try:
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+        )
+    except ImportError:
+        raise ConfigError(
+            f"gguf:{path}: converting a GGUF needs transformers' GGUF tensor map (`get_gguf_hf_weights_map`, "
+            f"`TENSOR_PROCESSORS`), which transformers {transformers.__version__} lacks; pip install -U transformers"
+        ) from None
+    try:
+        from transformers.integrations.gguf import GGUF_ARCHS
+    except ImportError:  # a transformers without the newer GGUF path: every architecture is the legacy loader's
+        GGUF_ARCHS = {}
 
     if dtype not in DTYPES:
         raise ConfigError(f"gguf:{path}: dtype {dtype!r}; expected one of {', '.join(DTYPES)}")

@@ -146,3 +146,22 @@ def test_linked_gguf_source_streams_the_same_int4_file_as_the_linked_folder(tmp_
     assert not list((runs / "gguf" / "source").glob("*.safetensors"))  # linked, not copied
     a, b = (runs / name / "int4" / "model.onnx.data" for name in ("folder", "gguf"))
     assert sha256_file(a) == sha256_file(b)  # the same weights, the same 4-bit file
+
+
+def test_conversions_it_cannot_do_one_tensor_at_a_time_are_refused_by_name(tmp_path, monkeypatch) -> None:
+    import transformers.integrations.gguf as hf_gguf
+    from transformers import modeling_gguf_pytorch_utils as legacy
+
+    from compress.errors import ConfigError
+
+    gguf = tiny_gguf(tmp_path / "tiny.gguf", tiny_llama(tie=False))
+    out = tmp_path / "out"
+    out.mkdir()
+    with monkeypatch.context() as m:  # an architecture transformers loads through its newer GGUF path
+        m.setattr(hf_gguf, "GGUF_ARCHS", {"llama": None})
+        with pytest.raises(ConfigError, match="architecture 'llama' goes through transformers' newer GGUF loader"):
+            write_gguf_folder(gguf, out)
+    # GPT-2's processor stores the head itself, as the MoE processors store merged experts
+    monkeypatch.setitem(legacy.TENSOR_PROCESSORS, "llama", legacy.GPT2TensorProcessor)
+    with pytest.raises(ConfigError, match=r"GPT2TensorProcessor assembles tensors .*\(output.weight\)"):
+        write_gguf_folder(gguf, out)
