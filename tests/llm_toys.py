@@ -84,3 +84,58 @@ stages:{stages}
 gates: {gates}
 """)
     return path
+
+
+def tiny_gguf(path: Path, model, *, quantized: bool = False) -> Path:
+    """Write a Llama `model` as a GGUF file the way llama.cpp's converter does (tensor names, q/k rows permuted
+    for its rotary layout), with a byte-level BPE vocabulary of the model's size.
+
+    `quantized`: the Linear weights as Q4_1 and the embedding as Q8_0 (SmolLM2's GGUF mix); else all float32.
+    """
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    bytes_ = list(bytes_to_unicode().values())
+    tokens = [*bytes_, "<|endoftext|>", "Ġt", *(f"<x{i}>" for i in range(cfg.vocab_size - len(bytes_) - 2))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    writer.add_token_merges(["Ġ t"])
+    writer.add_eos_token_id(len(bytes_))
+
+    def permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for hf_name, tensor in model.state_dict().items():
+        if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue
+        base, _, suffix = hf_name.rpartition(".")
+        w = tensor.detach().float().numpy()
+        if base.endswith("q_proj"):
+            w = permute(w, heads)
+        elif base.endswith("k_proj"):
+            w = permute(w, kv)
+        kind = gguf.GGMLQuantizationType.F32
+        if quantized and w.ndim == 2:
+            kind = gguf.GGMLQuantizationType.Q8_0 if "embed" in base else gguf.GGMLQuantizationType.Q4_1
+        data = w if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(w, kind)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

