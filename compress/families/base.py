@@ -179,8 +179,10 @@ class Adapter(ABC):
         """Run the evaluation set through `session`."""
 
     def evaluate_calibration(self, session: Session, start: int, stop: int, reporter: Reporter) -> Evaluation:
-        """The primary metric on calibration samples [start, stop): the slice `accuracy_budget` searches on,
-        held apart from the samples the ranges came from (never the evaluation set)."""
+        """The primary metric on calibration samples [start, stop): the slice `accuracy_budget` judges candidates
+        on, held apart from the samples the ranges came from (never the evaluation set). The Evaluation's
+        `samples["labels"]` are the slice's labels (the paired standard error needs them); IndexError if the
+        calibration data holds fewer than `stop` samples."""
         raise NotImplementedError(f"family {self.family} has no labelled calibration slice; remove accuracy_budget")
 
     @abstractmethod

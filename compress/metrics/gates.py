@@ -123,7 +123,10 @@ def _budget_gates(cfg: PipelineConfig, recs: Records, cov: Coverage) -> list[Gat
             continue
         found = recs[name].info.get("accuracy_budget") or {}
         kept = len(found.get("float_nodes", ()))
-        detail = f"calibration slice: drop {found.get('drop', float('nan')):.3f} with {kept} node(s) float"
+        detail = (
+            f"calibration slice ({found.get('samples', '?')} samples): drop {found.get('drop', float('nan')):.3f} "
+            f"± {found.get('se', float('nan')):.3f} with {kept} node(s) float"
+        )
         if not found.get("met", False):
             blocked = ", ".join(n["node"] for n in found.get("blocked_by", ()))
             detail += f"; budget not met within max_fallback {budget.max_fallback} (next: {blocked})"

@@ -32,17 +32,22 @@ def summary(info: Mapping[str, Any]) -> list[str]:
         return out
     unit, metric = budget["unit"], budget["metric"]
     kept = [n["node"] for n in budget["float_nodes"]]
+    a, b = budget["slice"]
+    rule = f"drop + {budget['sigmas']:g} × its standard error" if budget.get("sigmas") else "drop"
     head = (
         f"Budget: {metric} drop ≤ {budget['max_drop']:g} {unit} vs the float graph, at most "
-        f"{budget['max_fallback']} node(s) back in float."
+        f"{budget['max_fallback']} node(s) back in float, judged ({rule}) on calibration samples {a}–{b - 1} "
+        f"({budget['samples']}, held apart from the ranges' and the probes'; float graph "
+        f"{budget['slice_reference']:.2f})."
     )
+    estimate = f"drop {budget['drop']:.3f} ± {budget['se']:.3f} {unit} (paired standard error)"
     if budget["met"]:
-        found = f"Met on the slice with {len(kept)} node(s) float: drop {budget['drop']:.3f} {unit}"
+        found = f"Met on the slice with {len(kept)} node(s) float: {estimate}"
     else:
         blocked = ", ".join(f"`{n['node']}`" for n in budget["blocked_by"]) or "none left"
         found = (
             f"**Not met** within {budget['max_fallback']} node(s). Best candidate (this artifact): "
-            f"{len(kept)} node(s) float, drop {budget['drop']:.3f} {unit} on the slice; the most sensitive nodes "
+            f"{len(kept)} node(s) float, {estimate} on the slice; the most sensitive nodes "
             f"still quantized, which blocked it: {blocked}"
         )
     floated = ", ".join(f"`{n}`" for n in kept) or "none"
@@ -53,8 +58,19 @@ def summary(info: Mapping[str, Any]) -> list[str]:
 def steps_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     budget = info["accuracy_budget"]
     metric, unit = budget["metric"], budget["unit"]
-    header = ["nodes float", "added", f"{metric} on the slice", f"drop ({unit})"]
-    rows = [[str(s["float_nodes"]), s["added"] or "–", f"{s[metric]:.2f}", f"{s['drop']:.3f}"] for s in budget["steps"]]
+    header = ["nodes float", "added", f"{metric} on the slice", f"drop ({unit})", "± se", "lost", "won"]
+    rows = [
+        [
+            str(s["float_nodes"]),
+            s["added"] or "–",
+            f"{s[metric]:.2f}",
+            f"{s['drop']:.3f}",
+            f"{s['se']:.3f}",
+            str(s["lost"]),
+            str(s["won"]),
+        ]
+        for s in budget["steps"]
+    ]
     return header, rows
 
 

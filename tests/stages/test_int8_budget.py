@@ -22,13 +22,13 @@ from compress.progress import Reporter
 from compress.stages.base import StageContext
 from compress.stages.quantize.int8 import Int8Options, quantize_int8
 
-CALIB, SLICE = 32, 64  # ranges from 32 images, the search on the next 64
+CALIB, SLICE, ACCEPT = 32, 64, 128  # ranges from 32 images, probes on the next 64, candidates judged on 128
 
 
 def _images() -> np.ndarray:
     """A colour per image plus noise, (N, 3, 28, 28): global pooling keeps what differs between images."""
     rng = np.random.default_rng(0)
-    shape = (CALIB + SLICE, 3, 28, 28)
+    shape = (CALIB + SLICE + ACCEPT, 3, 28, 28)
     return (rng.standard_normal((shape[0], 3, 1, 1)) + 0.5 * rng.standard_normal(shape)).astype(np.float32)
 
 
@@ -51,9 +51,11 @@ class _Adapter:
             yield {"input": self.images[start : min(start + batch_size, n)]}
 
     def evaluate_calibration(self, session, start: int, stop: int, reporter) -> Evaluation:
+        if stop > len(self.images):
+            raise IndexError(f"data.calibration holds {len(self.images)} samples")
         predictions = session.run({"input": self.images[start:stop]})[0].argmax(1)
         top1 = 100.0 * float((predictions == self.labels[start:stop]).mean())
-        return Evaluation({"top1": top1}, predictions)
+        return Evaluation({"top1": top1}, predictions, samples={"labels": self.labels[start:stop]})
 
     def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
         return task.compare(result, baseline)
@@ -92,7 +94,10 @@ def _quantize(model: Path, tmp: Path, method: dict | None = None, **keys) -> dic
 
 def test_the_fragile_convs_rank_first_and_go_back_to_float(fragile_onnx: Path, tmp_path: Path) -> None:
     info = _quantize(
-        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 4}
+        fragile_onnx,
+        tmp_path,
+        sensitivity={"samples": SLICE},
+        accuracy_budget={"max_drop": 5.0, "max_fallback": 4, "samples": ACCEPT},
     )
     ranked = [row["node"] for row in info["sensitivity"]["nodes"]]
     # a fragile conv first; the spikes beside them (their output is the outlier tensor), the rest after
@@ -106,12 +111,81 @@ def test_the_fragile_convs_rank_first_and_go_back_to_float(fragile_onnx: Path, t
     assert {"/fragile1/Conv", "/fragile2/Conv"} <= {n["node"] for n in budget["float_nodes"]}
 
 
+def _search(model: Path, tmp: Path, **budget) -> dict:
+    budget = {"max_drop": 5.0, "max_fallback": 4, "samples": ACCEPT, **budget}
+    return _quantize(model, tmp, sensitivity={"samples": SLICE}, accuracy_budget=budget)
+
+
+def test_candidates_are_judged_on_their_own_slice_with_a_paired_standard_error(
+    fragile_onnx: Path, tmp_path: Path
+) -> None:
+    info = _search(fragile_onnx, tmp_path)
+    budget = info["accuracy_budget"]
+    # ranges [0, 32), probes [32, 96), candidates [96, 224): three disjoint slices
+    assert info["sensitivity"]["slice"] == [CALIB, CALIB + SLICE]
+    assert budget["slice"] == [CALIB + SLICE, CALIB + SLICE + ACCEPT] and budget["samples"] == ACCEPT
+    assert budget["slice_reference"] == 100.0  # the labels are the float graph's own top-1
+    for step in budget["steps"]:
+        lost, won, n = step["lost"], step["won"], ACCEPT
+        mean = (lost - won) / n
+        se = 100 * ((lost + won - n * mean**2) / (n - 1) / n) ** 0.5  # sd(d) / sqrt(n), d in {-1, 0, 1}
+        assert step["drop"] == pytest.approx(100 * mean, abs=1e-4) and step["se"] == pytest.approx(se, abs=1e-4)
+        assert step["bound"] == step["drop"]  # sigmas 0: the decision is the estimate
+    assert budget["steps"][0]["se"] > budget["steps"][-1]["se"] > 0  # fewer disagreements, a tighter estimate
+    assert (budget["drop"], budget["se"]) == (budget["steps"][-1]["drop"], budget["steps"][-1]["se"])
+
+
+def test_sigmas_refuses_a_candidate_whose_estimate_fits_but_not_its_error(fragile_onnx: Path, tmp_path: Path) -> None:
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+    last = _search(fragile_onnx, tmp_path / "c")["accuracy_budget"]["steps"][-1]
+    assert last["drop"] > 0 and last["se"] > 0
+    between = last["drop"] + last["se"] / 2  # the estimate fits, estimate + 1 se does not
+    loose = _search(fragile_onnx, tmp_path / "a", max_drop=between)["accuracy_budget"]
+    assert loose["met"] and len(loose["float_nodes"]) == last["float_nodes"]
+    strict = _search(fragile_onnx, tmp_path / "b", max_drop=between, sigmas=1.0)["accuracy_budget"]
+    assert not strict["met"] and len(strict["steps"]) == 5 and strict["blocked_by"]
+    assert strict["bound"] == pytest.approx(last["drop"] + last["se"], abs=2e-4)
+    assert strict["bound"] > between
+
+
+def test_full_int8_within_budget_leaves_every_node_quantized(fragile_onnx: Path, tmp_path: Path) -> None:
+    budget = _search(fragile_onnx, tmp_path, max_drop=60.0)["accuracy_budget"]
+    assert budget["met"] and budget["float_nodes"] == [] and len(budget["steps"]) == 1
+    assert budget["steps"][0]["added"] is None and 20 < budget["drop"] <= 60.0
+
+
+def test_an_acceptance_slice_past_the_data_fails_before_any_probe(fragile_onnx: Path, tmp_path: Path) -> None:
+    from compress.errors import StageError
+
+    with pytest.raises(StageError, match=r"\[97, 225\).*holds 224 samples; raise data.calibration.samples"):
+        _search(fragile_onnx, tmp_path, start=CALIB + SLICE + 1)
+    assert not (tmp_path / "_probe").exists()
+
+
+def test_an_acceptance_slice_inside_the_ranges_or_probes_is_refused_at_validation() -> None:
+    from compress.families.vision.adapter import VisionAdapter
+
+    def problems(**budget) -> list[tuple[str, str]]:
+        method = {"name": "static", "samples": 512}
+        options = Int8Options(precision="int8", method=method, sensitivity={"samples": 1024}, accuracy_budget=budget)
+        return options.check_family(VisionAdapter)
+
+    (key, why), *_ = problems(max_drop=0.15, start=1535)
+    assert key == "accuracy_budget" and "start 1535 overlaps the calibration samples [0, 1536)" in why
+    assert "set start >= 1536" in why
+    assert problems(max_drop=0.15, start=1536) == problems(max_drop=0.15) == []
+
+
 def test_an_impossible_budget_keeps_the_best_candidate_and_names_the_blockers(
     fragile_onnx: Path, tmp_path: Path
 ) -> None:
     # one node may go back to float; both fragile convs must: the budget cannot be met
     info = _quantize(
-        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 1}
+        fragile_onnx,
+        tmp_path,
+        sensitivity={"samples": SLICE},
+        accuracy_budget={"max_drop": 5.0, "max_fallback": 1, "samples": ACCEPT},
     )
     budget = info["accuracy_budget"]
     assert not budget["met"] and len(budget["steps"]) == 2
@@ -156,7 +230,14 @@ def test_the_cache_key_holds_the_budget_and_other_methods_refuse_it() -> None:
     tight = Int8Options(precision="int8", accuracy_budget={"max_drop": 0.15})
     loose = Int8Options(precision="int8", accuracy_budget={"max_drop": 0.3})
     keys = [plain.cache_fields(), tight.cache_fields(), loose.cache_fields()]
-    assert keys[1]["accuracy_budget"] == {"max_drop": 0.15, "max_fallback": 10}
+    assert keys[1]["accuracy_budget"] == {
+        "max_drop": 0.15,
+        "max_fallback": 10,
+        "samples": 4096,
+        "start": None,
+        "sigmas": 0.0,
+    }
+    assert "accuracy_budget" not in keys[0] or keys[0]["accuracy_budget"] is None
     assert keys[0] != keys[1] != keys[2]
     assert tight.check_family(VisionAdapter) == []
     problems = tight.check_family(CausalLMAdapter)  # auto -> weight-only for a decoder
@@ -171,7 +252,10 @@ def test_the_report_section_shows_budget_steps_and_sorted_nodes(fragile_onnx: Pa
     from compress.report import sensitivity
 
     info = _quantize(
-        fragile_onnx, tmp_path, sensitivity={"samples": SLICE}, accuracy_budget={"max_drop": 5.0, "max_fallback": 1}
+        fragile_onnx,
+        tmp_path,
+        sensitivity={"samples": SLICE},
+        accuracy_budget={"max_drop": 5.0, "max_fallback": 1, "samples": ACCEPT},
     )
     text = " ".join(sensitivity.summary(info))
     assert "**Not met** within 1 node(s)" in text and "which blocked it: `" in text
@@ -204,7 +288,10 @@ def _biases(path: Path) -> dict[str, np.ndarray]:
 def test_bias_correction_goes_first_and_every_candidate_keeps_the_corrected_biases(
     fragile_onnx: Path, tmp_path: Path
 ) -> None:
-    budget = {"sensitivity": {"samples": SLICE}, "accuracy_budget": {"max_drop": 5.0, "max_fallback": 4}}
+    budget = {
+        "sensitivity": {"samples": SLICE},
+        "accuracy_budget": {"max_drop": 5.0, "max_fallback": 4, "samples": ACCEPT},
+    }
     (tmp_path / "plain").mkdir(), (tmp_path / "corrected").mkdir(), (tmp_path / "both").mkdir()
     _quantize(fragile_onnx, tmp_path / "plain", **budget)
     _quantize(fragile_onnx, tmp_path / "corrected", method={"bias_correction": True})

@@ -247,7 +247,9 @@ class VisionAdapter(Adapter):
         import dataclasses
 
         data = self.subset("calibration")
-        part = slice(start, min(stop, len(data)))
+        if stop > len(data):
+            raise IndexError(f"data.calibration holds {len(data)} samples")
+        part = slice(start, stop)
         images = dataclasses.replace(
             data, images=data.images[part], labels=data.labels[part], indices=data.indices[part]
         )

@@ -77,7 +77,7 @@ from compress.stages.quantize.common import (
     refuse_quantized_input,
     require_quantized,
 )
-from compress.stages.quantize.fallback import AccuracyBudget, SensitivityOptions, budget_search
+from compress.stages.quantize.fallback import AccuracyBudget, SensitivityOptions, budget_search, overlap_problem
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -135,7 +135,10 @@ class Int8Options(StageOptions):
         None, description="static: per-node sensitivity on held-apart calibration samples (stages/quantize/fallback.py)"
     )
     accuracy_budget: AccuracyBudget | None = Field(
-        None, description="static: return the most sensitive nodes to float until the primary metric's drop fits"
+        None,
+        description="static: {max_drop, max_fallback, samples, start, sigmas}: return the most sensitive nodes to "
+        "float until the primary metric's drop on `samples` held-apart calibration samples fits "
+        "(stages/quantize/fallback.py)",
     )
 
     @model_validator(mode="before")
@@ -215,6 +218,11 @@ class Int8Options(StageOptions):
             problems.append(("method", f"{method}: not for family '{adapter.family}'; allowed: {allowed}"))
         if self.accuracy_budget is not None and not adapter.labelled_calibration:
             problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
+        resolved = self.method_for(adapter.default_int8_method)
+        if self.accuracy_budget is not None and isinstance(resolved, algorithms.StaticOptions):
+            sensitivity = self.sensitivity or SensitivityOptions()
+            if (overlap := overlap_problem(self.accuracy_budget, resolved.samples, sensitivity)) is not None:
+                problems.append(("accuracy_budget", overlap))
         if self.target.fused_decoder:
             if self.target.name not in adapter.int4_targets:
                 problems.append(("target", f"{self.target.name}: not for family '{adapter.family}' (decoder LLMs)"))
