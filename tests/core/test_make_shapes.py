@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_shapes.py"
+from toys import load_script
 
 
 @pytest.fixture(scope="module")
 def make_shapes():
-    spec = importlib.util.spec_from_file_location("make_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_shapes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_shapes")
 
 
 def test_smollm2_shape_folder(make_shapes, tmp_path) -> None:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "peer_llm.py"
+from toys import load_script
 
 
 @pytest.fixture(scope="module")
 def peer_llm():
-    spec = importlib.util.spec_from_file_location("peer_llm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peer_llm"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("peer_llm")
 
 
 def art(precision: str, config: dict, info: dict) -> SimpleNamespace:

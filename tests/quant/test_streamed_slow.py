@@ -6,30 +6,18 @@ several GB each."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from toys import load_script
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'compress[llm]')")
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_smollm2_shape_streamed_to_one_decode_step(tmp_path, capsys) -> None:
-    _script("make_shapes").write_shape("smollm2-135m", tmp_path / "hf", say=lambda _m: None)
-    _script("streamed_int4").main([str(tmp_path / "hf"), str(tmp_path / "work"), "--group-size", "64"])
+    load_script("make_shapes").write_shape("smollm2-135m", tmp_path / "hf", say=lambda _m: None)
+    load_script("streamed_int4").main([str(tmp_path / "hf"), str(tmp_path / "work"), "--group-size", "64"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     heads = [line for line in lines if line.get("layer") == "head"]  # the head step's progress line
     layers = [line for line in lines if "layer" in line and line["layer"] != "head"]
