@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-threads", type=int, default=2, help="threads for perplexity (not a timing)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--iterations", type=int, default=3, help="prefill repeats (median); decode: max(1, n//2) x 128"
+        "--iterations", type=int, default=7, help="prefill repeats (median); decode: max(1, n//2) x 128"
     )
     args = parser.parse_args(argv)
 
