@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from compress.memory import PeakRss, current_rss_mb
 from compress.quant.algorithms.awq import AWQConfig
 from compress.quant.algorithms.gptq import GPTQConfig
 from compress.quant.primitives.weight import WeightQuantConfig
+from compress.quant.scheme import ActivationDtype
 from compress.quant.streamed import LayerTiming, build_streamed_decoder, stream_quantize
 
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=512, help="tokens per GPTQ calibration window")
     parser.add_argument("--awq", action="store_true", help="with --gptq-windows: AWQ (+RTN) on them instead of GPTQ")
     parser.add_argument(
-        "--activation-dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="kept hidden states"
+        "--activation-dtype", choices=get_args(ActivationDtype), default="float32", help="kept hidden states"
     )
     parser.add_argument(
         "--stop-after-layers", type=int, default=0, help="measure the first N layers only (implies --no-build)"

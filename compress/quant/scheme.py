@@ -9,7 +9,7 @@ valid for both targets.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator
 
@@ -37,3 +37,7 @@ def _check_group(value: Any) -> Any:
 
 #: input columns sharing one scale / zero point (int4, int8 weight-only)
 GroupSize = Annotated[Count, AfterValidator(_check_group)]
+
+#: dtype of the hidden states layer-streamed GPTQ / AWQ keep between layers (`compress.quant.streamed`); every
+#: layer still computes in float32
+ActivationDtype = Literal["float32", "bfloat16", "float16"]

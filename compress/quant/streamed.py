@@ -65,7 +65,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -85,11 +85,10 @@ from compress.quant.algorithms.sequential import (
 )
 from compress.quant.primitives.packing import pack_gptq, shift_zero_points
 from compress.quant.primitives.weight import QuantizedWeight, WeightQuantConfig
+from compress.quant.scheme import ActivationDtype
 
 STREAM_VERSION = 2  # joins every file's key: a change of the layout invalidates finished files (2: tied head)
 HeadMode = Literal["float", "int4"]
-#: dtype of the hidden states kept between layers (streamed GPTQ / AWQ); every layer computes in float32
-ActivationDtype = Literal["float32", "bfloat16", "float16"]
 REST_FILE = "rest.safetensors"
 #: streamed GPTQ / AWQ: outputs (in `activation_dtype`) of the last finished layer, to resume from (safetensors
 #: bytes, but not named *.safetensors: the builder reads every such file of the folder)
@@ -435,8 +434,8 @@ def stream_quantize(
             f"{hf_config.model_type}: layers take different arguments (sliding-window and global attention); "
             f"streamed {method} passes every layer layer 0's, so it is for the other architectures"
         )
-    if activation_dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"activation_dtype = {activation_dtype!r}; allowed: float32, bfloat16, float16")
+    if activation_dtype not in get_args(ActivationDtype):
+        raise ValueError(f"activation_dtype = {activation_dtype!r}; allowed: {', '.join(get_args(ActivationDtype))}")
     if activation_dtype != "float32" and not calibrated:
         raise ValueError(f"activation_dtype = {activation_dtype}: RTN keeps no activations; it is for GPTQ / AWQ")
     keep = getattr(torch, activation_dtype)

@@ -148,7 +148,7 @@ class CausalLMAdapter(Adapter):
         from compress.families.causal_lm.linked import linked_folder
 
         if is_gguf(self.model_cfg.source):
-            self.reporter.log(f"  converting {self.model_cfg.source} shard by shard (once, cached and verified)")
+            self.reporter.log(f"  {self.model_cfg.source}: converted once, shard by shard (a verified copy is reused)")
         return linked_folder(self.model_cfg.source, self.cache_dir / "models")
 
     def source_fingerprint(self) -> dict[str, Any]:

@@ -222,8 +222,8 @@ def gguf_header_problem(path: Path) -> str | None:
     return None
 
 
-def convert_gguf(path: Path, *, cache_dir: Path, dtype: str = "float32") -> Path:
-    """Convert a GGUF file once to a sharded safetensors folder under ``cache_dir/gguf/`` and return it.
+def convert_gguf(path: Path, *, cache_dir: Path) -> Path:
+    """Convert a GGUF file once to a sharded float32 safetensors folder under ``cache_dir/gguf/`` and return it.
 
     Shard by shard (`gguf_shards.write_gguf_folder`: one tensor in memory at a time, so a GGUF larger than
     memory converts; the tensors are bit-identical to transformers' whole-model load). Written to a temporary
@@ -241,10 +241,9 @@ def convert_gguf(path: Path, *, cache_dir: Path, dtype: str = "float32") -> Path
 
     from compress.families.causal_lm.gguf_shards import write_gguf_folder
 
-    key = dict(stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION, dtype=dtype)
+    key = dict(stat_key(path), transformers=transformers.__version__, version=_GGUF_CACHE_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    suffix = "" if dtype == "float32" else f"-{dtype}"
-    target = cache_dir / "gguf" / f"{path.stem}{suffix}-{digest}"
+    target = cache_dir / "gguf" / f"{path.stem}-{digest}"
     if _verified_conversion(target, key, cache_dir):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +253,7 @@ def convert_gguf(path: Path, *, cache_dir: Path, dtype: str = "float32") -> Path
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache folder should read like any other
     try:
         try:
-            write_gguf_folder(path, tmp, dtype=dtype)
+            write_gguf_folder(path, tmp)
         except (ValueError, EOFError, struct.error) as exc:  # what the gguf reader raises on a cut or corrupt file
             size = path.stat().st_size
             raise ConfigError(f"{path}: not a valid GGUF file ({size} bytes read; {exc}); is it truncated?") from None

@@ -196,15 +196,20 @@ def overlap_problem(budget: AccuracyBudget, method_samples: int, sensitivity: Se
 
 @dataclass(frozen=True)
 class AcceptanceSlice:
-    """The calibration samples [start, stop) candidates are judged on, and the float graph's result there."""
+    """The budget, the calibration samples [start, stop) its candidates are judged on, and the float graph's
+    result there."""
 
+    budget: AccuracyBudget
     span: tuple[int, int]
     ctx: StageContext
     reference: Evaluation
 
     @classmethod
-    def measure(cls, ctx: StageContext, span: tuple[int, int], float_model: Path) -> AcceptanceSlice:
-        return cls(span, ctx, _evaluate(ctx, span, float_model, {}))
+    def measure(
+        cls, ctx: StageContext, budget: AccuracyBudget, probes: tuple[int, int], float_model: Path
+    ) -> AcceptanceSlice:
+        span = acceptance_span(budget, probes)
+        return cls(budget, span, ctx, _evaluate(ctx, span, float_model, {}))
 
     def evaluate(self, path: Path, session_config: dict[str, str]) -> Evaluation:
         return _evaluate(self.ctx, self.span, path, session_config)
@@ -236,14 +241,13 @@ def fall_back(
     recipe: QdqRecipe,
     out: Path,
     ranked: list[dict[str, Any]],
-    budget: AccuracyBudget,
     judge: AcceptanceSlice,
     ctx: StageContext,
     config: dict[str, str],
 ) -> dict[str, Any]:
     """Greedy fallback (module docstring) judged on `judge`: writes the chosen graph at `out`, returns what was
     tried and kept. Full INT8 is the first candidate."""
-    span, reference = judge.span, judge.reference
+    budget, span, reference = judge.budget, judge.span, judge.reference
     quality = ctx.adapter.quality
     steps: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
@@ -316,17 +320,17 @@ def budget_search(
         )
     span = (calibration_samples, calibration_samples + sensitivity.samples)
     # the float graph on the acceptance slice first: a slice past the data fails before any probe
-    judge = None if budget is None else AcceptanceSlice.measure(ctx, acceptance_span(budget, span), recipe.model)
+    judge = None if budget is None else AcceptanceSlice.measure(ctx, budget, span, recipe.model)
     work = out.parent / "_probe"
     work.mkdir()
     batches = slice_inputs(ctx, *span[:1], sensitivity.samples)
     report = sensitivities(recipe, work, batches, ctx, config)
     report["slice"] = list(span)
     info: dict[str, Any] = {"sensitivity": report}
-    if budget is None or judge is None:
+    if judge is None:
         (work / "full.onnx").replace(out)
     else:
-        info["accuracy_budget"] = fall_back(recipe, out, report["nodes"], budget, judge, ctx, config)
+        info["accuracy_budget"] = fall_back(recipe, out, report["nodes"], judge, ctx, config)
     for leftover in _files(work):
         leftover.unlink()
     work.rmdir()

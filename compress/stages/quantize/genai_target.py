@@ -198,8 +198,9 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
     import json
 
     from compress.genai.build import GPTQ_ARCHITECTURES
-    from compress.quant.primitives.weight import WeightQuantConfig
     from compress.quant.streamed import build_streamed_decoder, stream_quantize
+    from compress.stages.quantize.common import torch_calibration
+    from compress.stages.quantize.int4 import method_config
 
     config = json.loads((artifact.path / "config.json").read_text())
     arch = (config.get("architectures") or ["<none>"])[0]
@@ -209,22 +210,9 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
             "(the builder's GPTQ loader reads Llama tensor names)"
         )
     work = ctx.adapter.cache_dir / "streamed" / ctx.key[:20]
-    base = {"group_size": options.group_size, "symmetric": options.symmetric}
-    method, calibration = options.method, None
-    if method.name == "gptq":
-        from compress.quant.algorithms.gptq import GPTQConfig
-        from compress.stages.quantize.common import torch_calibration
-
-        cfg: WeightQuantConfig = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
-        calibration = torch_calibration(ctx, method.samples, "quantize int4")
-    elif method.name == "awq":
-        from compress.quant.algorithms.awq import AWQConfig
-        from compress.stages.quantize.common import torch_calibration
-
-        cfg = AWQConfig(**base, quantizer=method.then, seed=ctx.seed)  # as the in-memory stage (int4._quantize)
-        calibration = torch_calibration(ctx, method.samples, "quantize int4")
-    else:
-        cfg = WeightQuantConfig(**base)
+    method = options.method
+    cfg = method_config(options, ctx)  # the in-memory stage's mapping (`streamed_refusals`: rtn, gptq or awq)
+    calibration = None if method.name == "rtn" else torch_calibration(ctx, method.samples, "quantize int4")
     result = stream_quantize(
         ctx.adapter.weights_folder(artifact),  # a linked source's folder, its files verified first
         work,

@@ -70,7 +70,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from compress.errors import StageError
 from compress.quant import algorithms, targets
 from compress.quant.registry import named
-from compress.quant.scheme import GroupSize
+from compress.quant.scheme import ActivationDtype, GroupSize
 from compress.quant.vocab import LmHead
 from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
@@ -123,7 +123,7 @@ class Int4Options(StageOptions):
         "model, and write the ONNX graph layer by layer (models larger than memory; method rtn, gptq or awq, "
         "target onnxruntime-genai; resumes per layer)",
     )
-    activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    activation_dtype: ActivationDtype = Field(
         "float32",
         description="streamed gptq / awq: dtype of the hidden states kept between layers (in memory and on disk); "
         "bfloat16 / float16 halve them, every layer still computes in float32 (the codes move slightly)",
@@ -380,6 +380,25 @@ def _kept_linears(model: Any, options: Int4Options) -> dict[str, Any]:
     }
 
 
+def method_config(options: Int4Options, ctx: StageContext) -> Any:  # -> WeightQuantConfig (or a subclass)
+    """The algorithm config of `options.method` (RTN, AutoRound, GPTQ or AWQ): one mapping for the in-memory path
+    (`_quantize`) and the streamed one (`genai_target.build_streamed_artifact`)."""
+    from compress.quant.algorithms.autoround import AutoRoundConfig
+    from compress.quant.algorithms.awq import AWQConfig
+    from compress.quant.algorithms.gptq import GPTQConfig
+    from compress.quant.primitives.weight import WeightQuantConfig
+
+    method = options.method
+    base = {"group_size": options.group_size, "symmetric": options.symmetric}
+    if isinstance(method, algorithms.AutoRoundOptions):
+        return AutoRoundConfig(**base, iters=method.iters, lr=method.lr, amp=method.amp, seed=ctx.seed)
+    if isinstance(method, algorithms.GptqOptions):
+        return GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
+    if isinstance(method, algorithms.AwqOptions):
+        return AWQConfig(**base, quantizer=method.then, seed=ctx.seed)
+    return WeightQuantConfig(**base)
+
+
 def _quantize(
     model: Any, options: Int4Options, ctx: StageContext, on_float: Any = None
 ) -> tuple[dict[str, Any], str | None, list[str]]:
@@ -388,17 +407,16 @@ def _quantize(
     Returns ({name: QuantizedWeight}, checkpoint folder or None, AWQ scale groups left unscaled).
     """
     from compress.families.causal_lm.archs import find_arch
-    from compress.quant.algorithms.autoround import AutoRoundConfig, autoround_quantize_model
-    from compress.quant.algorithms.awq import AWQConfig, awq_quantize_model
-    from compress.quant.algorithms.gptq import GPTQConfig, gptq_quantize_model
+    from compress.quant.algorithms.autoround import autoround_quantize_model
+    from compress.quant.algorithms.awq import awq_quantize_model
+    from compress.quant.algorithms.gptq import gptq_quantize_model
     from compress.quant.algorithms.rtn import rtn_quantize_model
-    from compress.quant.primitives.weight import WeightQuantConfig
 
     method = options.method
     if isinstance(method, algorithms.CheckpointOptions):
         return _load_checkpoint(model, method.folder, options.target, ctx), method.folder, []
     keep = _keep_filter(options)
-    base = {"group_size": options.group_size, "symmetric": options.symmetric}
+    cfg = method_config(options, ctx)
     arch = find_arch(model)
     total = len(model.get_submodule(arch.layers)) if arch is not None and method.name != "rtn" else 1
     skipped: list[str] = []
@@ -409,10 +427,9 @@ def _quantize(
             task.advance(1, info=message)
 
         if isinstance(method, algorithms.RtnOptions):
-            qws = rtn_quantize_model(model, layers_filter=keep, config=WeightQuantConfig(**base))
+            qws = rtn_quantize_model(model, layers_filter=keep, config=cfg)
             task.advance(1)
         elif isinstance(method, algorithms.AutoRoundOptions):
-            cfg = AutoRoundConfig(**base, iters=method.iters, lr=method.lr, amp=method.amp, seed=ctx.seed)
             qws = autoround_quantize_model(
                 model,
                 ctx.adapter.tokenizer,
@@ -422,7 +439,6 @@ def _quantize(
             )
             task.advance(total)
         elif isinstance(method, algorithms.GptqOptions):
-            cfg = GPTQConfig(**base, act_order=method.act_order, percdamp=method.damp)
             qws = gptq_quantize_model(
                 model,
                 torch_calibration(ctx, method.samples, "quantize int4"),
@@ -431,7 +447,6 @@ def _quantize(
                 progress=progress,
             )
         else:
-            cfg = AWQConfig(**base, quantizer=method.then, seed=ctx.seed)
             qws = awq_quantize_model(
                 model,
                 torch_calibration(ctx, method.samples, "quantize int4"),
