@@ -11,10 +11,12 @@ Runtime's `calibration_cache_path` lets each reuse the ranges (JSON, not a pickl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from compress.progress import quiet_third_party
 
@@ -35,17 +37,40 @@ def calibration_method(calibrator: str):  # -> onnxruntime.quantization.Calibrat
     return getattr(CalibrationMethod, _METHODS[calibrator])
 
 
+#: batches (of 8 samples) whose activations are held at once while ranges are collected
+CHUNK_BATCHES = 8
+
+Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
+
+
+def passes(calibrator: str) -> int:
+    """How many times `compute_ranges` reads the calibration data: histograms need the global range first."""
+    return 1 if calibrator == "minmax" else 2
+
+
 def compute_ranges(
     model: Path,
-    reader: Any,
+    batches: Batches,
     *,
     calibrator: str,
     percentile: float,
     op_types: Sequence[str] | None,
     cache: Path,
     large: bool,
+    chunk: int = CHUNK_BATCHES,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Run `model` on the reader's batches, compute each tensor's range with `calibrator`, save them at `cache`."""
+    """Run `model` on the batches `batches()` yields, compute each tensor's range with `calibrator`, save them
+    at `cache`. `progress(n)` is called with each batch's sample count, on every pass.
+
+    Memory is bounded by `chunk` batches of activations, not by the whole calibration set: one
+    `collect_data` call holds every intermediate output of every batch it reads (6.2 GB for 512 MobileNetV2
+    images at 96 px). Min/max ranges merge exactly across calls (ONNX Runtime's `merge_range`). A histogram
+    does not: ORT sizes it on the first call's range and re-bins on later ones. So for entropy / percentile a
+    first pass finds each tensor's global min/max, the histograms are seeded empty at that range, and the
+    second pass adds each chunk's counts on the same bins: the same histograms, hence the same ranges, as one
+    call over all the data (tests/quant/test_calibration.py checks they are equal).
+    """
     with quiet_third_party():
         from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -63,13 +88,97 @@ def compute_ranges(
             use_external_data_format=large,
             extra_options=options,
         )
-        calib.collect_data(reader)
+        if passes(calibrator) == 2:
+            _seed_histograms(calib, _global_extrema(calib, _counted(batches(), progress)))
+        for part in _chunks(_counted(batches(), progress), chunk):
+            calib.collect_data(_Replay(part))
         save_tensors_data(calib.compute_data(), cache)
     del calib
     (cache.parent / "augmented.onnx").unlink(missing_ok=True)
     for scratch in cache.parent.glob("augmented.onnx*"):
         scratch.unlink()
     return cache
+
+
+def _counted(
+    batches: Iterator[dict[str, np.ndarray]], progress: Callable[[int], None] | None
+) -> Iterator[dict[str, np.ndarray]]:
+    for batch in batches:
+        if progress is not None:
+            progress(len(next(iter(batch.values()))))
+        yield batch
+
+
+def _chunks(batches: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[list[dict[str, np.ndarray]]]:
+    """Runs of at most `size` batches whose inputs have one shape (ORT stacks a call's outputs per tensor)."""
+    part: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        if part and (len(part) == size or _shapes(part[-1]) != _shapes(batch)):
+            yield part
+            part = []
+        part.append(batch)
+    if part:
+        yield part
+
+
+def _shapes(batch: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape for k, v in batch.items()}
+
+
+class _Replay:
+    """A CalibrationDataReader over a list of batches."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _global_extrema(calib: Any, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, tuple[Any, Any, Any]]:
+    """Each calibrated tensor's (nanmin, nanmax, smallest |value|) over every batch, in its own dtype, as ORT's
+    collector takes them over all the data at once."""
+    session = calib.infer_session
+    names = [o.name for o in session.get_outputs()]
+    wanted = set(calib.tensors_to_calibrate)
+    found: dict[str, tuple[Any, Any, Any]] = {}
+    for batch in batches:
+        for name, value in zip(names, session.run(None, batch), strict=True):
+            if name not in wanted or value.size == 0:
+                continue
+            now = (np.nanmin(value), np.nanmax(value), np.abs(value).min())
+            old = found.get(name, now)
+            found[name] = (min(old[0], now[0]), max(old[1], now[1]), min(old[2], now[2]))
+    return found
+
+
+def _seed_histograms(calib: Any, extrema: dict[str, tuple[Any, Any, Any]]) -> None:
+    """Give `calib` a collector whose histograms are empty on the bins one call over all the data would have
+    made, so every chunk's counts add onto them without re-binning. ORT's `collect_value` (entropy, asymmetric
+    percentile) bins [-t, t] with t the largest |value|; `collect_absolute_value` (symmetric percentile, ORT's
+    default for it) bins |value| over [smallest, largest]; later calls inside those edges only add counts."""
+    with quiet_third_party():
+        from onnxruntime.quantization.calibrate import HistogramCollector
+
+    collector = HistogramCollector(
+        method=calib.method,
+        symmetric=calib.symmetric,
+        num_bins=calib.num_bins,
+        num_quantized_bins=calib.num_quantized_bins,
+        percentile=calib.percentile,
+        scenario=calib.scenario,
+    )
+    absolute = calib.method == "percentile" and calib.symmetric  # HistogramCollector.collect's own choice
+    for name, (lo, hi, abs_lo) in extrema.items():
+        threshold = np.array(max(abs(lo), abs(hi)), dtype=lo.dtype)
+        if absolute:
+            _, edges = np.histogram(np.array([abs_lo, threshold], dtype=lo.dtype), bins=calib.num_bins)
+            hist = np.zeros(calib.num_bins, dtype=np.intp)
+            collector.histogram_dict[name] = (hist, edges.astype(lo.dtype), lo, hi)
+        else:
+            hist, edges = np.histogram(np.empty(0, dtype=lo.dtype), calib.num_bins, range=(-threshold, threshold))
+            collector.histogram_dict[name] = (hist, edges, lo, hi, threshold)
+    calib.collector = collector
 
 
 @dataclass(frozen=True)

@@ -121,13 +121,11 @@ def minmax_recipe():
 
 
 def _minmax_recipe(pre: Path, batches: list, cache: Path, **keys):  # -> QdqRecipe
-    from functools import partial
-    from types import SimpleNamespace
-
     from compress.quant.calibration import QdqRecipe, compute_ranges
 
-    reader = SimpleNamespace(get_next=partial(next, iter(batches), None))
-    ranges = compute_ranges(pre, reader, calibrator="minmax", percentile=99.99, op_types=None, cache=cache, large=False)
+    ranges = compute_ranges(
+        pre, lambda: iter(batches), calibrator="minmax", percentile=99.99, op_types=None, cache=cache, large=False
+    )
     fields = dict(
         model=pre,
         cache=ranges,

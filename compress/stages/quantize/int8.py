@@ -51,11 +51,9 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import numpy as np
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from compress.backends import ORT_SESSION_CONFIG
@@ -65,7 +63,7 @@ from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.quant import algorithms, targets
 from compress.quant.bias_correction import VERSION as BIAS_CORRECTION_VERSION
-from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges
+from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges, passes
 from compress.quant.registry import NamedOptions, named
 from compress.quant.scheme import GroupSize
 from compress.quant.vocab import AUTO, INT8_METHODS, LmHead
@@ -252,19 +250,6 @@ class Int8Options(StageOptions):
 
     def input_precision_problem(self, name: str, precision: str) -> str | None:
         return input_problem(name, precision, "quantize int8")
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over the adapter's calibration inputs."""
-
-    def __init__(self, batches: Iterator[dict[str, np.ndarray]], total: int, task) -> None:
-        self._batches, self._task = batches, task
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        if batch is not None:
-            self._task.advance(len(next(iter(batch.values()))))
-        return batch
 
 
 #: what to do when a method quantized nothing
@@ -469,12 +454,13 @@ def _calibrate_static(
     extra = {"WeightSymmetric": True, "ActivationSymmetric": symmetric, "QuantizeBias": not symmetric}
     if transformer:  # their outputs too: else the Add / Mul / Softmax after them would read 8-bit values
         extra["OpTypesToExcludeOutputQuantization"] = transformer
-    label = f"calibrate ({method.calibrator}, {method.samples} samples)"
-    with ctx.reporter.task(label, total=method.samples) as task:
-        reader = _Reader(ctx.adapter.calibration_inputs(method.samples, batch_size=8), method.samples, task)
+    reads = passes(method.calibrator)
+    label = f"calibrate ({method.calibrator}, {method.samples} samples" + (f", {reads} passes)" if reads > 1 else ")")
+    with ctx.reporter.task(label, total=reads * method.samples) as task:
         cache = compute_ranges(
             pre,
-            reader,
+            lambda: ctx.adapter.calibration_inputs(method.samples, batch_size=8),
+            progress=task.advance,
             calibrator=method.calibrator,
             percentile=method.percentile,
             op_types=method.op_types,
