@@ -11,6 +11,7 @@ Runtime's `calibration_cache_path` lets each reuse the ranges (JSON, not a pickl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from compress.progress import quiet_third_party
+from compress.quant.range_choice import CANDIDATES, choose_ranges
 
 #: calibrator settings `create_calibrator` reads (`extra_options`), per calibrator. Entropy: 512 histogram
 #: bins, thresholds searched from 128 bins up (TensorRT's KL method; 2048 bins took 14 s on a 4-conv toy);
@@ -28,7 +30,10 @@ CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "entropy": {"num_bins": 512, "num_quantized_bins": 128},
     "percentile": {"num_bins": 2048},
 }
-_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+# per-tensor writes fixed ranges chosen among the three: quantize_static reads them as min/max ranges
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "per-tensor": "MinMax"}
+#: where `calibrator: per-tensor` records which calibrator each tensor took (beside the ranges file)
+CHOICES_FILE = "range_choices.json"
 
 
 def calibration_method(calibrator: str):  # -> onnxruntime.quantization.CalibrationMethod
@@ -45,6 +50,8 @@ Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
 
 def passes(calibrator: str) -> int:
     """How many times `compute_ranges` reads the calibration data: histograms need the global range first."""
+    if calibrator == "per-tensor":
+        return sum(passes(c) for c in CANDIDATES)
     return 1 if calibrator == "minmax" else 2
 
 
@@ -59,9 +66,12 @@ def compute_ranges(
     large: bool,
     chunk: int = CHUNK_BATCHES,
     progress: Callable[[int], None] | None = None,
+    symmetric_activations: bool = False,
 ) -> Path:
     """Run `model` on the batches `batches()` yields, compute each tensor's range with `calibrator`, save them
-    at `cache`. `progress(n)` is called with each batch's sample count, on every pass.
+    at `cache`. `progress(n)` is called with each batch's sample count, on every pass. `per-tensor` computes
+    the three and keeps, per tensor, the range with the least quantization error (`compress.quant.range_choice`;
+    `symmetric_activations` says which 8-bit grid), recording the choice in CHOICES_FILE beside `cache`.
 
     Memory is bounded by `chunk` batches of activations, not by the whole calibration set: one
     `collect_data` call holds every intermediate output of every batch it reads (6.2 GB for 512 MobileNetV2
@@ -71,6 +81,8 @@ def compute_ranges(
     second pass adds each chunk's counts on the same bins: the same histograms, hence the same ranges, as one
     call over all the data (tests/quant/test_calibration.py checks they are equal).
     """
+    if calibrator == "per-tensor":
+        return _per_tensor(model, batches, percentile, op_types, cache, large, chunk, progress, symmetric_activations)
     with quiet_third_party():
         from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -97,6 +109,41 @@ def compute_ranges(
     (cache.parent / "augmented.onnx").unlink(missing_ok=True)
     for scratch in cache.parent.glob("augmented.onnx*"):
         scratch.unlink()
+    return cache
+
+
+def _per_tensor(
+    model: Path,
+    batches: Batches,
+    percentile: float,
+    op_types: Sequence[str] | None,
+    cache: Path,
+    large: bool,
+    chunk: int,
+    progress: Callable[[int], None] | None,
+    symmetric: bool,
+) -> Path:
+    with quiet_third_party():
+        from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
+
+    found = {}
+    for calibrator in CANDIDATES:
+        path = compute_ranges(
+            model,
+            batches,
+            calibrator=calibrator,
+            percentile=percentile,
+            op_types=op_types,
+            cache=cache.with_name(f"ranges-{calibrator}.json"),
+            large=large,
+            chunk=chunk,
+            progress=progress,
+        )
+        found[calibrator] = load_tensors_data(path)
+    chosen, record = choose_ranges(found, symmetric=symmetric)
+    with quiet_third_party():
+        save_tensors_data(TensorsData(calibration_method("per-tensor"), chosen), cache)
+    (cache.parent / CHOICES_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
     return cache
 
 

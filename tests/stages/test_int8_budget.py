@@ -306,3 +306,21 @@ def test_bias_correction_goes_first_and_every_candidate_keeps_the_corrected_bias
     assert any(not np.array_equal(corrected[n], plain[n]) for n in quantized)
     # the float nodes keep their float bias: their correction dropped
     assert all(both[n].dtype == np.float32 for n in floated)
+
+
+def test_per_tensor_calibrator_records_each_tensors_choice(fragile_onnx: Path, tmp_path: Path) -> None:
+    """`calibrator: per-tensor` through the stage: the choice file is kept beside the graph and the stage info
+    counts it; the graph's activation scales are the chosen ranges' (uint8: (max(hi, 0) - min(lo, 0)) / 255)."""
+    import json
+
+    import onnx
+
+    info = _quantize(fragile_onnx, tmp_path, method={"calibrator": "per-tensor"})
+    record = json.loads((tmp_path / info["range_choice_file"]).read_text())
+    assert sum(info["range_choice"].values()) == len(record) >= 5
+    assert info["range_choice"] == {c: [e["chosen"] for e in record.values()].count(c) for c in info["range_choice"]}
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    scales = {n.input[0]: float(init[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"}
+    low, high = record["input"]["range"]
+    assert scales["input"] == pytest.approx((max(high, 0.0) - min(low, 0.0)) / 255, rel=1e-6)

@@ -83,7 +83,11 @@ class StaticOptions(NamedOptions):
     """Calibrated Q/DQ (`onnxruntime.quantization.quantize_static`): activations quantized too."""
 
     name: Literal["static"] = "static"
-    calibrator: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="how ranges are chosen")
+    calibrator: Literal["minmax", "entropy", "percentile", "per-tensor"] = Field(
+        "minmax",
+        description="how ranges are chosen; per-tensor: each tensor the one of the three with the least "
+        "8-bit error on the calibration samples (compress.quant.range_choice)",
+    )
     percentile: Real = Field(99.999, gt=90, le=100, description="percentile calibrator: range kept")
     samples: Count = Field(256, gt=0, description="calibration samples drawn from data.calibration")
     per_channel: bool = Field(True, description="per-channel weight scales")

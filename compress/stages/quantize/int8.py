@@ -49,6 +49,7 @@ CNN they would write the float graph back; the stage fails instead and says to u
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -63,7 +64,9 @@ from compress.onnx_files import data_file, wants_external_data
 from compress.progress import quiet_third_party
 from compress.quant import algorithms, targets
 from compress.quant.bias_correction import VERSION as BIAS_CORRECTION_VERSION
-from compress.quant.calibration import CALIBRATOR_OPTIONS, QdqRecipe, compute_ranges, passes
+from compress.quant.calibration import CALIBRATOR_OPTIONS, CHOICES_FILE, QdqRecipe, compute_ranges, passes
+from compress.quant.range_choice import CANDIDATES
+from compress.quant.range_choice import VERSION as RANGE_CHOICE_VERSION
 from compress.quant.registry import NamedOptions, named
 from compress.quant.scheme import GroupSize
 from compress.quant.vocab import AUTO, INT8_METHODS, LmHead
@@ -186,8 +189,10 @@ class Int8Options(StageOptions):
             from compress.quant.algorithms.smoothquant import ALPHA_GRID
 
             fields["smoothquant_alpha_grid"] = list(ALPHA_GRID)
-        if getattr(self.method, "calibrator", None) == "entropy":  # before its bins were passed it was minmax
+        if getattr(self.method, "calibrator", None) in ("entropy", "per-tensor"):  # before its bins: minmax
             fields["entropy_bins"] = CALIBRATOR_OPTIONS["entropy"]
+        if getattr(self.method, "calibrator", None) == "per-tensor":
+            fields["range_choice_version"] = RANGE_CHOICE_VERSION
         if self.target.fused_decoder:
             from compress.stages.quantize.genai_target import genai_version
 
@@ -349,6 +354,9 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
     start = time.perf_counter()
     recipe = _calibrate_static(artifact.main, method, target, exclude, transformer, ctx)
     seconds = round(time.perf_counter() - start, 1)
+    choices = recipe.cache.parent / CHOICES_FILE
+    if choices.is_file():  # calibrator: per-tensor; kept beside the graph, its counts in the stage info
+        shutil.copyfile(choices, ctx.outdir / CHOICES_FILE)
     searched: dict[str, Any] = {}
     corrected: dict[str, Any] = {}
     config = target.int8_session_config()
@@ -370,6 +378,7 @@ def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ct
         "method": "static",
         "calibration_seconds": seconds,
         "calibrator": method.calibrator,
+        **_choice_counts(ctx.outdir / CHOICES_FILE),
         "activations": "int8 symmetric" if target.symmetric_activations else "uint8 asymmetric",
         "weights": "int8 symmetric per-channel" if method.per_channel else "int8 symmetric per-tensor",
         "lm_head": options.lm_head,
@@ -425,6 +434,14 @@ def _correct_biases(
     return info
 
 
+def _choice_counts(path: Path) -> dict[str, Any]:
+    """`calibrator: per-tensor`: how many tensors took each calibrator's range (the file names each one)."""
+    if not path.is_file():
+        return {}
+    chosen = [entry["chosen"] for entry in json.loads(path.read_text()).values()]
+    return {"range_choice": {c: chosen.count(c) for c in CANDIDATES}, "range_choice_file": CHOICES_FILE}
+
+
 def _calibrate_static(
     src: Path,
     method: algorithms.StaticOptions,
@@ -462,6 +479,7 @@ def _calibrate_static(
             lambda: ctx.adapter.calibration_inputs(method.samples, batch_size=8),
             progress=task.advance,
             calibrator=method.calibrator,
+            symmetric_activations=symmetric,
             percentile=method.percentile,
             op_types=method.op_types,
             cache=pre.parent / "ranges.json",
