@@ -112,65 +112,61 @@ def _data_shape(model, name: str, shapes: dict[str, list[int]]) -> list[int] | N
 def drop_default_zero_points(model_path: Path) -> int:
     """Remove every uint8 zero-point tensor equal to the kernels' default ``2**(bits-1)`` everywhere it is read.
 
-    A tensor is read by MatMulNBits / GatherBlockQuantized (input 3), directly or through the Reshape of
-    ``_reshape_params``; it is dropped only when every consumer is one of those, of the same bits, and every
-    zero point it holds for that consumer's blocks (packing padding aside) is the default, so the graph computes
-    the same. The external data file is rewritten without those bytes (the model is loaded whole, as the
-    builder held it). Returns the number of tensors removed (0 leaves the files as they were).
+    A tensor is dropped only when every reader is a MatMulNBits / GatherBlockQuantized taking it as input 3
+    (directly or through the Reshape of ``_reshape_params``) and every zero point it holds, read with that
+    reader's bits and blocks (packing padding aside), is the default: the graph computes the same. The external
+    data file is rewritten without those bytes (the model is loaded whole, as the builder held it). Returns the
+    number of tensors removed (0 leaves the files as they were).
     """
     import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for slot, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, slot))
-    droppable = []
-    for name, init in inits.items():
-        readers = _zero_point_readers(name, consumers)
-        if readers and init.data_type == onnx.TensorProto.UINT8:
-            droppable.append((name, readers))
-    if not droppable:
-        return 0
-    model = onnx.load(str(model_path))  # with the data: the values decide
     from onnx import numpy_helper
 
-    values = {t.name: t for t in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
-    removed = 0
-    for name, readers in droppable:
-        zeros = numpy_helper.to_array(values[name])
-        if not all(_all_default(zeros, nodes[r.name]) for r, _, _ in readers):
+    model = onnx.load(str(model_path))
+    nodes = list(model.graph.node)
+    consumers: dict[str, list[tuple[int, int]]] = {}
+    for index, node in enumerate(nodes):
+        for slot, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((index, slot))
+    drop_nodes: set[int] = set()
+    removed = []
+    for init in model.graph.initializer:
+        readers = _zero_point_readers(init.name, nodes, consumers)
+        if not readers or init.data_type != onnx.TensorProto.UINT8:
             continue
-        for reader, via, slot in readers:
-            node = nodes[reader.name]
-            node.input[slot] = ""
+        zeros = numpy_helper.to_array(init)
+        if not all(_all_default(zeros, nodes[reader]) for reader, _ in readers):
+            continue
+        for reader, via in readers:
+            node = nodes[reader]
+            node.input[3] = ""
             while node.input and not node.input[-1]:
                 node.input.pop()
             if via is not None:
-                model.graph.node.remove(nodes[via.name])
-        model.graph.initializer.remove(values[name])
-        removed += 1
-    if removed:
-        _drop_unused_initializers(model)
-        _save_with_data(model, model_path)
-    return removed
+                drop_nodes.add(via)
+        removed.append(init)
+    if not removed:
+        return 0
+    for index in sorted(drop_nodes, reverse=True):
+        del model.graph.node[index]
+    for init in removed:
+        model.graph.initializer.remove(init)
+    _drop_unused_initializers(model)
+    _save_with_data(model, model_path)
+    return len(removed)
 
 
-def _zero_point_readers(name: str, consumers: dict[str, list]) -> list[tuple]:
-    """(reader, Reshape between or None, slot) for a tensor read only as zero points, else []."""
+def _zero_point_readers(name: str, nodes: list, consumers: dict[str, list[tuple[int, int]]]) -> list[tuple]:
+    """(reader index, index of the Reshape between or None) for a tensor read only as zero points, else []."""
     readers = []
-    for node, slot in consumers.get(name, []):
+    for index, slot in consumers.get(name, []):
+        node = nodes[index]
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and slot == 3:
-            readers.append((node, None, slot))
+            readers.append((index, None))
         elif node.op_type == "Reshape" and slot == 0 and len(node.output) == 1:
             after = consumers.get(node.output[0], [])
-            if not after or any(n.op_type != "GatherBlockQuantized" or s != 3 for n, s in after):
+            if len(after) != 1 or nodes[after[0][0]].op_type != "GatherBlockQuantized" or after[0][1] != 3:
                 return []
-            if len(after) != 1:
-                return []
-            readers.append((after[0][0], node, 3))
+            readers.append((after[0][0], index))
         else:
             return []
     return readers
