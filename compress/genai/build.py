@@ -344,8 +344,9 @@ def build_fused_decoder(
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
 
-    ``quantized`` (``{module name: QuantizedWeight}``, all 4-bit or all 8-bit as ``precision``; int8 needs
-    every Linear, lm_head included) replaces those Linears by our codes; MatMuls left in float get the
+    ``quantized`` (``{module name: QuantizedWeight}``, all 4-bit or all 8-bit as ``precision``, each at its
+    own group size if it needs one; int8 needs every Linear, lm_head included) replaces those Linears by
+    our codes, zero points equal to the kernels' default dropped (``rewrite``); MatMuls left in float get the
     builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how an lm_head that is not in
     ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding then reads the same codes),
     or float. ``mixed`` (precision int4): ``quantized`` may hold 8-bit weights beside the 4-bit ones (at their
