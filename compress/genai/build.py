@@ -20,10 +20,10 @@ What onnxruntime-genai 0.18's model builder (``onnxruntime_genai/models/builder.
   MatMulNBits ``block_size`` (-1 becomes ``in_features``; the contrib-op spec wants a power of two
   >= 16, so per-row groups are refused here). It dequantizes to fp16 and re-quantizes with the same
   scales and zero points (the codes come back unchanged, tests/genai), always writes zero points
-  (symmetric weights get an explicit 8), and keeps ``g_idx`` as a MatMulNBits input only when
-  ``desc_act`` is true; ONNX Runtime's CPU MatMulNBits then gives logits far from the weights'
-  (measured on the tiny Llama), so act-order weights without static groups are refused here.
-  ``sym`` is not read.
+  (symmetric weights get an explicit 8, or 128 at 8 bits: removed afterwards, ``rewrite``), and keeps
+  ``g_idx`` as a MatMulNBits input only when ``desc_act`` is true; ONNX Runtime's CPU MatMulNBits then
+  gives logits far from the weights' (measured on the tiny Llama), so act-order weights without static
+  groups are refused here. ``sym`` is not read.
 - lm_head and tied embeddings: a quantized ``lm_head.qweight`` becomes a MatMulNBits; without one the
   float lm_head (and every other float MatMul) is quantized by the builder's own RTN pass (``to_nbits``:
   ``block_size`` default 32, ``is_symmetric`` default true, ``accuracy_level`` default 4 on CPU, 0
@@ -43,9 +43,13 @@ builder's ``+1``). ``precision="int8"``: the builder runs its int4 path (the onl
 checkpoint and ties a quantized embedding); its loader takes ``bits`` from the checkpoint, so every
 MatMulNBits and the tied GatherBlockQuantized are 8-bit and hold our codes (tests/genai/test_genai_int8.py;
 the builder's "INT4 only" gather messages concern its own RTN of a float embedding). The scales are rounded to fp16
-(the format's type), the only difference between the graph's weights and ours. One graph fix follows
-(``rewrite``) for the tied embedding's GatherBlockQuantized: 2-D scales / zero points, and real input
-names for an 8-bit lm_head.
+(the format's type), the only difference between the graph's weights and ours. Graph fixes follow
+(``rewrite``): for the tied embedding's GatherBlockQuantized, 2-D scales / zero points and real input
+names for an 8-bit lm_head; for our weights (``quantized=``), every zero-point tensor equal to the kernels'
+default ``2**(bits-1)`` (symmetric weights) is removed, so a symmetric 8-bit file holds codes, scales, norms
+and the rotary caches only (the layer-streamed graph, ``layered``, keeps the builder's tensors as they are).
+Each weight may have its own group size (the loader's per-module ``dynamic`` overrides), the packed q/k/v
+sharing one.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import numpy as np
 import torch
 
 from compress.errors import MissingDependencyError
-from compress.genai.rewrite import fix_tied_embedding
+from compress.genai.rewrite import drop_default_zero_points, fix_tied_embedding
 from compress.quant.primitives.packing import pack_gptq, shift_zero_points
 from compress.quant.primitives.weight import QuantizedWeight
 
@@ -130,8 +134,9 @@ def _architecture(hf_folder: Path) -> tuple[dict, str]:
 def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str, mixed: bool = False) -> QuantizedWeight:
     """The (bits, group_size, symmetric) setting of the checkpoint's ``quantization_config``, or a ValueError.
 
-    Without ``mixed`` every weight shares it; with ``mixed`` the 4-bit weights do and 8-bit ones may carry their
-    own group size (written as per-module ``dynamic`` overrides, ``_dynamic_overrides``)."""
+    Every weight shares ``symmetric`` and, without ``mixed``, the bits; each may carry its own group size (and
+    with ``mixed`` 4 or 8 bits), written as per-module ``dynamic`` overrides (``_dynamic_overrides``) of the
+    setting returned: the first 4-bit weight's with ``mixed``, else the first weight's."""
     if arch not in GPTQ_ARCHITECTURES:
         raise ValueError(
             f"quantized weights for {arch}: the builder's GPTQ loader is used here only for "
@@ -155,14 +160,12 @@ def _check_quantized(quantized: Mapping[str, QuantizedWeight], arch: str, mixed:
                 f"quantized[{name!r}] has an act-order g_idx; the builder hands it to MatMulNBits, whose CPU "
                 "result then disagrees with the weights (tests/genai); quantize with static_groups=True"
             )
-        if qw.symmetric != first.symmetric or (qw.bits == first.bits and qw.group_size != first.group_size):
+        if qw.symmetric != first.symmetric:
             raise ValueError(
-                f"quantized[{name!r}]: group_size/symmetric = {(qw.group_size, qw.symmetric)} differ from "
-                f"{(first.group_size, first.symmetric)}; the builder reads one quantization_config per model"
-                + (" (with mixed=True only the 8-bit weights may have their own group size)" if mixed else "")
+                f"quantized[{name!r}]: symmetric = {qw.symmetric} differs from {first.symmetric}; the builder "
+                "reads one quantization_config.sym per model"
             )
-    if mixed:
-        _check_packed_units(quantized)
+    _check_packed_units(quantized)
     return first
 
 
@@ -239,7 +242,8 @@ def write_builder_checkpoint(
 ) -> Path:
     """Write ``folder`` as the AutoGPTQ-layout checkpoint the builder's GPTQ loader reads.
 
-    ``mixed``: 4- and 8-bit weights side by side, the 8-bit ones named in ``dynamic`` overrides.
+    ``mixed``: 4- and 8-bit weights side by side. Weights whose bits / group size differ from the
+    ``quantization_config``'s are named in ``dynamic`` overrides.
 
     Zero points are stored as ``(zero - 1) mod 16``: the loader adds 1 modulo 16, so every zero point
     0..15 reads back exactly (AutoGPTQ v1 cannot store 0; the builder's wrap-around can).
@@ -272,7 +276,7 @@ def write_builder_checkpoint(
         "sym": first.symmetric,
         "checkpoint_format": "gptq",
     }
-    if mixed and (dynamic := _dynamic_overrides(quantized, first)):
+    if dynamic := _dynamic_overrides(quantized, first):
         config["quantization_config"]["dynamic"] = dynamic
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name in _HF_SIDE_FILES:
@@ -340,8 +344,9 @@ def build_fused_decoder(
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
 
-    ``quantized`` (``{module name: QuantizedWeight}``, all 4-bit or all 8-bit as ``precision``; int8 needs
-    every Linear, lm_head included) replaces those Linears by our codes; MatMuls left in float get the
+    ``quantized`` (``{module name: QuantizedWeight}``, all 4-bit or all 8-bit as ``precision``, each at its
+    own group size if it needs one; int8 needs every Linear, lm_head included) replaces those Linears by
+    our codes, zero points equal to the kernels' default dropped (``rewrite``); MatMuls left in float get the
     builder's own RTN (``block_size``, ``symmetric``). ``lm_head`` says how an lm_head that is not in
     ``quantized`` is stored: the builder's RTN at 4 or 8 bits (a tied embedding then reads the same codes),
     or float. ``mixed`` (precision int4): ``quantized`` may hold 8-bit weights beside the 4-bit ones (at their
@@ -397,6 +402,8 @@ def build_fused_decoder(
         _run_builder(source, work / "model", builder_precision, execution_provider, extra, verbose)
         if builder_precision == "int4":
             fix_tied_embedding(work / "model" / "model.onnx")
+        if quantized:  # our symmetric weights: the loader's explicit zero points equal the kernels' default
+            drop_default_zero_points(work / "model" / "model.onnx")
         os.replace(work / "model", out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

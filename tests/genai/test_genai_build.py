@@ -249,19 +249,21 @@ def test_untied_int4_from_our_weights(untied, tmp_path):
     np.testing.assert_allclose(_ort_logits(out), _torch_logits(model), atol=1e-3, rtol=0)
 
 
-def _rtn(group_size: int = 32, bits: int = 4):
-    return rtn_quantize_model(tiny_llama(tie=True), config=WeightQuantConfig(group_size=group_size, bits=bits))
+def _rtn(group_size: int = 32, bits: int = 4, sym: bool = False):
+    config = WeightQuantConfig(group_size=group_size, bits=bits, symmetric=sym)
+    return rtn_quantize_model(tiny_llama(tie=True), config=config)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(64)["model.layers.0.mlp.up_proj"]}, "differ from"),
+        (lambda q: {**q, "model.layers.0.self_attn.k_proj": _rtn(64)["model.layers.0.self_attn.k_proj"]}, "packs"),
+        (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(sym=True)["model.layers.0.mlp.up_proj"]}, "sym per"),
         (lambda q: _rtn(-1), "allowed a power of two >= 16"),
         (lambda q: {**q, "model.layers.0.mlp.up_proj": _rtn(bits=8)["model.layers.0.mlp.up_proj"]}, "not 4-bit"),
         (lambda q: {"model.layers.0.mlp.nope": q["model.layers.0.mlp.up_proj"]}, "name no Linear weight"),
     ],
-    ids=["mixed-groups", "per-row", "8-bit", "unknown-name"],
+    ids=["qkv-groups", "mixed-symmetry", "per-row", "8-bit", "unknown-name"],
 )
 def test_weights_the_builder_cannot_take_are_refused(tied, tmp_path, change, message):
     folder, _ = tied

@@ -220,9 +220,11 @@ class Int4Options(StageOptions):
             files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
             fields["checkpoint_files"] = [file_fingerprint(f) for f in files]
         if self.target.fused_decoder:
+            from compress.genai.rewrite import GRAPH_REWRITE
             from compress.stages.quantize.genai_target import genai_version
 
             fields["onnxruntime_genai"] = genai_version()  # its builder writes the graph
+            fields["genai_rewrite"] = GRAPH_REWRITE  # and our fixes of it
         return fields
 
 

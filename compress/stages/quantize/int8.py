@@ -79,6 +79,7 @@ from compress.stages.quantize.common import (
     require_quantized,
 )
 from compress.stages.quantize.fallback import AccuracyBudget, SensitivityOptions, budget_search, overlap_problem
+from compress.stages.quantize.int8_genai import UnitGroupSizes
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -131,6 +132,11 @@ class Int8Options(StageOptions):
         "from the torch model: its builder's fused decoder), or a mapping",
     )
     group_size: GroupSize = Field(32, description="weight-only: weights per scale along K")
+    group_sizes: UnitGroupSizes = Field(
+        default_factory=dict,
+        description="target onnxruntime-genai: per-unit group sizes {Linear name or suffix: group}, e.g. "
+        "{mlp.down_proj: 512}; each must divide the unit's in-features (stages/quantize/int8_genai.py)",
+    )
     lm_head: LmHead = Field("int8", description="output projection: int8 (quantized like the rest) or float")
     sensitivity: SensitivityOptions | None = Field(
         None, description="static: per-node sensitivity on held-apart calibration samples (stages/quantize/fallback.py)"
@@ -194,9 +200,13 @@ class Int8Options(StageOptions):
         if getattr(self.method, "calibrator", None) == "per-tensor":
             fields["range_choice_version"] = RANGE_CHOICE_VERSION
         if self.target.fused_decoder:
+            from compress.genai.rewrite import GRAPH_REWRITE
             from compress.stages.quantize.genai_target import genai_version
 
             fields["onnxruntime_genai"] = genai_version()  # its builder writes the graph
+            fields["genai_rewrite"] = GRAPH_REWRITE  # and our fixes of it
+        if not self.group_sizes:  # the key of every int8 artifact made before per-unit groups existed
+            del fields["group_sizes"]
         if isinstance(self.method, AutoMethod):
             fields["auto_reduce_range"] = bool(not self.target.int8_session_config() and int8_dot_saturates())
         return fields
@@ -226,6 +236,10 @@ class Int8Options(StageOptions):
             sensitivity = self.sensitivity or SensitivityOptions()
             if (overlap := overlap_problem(self.accuracy_budget, resolved.samples, sensitivity)) is not None:
                 problems.append(("accuracy_budget", overlap))
+        if self.group_sizes and not self.target.fused_decoder:
+            problems.append(
+                ("group_sizes", f"applies to target onnxruntime-genai only (target is {self.target.name}); remove it")
+            )
         if self.target.fused_decoder:
             if self.target.name not in adapter.int4_targets:
                 problems.append(("target", f"{self.target.name}: not for family '{adapter.family}' (decoder LLMs)"))
