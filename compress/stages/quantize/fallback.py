@@ -46,7 +46,7 @@ corrections would cost one pass per layer per probe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -92,6 +92,23 @@ class AccuracyBudget(BaseModel):
     sigmas: Real = Field(
         0.0, ge=0, description="accept only if drop + sigmas x its paired standard error <= max_drop (0: the estimate)"
     )
+
+    @property
+    def limit(self) -> float:
+        """The bound the `accuracy_budget` gate puts on the evaluation set's drop (the family's quality unit)."""
+        return self.max_drop
+
+    def gate_detail(self, found: Mapping[str, Any]) -> str:
+        """The gate's detail from the stage's `info["accuracy_budget"]`."""
+        kept = len(found.get("float_nodes", ()))
+        detail = (
+            f"calibration slice ({found.get('samples', '?')} samples): drop {found.get('drop', float('nan')):.3f} "
+            f"± {found.get('se', float('nan')):.3f} with {kept} node(s) float"
+        )
+        if not found.get("met", False):
+            blocked = ", ".join(n["node"] for n in found.get("blocked_by", ()))
+            detail += f"; budget not met within max_fallback {self.max_fallback} (next: {blocked})"
+        return detail
 
 
 _BATCH = 32
