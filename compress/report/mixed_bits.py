@@ -31,7 +31,7 @@ def summary(info: Mapping[str, Any]) -> list[str]:
         if real is not None
         else "real size not recorded"
     )
-    cap = "no size cap" if mix["max_mb"] is None else f"weight file (model.onnx.data) ≤ {mix['max_mb']:g} MB"
+    cap = "none" if mix["max_mb"] is None else f"weight file (model.onnx.data) ≤ {mix['max_mb']:g} MB"
     out = [
         f"{'Size cap' if 'accuracy_budget' in info else 'Budget'}: {cap}; all units at 4 bits "
         f"{mix['all_4bit_bytes'] / 1e6:.2f} MB, all at 8 bits (group {mix['group_size_8bit']}) "
