@@ -65,20 +65,20 @@ def _budget_sentence(budget: Mapping[str, Any]) -> str:
     )
 
 
+#: the steps table: (header, cell of a step)
+STEP_COLUMNS = (
+    ("8-bit units", lambda s: str(s["units_8bit"])),
+    ("added", lambda s: s["added"] or "–"),
+    ("ppl on the slice", lambda s: f"{s['ppl']:.3f}"),
+    ("rise %", lambda s: f"{s['rise']:.3f}"),
+    ("± se", lambda s: f"{s['se']:.3f}"),
+    ("predicted MB", lambda s: f"{s['predicted_bytes'] / 1e6:.3f}"),
+)
+
+
 def steps_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["8-bit units", "added", "ppl on the slice", "rise %", "± se", "predicted MB"]
-    rows = [
-        [
-            str(s["units_8bit"]),
-            s["added"] or "–",
-            f"{s['ppl']:.3f}",
-            f"{s['rise']:.3f}",
-            f"{s['se']:.3f}",
-            f"{s['predicted_bytes'] / 1e6:.3f}",
-        ]
-        for s in info["accuracy_budget"]["steps"]
-    ]
-    return header, rows
+    steps = info["accuracy_budget"]["steps"]
+    return [h for h, _ in STEP_COLUMNS], [[cell(s) for _, cell in STEP_COLUMNS] for s in steps]
 
 
 def units_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:

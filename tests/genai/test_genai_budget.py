@@ -187,8 +187,9 @@ def test_paired_rise_is_the_perplexity_ratio_with_a_per_window_error():
         ),
         (_stage("b", "max_rise: 3.0", target="onnxruntime-cpu"), "mixed needs target: onnxruntime-genai"),
         (_stage("b", "max_rise: -1"), "greater than or equal to 0"),
+        (_stage("b", "max_rise: 3.0, windows: 1, sigmas: 1"), "sigmas: one window has no standard error"),
     ],
-    ids=["overlap", "overlap-method-samples", "no-mixed", "no-size-nor-accuracy", "cpu-target", "negative"],
+    ids=["overlap", "overlap-method-samples", "no-mixed", "no-size-nor-accuracy", "cpu-target", "negative", "sigmas"],
 )
 def test_budget_refused_at_validate(tmp_path, capsys, stage, message):
     (tmp_path / "own.txt").write_text("the for")

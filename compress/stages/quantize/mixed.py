@@ -18,6 +18,10 @@ near lossless), cached (JSON) keyed on the 4-bit weights' key, `windows` and the
 second budget reuses it. Units go to 8 bits greedily by KL gain per MB while the file stays within `max_mb`, the
 builder writes them as 8-bit MatMulNBits (`build_fused_decoder(mixed=True)`), and the weight file
 (`model.onnx.data`) must have exactly the predicted size (a StageError names both otherwise).
+
+With `accuracy_budget:` beside it (compress/stages/quantize/mixed_budget.py) `max_mb` is optional (a cap) and
+the units taken are the shortest prefix of that greedy order that holds a perplexity rise on held-apart
+windows.
 """
 
 from __future__ import annotations

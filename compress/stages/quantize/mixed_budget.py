@@ -23,7 +23,9 @@ window r = 100 (ppl_candidate / ppl_float - 1), se = sd(r) / sqrt(n)) is within 
 candidate (smallest bound, fewest units on ties) is the artifact, `met: false`, and its info names the units
 ranked next (what blocked it: left out by the cap, or none left). The chosen graph is built once; the runner
 evaluates it on the evaluation windows and the `accuracy_budget` gate (compress/metrics/gates.py) bounds the
-rise vs the float input there.
+rise vs the float input there. Refused at validation: no `mixed` beside it, a `start` inside the method's
+samples or the sensitivity windows, `sigmas` on one window; `mixed`'s own refusals apply (onnxruntime-genai
+on cpu, `lm_head: int4`, no checkpoint, not streamed), and at run a slice past `data.calibration_windows`.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.errors import StageError
-from compress.schema import Count, PositiveCount, Real
+from compress.schema import PositiveCount, Real
+from compress.stages.quantize.common import BudgetOptions
 
 if TYPE_CHECKING:
     import torch
@@ -49,29 +52,18 @@ if TYPE_CHECKING:
 _BLOCKERS = 5  # units named as what blocked an unmet budget
 
 
-class MixedBudget(BaseModel):
-    """`accuracy_budget: {max_rise: 5.0, windows: 4}`: the perplexity rise (%) vs the float input it must hold."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MixedBudget(BudgetOptions):
+    """`accuracy_budget: {max_rise: 5.0, windows: 4}`: the perplexity rise (%) vs the float input it must hold;
+    `start` defaults to right after `mixed.windows`."""
 
     max_rise: Real = Field(ge=0, description="largest perplexity rise (%) vs the float input on the held-apart windows")
     windows: PositiveCount = Field(4, description="calibration windows each candidate is accepted or refused on")
-    start: Count | None = Field(
-        None,
-        description="first calibration window of that slice (default: right after mixed.windows); it must not "
-        "overlap the method's samples nor the sensitivity windows",
-    )
-    sigmas: Real = Field(
-        0.0, ge=0, description="accept only if rise + sigmas x its paired standard error <= max_rise (0: the estimate)"
-    )
 
     @property
     def limit(self) -> float:
-        """The bound the `accuracy_budget` gate puts on the evaluation set's rise (the family's quality unit)."""
         return self.max_rise
 
     def gate_detail(self, found: Mapping[str, Any]) -> str:
-        """The gate's detail from the stage's `info["accuracy_budget"]`."""
         detail = (
             f"calibration slice ({found.get('windows', '?')} windows): ppl rise {found.get('rise', float('nan')):.3f} "
             f"± {found.get('se', float('nan')):.3f} % with {len(found.get('eight_bit', ()))} unit(s) at 8 bits"
@@ -101,17 +93,22 @@ def refusals(options: Int4Options) -> list[tuple[str, str]]:
                 "from); add mixed: {windows: 2, group_size: 64}",
             )
         ]
+    problems = []
     samples = getattr(options.method, "samples", 0)
     end = samples + mixed.windows
     if budget.start is not None and budget.start < end:
-        return [
+        problems.append(
             (
                 "accuracy_budget",
                 f"start {budget.start} overlaps the calibration windows [0, {end}) the method (method.samples "
                 f"{samples}) and the sensitivity (mixed.windows {mixed.windows}) use; set start >= {end} or remove it",
             )
-        ]
-    return []
+        )
+    if budget.sigmas and budget.windows < 2:
+        problems.append(
+            ("accuracy_budget", "sigmas: one window has no standard error over windows; raise windows or remove sigmas")
+        )
+    return problems
 
 
 def window_nll(logits: Sequence[torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
