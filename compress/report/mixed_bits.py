@@ -47,13 +47,17 @@ def summary(info: Mapping[str, Any]) -> list[str]:
 def _budget_sentence(budget: Mapping[str, Any]) -> str:
     a, b = budget["slice"]
     rule = f"rise + {budget['sigmas']:g} × its standard error" if budget["sigmas"] else "rise"
+    where = f"calibration windows {a}–{b - 1} ({b - a}" if b - a > 1 else f"calibration window {a} (one"
     head = (
         f"Accuracy budget: perplexity rise ≤ {budget['max_rise']:g} % vs the float input, judged ({rule}) on "
-        f"calibration windows {a}–{b - 1} ({budget['windows']}, held apart from the quantizer's and the "
-        f"sensitivity's; float {budget['slice_reference']:.2f}); candidates: all 4-bit, then the units above in "
-        "rank order within the size cap."
+        f"{where}, held apart from the quantizer's and the sensitivity's; float {budget['slice_reference']:.2f}); "
+        "candidates: all 4-bit, then the units above in rank order within the size cap."
     )
-    estimate = f"rise {budget['rise']:.2f} ± {budget['se']:.2f} % (paired standard error over windows)"
+    estimate = (
+        f"rise {budget['rise']:.2f} ± {budget['se']:.2f} % (paired standard error over windows)"
+        if budget["windows"] > 1
+        else f"rise {budget['rise']:.2f} % (one window: no standard error)"
+    )
     units = len(budget["eight_bit"])
     if budget["met"]:
         return f"{head} Met on the slice with {units} unit(s) at 8 bits: {estimate}."

@@ -277,9 +277,9 @@ def fit(
     for row in choice.rows:
         row["chosen"] = row["node"] in found["eight_bit"]
     a, b = judged.span
+    where = f"calibration windows {a}-{b - 1}" if b - a > 1 else f"calibration window {a}"
     ctx.reporter.log(
         f"  accuracy budget {'met' if found['met'] else 'NOT met'}: ppl rise {found['rise']:.2f} ± {found['se']:.2f} "
-        f"% on calibration windows {a}-{b - 1} with {k} unit(s) at 8 bits (budget {budget.max_rise:g} %, "
-        f"{len(steps)} candidate(s) judged)"
+        f"% on {where} with {k} unit(s) at 8 bits (budget {budget.max_rise:g} %, {len(steps)} candidate(s) judged)"
     )
     return Choice(choice.eight[:k], steps[k]["predicted_bytes"], choice.rows), found
