@@ -107,13 +107,14 @@ def check_gates(
 
 def _budget_gates(cfg: PipelineConfig, recs: Records, cov: Coverage) -> list[GateRecord]:
     """One `accuracy_budget` gate per stage that declares one: the drop vs its float input on the evaluation
-    set within `max_drop`, and the budget met on the calibration slice (else the best candidate fails it)."""
+    set within the budget's `limit` (`max_drop`, `max_rise`), and the budget met on the calibration slice (else
+    the best candidate fails it); the budget's `gate_detail` describes what the stage's search found."""
     quality, out = cfg.quality, []
     for plan in getattr(cfg, "stages", ()):  # a bare namespace (tests of other gates) has no stages
         budget = getattr(plan.options, "accuracy_budget", None)
         if budget is None:
             continue
-        name, vs, bound = plan.name, plan.input, f"<= {budget.max_drop:g} {quality.unit}"
+        name, vs, bound = plan.name, plan.input, f"<= {budget.limit:g} {quality.unit}"
         why = _why_not_evaluated([name, vs], recs, cov)
         value = None if why else (recs[name].evaluation.vs_parent or {}).get(quality.drop_key)
         if why is None and value is None:
@@ -122,16 +123,8 @@ def _budget_gates(cfg: PipelineConfig, recs: Records, cov: Coverage) -> list[Gat
             out.append(_unchecked("accuracy_budget", name, vs, bound, why))
             continue
         found = recs[name].info.get("accuracy_budget") or {}
-        kept = len(found.get("float_nodes", ()))
-        detail = (
-            f"calibration slice ({found.get('samples', '?')} samples): drop {found.get('drop', float('nan')):.3f} "
-            f"± {found.get('se', float('nan')):.3f} with {kept} node(s) float"
-        )
-        if not found.get("met", False):
-            blocked = ", ".join(n["node"] for n in found.get("blocked_by", ()))
-            detail += f"; budget not met within max_fallback {budget.max_fallback} (next: {blocked})"
-        holds = bool(found.get("met")) and value <= budget.max_drop
-        out.append(_judged("accuracy_budget", name, vs, value, bound, holds, detail))
+        holds = bool(found.get("met")) and value <= budget.limit
+        out.append(_judged("accuracy_budget", name, vs, value, bound, holds, budget.gate_detail(found)))
     return out
 
 

@@ -21,6 +21,7 @@ graph (their logits agree to the parity the int4 stage reports).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -137,12 +138,14 @@ class _Replay(torch.nn.Module):
 
 
 class LayerRestart:
-    """Probes that restart at a decoder layer: the hidden states entering each layer are recorded once (on
+    """Probes that restart at a decoder layer: the hidden states entering each layer are recorded (on
     ``batches``, under the model's current weights); ``logits(L)`` swaps layers ``0..L-1`` for a replay of
     what entered layer L and runs the model, so a probe of a unit in layer L computes only layers L.. and
     the head. Exact as long as nothing before layer L changed since the recording (the probe's unit is in
-    layer L). Own code: transformers has no entry point that starts a decoder at a given layer; the model's
-    own forward still builds the mask, the rotary embedding and the head, only the early layers are replaced.
+    layer L). ``logits(L, refresh=True)`` records again what enters layers L.. on the way, so a change in
+    layer L that stays (a candidate of the accuracy budget) is in the recording for the next restart.
+    Own code: transformers has no entry point that starts a decoder at a given layer; the model's own
+    forward still builds the mask, the rotary embedding and the head, only the early layers are replaced.
     """
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
@@ -150,44 +153,49 @@ class LayerRestart:
         if layers is None:
             raise ValueError(f"{type(model).__name__}: no model.model.layers ModuleList to restart in")
         self.model, self.layers, self.batches = model, layers, batches
-        self.entering: list[list[torch.Tensor]] = [[] for _ in batches]  # [batch][layer]
-        current: list[int] = [0]
-
-        def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.entering[current[0]].append(hidden.detach().clone())
-
-        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-        self.base: list[torch.Tensor] = []
-        try:
-            with torch.no_grad():
-                for i, batch in enumerate(batches):
-                    current[0] = i
-                    self.base.append(model(**batch).logits.float())
-        finally:
-            for h in handles:
-                h.remove()
-        if any(len(e) != len(layers) for e in self.entering):
-            raise ValueError(f"{type(model).__name__}: its forward did not call each of its {len(layers)} layers once")
+        self.entering: list[list[torch.Tensor | None]] = [[None] * len(layers) for _ in batches]  # [batch][layer]
+        self.base: list[torch.Tensor] = self.logits(0, refresh=True)
 
     @torch.no_grad()
-    def logits(self, start: int) -> list[torch.Tensor]:
-        """The logits on every batch, layers before ``start`` replayed (0: the whole model)."""
-        if start == 0:
+    def logits(self, start: int, refresh: bool = False) -> list[torch.Tensor]:
+        """The logits on every batch, layers before ``start`` replayed (0: the whole model); ``refresh``: the
+        hidden states entering layers ``start..`` are recorded again."""
+        if start == 0 and not refresh:
             return model_logits(self.model, self.batches)
         saved = [self.layers[i] for i in range(start)]
-        replay = _Replay()
+        replay, current, calls = _Replay(), [0], [0]
+
+        def record(index: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.entering[current[0]][index] = hidden.detach().clone()
+            calls[0] += 1
+
+        hooks = (
+            [
+                self.layers[i].register_forward_pre_hook(functools.partial(record, i), with_kwargs=True)
+                for i in range(start, len(self.layers))
+            ]
+            if refresh
+            else []
+        )
         try:
             for i in range(start):
                 self.layers[i] = replay
             out = []
             for i, batch in enumerate(self.batches):
-                replay.hidden = self.entering[i][start]
+                current[0] = i
+                replay.hidden = self.entering[i][start] if start else None
                 out.append(self.model(**batch).logits.float())
-            return out
         finally:
+            for h in hooks:
+                h.remove()
             for i, layer in enumerate(saved):
                 self.layers[i] = layer
+        if refresh and calls[0] != len(self.batches) * (len(self.layers) - start):
+            raise ValueError(
+                f"{type(self.model).__name__}: its forward did not call each of its {len(self.layers)} layers once"
+            )
+        return out
 
 
 @torch.no_grad()

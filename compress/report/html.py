@@ -135,12 +135,15 @@ def _sensitivity(m: RunManifest) -> list[str]:
 
 
 def _mixed_bits(m: RunManifest) -> list[str]:
-    """Per mixed 4/8-bit artifact: the budget, the size check and the units sorted by KL gain per MB."""
+    """Per mixed 4/8-bit artifact: the budget, the size check, the accuracy budget's steps and the units sorted by
+    KL gain per MB."""
     out = []
     for rec in m.artifacts:
         if mixed_bits.has_section(rec.info):
-            out.append(f"<h2>Mixed 4/8 bits under a size budget: {_e(rec.name)}</h2>")
-            out += [f"<p>{_e(line)}</p>" for line in mixed_bits.summary(rec.info)]
+            out.append(f"<h2>Mixed 4/8 bits under {mixed_bits.title(rec.info)}: {_e(rec.name)}</h2>")
+            out += [f"<p>{_e(line.replace('**', '').replace('`', ''))}</p>" for line in mixed_bits.summary(rec.info)]
+            if "accuracy_budget" in rec.info:
+                out.append(_html_table(*mixed_bits.steps_rows(rec.info)))
             out.append(_html_table(*mixed_bits.units_rows(rec.info)))
     return out
 

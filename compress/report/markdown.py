@@ -381,8 +381,10 @@ def mixed_bits_sections(m: RunManifest) -> list[str]:
     out: list[str] = []
     for rec in m.artifacts:
         if mixed_bits.has_section(rec.info):
-            out += [f"## Mixed 4/8 bits under a size budget: `{rec.name}`", ""]
+            out += [f"## Mixed 4/8 bits under {mixed_bits.title(rec.info)}: `{rec.name}`", ""]
             out += [part for line in mixed_bits.summary(rec.info) for part in (line, "")]
+            if "accuracy_budget" in rec.info:
+                out += [_table(*mixed_bits.steps_rows(rec.info)), ""]
             out += [_table(*mixed_bits.units_rows(rec.info)), ""]
     return out
 

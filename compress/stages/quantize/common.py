@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from compress.errors import StageError
 from compress.quant import targets
 from compress.quant.registry import named, owner_of
 from compress.quant.vocab import FLOAT_PRECISIONS
+from compress.schema import Count, Real
 
 #: `target:` of either precision: a name or `{name: ..., <its keys>}`
 TargetField = Annotated[
@@ -25,6 +26,31 @@ TargetField = Annotated[
     Field(discriminator="name"),
     BeforeValidator(named(targets.TARGET_OPTIONS, "target")),
 ]
+
+
+class BudgetOptions(BaseModel):
+    """`accuracy_budget:` of a quantize stage (static INT8's `fallback.AccuracyBudget`, mixed INT4's
+    `mixed_budget.MixedBudget`): what the `accuracy_budget` gate (compress/metrics/gates.py) reads of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: Count | None = Field(
+        None,
+        description="first calibration sample (window) of the acceptance slice (default: right after the "
+        "sensitivity's); it must not overlap the method's or the sensitivity's",
+    )
+    sigmas: Real = Field(
+        0.0, ge=0, description="accept only if the estimate + sigmas x its paired standard error fits (0: the estimate)"
+    )
+
+    @property
+    def limit(self) -> float:
+        """The bound the gate puts on the evaluation set's drop or rise (the family's quality unit)."""
+        raise NotImplementedError
+
+    def gate_detail(self, found: Mapping[str, Any]) -> str:
+        """The gate's detail from the stage's `info["accuracy_budget"]`."""
+        raise NotImplementedError
 
 
 def refuse_flat_keys(data: Any, own: Mapping[str, Any], methods: Mapping[str, type]) -> Any:

@@ -46,7 +46,7 @@ corrections would cost one pass per layer per probe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -57,7 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import StageError
 from compress.quant.calibration import QdqRecipe, quantizable_nodes
-from compress.schema import Count, PositiveCount, Real
+from compress.schema import PositiveCount, Real
+from compress.stages.quantize.common import BudgetOptions
 
 if TYPE_CHECKING:
     from compress.families.base import Evaluation
@@ -74,24 +75,29 @@ class SensitivityOptions(BaseModel):
     )
 
 
-class AccuracyBudget(BaseModel):
+class AccuracyBudget(BudgetOptions):
     """`accuracy_budget: {max_drop: 0.15, max_fallback: 10, samples: 4096}` in the family's primary metric unit."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_drop: Real = Field(ge=0, description="largest drop of the primary metric vs the float input (its unit)")
     max_fallback: PositiveCount = Field(10, description="most nodes returned to float before giving up")
     samples: PositiveCount = Field(
         4096, description="held-apart calibration samples each candidate is accepted or refused on (never evaluation)"
     )
-    start: Count | None = Field(
-        None,
-        description="first data.calibration sample of that slice (default: right after the sensitivity slice); "
-        "it must not overlap the ranges' or the sensitivity's samples",
-    )
-    sigmas: Real = Field(
-        0.0, ge=0, description="accept only if drop + sigmas x its paired standard error <= max_drop (0: the estimate)"
-    )
+
+    @property
+    def limit(self) -> float:
+        return self.max_drop
+
+    def gate_detail(self, found: Mapping[str, Any]) -> str:
+        kept = len(found.get("float_nodes", ()))
+        detail = (
+            f"calibration slice ({found.get('samples', '?')} samples): drop {found.get('drop', float('nan')):.3f} "
+            f"± {found.get('se', float('nan')):.3f} with {kept} node(s) float"
+        )
+        if not found.get("met", False):
+            blocked = ", ".join(n["node"] for n in found.get("blocked_by", ()))
+            detail += f"; budget not met within max_fallback {self.max_fallback} (next: {blocked})"
+        return detail
 
 
 _BATCH = 32

@@ -76,6 +76,7 @@ from compress.schema import Count, Real
 from compress.stages.base import StageContext, StageOptions, StageOutput
 from compress.stages.quantize.common import TargetField, refuse_flat_keys, torch_calibration
 from compress.stages.quantize.mixed import MixedOptions
+from compress.stages.quantize.mixed_budget import MixedBudget
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -132,6 +133,11 @@ class Int4Options(StageOptions):
         None,
         description="{max_mb, windows, group_size}: MatMulNBits units to 8 bits by sensitivity per MB within max_mb "
         "(target onnxruntime-genai, lm_head int4; compress/stages/quantize/mixed.py)",
+    )
+    accuracy_budget: MixedBudget | None = Field(
+        None,
+        description="{max_rise, windows, start, sigmas}, beside mixed: the fewest units to 8 bits (by gain per MB) "
+        "that hold the perplexity rise on held-apart calibration windows (compress/stages/quantize/mixed_budget.py)",
     )
     parity_samples: Count = Field(8, gt=0, description="decode steps (causal-lm) / inputs (vision) of the parity check")
     parity_atol: Real | None = Field(
@@ -197,6 +203,9 @@ class Int4Options(StageOptions):
             from compress.stages.quantize.mixed import refusals as mixed_refusals
 
             problems += mixed_refusals(self)
+        from compress.stages.quantize.mixed_budget import refusals as budget_refusals
+
+        problems += budget_refusals(self)
         return problems
 
     @property
@@ -211,6 +220,8 @@ class Int4Options(StageOptions):
             fields.pop("activation_dtype")
         if self.mixed is None:  # likewise
             fields.pop("mixed")
+        if self.accuracy_budget is None:  # likewise
+            fields.pop("accuracy_budget")
         if head_quantizer(self) == "gptq" and not (self.target.fused_decoder and self.lm_head == "int8"):
             fields["lm_head_quantizer"] = "gptq"  # was RTN: artifacts with a GPTQ head get new keys
         if isinstance(self.method, algorithms.CheckpointOptions):

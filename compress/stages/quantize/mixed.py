@@ -18,6 +18,10 @@ near lossless), cached (JSON) keyed on the 4-bit weights' key, `windows` and the
 second budget reuses it. Units go to 8 bits greedily by KL gain per MB while the file stays within `max_mb`, the
 builder writes them as 8-bit MatMulNBits (`build_fused_decoder(mixed=True)`), and the weight file
 (`model.onnx.data`) must have exactly the predicted size (a StageError names both otherwise).
+
+With `accuracy_budget:` beside it (compress/stages/quantize/mixed_budget.py) `max_mb` is optional (a cap) and
+the units taken are the shortest prefix of that greedy order that holds a perplexity rise on held-apart
+windows.
 """
 
 from __future__ import annotations
@@ -42,7 +46,12 @@ class MixedOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_mb: Real = Field(gt=0, description="largest weight file (model.onnx.data), MB = 10^6 bytes")
+    max_mb: Real | None = Field(
+        None,
+        gt=0,
+        description="largest weight file (model.onnx.data), MB = 10^6 bytes; required unless accuracy_budget is "
+        "given (then an optional cap)",
+    )
     windows: PositiveCount = Field(
         2, description="calibration windows after the method's `samples`, held apart, on which sensitivity is measured"
     )
@@ -65,6 +74,10 @@ def refusals(options: Int4Options) -> list[tuple[str, str]]:
         problems.append(("mixed", "method checkpoint: its codes are fixed; mixed needs rtn, gptq, awq or autoround"))
     if options.streamed:
         problems.append(("mixed", "streamed: true never holds the float model the sensitivity needs"))
+    if options.mixed.max_mb is None and options.accuracy_budget is None:
+        problems.append(
+            ("mixed", "max_mb: required (the size budget) unless accuracy_budget is given; add mixed.max_mb")
+        )
     return problems
 
 
@@ -97,6 +110,8 @@ def _sizes(model: Any, names: list[str], options: Int4Options) -> tuple[list[Any
 
 
 def _refuse_budget(options: Int4Options, low: int, high: int) -> None:
+    if options.mixed.max_mb is None:  # an accuracy budget without a size cap
+        return
     max_bytes = options.mixed.max_mb * 1e6
     if max_bytes < low:
         raise StageError(
@@ -106,15 +121,17 @@ def _refuse_budget(options: Int4Options, low: int, high: int) -> None:
     if max_bytes >= high:
         raise StageError(
             f"quantize int4 mixed: max_mb = {options.mixed.max_mb:g} holds every unit at 8 bits "
-            f"({high / 1e6:.2f} MB): that is not mixed; lower mixed.max_mb or use precision: int8"
+            f"({high / 1e6:.2f} MB): that is not mixed; lower mixed.max_mb or use precision: int8 "
+            "(with accuracy_budget: remove mixed.max_mb for no cap)"
         )
 
 
 def quantization_key(artifact: Any, options: Int4Options, ctx: StageContext) -> str:
-    """What the 4-bit quantization depends on: the input, every option but `mixed` and the name, the data, seed."""
+    """What the 4-bit quantization depends on: the input, every option but `mixed`, `accuracy_budget` and the
+    name, the data, the seed."""
     from compress.hashing import sha256_json
 
-    fields = {k: v for k, v in options.cache_fields().items() if k != "mixed"}
+    fields = {k: v for k, v in options.cache_fields().items() if k not in ("mixed", "accuracy_budget")}
     return sha256_json(
         {
             "artifact": [artifact.key, artifact.content_digest],
@@ -208,6 +225,7 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
     import torch
 
     from compress.quant.mixed import choose_units, eight_bit_weights, model_logits, unit_sensitivity
+    from compress.stages.quantize import mixed_budget as budget
     from compress.stages.quantize.genai_target import build_genai_artifact
     from compress.stages.quantize.int4 import _scheme_info
 
@@ -226,6 +244,7 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
     start = time.perf_counter()
     with ctx.reporter.task("mixed: float logits on the held-apart windows", total=None):
         reference = model_logits(model, batches)
+        judged = None if options.accuracy_budget is None else budget.Slice.measure(model, options, ctx)
     qkey = quantization_key(artifact, options, ctx)
     qws, floats, unscaled, quantized_reused = _quantized_model(model, qkey, options, ctx)
     if quantized_reused:
@@ -252,8 +271,12 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
 
     table, reused = _cached_table(sensitivity_key(qkey, options), ctx, compute)
     ctx.reporter.log(f"  sensitivity table {'reused from the cache' if reused else 'measured'} ({len(units)} units)")
-    choice = choose_units(table, costs, low, int(options.mixed.max_mb * 1e6))
+    cap = high if options.mixed.max_mb is None else int(options.mixed.max_mb * 1e6)
+    choice = choose_units(table, costs, low, cap)
     by_node = {u.node: u for u in units}
+    found = None
+    if options.accuracy_budget is not None:  # the candidates are prefixes of the size budget's order
+        choice, found = budget.fit(model, choice, by_node, dequant, judged, options, (low, costs), ctx)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for node in choice.eight:
@@ -263,7 +286,8 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
     ctx.reporter.log(
         f"  mixed: {len(choice.eight)} of {len(units)} units at 8 bits, "
         f"predicted {choice.predicted_bytes / 1e6:.2f} MB "
-        f"(budget {options.mixed.max_mb:g}, all 4-bit {low / 1e6:.2f})"
+        f"(size cap {'none' if options.mixed.max_mb is None else f'{options.mixed.max_mb:g}'}, "
+        f"all 4-bit {low / 1e6:.2f})"
     )
     info = {**_scheme_info(options, qws, None), "quantize_seconds": round(time.perf_counter() - start, 1)}
     if unscaled:
@@ -284,6 +308,8 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
         "sensitivity_reused": reused,
         "quantized_reused": quantized_reused,
     }
+    if found is not None:
+        info["accuracy_budget"] = found
     out = build_genai_artifact(model, qws, options, ctx, {**info, "layers_quantized": len(qws)}, mixed=True)
     real = (ctx.outdir / WEIGHT_FILE).stat().st_size
     if real != choice.predicted_bytes:
