@@ -65,7 +65,7 @@ def test_wrong_choice_lists_allowed_values(tmp_path: Path) -> None:
         tmp_path, GOOD.replace("{precision: int8}", "{precision: int8, method: {name: static, calibrator: kl}}")
     )
     assert "stages[2].quantize.method.calibrator = 'kl'" in msg
-    assert "'minmax', 'entropy' or 'percentile'" in msg
+    assert "'minmax', 'entropy', 'percentile' or 'per-tensor'" in msg
 
 
 def test_wrong_type_and_unknown_stage_reported_together(tmp_path: Path) -> None:
