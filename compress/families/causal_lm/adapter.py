@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from compress.artifact import Artifact
     from compress.backends import DecoderSession
     from compress.config import BenchOptions
-    from compress.families.causal_lm.task import TextSplits
+    from compress.families.causal_lm.task import PerplexityResult, TextSplits
     from compress.progress import Reporter
     from compress.prune.options import PruneOptions
     from compress.stages.base import StageOutput
@@ -460,16 +460,7 @@ class CausalLMAdapter(Adapter):
 
     # -- evaluation, benchmarks (sessions: compress.backends.open_session, kind "decoder") ----------
     def evaluate(self, session: DecoderSession, reporter: Reporter, label: str) -> Evaluation:
-        from compress.families.causal_lm.task import perplexity
-
-        windows = self.windows["evaluation"]
-        with reporter.task(f"evaluate {label} (perplexity)", total=len(windows)) as task:
-            result = perplexity(
-                session.logits,
-                windows,
-                batch_size=self.data_cfg.batch_size,
-                advance=lambda n, ppl: task.advance(n, info=f"running ppl {ppl:.1f}"),
-            )
+        result = self._perplexity(session, reporter, f"evaluate {label} (perplexity)", self.windows["evaluation"])
         n = self.data_cfg.generation_tokens
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
             generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
@@ -477,16 +468,23 @@ class CausalLMAdapter(Adapter):
             if self.data_cfg.presets:
                 outputs["presets"] = self.preset_continuations(session)
         metrics = {"ppl": result.perplexity, "tokens": result.tokens}
-        for name, text_windows in self.text_windows.items():
-            with reporter.task(f"evaluate {label} (perplexity on {name})", total=len(text_windows)) as task:
-                other = perplexity(
-                    session.logits,
-                    text_windows,
-                    batch_size=self.data_cfg.batch_size,
-                    advance=lambda n, ppl: task.advance(n, info=f"running ppl {ppl:.1f}"),
-                )
+        for name, windows in self.text_windows.items():
+            other = self._perplexity(session, reporter, f"evaluate {label} (perplexity on {name})", windows)
             metrics[f"ppl:{name}"], metrics[f"tokens:{name}"] = other.perplexity, other.tokens
         return Evaluation(metrics, result.predictions, outputs, samples={"window_nll": result.window_nll})
+
+    def _perplexity(
+        self, session: DecoderSession, reporter: Reporter, what: str, windows: np.ndarray
+    ) -> PerplexityResult:
+        from compress.families.causal_lm.task import perplexity
+
+        with reporter.task(what, total=len(windows)) as task:
+            return perplexity(
+                session.logits,
+                windows,
+                batch_size=self.data_cfg.batch_size,
+                advance=lambda n, ppl: task.advance(n, info=f"running ppl {ppl:.1f}"),
+            )
 
     def report_view(self) -> ReportView:
         d = self.data_cfg
