@@ -217,3 +217,20 @@ def test_a_texts_path_that_reads_nothing_is_located_before_any_work(tmp_path: Pa
     with pytest.raises(ConfigError) as err:
         load_pipeline(pipeline)
     assert re.search(r"data\.texts\.other\.path.*absent\.txt': no such file", str(err.value)), str(err.value)
+
+
+def test_fortunes_not_installed_is_a_validate_error_naming_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_toys import tiny_pipeline
+
+    from compress.config import load_pipeline
+
+    monkeypatch.setattr("compress.families.causal_lm.fortunes.DEFAULT_FOLDER", tmp_path / "not-installed")
+    data = "{texts: {prose: {kind: fortunes}}, calibration_texts: [prose], window: 16}"
+    pipeline = tiny_pipeline(tmp_path, "nofortunes", "\n  - prune: {mlp_ratio: 0.5}", data=data)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(pipeline)
+    assert re.search(
+        r"data\.texts\.prose: kind fortunes reads .*not-installed.*apt-get install fortunes", str(err.value)
+    )
