@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("path", type=Path)
     ins.add_argument(
         "--table",
-        choices=("artifacts", "latency", "llm", "gates"),
+        choices=("artifacts", "texts", "latency", "llm", "gates"),
         help="print only this table of a run's report (markdown, e.g. for a README)",
     )
     cmp = sub.add_parser(
@@ -329,6 +329,7 @@ def _inspect(path: Path, table: str | None = None) -> int:
         print(
             {
                 "artifacts": markdown.artifacts_table,
+                "texts": markdown.texts_table,
                 "latency": markdown.latency_table,
                 "llm": markdown.llm_table,
                 "gates": markdown.gates_table,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for compress: a virtual environment in .venv with the CPU build of torch, the
 # package with its LLM/pruning/AutoRound/test extras, and the offline demo assets (MobileNetV2 weights, SmolLM2
-# GGUF, Fashion-MNIST). Safe to run again: it only installs what is missing.
+# GGUF, Fashion-MNIST, the fortunes text). Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +38,18 @@ if [ ! -f "$FASHION/t10k-images-idx3-ubyte.gz" ]; then
     echo "       or put the four IDX files (train/t10k images/labels .gz) in a folder and" >&2
     echo "         export COMPRESS_FASHION_MNIST=/that/folder" >&2
     exit 1
+  fi
+fi
+# The second text of causal-lm pipelines (data.texts: {fortunes: {kind: fortunes}}): Debian's fortune files
+# (BSD licence). Optional: only pipelines that name kind fortunes need it, so a machine without apt only warns.
+if [ ! -d /usr/share/games/fortunes ] || [ ! -f /usr/share/games/fortunes/wisdom ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing the fortunes text (Debian package fortunes)"
+    apt-get install -y -qq fortunes >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq fortunes >/dev/null)
+  elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get install -y -qq fortunes >/dev/null 2>&1 || (sudo apt-get update -qq && sudo apt-get install -y -qq fortunes >/dev/null)
+  else
+    echo "setup: the fortunes text is missing (only pipelines with kind: fortunes need it): sudo apt-get install fortunes" >&2
   fi
 fi
 echo "setup: done ($(.venv/bin/python -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)'))"

@@ -132,6 +132,37 @@ def stages_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def texts_table(manifest: RunManifest) -> str:
+    """Causal-lm perplexity on each text (`data.text` and `data.texts`), its rise vs baseline and vs parent."""
+    header, rows = texts_rows(manifest)
+    return _table(header, rows) if rows else ""
+
+
+def texts_rows(manifest: RunManifest) -> tuple[list[str], list[list[str]]]:
+    """Empty unless the run measured more than one text (metrics `ppl:NAME`)."""
+    names = [m.removeprefix("ppl:") for m in manifest.metric_names if m.startswith("ppl:")]
+    if not names:
+        return [], []
+    texts = [("text", "ppl", "ppl_rise_pct"), *((n, f"ppl:{n}", f"ppl_rise_pct:{n}") for n in names)]
+    header = ["artifact"]
+    for name, _, _ in texts:
+        header += [f"ppl {name}", f"{name} rise % vs baseline", f"{name} rise % vs parent"]
+    rows = []
+    for rec in manifest.artifacts:
+        ev = rec.evaluation
+        if ev is None:
+            continue
+        row = [rec.name]
+        for _, metric, rise in texts:
+            row += [
+                _fmt(ev.metrics.get(metric), ".3f"),
+                _fmt((ev.vs_baseline or {}).get(rise), "+.2f"),
+                _fmt((ev.vs_parent or {}).get(rise), "+.2f"),
+            ]
+        rows.append(row)
+    return header, rows
+
+
 def llm_table(manifest: RunManifest) -> str:
     """Causal-lm speed: prefill per prompt length, decode tokens/s per batch, and the bandwidth bound."""
     header, rows = llm_rows(manifest)
@@ -310,6 +341,8 @@ def render(m: RunManifest, evidence: Evidence | None = None) -> str:
     notes = [*m.notes, *_float_notes(m)]
     out += [f"> **Note.** {note}" for note in notes] + ([""] if notes else [])
     out += ["## Artifacts", "", artifacts_table(m), ""]
+    texts = texts_table(m)
+    out += ["## Perplexity per text", "", texts, ""] if texts else []
     out += ["## Gates", "", gates_table(m), ""] + _gate_notes(list(m.gates), verdict)
     out += sensitivity_sections(m) + mixed_bits_sections(m)
     if any(rec.bench for rec in m.artifacts):

@@ -4,7 +4,9 @@ torch artifacts are Hugging Face folders), `export` (KV-cache ONNX decoders, one
 decode), `task` (windows, metrics) and `sessions` (registered with `compress.backends` as kind "decoder").
 
 Evaluation: perplexity over non-overlapping evaluation windows, next-token top-1 agreement with the
-baseline, and greedy continuations of a few prompts compared with the baseline's (first divergence).
+baseline, and greedy continuations of a few prompts compared with the baseline's (first divergence); with
+`data.texts`, also the perplexity `ppl:NAME` of each further text and its rise `ppl_rise_pct:NAME` (gates
+read the primary text's `ppl` only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from compress.families.base import Adapter, Evaluation, IOSpec, QualityMetric, R
 from compress.families.causal_lm import sessions  # noqa: F401  (registers the decoder sessions with backends)
 from compress.families.causal_lm.linked import LINK_FILE, NOT_MATERIALISED, LinkedSource, link_folder, link_problem
 from compress.families.causal_lm.model_io import is_gguf
-from compress.families.causal_lm.options import CausalLMModelOptions, TextDataOptions
+from compress.families.causal_lm.options import PRIMARY_TEXT, CausalLMModelOptions, TextDataOptions, TextSource
 from compress.progress import quiet_third_party
 from compress.prune.options import DECODER_PRUNING
 from compress.quant.vocab import INT4_ALGORITHMS, INT8_METHODS, TARGETS
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from compress.artifact import Artifact
     from compress.backends import DecoderSession
     from compress.config import BenchOptions
+    from compress.families.causal_lm.task import PerplexityResult, TextSplits
     from compress.progress import Reporter
     from compress.prune.options import PruneOptions
     from compress.stages.base import StageOutput
@@ -45,7 +48,6 @@ class CausalLMAdapter(Adapter):
     distill_task: ClassVar[str | None] = "causal-lm"
     model_options = CausalLMModelOptions
     data_options = TextDataOptions
-    metric_names = ("ppl",)
     quality = QualityMetric(
         "ppl",
         "%",
@@ -69,6 +71,10 @@ class CausalLMAdapter(Adapter):
     prune_support = DECODER_PRUNING
     model_cfg: CausalLMModelOptions
     data_cfg: TextDataOptions
+
+    @property  # type: ignore[override]
+    def metric_names(self) -> tuple[str, ...]:  # one perplexity per text of `data.texts` after the primary's
+        return ("ppl", *(f"ppl:{name}" for name in self.data_cfg.texts))
 
     # -- checks before any work ----------------------------------------------------------------------
     def preflight(self) -> list[tuple[tuple[str | int, ...], str]]:
@@ -103,16 +109,28 @@ class CausalLMAdapter(Adapter):
         return problems
 
     def _text_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """A text path that reads nothing, found before the model loads (as `read_text` resolves it)."""
+        """A text that reads nothing (a path, or fortunes not installed), found before the model loads."""
         from compress.families.causal_lm.task import text_files
 
-        if self.data_cfg.text.path is None:
-            return []
-        try:
-            text_files(self.data_cfg.text)
-        except ConfigError as exc:
-            return [(("data", "text", "path"), str(exc).removeprefix("data.text.path: "))]
-        return []
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for keys, source in self._sources():
+            if source.kind == "pydoc":
+                continue
+            key = ".".join(keys)
+            try:
+                text_files(source, key)
+            except ConfigError as exc:
+                message = str(exc)
+                field = next((f for f in ("path", "files") if message.startswith(f"{key}.{f}: ")), None)
+                where = (*keys, field) if field else keys
+                problems.append((where, message.removeprefix(".".join(where) + ": ")))
+        return problems
+
+    def _sources(self) -> list[tuple[tuple[str, ...], TextSource]]:
+        """Every text source with its key path: data.text first, then data.texts in their order."""
+        return [(("data", "text"), self.data_cfg.text)] + [
+            (("data", "texts", name), source) for name, source in self.data_cfg.texts.items()
+        ]
 
     # -- model ---------------------------------------------------------------------------------------
     @cached_property
@@ -180,6 +198,13 @@ class CausalLMAdapter(Adapter):
         from compress.families.causal_lm.task import bos_note
 
         notes = [f"Perplexity windows and prompts: {bos_note(self.tokenizer)}."]
+        if self.data_cfg.texts:
+            names = ", ".join(f"`{n}`" for n in self.data_cfg.texts)
+            notes.append(
+                f"Texts: `ppl` is measured on data.text and `ppl:NAME` on {names}, "
+                f"{self.data_cfg.evaluation_windows} windows of {self.data_cfg.window} tokens each; "
+                f"{self._calibration_note()}; gates read `ppl` (data.text) only."
+            )
         if self.links_source:
             notes.append(
                 "The source is linked (model.link: true): the float model is never materialised, so the baseline "
@@ -310,17 +335,42 @@ class CausalLMAdapter(Adapter):
 
     # -- data ----------------------------------------------------------------------------------------
     @cached_property
-    def windows(self) -> dict[str, np.ndarray]:
-        from compress.families.causal_lm.task import read_text, split_windows, tokenize_windows
+    def _all_windows(self) -> dict[str, np.ndarray]:
+        """Every text cut into windows, by name ('text' for data.text)."""
+        from compress.families.causal_lm.task import read_text, tokenize_windows
+
+        return {
+            keys[-1] if keys[1] == "texts" else PRIMARY_TEXT: tokenize_windows(
+                read_text(source, ".".join(keys)), self.tokenizer, window=self.data_cfg.window
+            )
+            for keys, source in self._sources()
+        }
+
+    @cached_property
+    def _splits(self) -> TextSplits:
+        """Every text's windows split (evaluation first), calibration drawn round-robin from the named texts."""
+        from compress.families.causal_lm.task import mix_calibration
 
         d = self.data_cfg
-        windows = tokenize_windows(read_text(d.text), self.tokenizer, window=d.window)
-        split = split_windows(windows, evaluation=d.evaluation_windows, calibration=d.calibration_windows)
-        rest = windows[d.evaluation_windows :]  # training may reuse calibration text, never evaluation text
+        return mix_calibration(
+            self._all_windows, d.calibration_texts, evaluation=d.evaluation_windows, calibration=d.calibration_windows
+        )
+
+    @cached_property
+    def windows(self) -> dict[str, np.ndarray]:
+        """The roles of the primary text's windows (the calibration ones from the mix, when there is one)."""
+        d, splits = self.data_cfg, self._splits
+        # training may reuse calibration text, never evaluation text
+        rest = self._all_windows[PRIMARY_TEXT][d.evaluation_windows :]
         train = rest if d.train_windows is None else rest[: d.train_windows]
         if d.train_windows is not None and len(train) < d.train_windows:
             raise ValueError(f"data.train_windows = {d.train_windows}: only {len(rest)} windows after evaluation")
-        return {"evaluation": split.evaluation, "calibration": split.calibration, "train": train}
+        return {"evaluation": splits.evaluation[PRIMARY_TEXT], "calibration": splits.calibration, "train": train}
+
+    @property
+    def text_windows(self) -> dict[str, np.ndarray]:
+        """The evaluation windows of each text of `data.texts`, by name."""
+        return {name: w for name, w in self._splits.evaluation.items() if name != PRIMARY_TEXT}
 
     @cached_property
     def prompt_ids(self) -> list[list[int]]:
@@ -341,8 +391,9 @@ class CausalLMAdapter(Adapter):
                 "windows": hashes["evaluation"],
                 "prompts": self.prompt_ids,
                 "generation_tokens": self.data_cfg.generation_tokens,
-                # only when asked, so a pipeline without presets keeps its cached evaluations
+                # only when asked, so a pipeline without presets / texts keeps its cached evaluations
                 **({"presets": self.preset_options} if self.data_cfg.presets else {}),
+                **({"texts": {n: token_hash(w) for n, w in self.text_windows.items()}} if self.data_cfg.texts else {}),
             }
         )
         return hashes
@@ -409,16 +460,7 @@ class CausalLMAdapter(Adapter):
 
     # -- evaluation, benchmarks (sessions: compress.backends.open_session, kind "decoder") ----------
     def evaluate(self, session: DecoderSession, reporter: Reporter, label: str) -> Evaluation:
-        from compress.families.causal_lm.task import perplexity
-
-        windows = self.windows["evaluation"]
-        with reporter.task(f"evaluate {label} (perplexity)", total=len(windows)) as task:
-            result = perplexity(
-                session.logits,
-                windows,
-                batch_size=self.data_cfg.batch_size,
-                advance=lambda n, ppl: task.advance(n, info=f"running ppl {ppl:.1f}"),
-            )
+        result = self._perplexity(session, reporter, f"evaluate {label} (perplexity)", self.windows["evaluation"])
         n = self.data_cfg.generation_tokens
         with quiet_third_party():  # transformers warns on every cached forward (FutureWarning)
             generated = [session.continue_greedy(list(p), n) for p in self.prompt_ids]
@@ -426,26 +468,61 @@ class CausalLMAdapter(Adapter):
             if self.data_cfg.presets:
                 outputs["presets"] = self.preset_continuations(session)
         metrics = {"ppl": result.perplexity, "tokens": result.tokens}
+        for name, windows in self.text_windows.items():
+            other = self._perplexity(session, reporter, f"evaluate {label} (perplexity on {name})", windows)
+            metrics[f"ppl:{name}"], metrics[f"tokens:{name}"] = other.perplexity, other.tokens
         return Evaluation(metrics, result.predictions, outputs, samples={"window_nll": result.window_nll})
+
+    def _perplexity(
+        self, session: DecoderSession, reporter: Reporter, what: str, windows: np.ndarray
+    ) -> PerplexityResult:
+        from compress.families.causal_lm.task import perplexity
+
+        with reporter.task(what, total=len(windows)) as task:
+            return perplexity(
+                session.logits,
+                windows,
+                batch_size=self.data_cfg.batch_size,
+                advance=lambda n, ppl: task.advance(n, info=f"running ppl {ppl:.1f}"),
+            )
 
     def report_view(self) -> ReportView:
         d = self.data_cfg
         card = {
-            "text": d.text.model_dump(mode="json"),
+            "text": d.text.model_dump(mode="json", exclude_none=True),
+            **{f"text {n}": s.model_dump(mode="json", exclude_none=True) for n, s in d.texts.items()},
             "windows": len(self.windows["evaluation"]),
             "window tokens": d.window,
+            **({"calibration": self._calibration_note()} if d.texts else {}),
         }
         return ReportView(
             decode=lambda ids: [self.tokenizer.decode([i]) for i in ids],
             data_card={"evaluation": card, "prompts": len(self.prompt_ids)},
         )
 
+    def _calibration_note(self) -> str:
+        from compress.families.causal_lm.task import calibration_shares
+
+        d = self.data_cfg
+        shares = calibration_shares(d.calibration_texts, d.calibration_windows)
+        return (
+            "calibration windows: "
+            + ", ".join(f"{k} from `{n}`" for n, k in shares.items())
+            + (" (round-robin)" if len(shares) > 1 else "")
+        )
+
     def compare(self, result: Evaluation, baseline: Evaluation) -> dict[str, float]:
         from compress.families.causal_lm.task import greedy_match, top1_agreement
 
         match = greedy_match(result.outputs["greedy"], baseline.outputs["greedy"], self.data_cfg.generation_tokens)
+        texts = {
+            f"ppl_rise_pct:{name}": 100.0 * (result.metrics[key] / baseline.metrics[key] - 1.0)
+            for name in self.data_cfg.texts
+            if (key := f"ppl:{name}") in result.metrics and key in baseline.metrics
+        }
         return {
             "ppl_rise_pct": 100.0 * (result.metrics["ppl"] / baseline.metrics["ppl"] - 1.0),
+            **texts,
             "agreement": 100.0 * top1_agreement(result.predictions, baseline.predictions),
             "greedy_identical": 100.0 * match.identical,
             "greedy_first_divergence_mean": match.mean_matched_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,19 +17,36 @@ class TextSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["pydoc", "text", "jsonl"] = Field(description="pydoc topics, a text file, or JSONL.")
+    kind: Literal["pydoc", "text", "jsonl", "fortunes"] = Field(
+        description="pydoc topics, a text file, JSONL, or fortune cookie files (Debian package fortunes)."
+    )
     path: Path | None = Field(
-        None, description="A file, a folder (its *.txt / *.md, or *.jsonl files) or a glob (text and jsonl only)."
+        None,
+        description="A file, a folder (its *.txt / *.md, or *.jsonl files) or a glob (text and jsonl); for "
+        "fortunes, a folder of fortune files (default /usr/share/games/fortunes).",
     )
     field: str | None = Field(None, description="JSONL key holding the text (jsonl only).")
+    files: tuple[str, ...] | None = Field(
+        None,
+        description="fortunes only: the fortune files to read, by name; default every one in the folder but the "
+        "technical and pictorial ones (compress/families/causal_lm/fortunes.py)",
+    )
     max_records: Count | None = Field(
-        None, ge=1, description="Read at most this many records: pydoc topics, JSONL lines, text paragraphs."
+        None,
+        ge=1,
+        description="Read at most this many records: pydoc topics, JSONL lines, text paragraphs, fortunes.",
     )
 
     @model_validator(mode="after")
     def _check(self) -> TextSource:
         if self.kind == "pydoc" and (self.path or self.field):
             raise ConfigError(f"text source pydoc takes no path/field; got path={self.path}, field={self.field}")
+        if self.kind == "fortunes" and self.field:
+            raise ConfigError(f"text source fortunes takes no field; got {self.field!r}")
+        if self.kind != "fortunes" and self.files is not None:
+            raise ConfigError(f"text source {self.kind} takes no files (fortunes only); got {list(self.files)}")
+        if self.files is not None and (not self.files or len(set(self.files)) != len(self.files)):
+            raise ConfigError(f"fortunes files = {list(self.files)}: expected distinct file names, at least one")
         if self.kind in ("text", "jsonl") and self.path is None:
             raise ConfigError(f"text source {self.kind} needs a path")
         if self.kind == "jsonl" and not self.field:
@@ -69,23 +87,41 @@ class CausalLMModelOptions(BaseModel):
     )
 
 
+#: The name `data.calibration_texts` gives the primary text `data.text`.
+PRIMARY_TEXT = "text"
+_TEXT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
 class TextDataOptions(BaseModel):
-    """`data:` of a causal-lm pipeline: one text, cut into token windows; evaluation windows come first and
-    calibration / training windows after them, so they never overlap.
+    """`data:` of a causal-lm pipeline: texts cut into token windows. In each text the evaluation windows come
+    first and calibration / training windows after them, so they never overlap.
 
     ```yaml
     data:
-      text: {kind: pydoc}
+      text: {kind: pydoc}          # the primary text: gates, agreement, greedy prompts, training
+      texts:                       # optional: more texts by name, each with its own perplexity
+        fortunes: {kind: fortunes}
+      calibration_texts: [text, fortunes]   # optional: calibrate on a mix (default: [text])
       window: 512
-      evaluation_windows: 8
-      calibration_windows: 16
+      evaluation_windows: 8        # per text
+      calibration_windows: 16      # in all, shared round-robin among calibration_texts
       presets: [balanced, beam]   # optional: also record each artifact's continuations with these presets
       preset_seed: 0
     ```
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    text: TextSource = Field(TextSource(kind="pydoc"), description="pydoc topics, a text file or JSONL")
+    text: TextSource = Field(TextSource(kind="pydoc"), description="pydoc topics, a text file, JSONL or fortunes")
+    texts: dict[str, TextSource] = Field(
+        {},
+        description="more texts, by name: each is cut into windows like data.text and its first "
+        "evaluation_windows windows give the perplexity ppl:NAME per artifact (gates read data.text only)",
+    )
+    calibration_texts: tuple[str, ...] = Field(
+        (PRIMARY_TEXT,),
+        description=f"texts calibration windows are drawn from, round-robin: '{PRIMARY_TEXT}' (data.text) and "
+        "names of data.texts; each text's calibration windows follow its own evaluation windows",
+    )
     window: Count = Field(512, ge=8, description="tokens per window")
     evaluation_windows: Count = Field(8, gt=0)
     calibration_windows: Count = Field(16, gt=0)
@@ -99,6 +135,35 @@ class TextDataOptions(BaseModel):
         "recorded per artifact and shown in the report; gates read the greedy ones only",
     )
     preset_seed: int = Field(0, ge=0, description="sampler seed of the sampling presets, so the report is repeatable")
+
+    @field_validator("texts")
+    @classmethod
+    def _text_names(cls, texts: dict[str, TextSource]) -> dict[str, TextSource]:
+        for name in texts:
+            if name == PRIMARY_TEXT or not _TEXT_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"data.texts.{name}: a text name is lowercase letters, digits, '_' or '-' (at most 32, starting "
+                    f"with a letter) and not '{PRIMARY_TEXT}' (the name of data.text)"
+                )
+        return texts
+
+    @model_validator(mode="after")
+    def _calibration_names(self) -> TextDataOptions:
+        names = self.calibration_texts
+        known = [PRIMARY_TEXT, *self.texts]
+        unknown = [n for n in names if n not in known]
+        if not names or unknown or len(set(names)) != len(names):
+            what = f"unknown {unknown}" if unknown else "empty" if not names else "a text listed twice"
+            raise ConfigError(
+                f"data.calibration_texts = {list(names)}: {what}; expected distinct names among {known} "
+                f"('{PRIMARY_TEXT}' is data.text, the others are keys of data.texts)"
+            )
+        if len(names) > self.calibration_windows:
+            raise ConfigError(
+                f"data.calibration_texts names {len(names)} texts but data.calibration_windows = "
+                f"{self.calibration_windows}: expected at least one calibration window per text"
+            )
+        return self
 
     @field_validator("presets")
     @classmethod

@@ -18,12 +18,17 @@ calibration.
 
 Sources: ``pydoc`` is CPython's ``pydoc_data.topics.topics`` (79 help topics, ~465k characters, always
 installed, PSF licence), joined in sorted key order so the stream is the same on every machine with the
-same Python; ``text`` UTF-8 text; ``jsonl`` one JSON object per line, the text under ``field``.
+same Python; ``text`` UTF-8 text; ``jsonl`` one JSON object per line, the text under ``field``;
+``fortunes`` BSD fortune files (Debian package ``fortunes``: prose, not technical docs; ``fortunes.py``).
 ``path`` (text and jsonl) is a file, a folder (its ``*.txt`` and ``*.md`` files for text, ``*.jsonl`` for
 jsonl, searched recursively) or a glob (``docs/**/*.md``), read in sorted path order; relative paths start
 at the working directory. ``max_records`` caps the records read, whatever the kind: pydoc topics, JSONL
-lines, or for text the paragraphs (blocks separated by a blank line). Files, records and topics are joined
-with a blank line.
+lines, fortunes, or for text the paragraphs (blocks separated by a blank line). Files, records and topics
+are joined with a blank line.
+
+Several texts (`data.texts`): each is cut into windows on its own and split the same way, so its evaluation
+windows never overlap its calibration windows; `mix_calibration` draws the calibration windows round-robin
+from the texts named (`data.calibration_texts`).
 """
 
 from __future__ import annotations
@@ -50,11 +55,16 @@ FOLDER_SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl",)}  # what a fold
 _GLOB_CHARS = frozenset("*?[")
 
 
-def text_files(source: TextSource) -> list[Path]:
-    """The files a text/jsonl source reads, in order; ConfigError naming the path when there are none."""
+def text_files(source: TextSource, key: str = "data.text") -> list[Path]:
+    """The files a source reads, in order (`key` is its key in the pipeline file, for errors); ConfigError
+    naming the path when there are none."""
+    if source.kind == "fortunes":
+        from compress.families.causal_lm.fortunes import fortune_files
+
+        return fortune_files(source, key)
     path = Path(source.path).expanduser()  # type: ignore[arg-type]
     suffixes = FOLDER_SUFFIXES[source.kind]
-    where = f"data.text.path: '{source.path}'"
+    where = f"{key}.path: '{source.path}'"
     if _GLOB_CHARS & set(str(path)):
         anchor = Path(path.anchor) if path.is_absolute() else Path()
         pattern = str(path.relative_to(anchor)) if path.is_absolute() else str(path)
@@ -72,15 +82,19 @@ def text_files(source: TextSource) -> list[Path]:
     raise ConfigError(f"{where}: no such file, folder or glob match (relative paths start at {Path.cwd()})")
 
 
-def read_text(source: TextSource) -> str:
-    """The whole text of a source as one string."""
+def read_text(source: TextSource, key: str = "data.text") -> str:
+    """The whole text of a source as one string (`key`: its key in the pipeline file, for errors)."""
     if source.kind == "pydoc":
         from pydoc_data.topics import topics
 
         parts = [topics[k] for k in sorted(topics)][: source.max_records]
         return SEPARATOR.join(parts)
+    if source.kind == "fortunes":
+        from compress.families.causal_lm.fortunes import read_fortunes
+
+        return SEPARATOR.join(read_fortunes(source, key))
     parts: list[str] = []
-    for path in text_files(source):
+    for path in text_files(source, key):
         left = None if source.max_records is None else source.max_records - len(parts)
         if left == 0:
             break
@@ -199,6 +213,40 @@ def split_windows(windows: np.ndarray, *, evaluation: int, calibration: int, see
     else:
         cal_idx = np.sort(np.random.default_rng(seed).choice(rest, size=calibration, replace=False))
     return WindowSplit(windows[eval_idx], windows[cal_idx], tuple(eval_idx.tolist()), tuple(cal_idx.tolist()))
+
+
+def calibration_shares(names: Sequence[str], total: int) -> dict[str, int]:
+    """Calibration windows per text when `total` are drawn round-robin from `names` (the first texts take
+    one more when `total` does not divide evenly)."""
+    k = len(names)
+    return {name: total // k + (i < total % k) for i, name in enumerate(names)}
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """Every text's evaluation windows, and the calibration windows drawn round-robin from some of them."""
+
+    evaluation: dict[str, np.ndarray]  # text name -> its first `evaluation` windows
+    calibration: np.ndarray  # (C, T): text names[0]'s first, names[1]'s first, ..., names[0]'s second, ...
+    calibration_texts: tuple[str, ...]  # (C,) the text each calibration window comes from
+
+
+def mix_calibration(
+    windows: dict[str, np.ndarray], names: Sequence[str], *, evaluation: int, calibration: int
+) -> TextSplits:
+    """Split each text as `split_windows` does (evaluation first, its calibration share right after) and
+    interleave the calibration shares round-robin in the order of `names`. With one text this is
+    `split_windows(windows, evaluation, calibration)` exactly."""
+    shares = calibration_shares(names, calibration)
+    splits = {}
+    for name, ids in windows.items():
+        try:
+            splits[name] = split_windows(ids, evaluation=evaluation, calibration=shares.get(name, 0))
+        except ConfigError as exc:
+            raise ConfigError(f"text '{name}': {exc}") from None
+    order = [(name, i) for i in range(max(shares.values(), default=0)) for name in names if i < shares[name]]
+    cal = np.stack([splits[name].calibration[i] for name, i in order]) if order else np.empty((0, 0), np.int64)
+    return TextSplits({name: split.evaluation for name, split in splits.items()}, cal, tuple(name for name, _ in order))
 
 
 def token_hash(ids: np.ndarray) -> str:
