@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distill_toys import MLP, teacher_and_data  # noqa: E402
 
 from compress.distill import DistillOptions, FeaturePair, distill  # noqa: E402
-from compress.distributed import processes  # noqa: E402
+from compress.distributed import leave, processes  # noqa: E402
 from compress.tensorfile import write_tensors  # noqa: E402
 
 
@@ -47,3 +47,7 @@ if __name__ == "__main__":
         write_tensors(
             Path(sys.argv[1]), dict(student.state_dict()), {"losses": json.dumps(losses), "world": str(procs.world)}
         )
+    # as the runner does (follower.finish): all ranks meet, then leave the gloo group before interpreter exit,
+    # which can otherwise SIGABRT a rank after its work is done (seen in CI, 2026-12-04)
+    procs.barrier()
+    leave()
