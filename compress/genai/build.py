@@ -340,6 +340,7 @@ def build_fused_decoder(
     symmetric: bool = True,
     lm_head: LmHead = "int4",
     mixed: bool = False,
+    prune_lm_head: bool = False,
     verbose: bool = False,
 ) -> Path:
     """Run the builder on ``hf_folder`` and return ``out_dir`` (``model.onnx``, its data, genai_config.json).
@@ -353,7 +354,9 @@ def build_fused_decoder(
     own group size); the builder's loader reads their bits from per-module ``dynamic`` overrides, so those
     MatMulNBits (and a tied embedding's GatherBlockQuantized, for an 8-bit lm_head) are 8-bit.
     ``accuracy_level`` None keeps the builder's default (4 on CPU,
-    0 on CUDA). The folder appears only when complete.
+    0 on CUDA). ``prune_lm_head``: the builder's own option of that name (a Gather of the last position before
+    the head), so a prompt's forward computes the head once, not once per prompt token; the graph's logits are
+    then (B, 1, V) (`OrtCausalLM` evaluates such a graph token by token). The folder appears only when complete.
     """
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
     if precision not in ("fp32", "int4", "int8"):
@@ -395,6 +398,8 @@ def build_fused_decoder(
         # no option when the head is ours (an 8-bit one too): the builder's RTN is for a float head only
         lm_head="int4" if precision == "int8" or "lm_head" in (quantized or {}) else lm_head,
     )
+    if prune_lm_head:
+        extra.append("prune_lm_head=true")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

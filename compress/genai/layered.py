@@ -501,6 +501,7 @@ def build_layered_decoder(
     lm_head: str = "float",
     accuracy_level: int | None = None,
     execution_provider: str = "cpu",
+    prune_lm_head: bool = False,
     verbose: bool = False,
     say: Say | None = None,
 ) -> Path:
@@ -526,6 +527,7 @@ def build_layered_decoder(
         "block_size": q["group_size"],
         "symmetric": q["sym"],
         "lm_head": lm_head,
+        "prune_lm_head": prune_lm_head,
         "verbose": verbose,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)

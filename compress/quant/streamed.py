@@ -579,6 +579,7 @@ def build_streamed_decoder(
     lm_head: HeadMode = "float",
     accuracy_level: int | None = None,
     execution_provider: Literal["cpu", "cuda"] = "cpu",
+    prune_lm_head: bool = False,
     verbose: bool = False,
     say: Say | None = None,
 ) -> Path:
@@ -592,6 +593,7 @@ def build_streamed_decoder(
         lm_head="int4" if lm_head == "int4" else "float",
         accuracy_level=accuracy_level,
         execution_provider=execution_provider,
+        prune_lm_head=prune_lm_head,
         verbose=verbose,
         say=say,
     )

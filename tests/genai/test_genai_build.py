@@ -441,3 +441,39 @@ def test_streamed_head_is_rtn_and_said_so():
     options = Int4Options(precision="int4", method="gptq", lm_head="int4", target="onnxruntime-genai", streamed=True)
     assert head_quantizer(options) == "rtn" and _head_quantizer(options) == "ours (RTN)"
     assert "lm_head_quantizer" not in options.cache_fields()
+
+
+def test_pruned_head_graph_gives_the_same_logits_token_by_token(tied, tmp_path):
+    """`prune_lm_head` (the builder's option, the genai target's default): the head reads the last position only;
+    `OrtCausalLM` then runs the file token by token, and its full-sequence logits equal the unpruned graph's."""
+    from compress.families.causal_lm.genai_engine import GeneratorBench
+    from compress.families.causal_lm.sessions import OrtCausalLM
+
+    folder, model = tied
+    qws = rtn_quantize_model(model, config=WeightQuantConfig(group_size=32), layers_filter=EVERY_LINEAR)
+    full = build_fused_decoder(folder, tmp_path / "full", precision="int4", quantized=qws)
+    pruned = build_fused_decoder(folder, tmp_path / "pruned", precision="int4", quantized=qws, prune_lm_head=True)
+    graph = _graph(pruned, data=False)
+    logits = next(o for o in graph.graph.output if o.name == "logits")
+    assert [d.dim_value for d in logits.type.tensor_type.shape.dim][1:] == [1, VOCAB]  # (B, 1, V)
+    head = next(n for n in graph.graph.node if n.name == "/lm_head/MatMulNBits")
+    assert _ops(graph)["Gather"] == _ops(_graph(full, data=False))["Gather"] + 1, "one Gather of the last position"
+    assert _external_bytes(graph) == _external_bytes(_graph(full, data=False)), "the same weights"
+    gather = next(n for n in graph.graph.node if n.output[0] == "/lm_head/prune/Gather/output_0")
+    assert gather.input[0] == "/model/layers.2/final_norm_layernorm/output_0"  # the final norm's (B, T, H)
+    assert head.input[0] == "/lm_head/prune/Unsqueeze/output_0"  # (B, 1, H)
+
+    whole, cut = OrtCausalLM(full / "model.onnx"), OrtCausalLM(pruned / "model.onnx")
+    assert (whole.last_logits_only, cut.last_logits_only) == (False, True)
+    ours, theirs = cut.logits(IDS), whole.logits(IDS)
+    assert ours.shape == theirs.shape == (*IDS.shape, VOCAB)
+    # each position once as a cached decode step against one 17-token prefill: other kernels (GroupQueryAttention's
+    # decode path), same int8-activation MatMulNBits per row; measured 2.4e-7 on logits of magnitude ~1.4
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    last, _ = cut.prefill(IDS, last_only=True)
+    np.testing.assert_array_equal(last, whole.prefill(IDS, last_only=True)[0])  # one forward: the same last row
+    assert cut.continue_greedy(IDS[0, :5].tolist(), 8) == whole.continue_greedy(IDS[0, :5].tolist(), 8)
+    # the Generator (the deployable runtime) reads the pruned graph's logits: the same last-position logits
+    gen_cut, _ = GeneratorBench(pruned).prefill(IDS[:1])
+    gen_full, _ = GeneratorBench(full).prefill(IDS[:1])
+    np.testing.assert_allclose(np.asarray(gen_cut), np.asarray(gen_full), atol=1e-5, rtol=0)

@@ -41,15 +41,19 @@ def _nodes(model) -> list[tuple]:
     return [(n.op_type, n.name, list(n.input), list(n.output), list(n.attribute)) for n in model.graph.node]
 
 
-@pytest.mark.parametrize("tie,lm_head", [(True, "int4"), (False, "int4"), (False, "float")])
-def test_layered_graph_equals_builders_full_graph(models, tie, lm_head, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "tie,lm_head,prune", [(True, "int4", False), (False, "int4", False), (False, "float", False), (True, "int4", True)]
+)
+def test_layered_graph_equals_builders_full_graph(models, tie, lm_head, prune, tmp_path, monkeypatch) -> None:
     # head / embedding in several blocks with a short last one (1000 = 7 * 136 + 48; hidden 64 = 2 * 24 + 16)
     monkeypatch.setattr(layered, "HEAD_BLOCK", 136)
     monkeypatch.setattr(layered, "HIDDEN_BLOCK", 24)
     q = stream_quantize(models[tie], tmp_path / "q", CFG, lm_head=lm_head).folder
-    ref = build_fused_decoder(q, tmp_path / "ref", precision="int4", block_size=32, symmetric=False, lm_head=lm_head)
+    ref = build_fused_decoder(
+        q, tmp_path / "ref", precision="int4", block_size=32, symmetric=False, lm_head=lm_head, prune_lm_head=prune
+    )
     said: list[str] = []
-    ours = build_streamed_decoder(q, tmp_path / "ours", lm_head=lm_head, say=said.append)
+    ours = build_streamed_decoder(q, tmp_path / "ours", lm_head=lm_head, prune_lm_head=prune, say=said.append)
     assert f"layer {LAYERS}/{LAYERS} written" in said  # the layered writer ran, not the builder on 5 layers
 
     a, b = (onnx.load(str(d / "model.onnx")) for d in (ref, ours))

@@ -140,6 +140,11 @@ class OrtCausalLM(_GreedyDecoder):
     bound as the next inputs, so they never round-trip through numpy; only the last position's logits are
     copied out. `session_config` entries (the artifact's `info["ort_session_config"]`) are set on the one
     session built.
+
+    A graph whose logits are the last position's only (seq dim fixed at 1: onnxruntime-genai's builder with
+    `prune_lm_head`, the default of `target: onnxruntime-genai`) gives full-sequence logits token by token: each
+    token of a multi-token run is one cached step (`last_logits_only`), so perplexity and agreement are measured on
+    the file that ships, as the Generator runs it.
     """
 
     backend = "onnxruntime"
@@ -180,6 +185,8 @@ class OrtCausalLM(_GreedyDecoder):
         absent = sorted(set(self.present_names) - {r["name"] for r in info["outputs"]})
         if absent or LOGITS not in {r["name"] for r in info["outputs"]}:
             raise ValueError(f"{onnx_path}: outputs lack {[LOGITS, *absent]}; a KV-cache decoder returns them")
+        logits_dims = next(r["dims"] for r in info["outputs"] if r["name"] == LOGITS)
+        self.last_logits_only = len(logits_dims) == 3 and logits_dims[1] == 1
         opts = session_options(threads, session_config)
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
         self.io_binding = io_binding
@@ -187,6 +194,22 @@ class OrtCausalLM(_GreedyDecoder):
 
     # -- one forward ------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: KVState, last_only: bool) -> tuple[np.ndarray, KVState]:
+        if self.last_logits_only and ids.shape[1] > 1 and not last_only:
+            return self._run_token_by_token(ids, state)
+        return self._forward(ids, state, last_only)
+
+    def _run_token_by_token(self, ids: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
+        """Logits (B, T, V) of a graph that returns the last position's only: one cached step per token."""
+        seq = ids.shape[1]
+        past_length = state.length - seq  # `state.attention_mask` already covers `ids`
+        step, rows = KVState(state.past, state.attention_mask[:, : past_length + 1]), []
+        for t in range(seq):
+            step.attention_mask = state.attention_mask[:, : past_length + t + 1]
+            logits, step = self._forward(ids[:, t : t + 1], step, last_only=True)
+            rows.append(logits)
+        return np.concatenate(rows, axis=1), KVState(step.past, state.attention_mask)
+
+    def _forward(self, ids: np.ndarray, state: KVState, last_only: bool) -> tuple[np.ndarray, KVState]:
         batch, seq = ids.shape  # (B, T)
         mask = state.attention_mask
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}

@@ -109,6 +109,12 @@ class OnnxruntimeGenai(TargetOptions):
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
         None, description="MatMulNBits compute type; default the builder's (4 on cpu, 0 on cuda)"
     )
+    prune_lm_head: bool = Field(
+        True,
+        description="the head computes the last position only (the builder's prune_lm_head): a prompt's forward "
+        "runs it once, not per token; the logits the Generator uses are the same; evaluation runs the file token by "
+        "token for full-sequence logits",
+    )
     fused_decoder: ClassVar[bool] = True
 
     @property

@@ -164,6 +164,7 @@ def build_into_outdir(
                 symmetric=symmetric,
                 lm_head=lm_head,
                 mixed=mixed,
+                prune_lm_head=target.prune_lm_head,
             )
         except ValueError as e:  # weights the builder cannot take (e.g. an act-order checkpoint)
             raise StageError(f"quantize {precision} → onnxruntime-genai: {e}") from None
@@ -230,6 +231,7 @@ def build_streamed_artifact(artifact: Any, options: Int4Options, ctx: StageConte
             lm_head=options.lm_head,
             accuracy_level=options.target.accuracy_level,
             execution_provider=options.target.execution_provider,
+            prune_lm_head=options.target.prune_lm_head,
             say=ctx.reporter.log,
         )
     for path in sorted(built.iterdir()):

@@ -127,11 +127,12 @@ def _refuse_budget(options: Int4Options, low: int, high: int) -> None:
 
 
 def quantization_key(artifact: Any, options: Int4Options, ctx: StageContext) -> str:
-    """What the 4-bit quantization depends on: the input, every option but `mixed`, `accuracy_budget` and the
-    name, the data, the seed."""
+    """What the 4-bit quantization depends on: the input, every option but `mixed`, `accuracy_budget`, the target's
+    `prune_lm_head` (a graph choice) and the name, the data, the seed."""
     from compress.hashing import sha256_json
 
     fields = {k: v for k, v in options.cache_fields().items() if k not in ("mixed", "accuracy_budget")}
+    fields["target"] = {k: v for k, v in fields["target"].items() if k != "prune_lm_head"}
     return sha256_json(
         {
             "artifact": [artifact.key, artifact.content_digest],
