@@ -48,7 +48,14 @@ def test_every_adapter_and_stage_module_imports_no_heavy_library() -> None:
 
 def test_python_dash_m_compress_is_the_cli_and_loads_no_heavy_library() -> None:
     """`python -m compress` runs the same parser as the `compress` script, and `--help` stays light."""
-    code = "import sys, runpy\nsys.argv = ['compress', '--help']\ntry:\n    runpy.run_module('compress', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0, e.code"
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['compress', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('compress', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code"
+    )
     assert _heavy_after(code) == []
     out = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("usage: compress") and "run" in out.stdout
