@@ -27,7 +27,9 @@ at 4 bits, Q4_1: its "FP32" is that model dequantised, the same folder our pipel
   MatMulNBits node as in our artifacts (so both sides use the same kernel);
 - llama.cpp: llama.cpp's `convert_hf_to_gguf.py --outtype f32`, then its own quantizer
   (`llama_cpp.llama_model_quantize`) for Q8_0 / Q4_0 / Q4_K_M. llama.cpp prefill asks for the last position's
-  logits only (its default); the ONNX graphs compute logits at every position.
+  logits only (its default), as do our genai graphs built with `prune_lm_head` (the target's default; their
+  perplexity is then read token by token, `OrtCausalLM`); the builder's own graphs (its defaults) and our own
+  exports compute logits at every position.
 Peer files go to `<runs-dir>/peers/` with a `peer.json` of their sha256s, checked before a file is reused.
 The table is printed as markdown and written to `<runs-dir>/peers/peer_llm.md` (figures in `peer_llm.json`).
 """
