@@ -10,12 +10,13 @@ that what the fine-tune sees is what `quantize_static` then writes:
 - Weights: symmetric int8, per output channel (or per tensor), scale max|w| / 127 (/ 64 with reduce_range),
   recomputed from the current weights at every step as ORT computes it from the final ones.
 - Activations: one fake-quant per tensor where ORT's QDQ quantizer puts a Q/DQ pair on a CNN (read off
-  MobileNetV2's INT8 graph): every input of Conv / Linear (Gemm), residual `add`, average pooling and flatten,
-  and a Linear's output when it is the model's output. uint8 asymmetric (int8 symmetric for a symmetric
-  target), ranges from running min/max on calibration batches, then an exponential moving average of each
-  training batch's min/max.
+  MobileNetV2's INT8 graph): every input of Conv / Linear (Gemm), residual `add`, average pooling and flatten.
+  uint8 asymmetric (int8 symmetric for a symmetric target), ranges from running min/max on calibration
+  batches, then an exponential moving average of each training batch's min/max.
 
-Not simulated: the int32 bias codes (scale input·weight, below one output step here) and ORT's calibrator
+Not simulated: the Q/DQ ORT puts on the logits (a Gemm's output): its clamp to the calibration range stops
+the gradient of every logit that leaves it, which is where the task loss pushes the right one (the rounding
+itself is 1/255 of the logit range). Nor the int32 bias codes (scale input·weight), nor ORT's calibrator
 (the percentile / entropy ranges the stage computes on the exported graph afterwards; the training sees min/max).
 The graph comes from `torch.fx.symbolic_trace`; a model it cannot trace is refused with the tracer's reason.
 """
@@ -233,22 +234,16 @@ def prepare(model: torch.nn.Module, scheme: QatScheme) -> QatModel:
             weights.append(name)
     modules = dict(gm.named_modules())
     activations: list[ActivationFakeQuant] = []
-    output = next(n for n in gm.graph.nodes if n.op == "output")
     for node in list(gm.graph.nodes):
-        if node.op == "output":
-            continue
         readers = [u for u in node.users if _quantized_consumer(u, modules)]
-        is_logits = (
-            output in node.users and node.op == "call_module" and isinstance(modules[node.target], torch.nn.Linear)
-        )
-        if not readers and not is_logits:
+        if not readers:
             continue
         fq = ActivationFakeQuant(scheme)
         name = f"qat_act_{len(activations)}"
         gm.add_submodule(name, fq)
         with gm.graph.inserting_after(node):
             quantized = gm.graph.call_module(name, (node,))
-        for user in [*readers, *([output] if is_logits else [])]:
+        for user in readers:
             user.replace_input_with(node, quantized)
         activations.append(fq)
     gm.graph.lint()
