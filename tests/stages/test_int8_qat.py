@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from toys import export_image_model
 
 from compress.progress import Reporter
 from compress.quant.qat import QatScheme, prepare
@@ -24,18 +25,8 @@ from compress.stages.base import StageContext
 from compress.stages.quantize.int8 import Int8Options, quantize_int8
 
 
-def _export(model: nn.Module, path: Path, size: int = 16) -> Path:
-    torch.onnx.export(
-        model.eval(),
-        torch.zeros(1, 3, size, size),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return path
+def _export(model: nn.Module, path: Path) -> Path:
+    return export_image_model(model, path, size=16)
 
 
 def _initializer(graph: onnx.GraphProto, name: str) -> np.ndarray:
