@@ -5,6 +5,8 @@
   quantized too, and ONNX Runtime runs the convolutions in INT8).
   `bias_correction: true` then shifts each quantized Conv / Gemm bias by its mean output error on the
   calibration samples (`compress.quant.bias_correction`, our code: neither ORT nor NNCF does it to this graph).
+  `qat: {steps, lr, batch_size}` (from the torch model: `input: finetune`) first fine-tunes it with fake-quant
+  in ORT's arithmetic on data.train, exports it and quantizes that graph the same way (`int8_qat`).
 - `weight-only`: `MatMulNBits` with 8-bit weights in groups of the scheme's `group_size` (the target's
   `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
