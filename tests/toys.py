@@ -154,3 +154,18 @@ def load_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def export_image_model(model: nn.Module, path: Path, size: int = 28) -> Path:
+    """TorchScript export at opset 17 with input `input` (dynamic batch) and output `logits`, eval mode."""
+    torch.onnx.export(
+        model.eval(),
+        torch.zeros(1, 3, size, size),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return path

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from toys import fragile_cnn
+from toys import export_image_model, fragile_cnn
 
 from compress.families.base import Evaluation
 from compress.families.vision import task
@@ -69,17 +69,7 @@ def fragile_onnx(tmp_path_factory) -> Path:
         bn.momentum = None  # a cumulative average: the statistics of these images, so the features vary
     with torch.no_grad():
         model.train()(torch.from_numpy(_images()))
-    torch.onnx.export(
-        model.eval(),
-        torch.zeros(1, 3, 28, 28),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return path
+    return export_image_model(model, path)
 
 
 def _quantize(model: Path, tmp: Path, method: dict | None = None, **keys) -> dict:

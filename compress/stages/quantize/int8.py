@@ -5,6 +5,8 @@
   quantized too, and ONNX Runtime runs the convolutions in INT8).
   `bias_correction: true` then shifts each quantized Conv / Gemm bias by its mean output error on the
   calibration samples (`compress.quant.bias_correction`, our code: neither ORT nor NNCF does it to this graph).
+  `qat: {steps, lr, batch_size}` (from the torch model: `input: finetune`) first fine-tunes it with fake-quant
+  in ORT's arithmetic on data.train, exports it and quantizes that graph the same way (`int8_qat`).
 - `weight-only`: `MatMulNBits` with 8-bit weights in groups of the scheme's `group_size` (the target's
   `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
@@ -80,6 +82,8 @@ from compress.stages.quantize.common import (
 )
 from compress.stages.quantize.fallback import AccuracyBudget, SensitivityOptions, budget_search, overlap_problem
 from compress.stages.quantize.int8_genai import UnitGroupSizes
+from compress.stages.quantize.int8_qat import VERSION as QAT_VERSION
+from compress.stages.quantize.int8_qat import QatOptions
 
 if TYPE_CHECKING:
     from compress.families.base import Adapter
@@ -107,6 +111,7 @@ _APPLIES = {
     "lm_head": ("weight-only", "dynamic", "static", "smoothquant"),
     "sensitivity": ("static",),
     "accuracy_budget": ("static",),
+    "qat": ("static",),
 }
 
 
@@ -147,6 +152,11 @@ class Int8Options(StageOptions):
         "float until the primary metric's drop on `samples` held-apart calibration samples fits "
         "(stages/quantize/fallback.py)",
     )
+    qat: QatOptions | None = Field(
+        None,
+        description="static, from the torch model: {steps, lr, batch_size, weight_decay, warmup}: fake-quant "
+        "fine-tune on data.train in ORT's arithmetic, then export and static Q/DQ (stages/quantize/int8_qat.py)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -157,11 +167,31 @@ class Int8Options(StageOptions):
     def accepts(self) -> frozenset[str]:  # type: ignore[override] - the target decides (StageOptions.accepts)
         """ONNX for the ONNX Runtime / TensorRT rewrites; the torch model for onnxruntime-genai's builder and for
         smoothquant (its scales are folded into the torch decoder before export)."""
-        from_torch = self.target.fused_decoder or isinstance(self.method, algorithms.SmoothQuantOptions)
+        from_torch = (
+            self.target.fused_decoder or isinstance(self.method, algorithms.SmoothQuantOptions) or self.qat is not None
+        )
         return frozenset({"torch"}) if from_torch else frozenset({"onnx"})
+
+    @property
+    def needs_train_data(self) -> bool:  # type: ignore[override] - qat decides (StageOptions.needs_train_data)
+        """`qat` trains on data.train (its hash then joins the cache key)."""
+        return self.qat is not None
 
     def output_format(self, input_format: str) -> str:
         return "onnx"
+
+    def check_plan(self, earlier: dict[str, str]) -> list[tuple[str, str]]:
+        """`qat` fine-tunes the torch model: an input named as an ONNX artifact is refused with what to name."""
+        if self.qat is not None and self.input is not None and earlier.get(self.input) == "onnx":
+            torch_ones = [name for name, fmt in earlier.items() if fmt == "torch"]
+            return [
+                (
+                    "input",
+                    f"qat fine-tunes the torch model, and '{self.input}' is ONNX; set input: to a torch artifact "
+                    f"({', '.join(torch_ones)}), e.g. the finetune the export came from",
+                )
+            ]
+        return []
 
     @field_validator("lm_head")
     @classmethod
@@ -205,6 +235,10 @@ class Int8Options(StageOptions):
 
             fields["onnxruntime_genai"] = genai_version()  # its builder writes the graph
             fields["genai_rewrite"] = GRAPH_REWRITE  # and our fixes of it
+        if self.qat is None:  # the key of every int8 artifact made before qat existed
+            del fields["qat"]
+        else:
+            fields["qat_version"] = QAT_VERSION
         if not self.group_sizes:  # the key of every int8 artifact made before per-unit groups existed
             del fields["group_sizes"]
         if isinstance(self.method, AutoMethod):
@@ -236,6 +270,7 @@ class Int8Options(StageOptions):
             sensitivity = self.sensitivity or SensitivityOptions()
             if (overlap := overlap_problem(self.accuracy_budget, resolved.samples, sensitivity)) is not None:
                 problems.append(("accuracy_budget", overlap))
+        problems += self._qat_problems(adapter, method)
         if self.group_sizes and not self.target.fused_decoder:
             problems.append(
                 ("group_sizes", f"applies to target onnxruntime-genai only (target is {self.target.name}); remove it")
@@ -254,7 +289,7 @@ class Int8Options(StageOptions):
                     )
                 )
         for key in ("opset", "dynamo"):
-            if key in self.target.model_fields_set and method != "smoothquant":  # smoothquant exports itself
+            if key in self.target.model_fields_set and method != "smoothquant" and self.qat is None:  # they export
                 problems.append(("target", f"{key}: int8 starts from an ONNX artifact (opset is export's); remove it"))
         if "accuracy_level" in self.target.model_fields_set and method != "weight-only":
             problems.append(("target", f"accuracy_level applies to method weight-only only (method is {method})"))
@@ -262,6 +297,40 @@ class Int8Options(StageOptions):
             problems.append(
                 ("method", f"method {method} writes com.microsoft ops that {self.target.name} cannot build; use static")
             )
+        return problems
+
+    def _qat_problems(self, adapter: type[Adapter], method: str) -> list[tuple[str, str]]:
+        """`qat` needs a family with training data and a task loss, and does not compose with the search."""
+        if self.qat is None or method != "static":  # a non-static method is refused by _APPLIES
+            return []
+        problems = []
+        if "finetune" not in adapter.stage_kinds:
+            problems.append(
+                (
+                    "qat",
+                    f"family {adapter.family} has no training data or task loss for a fine-tune (qat trains like "
+                    "finetune: families that take finetune only); remove qat",
+                )
+            )
+        for key in ("sensitivity", "accuracy_budget"):
+            if getattr(self, key) is not None:
+                problems.append(
+                    (
+                        key,
+                        "does not compose with qat yet: the search's float reference would be the QAT model's "
+                        "graph, not the input's; run it in a stage of its own, or remove qat",
+                    )
+                )
+        static = self.method_for(adapter.default_int8_method)
+        for key in ("exclude_nodes", "op_types"):
+            if getattr(static, key, None):
+                problems.append(
+                    (
+                        "qat",
+                        f"method.{key} names ONNX nodes / op types that qat cannot map to torch modules (it "
+                        f"fake-quantizes every Conv / Linear); remove {key} or qat",
+                    )
+                )
         return problems
 
     def output_precision(self, input_precision: str) -> str:
@@ -291,6 +360,10 @@ def quantize_int8(artifact, options: Int8Options, ctx: StageContext) -> StageOut
         from compress.stages.quantize.int8_smooth import quantize_int8_smooth
 
         return quantize_int8_smooth(artifact, options, method, ctx)
+    if options.qat is not None:  # from the torch model (`accepts`); the method was checked at validate
+        from compress.stages.quantize.int8_qat import quantize_int8_qat
+
+        return quantize_int8_qat(artifact, options, method, ctx)
     if isinstance(method, algorithms.StaticOptions):
         out = _static(artifact, options, method, ctx)
     else:
