@@ -60,6 +60,26 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
+def own_text(model, tmp: Path, windows: int, window: int):
+    """Save `model` and the tiny tokenizer in `tmp/model`, and a text sampled from the model in `tmp/own.txt`
+    (words joined by spaces, `windows` windows of `window` tokens each started afresh): on its own samples the
+    float model's perplexity is the floor that other weights raise in expectation (their cross-entropy exceeds
+    its entropy by the KL), where on pydoc text a random model's perplexity moves either way. Returns the
+    sampled ids (windows, window) as numpy."""
+    model.save_pretrained(tmp / "model")
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp / "model")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (windows, 1), generator=gen)
+    with torch.no_grad():
+        for _ in range(window - 1):
+            logits = model(input_ids=ids).logits[:, -1].double()
+            logits[:, :3] = -torch.inf  # no special tokens inside the text
+            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)], 1)
+    (tmp / "own.txt").write_text(" ".join(tok.convert_ids_to_tokens(ids.flatten().tolist())))
+    return ids.numpy()
+
+
 def tiny_pipeline(
     tmp: Path, name: str, stages: str, *, data: str, gates: str = "{}", sharpen: float = 1.0, link: bool = False
 ) -> Path:

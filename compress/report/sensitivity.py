@@ -1,6 +1,8 @@
 """The report's sensitivity and accuracy-budget section, from an INT8 artifact's info (`sensitivity`,
-`accuracy_budget`, written by compress/stages/quantize/fallback.py): the budget and what met it (or the best
-candidate and what blocked it), the fallback steps, the nodes sorted by sensitivity, and a bar plot."""
+`accuracy_budget`, written by compress/stages/quantize/fallback.py for static Q/DQ and by
+compress/stages/quantize/int8_lm_budget.py for weight-only decoders, `kind: perplexity`): the budget and what met
+it (or the best candidate and what blocked it), the fallback steps, the nodes sorted by sensitivity, and a bar
+plot."""
 
 from __future__ import annotations
 
@@ -18,8 +20,14 @@ def has_section(info: Mapping[str, Any]) -> bool:
     return "sensitivity" in info
 
 
+def _decoder(info: Mapping[str, Any]) -> bool:
+    return info["sensitivity"].get("kind") == "perplexity"
+
+
 def summary(info: Mapping[str, Any]) -> list[str]:
     """Sentences on the budget: what was asked, what the search found on the slice, which nodes stay float."""
+    if _decoder(info):
+        return _decoder_summary(info)
     sens, budget = info["sensitivity"], info.get("accuracy_budget")
     start, stop = sens["slice"]
     full = sens["full_int8"]
@@ -55,8 +63,44 @@ def summary(info: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _decoder_summary(info: Mapping[str, Any]) -> list[str]:
+    sens, budget = info["sensitivity"], info.get("accuracy_budget")
+    windows = sens["windows"]
+    out = [
+        f"Measured in ONNX Runtime on calibration window(s) 0–{windows - 1} ({windows}), the graph that ships "
+        f"(its int8 activations included). Full INT8: KL {sens['kl_int8']:.5f} nats per token vs the float graph. "
+        f"Sensitivity: {sens['measure']}."
+    ]
+    if budget is None:
+        return out
+    a, b = budget["slice"]
+    rule = f"rise + {budget['sigmas']:g} × its standard error" if budget.get("sigmas") else "rise"
+    head = (
+        f"Budget: perplexity rise ≤ {budget['max_rise']:g} % vs the float graph, at most {budget['max_fallback']} "
+        f"MatMul(s) back in float, judged ({rule}) on calibration windows {a}–{b - 1} (held apart from the "
+        f"sensitivity's; float graph {budget['slice_reference']:.3f})."
+    )
+    estimate = f"rise {budget['rise']:.3f} ± {budget['se']:.3f} % (paired standard error over windows)"
+    kept = [n["node"] for n in budget["float_nodes"]]
+    if budget["met"]:
+        found = f"Met on the slice with {len(kept)} MatMul(s) float: {estimate}"
+    else:
+        blocked = ", ".join(f"`{n['node']}`" for n in budget["blocked_by"]) or "none left"
+        found = (
+            f"**Not met** within {budget['max_fallback']} MatMul(s). Best candidate (this artifact): {len(kept)} "
+            f"float, {estimate} on the slice; the units ranked next, which blocked it: {blocked}"
+        )
+    floated = ", ".join(f"`{n}`" for n in kept) or "none"
+    out.append(f"{head} {found}. Kept in float: {floated}. The evaluation-set result is the `accuracy_budget` gate.")
+    return out
+
+
 def steps_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     budget = info["accuracy_budget"]
+    if _decoder(info):
+        header = ["MatMuls float", "added", "ppl on the slice", "rise %", "± se"]
+        cells = ("float_nodes", "added", "ppl", "rise", "se")
+        return header, [[_cell(s[c]) for c in cells] for s in budget["steps"]]
     metric, unit = budget["metric"], budget["unit"]
     header = ["nodes float", "added", f"{metric} on the slice", f"drop ({unit})", "± se", "lost", "won"]
     rows = [
@@ -74,8 +118,18 @@ def steps_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _cell(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def nodes_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     floated = {n["node"] for n in (info.get("accuracy_budget") or {}).get("float_nodes", ())}
+    if _decoder(info):
+        header = ["rank", "MatMul", "KL gain (nats/token)", "KL with only it float", "kept float"]
+        return header, [
+            [str(i + 1), n["node"], f"{n['gain']:.5f}", f"{n['kl_float']:.5f}", "yes" if n["node"] in floated else ""]
+            for i, n in enumerate(info["sensitivity"]["nodes"][:SHOWN])
+        ]
     header = [
         "rank",
         "node",
@@ -111,8 +165,13 @@ def figure(info: Mapping[str, Any], title: str) -> bytes:
     floated = {n["node"] for n in (info.get("accuracy_budget") or {}).get("float_nodes", ())}
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(nodes) + 1.2), dpi=100)
     colours = ["tab:orange" if n["node"] in floated else "tab:blue" for n in nodes]
-    ax.barh([n["node"][-40:] for n in nodes], [n["score"] for n in nodes], color=colours)
+    key, label = (
+        ("gain", "KL won back with only it float (nats per token)")
+        if _decoder(info)
+        else ("score", "sensitivity score (output error %: gain when float + error when alone)")
+    )
+    ax.barh([n["node"][-40:] for n in nodes], [n[key] for n in nodes], color=colours)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_xlabel("sensitivity score (output error %: gain when float + error when alone)", fontsize=8)
+    ax.set_xlabel(label, fontsize=8)
     ax.set_title(f"{title}: most sensitive nodes (orange: kept float)", fontsize=9)
     return png_bytes(fig)

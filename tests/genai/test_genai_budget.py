@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from llm_toys import tiny_llama, tiny_pipeline
+from llm_toys import own_text, tiny_llama, tiny_pipeline
 from test_genai_build import EVERY_LINEAR
 from test_genai_mixed import FRAGILE_NODE, _sizes
 
@@ -53,13 +53,8 @@ def _run(tmp_path, stages: str) -> tuple[int, dict, dict]:
 def _own_text(tmp_path, windows: int = 8, window: int = 64) -> np.ndarray:
     """The tiny Llama with FRAGILE_NODE (layer 1's o_proj) fragile at 4 bits and the same function in float
     (its columns fed by v rows 0 and 16 times OUTLIER, those rows / OUTLIER: every group of 32 of every row
-    holds two outliers, so 4-bit RTN loses the rest), the final norm sharpened, saved in `tmp_path/model`; and
-    a text sampled from it (`tmp_path/own.txt`, words joined by spaces, `windows` windows of `window` tokens
-    each started afresh): on its own samples the float model's perplexity is the floor that other weights raise
-    in expectation (their cross-entropy exceeds its entropy by the KL), where on pydoc text a random model's
-    perplexity moves either way. Returns the sampled ids (windows, window)."""
-    from llm_toys import tiny_tokenizer
-
+    holds two outliers, so 4-bit RTN loses the rest), the final norm sharpened, with its own text (`own_text`).
+    Returns the sampled ids (windows, window)."""
     model = tiny_llama(tie=True)
     attn = model.model.layers[1].self_attn
     with torch.no_grad():
@@ -67,18 +62,7 @@ def _own_text(tmp_path, windows: int = 8, window: int = 64) -> np.ndarray:
         attn.v_proj.weight[[0, 16]] /= OUTLIER
         attn.o_proj.weight[:, [0, 16, 32, 48]] *= OUTLIER
         model.model.norm.weight.mul_(8.0)
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 1000, (windows, 1), generator=gen)
-    with torch.no_grad():
-        for _ in range(window - 1):
-            logits = model(input_ids=ids).logits[:, -1].double()
-            logits[:, :3] = -torch.inf  # no special tokens inside the text
-            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)], 1)
-    tok = tiny_tokenizer()
-    (tmp_path / "own.txt").write_text(" ".join(tok.convert_ids_to_tokens(ids.flatten().tolist())))
-    return ids.numpy()
+    return own_text(model, tmp_path, windows, window)
 
 
 def _eight_bit_nodes(folder) -> set[str]:

@@ -230,8 +230,14 @@ def test_the_cache_key_holds_the_budget_and_other_methods_refuse_it() -> None:
     assert "accuracy_budget" not in keys[0] or keys[0]["accuracy_budget"] is None
     assert keys[0] != keys[1] != keys[2]
     assert tight.check_family(VisionAdapter) == []
-    problems = tight.check_family(CausalLMAdapter)  # auto -> weight-only for a decoder
-    assert ("accuracy_budget", "applies to method static only (method is weight-only); remove it") in problems
+    problems = tight.check_family(CausalLMAdapter)  # auto -> weight-only for a decoder: a perplexity budget
+    assert problems == [
+        ("accuracy_budget", "a decoder's budget is a perplexity rise: write {max_rise: <%>, windows: N}")
+    ]
+    dynamic = Int8Options(precision="int8", method="dynamic", accuracy_budget={"max_drop": 0.15})
+    assert ("accuracy_budget", "applies to method static / weight-only only (method is dynamic); remove it") in (
+        dynamic.check_family(CausalLMAdapter)
+    )
     with pytest.raises(ValueError, match="max_drop"):
         Int8Options(precision="int8", accuracy_budget={"max_drop": -1})
     with pytest.raises(ValueError, match="extra"):

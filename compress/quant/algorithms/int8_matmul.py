@@ -131,6 +131,37 @@ def quantize_weight_only_int8(
     the output projection float. With an 8-bit lm_head and ``share_table`` a tied embedding reads the head's
     8-bit codes (``int8_tied``) instead of keeping its FP32 table; ``share_table=False`` keeps the old layout
     (the table in FP32, beside the 8-bit head), for comparison."""
+    model = weight_only_int8_model(
+        src,
+        group_size=group_size,
+        accuracy_level=accuracy_level,
+        symmetric=symmetric,
+        lm_head=lm_head,
+        share_table=share_table,
+    )
+    return save_quantized(model, Path(dst), external=wants_external_data(Path(src)))
+
+
+def save_quantized(model, dst: Path, *, external: bool) -> Path:  # model: onnx.ModelProto
+    """Write a quantizer's graph as ONNX Runtime's quantizers do (topologically sorted, initializers checked)."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    def write(tmp: Path) -> None:
+        ONNXModel(model).save_model_to_file(str(tmp), use_external_data_format=external)
+
+    return write_atomically(dst, write)
+
+
+def weight_only_int8_model(
+    src: Path,
+    *,
+    group_size: int = 32,
+    accuracy_level: int | None = 4,
+    symmetric: bool = True,
+    lm_head: bool = True,
+    share_table: bool = True,
+):  # -> onnx.ModelProto (onnx is imported lazily)
+    """The graph `quantize_weight_only_int8` writes, in memory (tensors inside, topologically sorted)."""
     import onnx
 
     with quiet_third_party():
@@ -156,12 +187,8 @@ def quantize_weight_only_int8(
         quant.process()
     if lm_head and share_table and head_names:
         share_quantized_table(quant.model.model, *head_names)
-    external = wants_external_data(Path(src))
-
-    def write(tmp: Path) -> None:
-        quant.model.save_model_to_file(str(tmp), use_external_data_format=external)
-
-    return write_atomically(Path(dst), write)
+    quant.model.topological_sort()
+    return quant.model.model
 
 
 #: the MatMul-only methods (static Q/DQ is the stage's `_static`)

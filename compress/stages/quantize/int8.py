@@ -11,6 +11,8 @@
   `accuracy_level` 4 computes with INT8
   activations inside the kernel). For decoder LLMs it decodes fastest and keeps perplexity: measured on
   SmolLM2-135M, dynamic W8A8 raised perplexity by 58% where weight-only raised it by < 1%.
+  `sensitivity: {windows}` / `accuracy_budget: {max_rise, ...}` rank its MatMuls in ONNX Runtime and return
+  the most sensitive to float until a perplexity budget holds (`int8_lm_budget`).
 - `dynamic`: W8A8 with dynamic activation scales (`quantize_dynamic`, MatMul only; ONNX Runtime's
   DynamicQuantizeLinear takes one scale per activation tensor, i.e. per prefill; `activations: token`
   gives each token its own, `compress.quant.algorithms.int8_per_token`).
@@ -57,7 +59,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
 
 from compress.backends import ORT_SESSION_CONFIG
 from compress.bench.harness import int8_dot_saturates
@@ -82,6 +84,9 @@ from compress.stages.quantize.common import (
 )
 from compress.stages.quantize.fallback import AccuracyBudget, SensitivityOptions, budget_search, overlap_problem
 from compress.stages.quantize.int8_genai import UnitGroupSizes
+from compress.stages.quantize.int8_lm_budget import VERSION as DECODER_SEARCH_VERSION
+from compress.stages.quantize.int8_lm_budget import PerplexityBudget, WindowSensitivity
+from compress.stages.quantize.int8_lm_budget import refusals as lm_budget_refusals
 from compress.stages.quantize.int8_qat import VERSION as QAT_VERSION
 from compress.stages.quantize.int8_qat import QatOptions
 
@@ -105,12 +110,32 @@ Int8MethodField = Annotated[
     Field(discriminator="name"),
     BeforeValidator(named(_METHODS, "method")),
 ]
+
+
+def _by_key(key: str) -> Any:
+    """A discriminator: the decoder variant (windows, perplexity) when the mapping holds `key`."""
+
+    def pick(value: Any) -> str:
+        if isinstance(value, dict):
+            return "decoder" if key in value else "static"
+        return "decoder" if isinstance(value, (WindowSensitivity, PerplexityBudget)) else "static"
+
+    return Discriminator(pick)
+
+
+#: static counts calibration samples and a metric drop; weight-only (decoders) windows and a perplexity rise
+SensitivityField = Annotated[
+    Annotated[SensitivityOptions, Tag("static")] | Annotated[WindowSensitivity, Tag("decoder")], _by_key("windows")
+]
+BudgetField = Annotated[
+    Annotated[AccuracyBudget, Tag("static")] | Annotated[PerplexityBudget, Tag("decoder")], _by_key("max_rise")
+]
 #: scheme keys and the methods they apply to
 _APPLIES = {
     "group_size": ("weight-only",),
     "lm_head": ("weight-only", "dynamic", "static", "smoothquant"),
-    "sensitivity": ("static",),
-    "accuracy_budget": ("static",),
+    "sensitivity": ("static", "weight-only"),
+    "accuracy_budget": ("static", "weight-only"),
     "qat": ("static",),
 }
 
@@ -143,14 +168,18 @@ class Int8Options(StageOptions):
         "{mlp.down_proj: 512}; each must divide the unit's in-features (stages/quantize/int8_genai.py)",
     )
     lm_head: LmHead = Field("int8", description="output projection: int8 (quantized like the rest) or float")
-    sensitivity: SensitivityOptions | None = Field(
-        None, description="static: per-node sensitivity on held-apart calibration samples (stages/quantize/fallback.py)"
+    sensitivity: SensitivityField | None = Field(
+        None,
+        description="static: {samples}: per-node sensitivity on held-apart calibration samples "
+        "(stages/quantize/fallback.py); weight-only (decoders): {windows}: per-MatMul KL on calibration windows "
+        "(stages/quantize/int8_lm_budget.py)",
     )
-    accuracy_budget: AccuracyBudget | None = Field(
+    accuracy_budget: BudgetField | None = Field(
         None,
         description="static: {max_drop, max_fallback, samples, start, sigmas}: return the most sensitive nodes to "
         "float until the primary metric's drop on `samples` held-apart calibration samples fits "
-        "(stages/quantize/fallback.py)",
+        "(stages/quantize/fallback.py); weight-only (decoders): {max_rise, max_fallback, windows, start, sigmas}: "
+        "likewise MatMuls, by the perplexity rise (%) on held-apart calibration windows (int8_lm_budget.py)",
     )
     qat: QatOptions | None = Field(
         None,
@@ -239,6 +268,8 @@ class Int8Options(StageOptions):
             del fields["qat"]
         else:
             fields["qat_version"] = QAT_VERSION
+        if isinstance(self.method, algorithms.WeightOnlyOptions) and (self.sensitivity or self.accuracy_budget):
+            fields["decoder_search_version"] = DECODER_SEARCH_VERSION
         if not self.group_sizes:  # the key of every int8 artifact made before per-unit groups existed
             del fields["group_sizes"]
         if isinstance(self.method, AutoMethod):
@@ -263,13 +294,11 @@ class Int8Options(StageOptions):
         if method not in adapter.int8_methods:
             allowed = ", ".join(m for m in INT8_METHODS if m in adapter.int8_methods)
             problems.append(("method", f"{method}: not for family '{adapter.family}'; allowed: {allowed}"))
-        if self.accuracy_budget is not None and not adapter.labelled_calibration:
-            problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
         resolved = self.method_for(adapter.default_int8_method)
-        if self.accuracy_budget is not None and isinstance(resolved, algorithms.StaticOptions):
-            sensitivity = self.sensitivity or SensitivityOptions()
-            if (overlap := overlap_problem(self.accuracy_budget, resolved.samples, sensitivity)) is not None:
-                problems.append(("accuracy_budget", overlap))
+        if isinstance(resolved, algorithms.StaticOptions):
+            problems += self._static_search_problems(adapter, resolved)
+        elif method == "weight-only":
+            problems += self._decoder_search_problems(adapter)
         problems += self._qat_problems(adapter, method)
         if self.group_sizes and not self.target.fused_decoder:
             problems.append(
@@ -297,6 +326,59 @@ class Int8Options(StageOptions):
             problems.append(
                 ("method", f"method {method} writes com.microsoft ops that {self.target.name} cannot build; use static")
             )
+        return problems
+
+    def _static_search_problems(
+        self, adapter: type[Adapter], method: algorithms.StaticOptions
+    ) -> list[tuple[str, str]]:
+        """Static INT8's search counts labelled calibration samples and a metric drop."""
+        problems = []
+        if isinstance(self.sensitivity, WindowSensitivity):
+            problems.append(("sensitivity", "static INT8 counts calibration samples: write {samples: N}"))
+        if isinstance(self.accuracy_budget, PerplexityBudget):
+            problems.append(
+                ("accuracy_budget", f"static INT8 bounds the {adapter.quality.name} drop: write {{max_drop: ...}}")
+            )
+        if self.accuracy_budget is not None and not adapter.labelled_calibration:
+            problems.append(("accuracy_budget", f"family {adapter.family} has no labelled calibration slice"))
+        if isinstance(self.accuracy_budget, AccuracyBudget) and not isinstance(self.sensitivity, WindowSensitivity):
+            sensitivity = self.sensitivity or SensitivityOptions()
+            if (overlap := overlap_problem(self.accuracy_budget, method.samples, sensitivity)) is not None:
+                problems.append(("accuracy_budget", overlap))
+        return problems
+
+    def decoder_sensitivity(self) -> WindowSensitivity:
+        """Weight-only's sensitivity options (`sensitivity: {}` or absent: the defaults)."""
+        return self.sensitivity if isinstance(self.sensitivity, WindowSensitivity) else WindowSensitivity()
+
+    def _decoder_search_problems(self, adapter: type[Adapter]) -> list[tuple[str, str]]:
+        """Weight-only INT8's search: decoders, windows and a perplexity rise, our own graph."""
+        if self.sensitivity is None and self.accuracy_budget is None:
+            return []
+        if adapter.session_kind != "decoder":
+            return [
+                (
+                    key,
+                    f"weight-only INT8 searches decoder LLMs only (by perplexity); family {adapter.family} has none",
+                )
+                for key in ("sensitivity", "accuracy_budget")
+                if getattr(self, key) is not None
+            ]
+        problems = []
+        if isinstance(self.sensitivity, SensitivityOptions) and self.sensitivity.model_fields_set:
+            problems.append(("sensitivity", "a decoder's sensitivity counts calibration windows: write {windows: N}"))
+        if isinstance(self.accuracy_budget, AccuracyBudget):
+            problems.append(
+                ("accuracy_budget", "a decoder's budget is a perplexity rise: write {max_rise: <%>, windows: N}")
+            )
+        if self.target.fused_decoder:
+            problems += [
+                (key, f"applies to our own ONNX graph (target onnxruntime-cpu), not to target {self.target.name}")
+                for key in ("sensitivity", "accuracy_budget")
+                if getattr(self, key) is not None
+            ]
+        if isinstance(self.accuracy_budget, PerplexityBudget):
+            problems += lm_budget_refusals(self.accuracy_budget, self.decoder_sensitivity())
         return problems
 
     def _qat_problems(self, adapter: type[Adapter], method: str) -> list[tuple[str, str]]:
@@ -395,14 +477,17 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
     with ctx.reporter.task(f"quantize int8 ({method.name})", total=None):
         if isinstance(method, algorithms.WeightOnlyOptions):
             level = getattr(target, "accuracy_level", None)
-            quantize_weight_only_int8(
-                artifact.main, out, group_size=options.group_size, accuracy_level=level, lm_head=head
-            )
             info = {
                 "weights": f"int8 symmetric, groups of {options.group_size} (MatMulNBits)",
                 "group_size": options.group_size,
                 "accuracy_level": level,
             }
+            if options.sensitivity is None and options.accuracy_budget is None:
+                quantize_weight_only_int8(
+                    artifact.main, out, group_size=options.group_size, accuracy_level=level, lm_head=head
+                )
+            else:
+                info.update(_searched(artifact.main, out, options, level, ctx))
         else:
             quantize_dynamic_int8(
                 artifact.main,
@@ -424,6 +509,21 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
         tied = op_counts(out).get("GatherBlockQuantized")  # int8_tied: the gather reads the 8-bit head's codes
         info["embedding"] = "tied: the lm_head's 8-bit codes (GatherBlockQuantized)" if tied else "float"
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
+
+
+def _searched(src: Path, out: Path, options: Int8Options, level: int | None, ctx: StageContext) -> dict[str, Any]:
+    """Weight-only INT8 of a decoder with its sensitivity and accuracy budget (stages/quantize/int8_lm_budget.py)."""
+    from compress.quant.algorithms.int8_matmul import weight_only_int8_model
+    from compress.stages.quantize.int8_lm_budget import budget_search
+
+    quantized = weight_only_int8_model(
+        src, group_size=options.group_size, accuracy_level=level, lm_head=options.lm_head == "int8"
+    )
+    budget = options.accuracy_budget
+    assert budget is None or isinstance(budget, PerplexityBudget)  # check_family refused the other
+    return budget_search(
+        quantized, src, out, options.decoder_sensitivity(), budget, ctx, external=wants_external_data(src)
+    )
 
 
 def _static(artifact, options: Int8Options, method: algorithms.StaticOptions, ctx: StageContext) -> StageOutput:

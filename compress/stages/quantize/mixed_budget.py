@@ -111,12 +111,15 @@ def refusals(options: Int4Options) -> list[tuple[str, str]]:
     return problems
 
 
-def window_nll(logits: Sequence[torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
-    """Mean next-token NLL of every window (the evaluation's `token_nll`, float64)."""
+def window_nll(logits: Sequence[Any], batches: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Mean next-token NLL of every window (the evaluation's `token_nll`, float64); torch or numpy arrays."""
     from compress.families.causal_lm.task import token_nll
 
     return np.concatenate(
-        [token_nll(lg.numpy(), b["input_ids"].numpy()).mean(axis=1) for lg, b in zip(logits, batches, strict=True)]
+        [
+            token_nll(np.asarray(lg), np.asarray(b["input_ids"])).mean(axis=1)
+            for lg, b in zip(logits, batches, strict=True)
+        ]
     )
 
 
