@@ -60,6 +60,20 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
+def fragile_llama(outlier: float):
+    """The tiny tied Llama with layer 1's o_proj fragile to quantization and the same function in float: its
+    columns fed by v rows 0 and 16 (one per kv head: o_proj columns 0, 16 of heads 0, 1 and 32, 48 of heads 2, 3)
+    are `outlier` times larger, those v rows `outlier` times smaller, so every group of 32 of every o_proj row
+    holds two outliers and RTN loses the rest; the final norm sharpened (x8)."""
+    model = tiny_llama(tie=True)
+    attn = model.model.layers[1].self_attn
+    with torch.no_grad():
+        attn.v_proj.weight[[0, 16]] /= outlier
+        attn.o_proj.weight[:, [0, 16, 32, 48]] *= outlier
+        model.model.norm.weight.mul_(8.0)
+    return model
+
+
 def own_text(model, tmp: Path, windows: int, window: int):
     """Save `model` and the tiny tokenizer in `tmp/model`, and a text sampled from the model in `tmp/own.txt`
     (words joined by spaces, `windows` windows of `window` tokens each started afresh): on its own samples the

@@ -26,20 +26,30 @@ def _decoder(info: Mapping[str, Any]) -> bool:
 
 def summary(info: Mapping[str, Any]) -> list[str]:
     """Sentences on the budget: what was asked, what the search found on the slice, which nodes stay float."""
-    if _decoder(info):
-        return _decoder_summary(info)
     sens, budget = info["sensitivity"], info.get("accuracy_budget")
-    start, stop = sens["slice"]
-    full = sens["full_int8"]
-    out = [
-        f"Measured on calibration samples {start}–{stop - 1} ({sens['samples']}), held apart from the "
-        f"{start} the ranges came from. Full INT8 on that slice: relative output error {full['error_pct']:.2f}% "
-        f"and top-1 agreement {full['agreement_pct']:.1f}% with the float graph. Sensitivity: {sens['measure']}."
-    ]
+    if _decoder(info):
+        windows = sens["windows"]
+        measured = (
+            f"Measured in ONNX Runtime on calibration window(s) 0–{windows - 1} ({windows}), the graph that ships "
+            f"(its int8 activations included). Full INT8: KL {sens['kl_int8']:.5f} nats per token vs the float "
+            f"graph. Sensitivity: {sens['measure']}."
+        )
+    else:
+        start, stop = sens["slice"]
+        full = sens["full_int8"]
+        measured = (
+            f"Measured on calibration samples {start}–{stop - 1} ({sens['samples']}), held apart from the "
+            f"{start} the ranges came from. Full INT8 on that slice: relative output error "
+            f"{full['error_pct']:.2f}% and top-1 agreement {full['agreement_pct']:.1f}% with the float graph. "
+            f"Sensitivity: {sens['measure']}."
+        )
     if budget is None:
-        return out
+        return [measured]
+    return [measured, _decoder_budget(budget) if _decoder(info) else _static_budget(budget)]
+
+
+def _static_budget(budget: Mapping[str, Any]) -> str:
     unit, metric = budget["unit"], budget["metric"]
-    kept = [n["node"] for n in budget["float_nodes"]]
     a, b = budget["slice"]
     rule = f"drop + {budget['sigmas']:g} × its standard error" if budget.get("sigmas") else "drop"
     head = (
@@ -49,30 +59,10 @@ def summary(info: Mapping[str, Any]) -> list[str]:
         f"{budget['slice_reference']:.2f})."
     )
     estimate = f"drop {budget['drop']:.3f} ± {budget['se']:.3f} {unit} (paired standard error)"
-    if budget["met"]:
-        found = f"Met on the slice with {len(kept)} node(s) float: {estimate}"
-    else:
-        blocked = ", ".join(f"`{n['node']}`" for n in budget["blocked_by"]) or "none left"
-        found = (
-            f"**Not met** within {budget['max_fallback']} node(s). Best candidate (this artifact): "
-            f"{len(kept)} node(s) float, {estimate} on the slice; the most sensitive nodes "
-            f"still quantized, which blocked it: {blocked}"
-        )
-    floated = ", ".join(f"`{n}`" for n in kept) or "none"
-    out.append(f"{head} {found}. Kept in float: {floated}. The evaluation-set result is the `accuracy_budget` gate.")
-    return out
+    return _found(budget, head, estimate, "node(s)", "the most sensitive nodes still quantized")
 
 
-def _decoder_summary(info: Mapping[str, Any]) -> list[str]:
-    sens, budget = info["sensitivity"], info.get("accuracy_budget")
-    windows = sens["windows"]
-    out = [
-        f"Measured in ONNX Runtime on calibration window(s) 0–{windows - 1} ({windows}), the graph that ships "
-        f"(its int8 activations included). Full INT8: KL {sens['kl_int8']:.5f} nats per token vs the float graph. "
-        f"Sensitivity: {sens['measure']}."
-    ]
-    if budget is None:
-        return out
+def _decoder_budget(budget: Mapping[str, Any]) -> str:
     a, b = budget["slice"]
     rule = f"rise + {budget['sigmas']:g} × its standard error" if budget.get("sigmas") else "rise"
     head = (
@@ -81,18 +71,22 @@ def _decoder_summary(info: Mapping[str, Any]) -> list[str]:
         f"sensitivity's; float graph {budget['slice_reference']:.3f})."
     )
     estimate = f"rise {budget['rise']:.3f} ± {budget['se']:.3f} % (paired standard error over windows)"
+    return _found(budget, head, estimate, "MatMul(s)", "the units ranked next")
+
+
+def _found(budget: Mapping[str, Any], head: str, estimate: str, what: str, next_ones: str) -> str:
+    """`head`, then what the search met (or the best candidate and what blocked it), then what stays float."""
     kept = [n["node"] for n in budget["float_nodes"]]
     if budget["met"]:
-        found = f"Met on the slice with {len(kept)} MatMul(s) float: {estimate}"
+        found = f"Met on the slice with {len(kept)} {what} float: {estimate}"
     else:
         blocked = ", ".join(f"`{n['node']}`" for n in budget["blocked_by"]) or "none left"
         found = (
-            f"**Not met** within {budget['max_fallback']} MatMul(s). Best candidate (this artifact): {len(kept)} "
-            f"float, {estimate} on the slice; the units ranked next, which blocked it: {blocked}"
+            f"**Not met** within {budget['max_fallback']} {what}. Best candidate (this artifact): {len(kept)} "
+            f"{what} float, {estimate} on the slice; {next_ones}, which blocked it: {blocked}"
         )
     floated = ", ".join(f"`{n}`" for n in kept) or "none"
-    out.append(f"{head} {found}. Kept in float: {floated}. The evaluation-set result is the `accuracy_budget` gate.")
-    return out
+    return f"{head} {found}. Kept in float: {floated}. The evaluation-set result is the `accuracy_budget` gate."
 
 
 def steps_rows(info: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from llm_toys import own_text, tiny_llama, tiny_pipeline
+from llm_toys import fragile_llama, own_text, tiny_llama, tiny_pipeline
 from test_genai_build import EVERY_LINEAR
 from test_genai_mixed import FRAGILE_NODE, _sizes
 
@@ -51,18 +51,8 @@ def _run(tmp_path, stages: str) -> tuple[int, dict, dict]:
 
 
 def _own_text(tmp_path, windows: int = 8, window: int = 64) -> np.ndarray:
-    """The tiny Llama with FRAGILE_NODE (layer 1's o_proj) fragile at 4 bits and the same function in float
-    (its columns fed by v rows 0 and 16 times OUTLIER, those rows / OUTLIER: every group of 32 of every row
-    holds two outliers, so 4-bit RTN loses the rest), the final norm sharpened, with its own text (`own_text`).
-    Returns the sampled ids (windows, window)."""
-    model = tiny_llama(tie=True)
-    attn = model.model.layers[1].self_attn
-    with torch.no_grad():
-        # v rows 0 and 16 (one per kv head) feed o_proj columns 0, 16 (heads 0, 1) and 32, 48 (heads 2, 3)
-        attn.v_proj.weight[[0, 16]] /= OUTLIER
-        attn.o_proj.weight[:, [0, 16, 32, 48]] *= OUTLIER
-        model.model.norm.weight.mul_(8.0)
-    return own_text(model, tmp_path, windows, window)
+    """FRAGILE_NODE (layer 1's o_proj) fragile at 4 bits (`fragile_llama(OUTLIER)`), with its own text."""
+    return own_text(fragile_llama(OUTLIER), tmp_path, windows, window)
 
 
 def _eight_bit_nodes(folder) -> set[str]:

@@ -10,8 +10,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
-from llm_toys import own_text, tiny_llama, tiny_pipeline
+from llm_toys import fragile_llama, own_text, tiny_pipeline
 
 from compress.cli import EXIT_CONFIG, EXIT_GATE, main
 from compress.families.causal_lm.sessions import OrtCausalLM
@@ -39,17 +38,10 @@ EXPORT = "\n  - export: {opset: 17, name: onnx-fp32}"
 
 
 def _fragile_model(tmp_path) -> np.ndarray:
-    """The tiny Llama with layer 1's o_proj fragile at 8 bits and the same function in float: its columns fed
-    by v rows 0 and 16 are OUTLIER times larger (every group of 32 of every row holds two outliers, so 8-bit RTN
-    rounds the rest to zero) and the attention outputs feeding them OUTLIER times smaller (int8 activations per
-    block round them to zero); the final norm sharpened; with its own text. Returns the sampled ids."""
-    model = tiny_llama(tie=True)
-    attn = model.model.layers[1].self_attn
-    with torch.no_grad():
-        attn.v_proj.weight[[0, 16]] /= OUTLIER
-        attn.o_proj.weight[:, [0, 16, 32, 48]] *= OUTLIER
-        model.model.norm.weight.mul_(8.0)
-    return own_text(model, tmp_path, windows=8, window=64)
+    """Layer 1's o_proj fragile at 8 bits (`fragile_llama(OUTLIER)`: 8-bit RTN rounds the rest of each group to
+    zero, and int8 activations per block round the attention outputs feeding the outlier columns to zero), with
+    its own text. Returns the sampled ids."""
+    return own_text(fragile_llama(OUTLIER), tmp_path, windows=8, window=64)
 
 
 def _float_matmuls(folder) -> set[str]:

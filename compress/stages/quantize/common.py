@@ -18,7 +18,7 @@ from compress.errors import StageError
 from compress.quant import targets
 from compress.quant.registry import named, owner_of
 from compress.quant.vocab import FLOAT_PRECISIONS
-from compress.schema import Count, Real
+from compress.schema import Count, PositiveCount, Real
 
 #: `target:` of either precision: a name or `{name: ..., <its keys>}`
 TargetField = Annotated[
@@ -51,6 +51,29 @@ class BudgetOptions(BaseModel):
     def gate_detail(self, found: Mapping[str, Any]) -> str:
         """The gate's detail from the stage's `info["accuracy_budget"]`."""
         raise NotImplementedError
+
+
+class RiseBudget(BudgetOptions):
+    """A decoder's budget: the perplexity rise (%) vs the float input on held-apart calibration windows (mixed
+    INT4's `MixedBudget`, weight-only INT8's `PerplexityBudget`)."""
+
+    max_rise: Real = Field(ge=0, description="largest perplexity rise (%) vs the float input on the held-apart windows")
+    windows: PositiveCount = Field(4, description="calibration windows each candidate is accepted or refused on")
+
+    @property
+    def limit(self) -> float:
+        return self.max_rise
+
+    def sigmas_problems(self) -> list[tuple[str, str]]:
+        """`sigmas` asks for a standard error over windows, which one window has not."""
+        if self.sigmas and self.windows < 2:
+            return [
+                (
+                    "accuracy_budget",
+                    "sigmas: one window has no standard error over windows; raise windows or remove sigmas",
+                )
+            ]
+        return []
 
 
 def refuse_flat_keys(data: Any, own: Mapping[str, Any], methods: Mapping[str, type]) -> Any:

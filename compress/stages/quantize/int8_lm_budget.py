@@ -44,8 +44,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import StageError
-from compress.schema import PositiveCount, Real
-from compress.stages.quantize.common import BudgetOptions
+from compress.schema import PositiveCount
+from compress.stages.quantize.common import RiseBudget
 
 if TYPE_CHECKING:
     import onnx
@@ -66,17 +66,11 @@ class WindowSensitivity(BaseModel):
     windows: PositiveCount = Field(1, description="calibration windows the per-unit KL is measured on")
 
 
-class PerplexityBudget(BudgetOptions):
+class PerplexityBudget(RiseBudget):
     """`accuracy_budget: {max_rise: 0.3, windows: 4, max_fallback: 8}`: the perplexity rise (%) vs the float
     input a weight-only INT8 decoder must hold."""
 
-    max_rise: Real = Field(ge=0, description="largest perplexity rise (%) vs the float input on the held-apart windows")
-    windows: PositiveCount = Field(4, description="calibration windows each candidate is accepted or refused on")
     max_fallback: PositiveCount = Field(10, description="most MatMuls returned to float before giving up")
-
-    @property
-    def limit(self) -> float:
-        return self.max_rise
 
     def gate_detail(self, found: Mapping[str, Any]) -> str:
         detail = (
@@ -108,11 +102,7 @@ def refusals(budget: PerplexityBudget | None, sensitivity: WindowSensitivity) ->
                 f"(sensitivity.windows) uses; set start >= {sensitivity.windows} or remove it",
             )
         )
-    if budget.sigmas and budget.windows < 2:
-        problems.append(
-            ("accuracy_budget", "sigmas: one window has no standard error over windows; raise windows or remove sigmas")
-        )
-    return problems
+    return problems + budget.sigmas_problems()
 
 
 class FloatSwaps:

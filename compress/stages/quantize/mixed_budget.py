@@ -35,11 +35,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
 
 from compress.errors import StageError
-from compress.schema import PositiveCount, Real
-from compress.stages.quantize.common import BudgetOptions
+from compress.stages.quantize.common import RiseBudget
 
 if TYPE_CHECKING:
     import torch
@@ -52,16 +50,9 @@ if TYPE_CHECKING:
 _BLOCKERS = 5  # units named as what blocked an unmet budget
 
 
-class MixedBudget(BudgetOptions):
+class MixedBudget(RiseBudget):
     """`accuracy_budget: {max_rise: 5.0, windows: 4}`: the perplexity rise (%) vs the float input it must hold;
     `start` defaults to right after `mixed.windows`."""
-
-    max_rise: Real = Field(ge=0, description="largest perplexity rise (%) vs the float input on the held-apart windows")
-    windows: PositiveCount = Field(4, description="calibration windows each candidate is accepted or refused on")
-
-    @property
-    def limit(self) -> float:
-        return self.max_rise
 
     def gate_detail(self, found: Mapping[str, Any]) -> str:
         detail = (
@@ -104,11 +95,7 @@ def refusals(options: Int4Options) -> list[tuple[str, str]]:
                 f"{samples}) and the sensitivity (mixed.windows {mixed.windows}) use; set start >= {end} or remove it",
             )
         )
-    if budget.sigmas and budget.windows < 2:
-        problems.append(
-            ("accuracy_budget", "sigmas: one window has no standard error over windows; raise windows or remove sigmas")
-        )
-    return problems
+    return problems + budget.sigmas_problems()
 
 
 def window_nll(logits: Sequence[Any], batches: Sequence[Mapping[str, Any]]) -> np.ndarray:
