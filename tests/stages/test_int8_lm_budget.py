@@ -160,3 +160,18 @@ def test_budget_refused_at_validate(tmp_path, capsys, stage, message):
     pipeline = tiny_pipeline(tmp_path, "refused", EXPORT + stage, data=_data(tmp_path))
     assert main(["validate", str(pipeline)]) == EXIT_CONFIG
     assert message in capsys.readouterr().err
+
+
+def test_a_family_without_decoders_refuses_the_decoder_search_and_the_key_holds_it():
+    from compress.families.text_encoder.adapter import TextEncoderAdapter
+    from compress.stages.quantize.int8 import Int8Options
+
+    searched = Int8Options(precision="int8", method="weight-only", sensitivity={"windows": 1})
+    assert searched.check_family(TextEncoderAdapter) == [
+        ("sensitivity", "weight-only INT8 searches decoder LLMs only (by perplexity); family text-encoder has none")
+    ]
+    plain = Int8Options(precision="int8", method="weight-only")
+    budget = Int8Options(precision="int8", method="weight-only", accuracy_budget={"max_rise": 0.5})
+    keys = [o.cache_fields() for o in (plain, searched, budget)]
+    assert "decoder_search_version" not in keys[0] and keys[1]["decoder_search_version"] == 1
+    assert keys[0] != keys[1] != keys[2] and keys[2]["accuracy_budget"]["max_rise"] == 0.5
