@@ -175,3 +175,16 @@ def test_a_family_without_decoders_refuses_the_decoder_search_and_the_key_holds_
     keys = [o.cache_fields() for o in (plain, searched, budget)]
     assert "decoder_search_version" not in keys[0] and keys[1]["decoder_search_version"] == 1
     assert keys[0] != keys[1] != keys[2] and keys[2]["accuracy_budget"]["max_rise"] == 0.5
+
+
+def test_a_slice_past_the_data_fails_the_stage_and_leaves_no_scratch(tmp_path, capsys):
+    from compress.cli import EXIT_STAGE
+
+    _fragile_model(tmp_path)
+    pipeline = tiny_pipeline(
+        tmp_path, "short", EXPORT + _stage("b", "max_rise: 1.0, windows: 10"), data=_data(tmp_path)
+    )
+    assert main(["run", str(pipeline), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-bench"]) == EXIT_STAGE
+    err = capsys.readouterr().err
+    assert "accuracy_budget needs calibration windows [2, 12), data.calibration_windows gives 6" in err
+    assert not list((tmp_path / "runs").rglob("_probe")) and not (tmp_path / "runs" / "short" / "b").exists()

@@ -35,6 +35,7 @@ library searches which MatMuls of a weight-only graph to leave float.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -214,7 +215,6 @@ def sensitivities(
             kl = _kl(reference, _logits(swaps.write([unit], probe), windows, ctx))
             rows.append({"node": unit, "kl_float": round(kl, 6), "gain": round(base - kl, 6)})
             task.advance(1)
-    probe.unlink()
     rows.sort(key=lambda r: (-r["gain"], r["node"]))
     return {
         "kind": "perplexity",
@@ -264,7 +264,6 @@ def fall_back(
             best = (bound, k)
         if bound <= budget.max_rise:
             break
-    candidate.unlink()
     assert best is not None  # k = 0 always runs
     k = best[1]
     met = best[0] <= budget.max_rise
@@ -326,11 +325,13 @@ def budget_search(
         _windows(ctx, *where, "accuracy_budget")
     work = out.parent / "_probe"
     work.mkdir(exist_ok=True)
-    report = sensitivities(swaps, float_path, work, _windows(ctx, 0, sensitivity.windows, "sensitivity"), ctx)
-    info: dict[str, Any] = {"sensitivity": report}
-    floated: list[str] = []
-    if budget is not None and where is not None:
-        floated, info["accuracy_budget"] = fall_back(swaps, report["nodes"], float_path, work, budget, where, ctx)
-    work.rmdir()
+    try:
+        report = sensitivities(swaps, float_path, work, _windows(ctx, 0, sensitivity.windows, "sensitivity"), ctx)
+        info: dict[str, Any] = {"sensitivity": report}
+        floated: list[str] = []
+        if budget is not None and where is not None:
+            floated, info["accuracy_budget"] = fall_back(swaps, report["nodes"], float_path, work, budget, where, ctx)
+    finally:  # a failed or interrupted probe leaves no scratch graph in the artifact's folder
+        shutil.rmtree(work, ignore_errors=True)
     save_quantized(swaps.final(floated), out, external=external)
     return info
