@@ -302,7 +302,7 @@ def _list_stages() -> int:
             for sub in getattr(cls, "__args__", (cls,)):
                 for name, field in sub.model_fields.items():
                     ann = _type_name(field.annotation)
-                    default = "" if field.is_required() else f" = {field.default!r}"
+                    default = "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
                     desc = f"  — {field.description}" if field.description else ""
                     print(f"    {name}: {ann}{default}{desc}")
         print()
@@ -310,10 +310,19 @@ def _list_stages() -> int:
 
 
 def _type_name(annotation: object) -> str:
-    from typing import Literal, get_args, get_origin
+    """A field's type as a user writes it: Annotated unwrapped, unions and literals joined with |."""
+    import types
+    from typing import Annotated, Literal, Union, get_args, get_origin
 
-    if get_origin(annotation) is Literal:
+    origin = get_origin(annotation)
+    if origin is Literal:
         return " | ".join(repr(a) for a in get_args(annotation))
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "None"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

@@ -54,3 +54,14 @@ def test_every_registry_entry_is_named_by_a_test_module(registry: str) -> None:
     assert entries, f"the {registry} registry is empty"
     missing = unexercised(entries, texts)
     assert not missing, f"{registry} entries no test module exercises: {', '.join(missing)}; add a tiny test"
+
+
+def test_list_stages_writes_each_type_as_a_user_writes_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from compress.cli import main
+
+    assert main(["list-stages"]) == 0
+    out = capsys.readouterr().out
+    assert "    sensitivity: SensitivityOptions | WindowSensitivity | None = None  — " in out
+    assert "    accuracy_budget: AccuracyBudget | PerplexityBudget | None = None  — " in out
+    assert "    target: PruneTarget = PruneTarget(channels=0.5, macs=None)" in out  # a default factory's value
+    assert "Optional" not in out and "PydanticUndefined" not in out and "Annotated" not in out
