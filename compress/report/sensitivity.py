@@ -32,7 +32,7 @@ def summary(info: Mapping[str, Any]) -> list[str]:
         measured = (
             f"Measured in ONNX Runtime on calibration window(s) 0–{windows - 1} ({windows}), the graph that ships "
             f"(its int8 activations included). Full INT8: KL {sens['kl_int8']:.5f} nats per token vs the float "
-            f"graph. Sensitivity: {sens['measure']}."
+            f"graph. Sensitivity: {sens['measure']}{' (table reused from the cache)' if sens.get('reused') else ''}."
         )
     else:
         start, stop = sens["slice"]

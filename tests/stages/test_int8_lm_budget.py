@@ -97,6 +97,7 @@ def test_fragile_matmul_returned_first_and_an_impossible_budget_gives_the_best_c
     assert gates["met"]["value"] == pytest.approx(rise) and gates["met"]["status"] == ("pass" if rise <= 5 else "fail")
     assert rise < first["rise"]
 
+    assert not sens["reused"] and arts["impossible"]["artifact"]["info"]["sensitivity"] == {**sens, "reused": True}
     best = arts["impossible"]["artifact"]["info"]["accuracy_budget"]
     order = [n["node"] for n in arts["impossible"]["artifact"]["info"]["sensitivity"]["nodes"]]
     steps = best["steps"]

@@ -8,7 +8,7 @@ turns that into a stage failure with the reason, and the count goes into the art
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,6 +74,27 @@ class RiseBudget(BudgetOptions):
                 )
             ]
         return []
+
+
+def cached_table(kind: str, key: str, ctx: Any, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """A sensitivity table from the adapter's cache (`<cache>/<kind>/<key>.json`, used only when the key stored
+    inside matches), else computed and stored; (table, reused). JSON: nothing in the cache is unpickled."""
+    import json
+
+    from compress.atomic import write_json_atomic
+
+    path = ctx.adapter.cache_dir / kind / f"{key[:32]}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data.get("key") == key:
+            return data["table"], True
+    table = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"key": key, "table": table})
+    return table, False
 
 
 def refuse_flat_keys(data: Any, own: Mapping[str, Any], methods: Mapping[str, type]) -> Any:

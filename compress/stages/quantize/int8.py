@@ -487,7 +487,7 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
                     artifact.main, out, group_size=options.group_size, accuracy_level=level, lm_head=head
                 )
             else:
-                info.update(_searched(artifact.main, out, options, level, ctx))
+                info.update(_searched(artifact, out, options, level, ctx))
         else:
             quantize_dynamic_int8(
                 artifact.main,
@@ -511,18 +511,34 @@ def _matmul(artifact, options: Int8Options, method: algorithms.NamedOptions, ctx
     return StageOutput(file="model.onnx", format="onnx", precision="int8", info=info, target=target.name)
 
 
-def _searched(src: Path, out: Path, options: Int8Options, level: int | None, ctx: StageContext) -> dict[str, Any]:
+def _searched(artifact, out: Path, options: Int8Options, level: int | None, ctx: StageContext) -> dict[str, Any]:
     """Weight-only INT8 of a decoder with its sensitivity and accuracy budget (stages/quantize/int8_lm_budget.py)."""
+    from compress.hashing import sha256_json
     from compress.quant.algorithms.int8_matmul import weight_only_int8_model
     from compress.stages.quantize.int8_lm_budget import budget_search
 
+    src = artifact.main
     quantized = weight_only_int8_model(
         src, group_size=options.group_size, accuracy_level=level, lm_head=options.lm_head == "int8"
     )
     budget = options.accuracy_budget
     assert budget is None or isinstance(budget, PerplexityBudget)  # check_family refused the other
+    table_key = sha256_json(  # what the graph and the sensitivity windows depend on; not the budget
+        {
+            "artifact": [artifact.key, artifact.content_digest],
+            "options": {k: v for k, v in options.cache_fields().items() if k != "accuracy_budget"},
+            "calibration": ctx.adapter.data_hashes().get("calibration"),
+        }
+    )
     return budget_search(
-        quantized, src, out, options.decoder_sensitivity(), budget, ctx, external=wants_external_data(src)
+        quantized,
+        src,
+        out,
+        options.decoder_sensitivity(),
+        budget,
+        ctx,
+        external=wants_external_data(src),
+        table_key=table_key,
     )
 
 

@@ -301,12 +301,16 @@ def budget_search(
     budget: PerplexityBudget | None,
     ctx: StageContext,
     external: bool,
+    table_key: str,
 ) -> dict[str, Any]:
-    """Sensitivity (always) and, with a budget, the fallback; writes the artifact's graph at `out`."""
+    """Sensitivity (always; the table is cached under `table_key`: what the quantized graph and the windows
+    depend on, so budgets of one pipeline share it) and, with a budget, the fallback; writes the artifact's graph
+    at `out`."""
     import onnx
 
     from compress.families.causal_lm.export import lm_head_matmul
     from compress.quant.algorithms.int8_matmul import save_quantized
+    from compress.stages.quantize.common import cached_table
 
     if quantized.ByteSize() > _ONE_FILE:
         raise StageError(
@@ -326,8 +330,13 @@ def budget_search(
     work = out.parent / "_probe"
     work.mkdir(exist_ok=True)
     try:
-        report = sensitivities(swaps, float_path, work, _windows(ctx, 0, sensitivity.windows, "sensitivity"), ctx)
-        info: dict[str, Any] = {"sensitivity": report}
+        windows = _windows(ctx, 0, sensitivity.windows, "sensitivity")
+        report, reused = cached_table(
+            "int8-sensitivity", table_key, ctx, lambda: sensitivities(swaps, float_path, work, windows, ctx)
+        )
+        if {n["node"] for n in report["nodes"]} != set(swaps.units):  # a table keyed for another graph
+            raise StageError("quantize int8: the cached sensitivity table names other units than this graph's")
+        info: dict[str, Any] = {"sensitivity": {**report, "reused": reused}}
         floated: list[str] = []
         if budget is not None and where is not None:
             floated, info["accuracy_budget"] = fall_back(swaps, report["nodes"], float_path, work, budget, where, ctx)

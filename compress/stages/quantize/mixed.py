@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compress.errors import StageError
 from compress.quant.scheme import GroupSize
 from compress.schema import PositiveCount, Real
+from compress.stages.quantize.common import cached_table
 
 if TYPE_CHECKING:
     from compress.stages.base import StageContext, StageOutput
@@ -199,26 +200,6 @@ def _quantized_model(
     return qws, floats, unscaled, False
 
 
-def _cached_table(key: str, ctx: StageContext, compute: Any) -> tuple[dict[str, Any], bool]:
-    """The sensitivity table from the adapter's cache (JSON), else computed and stored; (table, reused)."""
-    import json
-
-    from compress.atomic import write_json_atomic
-
-    path = ctx.adapter.cache_dir / "mixed-sensitivity" / f"{key[:32]}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = None
-        if isinstance(data, dict) and data.get("key") == key:
-            return data["table"], True
-    table = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"key": key, "table": table})
-    return table, False
-
-
 def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageContext) -> StageOutput:
     """The `mixed` int4 branch after the model is loaded (see the module docstring)."""
     import time
@@ -270,7 +251,7 @@ def quantize_mixed(artifact: Any, model: Any, options: Int4Options, ctx: StageCo
         )
         return {**table, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
 
-    table, reused = _cached_table(sensitivity_key(qkey, options), ctx, compute)
+    table, reused = cached_table("mixed-sensitivity", sensitivity_key(qkey, options), ctx, compute)
     ctx.reporter.log(f"  sensitivity table {'reused from the cache' if reused else 'measured'} ({len(units)} units)")
     cap = high if options.mixed.max_mb is None else int(options.mixed.max_mb * 1e6)
     choice = choose_units(table, costs, low, cap)
