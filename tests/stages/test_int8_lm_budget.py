@@ -67,7 +67,7 @@ def _judged_ppl(folder, tmp_path) -> float:
 
 def test_fragile_matmul_returned_first_and_an_impossible_budget_gives_the_best_candidate(tmp_path):
     _fragile_model(tmp_path)
-    stages = EXPORT + _stage("met", "max_rise: 5.0") + _stage("impossible", "max_rise: 0.0, max_fallback: 3")
+    stages = EXPORT + _stage("met", "max_rise: 5.0") + _stage("impossible", "max_rise: 0.0, sigmas: 4, max_fallback: 3")
     pipeline = tiny_pipeline(tmp_path, "budget", stages, data=_data(tmp_path))
     code = main(["run", str(pipeline), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-bench"])
     run = tmp_path / "runs" / "budget"
@@ -78,7 +78,7 @@ def test_fragile_matmul_returned_first_and_an_impossible_budget_gives_the_best_c
 
     info = arts["met"]["artifact"]["info"]
     sens, met = info["sensitivity"], info["accuracy_budget"]
-    assert sens["windows"] == 2 and len(sens["nodes"]) == 14  # 2 layers x 7 Linears; the tied lm_head is not one
+    assert sens["windows"] == 2 and len(sens["nodes"]) == 15  # 2 layers x 7 Linears and the lm_head
     top, second = sens["nodes"][:2]
     assert top["node"] == FRAGILE and top["gain"] > 10 * max(second["gain"], 1e-9)
     assert top["kl_float"] < sens["kl_int8"] / 10  # floating it wins back most of the full INT8 graph's KL
@@ -103,7 +103,7 @@ def test_fragile_matmul_returned_first_and_an_impossible_budget_gives_the_best_c
     steps = best["steps"]
     assert not best["met"] and len(steps) == 4  # full INT8 + max_fallback 3
     k = min(range(len(steps)), key=lambda i: (steps[i]["bound"], i))
-    assert [n["node"] for n in best["float_nodes"]] == order[:k] and best["rise"] == steps[k]["rise"] > 0
+    assert [n["node"] for n in best["float_nodes"]] == order[:k] and best["rise"] == steps[k]["rise"] and best["bound"] > 0
     assert [n["node"] for n in best["blocked_by"]] == order[k : k + 5]
     assert len(_float_matmuls(run / "impossible")) == k
     assert _judged_ppl(run / "impossible", tmp_path) == pytest.approx(steps[k]["ppl"], abs=1e-4)
@@ -174,7 +174,7 @@ def test_a_family_without_decoders_refuses_the_decoder_search_and_the_key_holds_
     plain = Int8Options(precision="int8", method="weight-only")
     budget = Int8Options(precision="int8", method="weight-only", accuracy_budget={"max_rise": 0.5})
     keys = [o.cache_fields() for o in (plain, searched, budget)]
-    assert "decoder_search_version" not in keys[0] and keys[1]["decoder_search_version"] == 1
+    assert "decoder_search_version" not in keys[0] and keys[1]["decoder_search_version"] == 2
     assert keys[0] != keys[1] != keys[2] and keys[2]["accuracy_budget"]["max_rise"] == 0.5
 
 

@@ -6,8 +6,9 @@
              accuracy_budget: {max_rise: 0.3, windows: 4, max_fallback: 8, sigmas: 0}}
 ```
 
-Units: the graph's MatMulNBits nodes, named by the float MatMul they replace, but the lm_head (a tied embedding
-reads its 8-bit codes; `lm_head: float` keeps the head float). Weight-only RTN reads no calibration data, so the
+Units: the graph's MatMulNBits nodes, named by the float MatMul they replace, the lm_head included (a tied
+embedding keeps reading its 8-bit codes when the head goes float: SmolLM2's head then costs +113 MB, and it is
+the most sensitive unit there, a third of the full graph's KL). Weight-only RTN reads no calibration data, so the
 sensitivity runs on calibration windows [0, sensitivity.windows) and the candidates are judged on the
 `accuracy_budget.windows` after them (`start` moves them; one inside the sensitivity's is refused at validation),
 never on the evaluation windows.
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
     from compress.stages.base import StageContext
 
-VERSION = 1  # of the search (joins the cache key)
+VERSION = 2  # of the search (joins the cache key); 2: the lm_head is a unit
 _BLOCKERS = 5  # units named as what blocked an unmet budget
 _ONE_FILE = 1.8e9  # bytes: probes are written as one protobuf file (limit 2 GiB)
 
@@ -109,14 +110,14 @@ def refusals(budget: PerplexityBudget | None, sensitivity: WindowSensitivity) ->
 class FloatSwaps:
     """The quantizer's graph with any set of its MatMulNBits units swapped back for the float graph's MatMul."""
 
-    def __init__(self, quantized: onnx.ModelProto, float_model: onnx.ModelProto, head: str | None) -> None:
+    def __init__(self, quantized: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
         floats = {n.output[0]: n for n in float_model.graph.node if n.op_type == "MatMul"}
         weights = {t.name: t for t in float_model.graph.initializer}
         self.model = quantized
         self._index: dict[str, tuple[int, onnx.NodeProto, onnx.TensorProto]] = {}
         for i, node in enumerate(quantized.graph.node):
             f = floats.get(node.output[0]) if node.op_type == "MatMulNBits" else None
-            if f is not None and f.name != head and f.input[1] in weights:
+            if f is not None and f.input[1] in weights:
                 self._index[f.name] = (i, f, weights[f.input[1]])
 
     @property
@@ -308,7 +309,6 @@ def budget_search(
     at `out`."""
     import onnx
 
-    from compress.families.causal_lm.export import lm_head_matmul
     from compress.quant.algorithms.int8_matmul import save_quantized
     from compress.stages.quantize.common import cached_table
 
@@ -317,12 +317,11 @@ def budget_search(
             "quantize int8: sensitivity / accuracy_budget write each probe as one file (< 1.8 GB); this INT8 graph "
             f"is {quantized.ByteSize() / 1e9:.2f} GB; remove them"
         )
-    head = lm_head_matmul(onnx.load(str(float_path), load_external_data=False).graph)
-    swaps = FloatSwaps(quantized, onnx.load(str(float_path)), head.name if head is not None else None)
+    swaps = FloatSwaps(quantized, onnx.load(str(float_path)))
     if not swaps.units:
         raise StageError(
             "quantize int8: sensitivity found no MatMulNBits node beside a float MatMul of the input to return to "
-            "float (only the lm_head, or nothing quantized); remove sensitivity / accuracy_budget"
+            "float (nothing quantized); remove sensitivity / accuracy_budget"
         )
     where = None if budget is None else span(budget, sensitivity)
     if where is not None:  # a slice past the data fails before any probe
