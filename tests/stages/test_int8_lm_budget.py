@@ -103,7 +103,9 @@ def test_fragile_matmul_returned_first_and_an_impossible_budget_gives_the_best_c
     steps = best["steps"]
     assert not best["met"] and len(steps) == 4  # full INT8 + max_fallback 3
     k = min(range(len(steps)), key=lambda i: (steps[i]["bound"], i))
-    assert [n["node"] for n in best["float_nodes"]] == order[:k] and best["rise"] == steps[k]["rise"] and best["bound"] > 0
+    assert (
+        [n["node"] for n in best["float_nodes"]] == order[:k] and best["rise"] == steps[k]["rise"] and best["bound"] > 0
+    )
     assert [n["node"] for n in best["blocked_by"]] == order[k : k + 5]
     assert len(_float_matmuls(run / "impossible")) == k
     assert _judged_ppl(run / "impossible", tmp_path) == pytest.approx(steps[k]["ppl"], abs=1e-4)
