@@ -235,12 +235,13 @@ def fall_back(
     work: Path,
     budget: PerplexityBudget,
     where: tuple[int, int],
+    windows: Sequence[np.ndarray],
     ctx: StageContext,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Greedy fallback (module docstring) on calibration windows `where`: (the float units chosen, the info)."""
+    """Greedy fallback (module docstring) on `windows`, calibration windows `where`: (the float units chosen,
+    the info)."""
     from compress.stages.quantize.mixed_budget import paired_rise
 
-    windows = _windows(ctx, *where, "accuracy_budget")
     reference = _nll(_logits(float_path, windows, ctx), windows)
     order = [r["node"] for r in ranked]
     steps: list[dict[str, Any]] = []
@@ -323,9 +324,9 @@ def budget_search(
             "quantize int8: sensitivity found no MatMulNBits node beside a float MatMul of the input to return to "
             "float (nothing quantized); remove sensitivity / accuracy_budget"
         )
-    where = None if budget is None else span(budget, sensitivity)
-    if where is not None:  # a slice past the data fails before any probe
-        _windows(ctx, *where, "accuracy_budget")
+    if budget is not None:  # read before any probe: a slice past the data fails first
+        where = span(budget, sensitivity)
+        judged = _windows(ctx, *where, "accuracy_budget")
     work = out.parent / "_probe"
     work.mkdir(exist_ok=True)
     try:
@@ -337,8 +338,10 @@ def budget_search(
             raise StageError("quantize int8: the cached sensitivity table names other units than this graph's")
         info: dict[str, Any] = {"sensitivity": {**report, "reused": reused}}
         floated: list[str] = []
-        if budget is not None and where is not None:
-            floated, info["accuracy_budget"] = fall_back(swaps, report["nodes"], float_path, work, budget, where, ctx)
+        if budget is not None:
+            floated, info["accuracy_budget"] = fall_back(
+                swaps, report["nodes"], float_path, work, budget, where, judged, ctx
+            )
     finally:  # a failed or interrupted probe leaves no scratch graph in the artifact's folder
         shutil.rmtree(work, ignore_errors=True)
     save_quantized(swaps.final(floated), out, external=external)
